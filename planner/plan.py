@@ -79,10 +79,9 @@ def save(plan: Plan, path: str | Path) -> None:
 
 def _unpack(data: bytes, what: str) -> Any:
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True, max_buffer_size=MAX_PLAN_BYTES,
-                               max_bin_len=MAX_PLAN_BYTES, max_str_len=1 << 20, max_array_len=1 << 24,
-                               max_map_len=1 << 16)
-    except Exception as e:  # msgpack raises several unrelated types on corrupt input
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=MAX_PLAN_BYTES,
+                               max_str_len=1 << 20, max_array_len=1 << 24, max_map_len=1 << 16)
+    except (ValueError, TypeError, msgpack.UnpackException) as e:  # corrupt input raises any of these
         raise BadPlanFileError(f"{what} is not valid msgpack ({type(e).__name__}: {e})") from None
 
 
