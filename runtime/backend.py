@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from flexgen_graph.ir import TIERS, Tier
@@ -35,7 +34,8 @@ class HostBuf:
     def nbytes(self) -> int:
         return self.tensor.numel()
 
-    def np(self) -> np.ndarray:
+    def array(self):
+        """numpy view (no copy), for os.preadv / os.pwrite."""
         return self.tensor.numpy()
 
 
@@ -79,7 +79,7 @@ def copy_range(dst: Buf, src: Buf, offset: int, nbytes: int) -> None:
     if isinstance(src, HostBuf) and isinstance(dst, HostBuf):
         dst.tensor[offset:end].copy_(src.tensor[offset:end])
     elif isinstance(src, DiskBuf) and isinstance(dst, HostBuf):
-        view = memoryview(dst.np()[offset:end])
+        view = memoryview(dst.array()[offset:end])
         done = 0
         while done < nbytes:
             n = os.preadv(src.fd, [view[done:]], offset + done)
@@ -87,7 +87,7 @@ def copy_range(dst: Buf, src: Buf, offset: int, nbytes: int) -> None:
                 raise OSError(f"short read from {src.path} at byte {offset + done}")
             done += n
     elif isinstance(src, HostBuf) and isinstance(dst, DiskBuf):
-        view = memoryview(src.np()[offset:end])
+        view = memoryview(src.array()[offset:end])
         done = 0
         while done < nbytes:
             done += os.pwrite(dst.fd, view[done:], offset + done)

@@ -20,10 +20,8 @@ from flexgen_graph.ir import TIERS, Tier
 from planner.plan import Plan, check_model
 from planner.program import BufferRole, Op, OpKind
 from runtime import kernels
-from runtime.backend import Buf, CpuBackend, DiskBuf, HostBuf, copy_range
+from runtime.backend import Buf, CpuBackend, copy_range
 from runtime.weight_store import WeightStore
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +38,7 @@ class Engine:
     def __init__(self, plan: Plan, store: WeightStore, offload_dir: str | Path | None = None) -> None:
         check_model(plan, store.spec)
         self.plan, self.store, self.spec = plan, store, plan.spec
-        self.dtype = TORCH_DTYPES[self.spec.dtype]
+        self.dtype = kernels.TORCH_DTYPES[self.spec.dtype]
         self._tmp = None
         if offload_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="flexgen-offload-")

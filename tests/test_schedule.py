@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from flexgen_graph.catalog import catalog_spec
-from flexgen_graph.ir import Block, NodeKind, Phase, Tier, Workload
+from flexgen_graph.ir import Block, Phase, Tier, Workload
 from flexgen_graph.lower import lower
 from planner.memory import buffer_bytes, peak_bytes, workspace_bytes
 from planner.policy import Placement, Policy, assign_tiers

@@ -32,7 +32,7 @@ def setup(smollm2_store):
         prompts.append(list(out["input_ids"] if hasattr(out, "keys") else out))
     cfg = AutoConfig.from_pretrained(store.path / "hf")
     model = LlamaForCausalLM(cfg).eval()
-    model.load_state_dict(hf_state_dict(store), strict=False)
+    model.load_state_dict(hf_state_dict(store), strict=True)
     p_len = max(len(p) for p in prompts)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     ids = torch.full((len(prompts), p_len), pad)

@@ -1,0 +1,362 @@
+"""Weight store: one raw file per tensor plus a manifest, so any tier can read one layer at a time.
+
+Layout of a store folder:
+    manifest.json                 format, version, spec, fingerprint, source, tensors (written last)
+    tensors/<layer>.<name>.bin    raw little-endian bytes in spec.dtype, C order, shape from the spec
+    hf/                           tokenizer and config files, for AutoTokenizer.from_pretrained
+
+    >>> store = import_hf_folder("ckpt/opt-125m", "stores/opt-125m", dtype="float16")
+    >>> buf = torch.empty(store.spec.layer_bytes(1), dtype=torch.uint8)
+    >>> store.read_layer_into(1, buf)                # then kernels.layer_views(store.spec, 1, buf)
+
+A tied lm_head's manifest entry names the embedding's file, so it is stored once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from flexgen_graph.ir import LayerKind
+from flexgen_graph.spec import ModelSpec, TensorSlot, spec_from_config
+from runtime.kernels import TORCH_DTYPES, layer_views
+
+FORMAT = "flexgen-graph-weights"
+VERSION = 1
+MANIFEST = "manifest.json"
+DUMMY_CHUNK_ELEMS = 1 << 22  # make_dummy's RAM per chunk: 16 MiB of float32
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja",
+    "chat_template.json", "generation_config.json", "config.json",
+)
+
+
+class WeightStoreError(ValueError):
+    """A store, checkpoint or buffer a user supplied is not what it must be."""
+
+
+def _key(layer: int, name: str) -> str:
+    return f"{layer}.{name}"
+
+
+def _is_tied_head(spec: ModelSpec, layer: int, name: str) -> bool:
+    return spec.tie_embeddings and layer == spec.num_layers + 1 and name == "lm_head"
+
+
+# local name -> HF parameter suffix, per family; decoder names sit under the layer's prefix
+_OPT_DECODER = {
+    "ln1_w": "self_attn_layer_norm.weight", "ln1_b": "self_attn_layer_norm.bias",
+    "q_w": "self_attn.q_proj.weight", "q_b": "self_attn.q_proj.bias",
+    "k_w": "self_attn.k_proj.weight", "k_b": "self_attn.k_proj.bias",
+    "v_w": "self_attn.v_proj.weight", "v_b": "self_attn.v_proj.bias",
+    "o_w": "self_attn.out_proj.weight", "o_b": "self_attn.out_proj.bias",
+    "ln2_w": "final_layer_norm.weight", "ln2_b": "final_layer_norm.bias",
+    "fc1_w": "fc1.weight", "fc1_b": "fc1.bias", "fc2_w": "fc2.weight", "fc2_b": "fc2.bias",
+}
+_LLAMA_DECODER = {
+    "ln1_w": "input_layernorm.weight",
+    "q_w": "self_attn.q_proj.weight", "q_b": "self_attn.q_proj.bias",
+    "k_w": "self_attn.k_proj.weight", "k_b": "self_attn.k_proj.bias",
+    "v_w": "self_attn.v_proj.weight", "v_b": "self_attn.v_proj.bias",
+    "o_w": "self_attn.o_proj.weight", "o_b": "self_attn.o_proj.bias",
+    "ln2_w": "post_attention_layernorm.weight",
+    "gate_w": "mlp.gate_proj.weight", "up_w": "mlp.up_proj.weight", "down_w": "mlp.down_proj.weight",
+}
+_OPT_OUTER = {"embed_tokens": "model.decoder.embed_tokens.weight",
+              "embed_positions": "model.decoder.embed_positions.weight",
+              "norm_w": "model.decoder.final_layer_norm.weight", "norm_b": "model.decoder.final_layer_norm.bias",
+              "lm_head": "lm_head.weight"}
+_LLAMA_OUTER = {"embed_tokens": "model.embed_tokens.weight", "norm_w": "model.norm.weight",
+                "lm_head": "lm_head.weight"}
+
+
+def hf_names(spec: ModelSpec) -> dict[tuple[int, str], str]:
+    """(layer, local name) -> the HF parameter name, as the *ForCausalLM state_dict spells it."""
+    opt = spec.family == "opt"
+    decoder, outer = (_OPT_DECODER, _OPT_OUTER) if opt else (_LLAMA_DECODER, _LLAMA_OUTER)
+    prefix = "model.decoder.layers" if opt else "model.layers"
+    out = {}
+    for layer in range(spec.num_graph_layers):
+        for t in spec.layer_tensors(layer):
+            if spec.layer_kind(layer) is LayerKind.DECODER:
+                out[(layer, t.name)] = f"{prefix}.{layer - 1}.{decoder[t.name]}"
+            else:
+                out[(layer, t.name)] = outer[t.name]
+    return out
+
+
+def _canonical(key: str) -> str:
+    """Checkpoint key -> state_dict spelling (OPT checkpoints may start at "decoder.", bare models at "layers.")."""
+    if key.startswith("lm_head.") or key.startswith("model."):
+        return key
+    return "model." + key
+
+
+class WeightStore:
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        mpath = self.path / MANIFEST
+        if not mpath.is_file():
+            raise WeightStoreError(f"{mpath} does not exist: {self.path} is not a weight store "
+                                   "(or its import did not finish)")
+        try:
+            m = json.loads(mpath.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightStoreError(f"{mpath}: unreadable manifest ({e})") from e
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
+            got = m.get("format") if isinstance(m, dict) else type(m).__name__
+            raise WeightStoreError(f"{mpath}: field 'format' is {got!r}, expected {FORMAT!r}")
+        if m.get("version") != VERSION:
+            raise WeightStoreError(f"{mpath}: field 'version' is {m.get('version')!r}, expected {VERSION}")
+        try:
+            self.spec = ModelSpec.from_dict(m["spec"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise WeightStoreError(f"{mpath}: field 'spec' is invalid ({e})") from e
+        if m.get("fingerprint") != self.spec.fingerprint():
+            raise WeightStoreError(f"{mpath}: field 'fingerprint' is {m.get('fingerprint')!r} but the spec's "
+                                   f"is {self.spec.fingerprint()!r}")
+        self.source: str = str(m.get("source", ""))
+        self._tensors: dict = m.get("tensors") or {}
+        self._validate_entries(mpath)
+
+    def _validate_entries(self, mpath: Path) -> None:
+        spec = self.spec
+        for layer in range(spec.num_graph_layers):
+            for slot in spec.layer_layout(layer):
+                key = _key(layer, slot.name)
+                e = self._tensors.get(key)
+                if not isinstance(e, dict) or "file" not in e:
+                    raise WeightStoreError(f"{mpath}: tensor {key!r} has no entry in 'tensors'")
+                if tuple(e.get("shape", ())) != slot.shape or e.get("dtype") != spec.dtype \
+                        or e.get("nbytes") != slot.nbytes:
+                    raise WeightStoreError(
+                        f"{mpath}: tensor {key!r} is {e.get('dtype')} {e.get('shape')} ({e.get('nbytes')} bytes), "
+                        f"the spec says {spec.dtype} {list(slot.shape)} ({slot.nbytes} bytes)")
+
+    @property
+    def hf_dir(self) -> Path:
+        """Tokenizer and config files copied at import (absent for dummy stores)."""
+        return self.path / "hf"
+
+    def tensor_file(self, layer: int, name: str) -> Path:
+        try:
+            return self.path / self._tensors[_key(layer, name)]["file"]
+        except KeyError:
+            raise WeightStoreError(f"{self.path}: no tensor {_key(layer, name)!r} in the manifest") from None
+
+    def _open_sized(self, layer: int, slot: TensorSlot) -> int:
+        """An open fd of the tensor's file, refused by name when missing or of the wrong size."""
+        path, key = self.tensor_file(layer, slot.name), _key(layer, slot.name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise WeightStoreError(f"tensor {key!r}: file {path} is missing") from None
+        except OSError as e:
+            raise WeightStoreError(f"tensor {key!r}: cannot open {path} ({e})") from e
+        size = os.fstat(fd).st_size
+        if size != slot.nbytes:
+            os.close(fd)
+            raise WeightStoreError(f"tensor {key!r}: {path} has {size} bytes, expected {slot.nbytes}")
+        return fd
+
+    def read_layer_into(self, layer: int, buf: torch.Tensor) -> None:
+        """Read every tensor file of the layer straight into its offset in buf (a flat uint8 CPU tensor)."""
+        need = self.spec.layer_bytes(layer)
+        if buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous() or buf.device.type != "cpu":
+            raise WeightStoreError(f"layer {layer}: buffer must be a flat contiguous uint8 CPU tensor, "
+                                   f"got {buf.dtype} {tuple(buf.shape)} on {buf.device}")
+        if buf.numel() < need:
+            raise WeightStoreError(f"layer {layer}: buffer holds {buf.numel()} bytes, the layer needs {need}")
+        mem = memoryview(buf.numpy())  # shares buf's memory: reads land in place, no staging copy
+        for slot in self.spec.layer_layout(layer):
+            fd = self._open_sized(layer, slot)
+            try:
+                view, done = mem[slot.offset:slot.offset + slot.nbytes], 0
+                while done < slot.nbytes:  # preadv may return short counts (large reads, signals)
+                    n = os.preadv(fd, [view[done:]], done)
+                    if n <= 0:
+                        raise WeightStoreError(f"tensor {_key(layer, slot.name)!r}: file ended after {done} bytes")
+                    done += n
+            finally:
+                os.close(fd)
+
+    def check(self) -> None:
+        """Every tensor file present with its expected size; the first fault is named."""
+        for layer in range(self.spec.num_graph_layers):
+            for slot in self.spec.layer_layout(layer):
+                os.close(self._open_sized(layer, slot))
+
+
+Chunks = Iterator[torch.Tensor]  # one tensor as row chunks that concatenate (dim 0) to its full shape
+
+
+def write_store(spec: ModelSpec, dest: str | os.PathLike, source: str,
+                fetch: Callable[[int, str], Chunks | None], finish: Callable[[Path], None] | None = None,
+                ) -> WeightStore:
+    """Write a store one tensor (or row chunk) at a time: fetch(layer, name) gives the tensor's chunks in
+    any dtype, or None when the source lacks it. finish(dest) runs before the manifest completes the store."""
+    assert sys.byteorder == "little", "weight stores hold little-endian bytes"
+    dest = Path(dest)
+    (dest / MANIFEST).unlink(missing_ok=True)  # the store is incomplete until the new manifest lands
+    (dest / "tensors").mkdir(parents=True, exist_ok=True)
+    dtype = TORCH_DTYPES[spec.dtype]
+    entries: dict[str, dict] = {}
+    total = sum(len(spec.layer_tensors(j)) for j in range(spec.num_graph_layers))
+    with tqdm(total=total, desc=f"writing {spec.name}", unit="tensor", disable=not sys.stderr.isatty()) as bar:
+        for layer in range(spec.num_graph_layers):
+            for slot in spec.layer_layout(layer):
+                key = _key(layer, slot.name)
+                entries[key] = {"file": f"tensors/{key}.bin", "shape": list(slot.shape), "dtype": spec.dtype,
+                                "nbytes": slot.nbytes}
+                bar.update()
+                if _is_tied_head(spec, layer, slot.name):
+                    entries[key]["file"] = entries[_key(0, "embed_tokens")]["file"]
+                    continue
+                chunks = fetch(layer, slot.name)
+                if chunks is None:
+                    raise WeightStoreError(f"{spec.name}: tensor {key!r} is missing from {source}")
+                rows = 0
+                with open(dest / entries[key]["file"], "wb") as f:
+                    for c in chunks:
+                        if tuple(c.shape[1:]) != slot.shape[1:]:
+                            raise WeightStoreError(f"{spec.name}: tensor {key!r} has shape {list(c.shape)} in "
+                                                   f"{source}, the config implies {list(slot.shape)}")
+                        rows += c.shape[0]
+                        f.write(c.to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
+                if rows != slot.shape[0]:
+                    raise WeightStoreError(f"{spec.name}: tensor {key!r} has {rows} rows in {source}, "
+                                           f"the config implies {list(slot.shape)}")
+    if finish is not None:
+        finish(dest)
+    manifest = {"format": FORMAT, "version": VERSION, "spec": spec.to_dict(), "fingerprint": spec.fingerprint(),
+                "source": source, "tensors": entries}
+    tmp = dest / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, dest / MANIFEST)
+    return WeightStore(dest)
+
+
+def _check_complete(spec: ModelSpec, have: set[str], where: Path) -> dict[tuple[int, str], str]:
+    """The HF names the spec needs; refuses a source lacking any (a tied lm_head may be absent)."""
+    names = hf_names(spec)
+    missing = [hf for (layer, local), hf in names.items()
+               if hf not in have and not _is_tied_head(spec, layer, local)]
+    if missing:
+        raise WeightStoreError(f"{where}: checkpoint lacks tensor(s) {', '.join(missing)}")
+    return names
+
+
+def import_hf_folder(folder: str | os.PathLike, dest: str | os.PathLike, dtype: str = "float32",
+                     name: str | None = None) -> WeightStore:
+    """Import a local HF checkpoint folder (config.json + *.safetensors), one tensor in RAM at a time."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise WeightStoreError(f"{folder}: config.json is missing (not a HF checkpoint folder)")
+    spec = spec_from_config(AutoConfig.from_pretrained(str(folder)), name or folder.name, dtype)
+    # the shards themselves say which tensors they hold, so an index json is not needed
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise WeightStoreError(f"{folder}: no *.safetensors files (only safetensors checkpoints are supported)")
+    with ExitStack() as stack:
+        where: dict[str, tuple[object, str]] = {}  # state_dict name -> (open shard, key in the shard)
+        for f in files:
+            sf = stack.enter_context(safe_open(str(f), framework="pt"))
+            where.update({_canonical(k): (sf, k) for k in sf.keys()})
+        names = _check_complete(spec, set(where), folder)
+
+        def fetch(layer: int, local: str) -> Chunks | None:
+            sf, k = where.get(names[(layer, local)], (None, ""))
+            return None if sf is None else iter([sf.get_tensor(k)])
+
+        def copy_hf_files(dest: Path) -> None:
+            (dest / "hf").mkdir(exist_ok=True)
+            for fname in TOKENIZER_FILES:
+                if (folder / fname).is_file():
+                    shutil.copyfile(folder / fname, dest / "hf" / fname)
+
+        return write_store(spec, dest, f"hf:{folder.resolve()}", fetch, copy_hf_files)
+
+
+def _float32_shortest(x: float) -> float:
+    # GGUF stores floats as float32 (1e-5 reads back as 9.999999747e-06): recover the decimal it was
+    return float(np.format_float_positional(np.float32(x), unique=True, trim="-"))
+
+
+def import_gguf(path: str | os.PathLike, dest: str | os.PathLike, dtype: str = "float32",
+                name: str | None = None) -> WeightStore:
+    """Import a GGUF file through transformers' GGUF loader, dequantized to dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightStoreError(f"GGUF file {path} does not exist")
+    cfg = dict(load_gguf_checkpoint(str(path), return_tensors=False)["config"])
+    for field in ("rms_norm_eps", "rope_theta"):
+        if isinstance(cfg.get(field), float):
+            cfg[field] = _float32_shortest(cfg[field])
+    cfg.pop("_model_name_or_path", None)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    spec = spec_from_config(config, name or path.stem, dtype)
+    with torch.device("meta"):  # the loader needs only parameter names: no memory, no `accelerate`
+        meta_model = AutoModelForCausalLM.from_config(config)
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=meta_model,
+                                   torch_dtype=TORCH_DTYPES[dtype])["tensors"]
+    tensors = {_canonical(k): t for k, t in tensors.items()}
+    names = _check_complete(spec, set(tensors), path)
+
+    def fetch(layer: int, local: str) -> Chunks | None:
+        t = tensors.pop(names[(layer, local)], None)  # pop: written tensors leave RAM
+        return None if t is None else iter([t])
+
+    def save_tokenizer(dest: Path) -> None:
+        AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(dest / "hf"))
+        config.save_pretrained(str(dest / "hf"))
+
+    return write_store(spec, dest, f"gguf:{path.resolve()}", fetch, save_tokenizer)
+
+
+def make_dummy(spec: ModelSpec, dest: str | os.PathLike, seed: int = 0) -> WeightStore:
+    """Seeded random weights for any spec: N(0, 0.02) matrices, ones for norm weights, zeros for biases.
+    Matrices stream out in row chunks, so RAM stays small even for opt-13b."""
+    shapes = {(j, t.name): t.shape for j in range(spec.num_graph_layers) for t in spec.layer_tensors(j)}
+
+    def fetch(layer: int, local: str) -> Chunks:
+        shape = shapes[(layer, local)]
+        if len(shape) == 1:
+            yield (torch.ones if local.endswith("_w") else torch.zeros)(shape)
+            return
+        # one generator per tensor: a tensor's values do not depend on which tensors came before it
+        digest = hashlib.sha256(f"{seed}/{layer}/{local}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        rows = max(1, DUMMY_CHUNK_ELEMS // shape[1])
+        for r in range(0, shape[0], rows):
+            yield torch.randn((min(rows, shape[0] - r), *shape[1:]), generator=g) * 0.02
+
+    return write_store(spec, dest, f"dummy:seed={seed}", fetch)
+
+
+def hf_state_dict(store: WeightStore) -> dict[str, torch.Tensor]:
+    """HF parameter name -> tensor for every weight of the store (a tied lm_head included), so a
+    transformers *ForCausalLM can load_state_dict(strict=True) the same weights."""
+    spec = store.spec
+    names, out = hf_names(spec), {}
+    for layer in range(spec.num_graph_layers):
+        buf = torch.empty(spec.layer_bytes(layer), dtype=torch.uint8)
+        store.read_layer_into(layer, buf)
+        out.update({names[(layer, k)]: v for k, v in layer_views(spec, layer, buf).items()})
+    return out
