@@ -23,7 +23,8 @@ from planner.search import search
 
 def compile_plan(spec: ModelSpec, profile: HardwareProfile, workload: Workload, *,
                  gpu_batch_size: int | None = None, num_gpu_batches: int | None = None,
-                 fixed: dict[str, Placement] | None = None, weights_source: str = "") -> Plan:
+                 fixed: dict[str, Placement] | None = None, weights_source: str = "",
+                 max_block_size: int | None = None) -> Plan:
     if workload.max_seq_len > spec.max_positions:
         raise ValueError(f"prompt_len + gen_len = {workload.max_seq_len} exceeds {spec.name}'s "
                          f"max_position_embeddings {spec.max_positions}")
@@ -31,7 +32,8 @@ def compile_plan(spec: ModelSpec, profile: HardwareProfile, workload: Workload, 
         raise ValueError(f"prompt_len + gen_len = {workload.max_seq_len} exceeds {spec.name}'s sliding window "
                          f"{spec.sliding_window}, which the runtime does not implement")
     result = search(lambda block: lower(spec, workload, block), profile, workload,
-                    gpu_batch_size=gpu_batch_size, num_gpu_batches=num_gpu_batches, fixed=fixed)
+                    gpu_batch_size=gpu_batch_size, num_gpu_batches=num_gpu_batches, fixed=fixed,
+                    max_block_size=max_block_size)
     pol = result.policy
     graph = lower(spec, workload, Block(pol.gpu_batch_size, pol.num_gpu_batches))
     return Plan(spec=spec, profile=profile, workload=workload, weights_source=weights_source, policy=pol,

@@ -45,7 +45,9 @@ def _add_compile_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--gen-len", type=int, required=required, help="tokens generated per prompt (at most)")
     p.add_argument("--gpu-batch-size", type=int, help="fix the gpu batch size instead of searching")
     p.add_argument("--num-gpu-batches", type=int, help="fix the number of gpu batches per block")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--max-block-size", type=int, help="cap sequences per block (gpu batch size x gpu batches)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="weights, cache and compute dtype (default: float16 on a GPU profile, float32 without)")
     for cls in ("weights", "cache", "hidden"):
         p.add_argument(f"--{cls}-frac", type=_frac3, metavar="G,C,D",
                        help=f"force the {cls} placement over gpu,cpu,disk (fractions summing to 1)")
@@ -110,11 +112,18 @@ def _fixed(args) -> dict | None:
     return fixed or None
 
 
-def _compile(spec, args, workload, source: str):
+def _dtype(args) -> str:
+    if args.dtype:
+        return args.dtype
+    return "float16" if _profile(args.profile).has_gpu else "float32"
+
+
+def _compile(spec, args, workload, source: str, max_block_size: int | None = None):
     from flexgen_graph.api import compile_plan
 
     return compile_plan(spec, _profile(args.profile), workload, gpu_batch_size=args.gpu_batch_size,
-                        num_gpu_batches=args.num_gpu_batches, fixed=_fixed(args), weights_source=source)
+                        num_gpu_batches=args.num_gpu_batches, fixed=_fixed(args), weights_source=source,
+                        max_block_size=args.max_block_size or max_block_size)
 
 
 def cmd_compile(args) -> int:
@@ -122,7 +131,7 @@ def cmd_compile(args) -> int:
     from flexgen_graph.models import resolve_model, weights_source_for
     from planner import plan as planfile
 
-    spec, source = resolve_model(args.model, args.dtype)
+    spec, source = resolve_model(args.model, _dtype(args))
     if args.weights:
         source = weights_source_for(args.weights, source)
     plan = _compile(spec, args, Workload(args.prompt_len, args.gen_len), source)
@@ -151,7 +160,7 @@ def cmd_run(args) -> int:
     if plan is not None:
         spec, source = plan.spec, plan.weights_source
     else:
-        spec, source = resolve_model(args.model or DEFAULT_MODEL, args.dtype)
+        spec, source = resolve_model(args.model or DEFAULT_MODEL, _dtype(args))
     if args.weights:
         source = weights_source_for(args.weights, source)
     if not source:
@@ -165,7 +174,8 @@ def cmd_run(args) -> int:
         longest = max((len(r.prompt_ids) for r in reqs), default=1)
         wanted = max((r.max_tokens or 0 for r in reqs), default=0)
         workload = Workload(args.prompt_len or _round_up(longest, 16), args.gen_len or max(wanted, 64))
-        plan = _cached_plan(spec, args, workload, source, cache_dir)
+        # a block larger than the job would only add padding
+        plan = _cached_plan(spec, args, workload, source, cache_dir, 1 << max(len(reqs) - 1, 0).bit_length())
     print(f"plan: prompt {plan.workload.prompt_len}, gen {plan.workload.gen_len}, block "
           f"{plan.policy.gpu_batch_size} x {plan.policy.num_gpu_batches}, profile {plan.profile.name}", file=sys.stderr)
     out = open(args.output, "a", encoding="utf-8") if args.output else None
@@ -184,17 +194,18 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _cached_plan(spec, args, workload, source: str, cache_dir: Path):
+def _cached_plan(spec, args, workload, source: str, cache_dir: Path, max_block_size: int):
     from planner import plan as planfile
 
     profile = _profile(args.profile)
     key = json.dumps([spec.fingerprint(), profile.fingerprint(), workload.to_dict(), source, args.gpu_batch_size,
-                      args.num_gpu_batches, [getattr(args, f"{c}_frac") for c in ("weights", "cache", "hidden")]])
+                      args.num_gpu_batches, args.max_block_size or max_block_size,
+                      [getattr(args, f"{c}_frac") for c in ("weights", "cache", "hidden")]])
     path = cache_dir / "plans" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".fgplan")
     if path.is_file():
         return planfile.load(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    plan = _compile(spec, args, workload, source)
+    plan = _compile(spec, args, workload, source, max_block_size)
     planfile.save(plan, path)
     return plan
 
