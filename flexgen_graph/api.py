@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from flexgen_graph.ir import Block, Workload
 from flexgen_graph.lower import lower
 from flexgen_graph.spec import ModelSpec
@@ -24,7 +26,8 @@ from planner.search import search
 def compile_plan(spec: ModelSpec, profile: HardwareProfile, workload: Workload, *,
                  gpu_batch_size: int | None = None, num_gpu_batches: int | None = None,
                  fixed: dict[str, Placement] | None = None, weights_source: str = "",
-                 max_block_size: int | None = None) -> Plan:
+                 max_block_size: int | None = None, cpu_attention: bool | None = None) -> Plan:
+    """cpu_attention: force the flag on or off (None: the search decides)."""
     if workload.max_seq_len > spec.max_positions:
         raise ValueError(f"prompt_len + gen_len = {workload.max_seq_len} exceeds {spec.name}'s "
                          f"max_position_embeddings {spec.max_positions}")
@@ -35,6 +38,8 @@ def compile_plan(spec: ModelSpec, profile: HardwareProfile, workload: Workload, 
                     gpu_batch_size=gpu_batch_size, num_gpu_batches=num_gpu_batches, fixed=fixed,
                     max_block_size=max_block_size)
     pol = result.policy
+    if cpu_attention is not None and pol.cpu_attention != cpu_attention:
+        pol = dataclasses.replace(pol, cpu_attention=cpu_attention)
     graph = lower(spec, workload, Block(pol.gpu_batch_size, pol.num_gpu_batches))
     return Plan(spec=spec, profile=profile, workload=workload, weights_source=weights_source, policy=pol,
                 predictions=result.predictions.to_dict(), programs=emit_programs(graph, pol))

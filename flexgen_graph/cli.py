@@ -38,10 +38,23 @@ def _frac3(s: str) -> tuple[float, float, float]:
         raise argparse.ArgumentTypeError(f"not numbers: {s!r}") from None
 
 
+def _lengths(s: str) -> list[int]:
+    try:
+        out = sorted({int(x) for x in s.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected lengths like 512 or 128,512,2048, got {s!r}") from None
+    if not out or out[0] < 1:
+        raise argparse.ArgumentTypeError(f"lengths must be positive, got {s!r}")
+    return out
+
+
 def _add_compile_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--profile", default="local" if not required else "cpu-small",
                    help="hardware profile name or JSON file (default: %(default)s)")
-    p.add_argument("--prompt-len", type=int, required=required, help="tokens every prompt is padded to")
+    p.add_argument("--prompt-len", type=_lengths if required else int, required=required,
+                   help="tokens every prompt is padded to" + ("; several (128,512,2048) compile a plan set whose "
+                                                               "plans `run` picks from by prompt length" if required
+                                                               else ""))
     p.add_argument("--gen-len", type=int, required=required, help="tokens generated per prompt (at most)")
     p.add_argument("--gpu-batch-size", type=int, help="fix the gpu batch size instead of searching")
     p.add_argument("--num-gpu-batches", type=int, help="fix the number of gpu batches per block")
@@ -74,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--input", required=True, help="JSONL: {\"id\", \"prompt\"|\"messages\"|\"prompt_ids\"[, \"max_tokens\"]}")
     r.add_argument("--output", help="JSONL results {\"id\", \"text\", \"token_ids\", \"finish_reason\"}")
     r.add_argument("--show", action="store_true", help="print each answer as its block finishes")
+    r.add_argument("--temperature", type=float, default=0.0, help="default for lines without one (0: greedy)")
+    r.add_argument("--top-p", type=float, default=1.0, help="default nucleus mass for lines without one")
+    r.add_argument("--seed", type=int, default=0, help="run seed; a line's own seed wins")
     r.add_argument("--offload-dir", help="folder for disk-tier scratch files (default: a temporary folder)")
     r.add_argument("--cache-dir", help="where imported weights and compiled plans are cached "
                                        "(default: ~/.cache/flexgen-graph)")
@@ -134,11 +150,12 @@ def cmd_compile(args) -> int:
     spec, source = resolve_model(args.model, _dtype(args))
     if args.weights:
         source = weights_source_for(args.weights, source)
-    plan = _compile(spec, args, Workload(args.prompt_len, args.gen_len), source)
-    planfile.save(plan, args.output)
-    pred = plan.predictions
-    print(f"wrote {args.output}: {plan.policy.gpu_batch_size} x {plan.policy.num_gpu_batches} sequences per block, "
-          f"predicted {pred['tokens_per_s']:.1f} tokens/s")
+    plans = [_compile(spec, args, Workload(n, args.gen_len), source) for n in args.prompt_len]
+    planfile.save_set(plans, args.output)
+    for plan in plans:
+        print(f"wrote {args.output}: prompt {plan.workload.prompt_len}: {plan.policy.gpu_batch_size} x "
+              f"{plan.policy.num_gpu_batches} sequences per block, predicted "
+              f"{plan.predictions['tokens_per_s']:.1f} tokens/s")
     return 0
 
 
@@ -148,49 +165,54 @@ def _round_up(n: int, m: int) -> int:
 
 def cmd_run(args) -> int:
     from flexgen_graph.ir import Workload
-    from flexgen_graph.jobs import load_tokenizer, read_requests, run_requests
+    from flexgen_graph.jobs import OutputFile, load_tokenizer, run_job, scan
     from flexgen_graph.models import default_cache_dir, open_store, resolve_model, weights_source_for
     from planner import plan as planfile
     from runtime.engine import Engine
+    from runtime.sampling import Sampling
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     if args.plan and args.model:
-        raise SystemExit("give --plan or --model, not both (the plan names its model)")
-    plan = planfile.load(args.plan) if args.plan else None
-    if plan is not None:
-        spec, source = plan.spec, plan.weights_source
+        raise ValueError("give --plan or --model, not both (the plan names its model)")
+    in_path = Path(args.input)
+    if not in_path.is_file():
+        raise ValueError(f"--input {in_path}: no such file")
+    defaults = Sampling(args.temperature, args.top_p, args.seed)
+    plans = planfile.load_set(args.plan) if args.plan else None
+    if plans is not None:
+        spec, source = plans[0].spec, plans[0].weights_source
     else:
         spec, source = resolve_model(args.model or DEFAULT_MODEL, _dtype(args))
     if args.weights:
         source = weights_source_for(args.weights, source)
     if not source:
-        raise SystemExit(f"the plan names no weights for {spec.name}: pass --weights")
+        raise ValueError(f"the plan names no weights for {spec.name}: pass --weights")
     print(f"model {spec.name} ({spec.num_params() / 1e6:.0f}M parameters, {spec.dtype}), weights {source}",
           file=sys.stderr)
     store = open_store(source, spec, cache_dir)
     tokenizer = load_tokenizer(store.path)
-    reqs, errors = read_requests(Path(args.input), tokenizer)
-    if plan is None:
-        longest = max((len(r.prompt_ids) for r in reqs), default=1)
-        wanted = max((r.max_tokens or 0 for r in reqs), default=0)
+    if plans is None:
+        count, longest, wanted = scan(in_path, tokenizer, defaults)
         workload = Workload(args.prompt_len or _round_up(longest, 16), args.gen_len or max(wanted, 64))
         # a block larger than the job would only add padding
-        plan = _cached_plan(spec, args, workload, source, cache_dir, 1 << max(len(reqs) - 1, 0).bit_length())
-    print(f"plan: prompt {plan.workload.prompt_len}, gen {plan.workload.gen_len}, block "
-          f"{plan.policy.gpu_batch_size} x {plan.policy.num_gpu_batches}, profile {plan.profile.name}", file=sys.stderr)
-    out = open(args.output, "a", encoding="utf-8") if args.output else None
+        plans = [_cached_plan(spec, args, workload, source, cache_dir, 1 << max(count - 1, 0).bit_length())]
+    for p in plans:
+        print(f"plan: prompt {p.workload.prompt_len}, gen {p.workload.gen_len}, block {p.policy.gpu_batch_size} x "
+              f"{p.policy.num_gpu_batches}, profile {p.profile.name}", file=sys.stderr)
+    out = OutputFile(Path(args.output) if args.output else None)
     try:
-        with Engine(plan, store, args.offload_dir) as engine:
-            summary = run_requests(engine, tokenizer, reqs, errors, out, show=args.show or not args.output)
-            peaks = engine.peak_bytes
+        summary = run_job(plans, lambda p: Engine(p, store, args.offload_dir), tokenizer, in_path, out,
+                          defaults=defaults, show=args.show or not args.output)
     finally:
-        if out is not None:
-            out.close()
-    pred = plan.predictions
-    print(f"{summary.prompts} prompts ({summary.errors} errors), {summary.tokens} tokens in {summary.wall_s:.1f} s: "
-          f"{summary.tokens_per_s:.1f} tokens/s (plan predicted {pred['tokens_per_s']:.1f})")
-    print("peak bytes " + ", ".join(f"{t}: {peaks[t] / 2**20:.0f} MiB (plan {pred['peak_bytes'][t] / 2**20:.0f})"
-                                    for t in ("gpu", "cpu", "disk")))
+        out.close()
+    pred = ", ".join(f"{x:.1f}" for x in summary.predicted_tokens_per_s) or "-"
+    resumed = f", {summary.skipped} already done" if summary.skipped else ""
+    print(f"{summary.prompts} prompts ({summary.errors} errors{resumed}), {summary.tokens} tokens in "
+          f"{summary.wall_s:.1f} s: {summary.tokens_per_s:.1f} tokens/s (plan predicted {pred})")
+    if summary.peak_bytes:
+        caps = {t: max(p.predictions["peak_bytes"][t] for p in plans) for t in ("gpu", "cpu", "disk")}
+        print("peak bytes " + ", ".join(f"{t}: {summary.peak_bytes[t] / 2**20:.0f} MiB (plan {caps[t] / 2**20:.0f})"
+                                        for t in ("gpu", "cpu", "disk")))
     return 0
 
 
@@ -213,23 +235,36 @@ def _cached_plan(spec, args, workload, source: str, cache_dir: Path, max_block_s
 def cmd_inspect(args) -> int:
     from planner import plan as planfile
 
-    plan = planfile.load(args.plan)
-    pol, pred = plan.policy, plan.predictions
-    info = {
+    plans = planfile.load_set(args.plan)
+    if args.json:
+        print(json.dumps([_plan_info(p) for p in plans] if len(plans) > 1 else _plan_info(plans[0]),
+                         indent=2, sort_keys=True))
+        return 0
+    for i, plan in enumerate(plans):
+        if i:
+            print()
+        _print_plan(plan)
+    return 0
+
+
+def _plan_info(plan) -> dict:
+    return {
         "model": plan.spec.name, "dtype": plan.spec.dtype, "profile": plan.profile.name,
-        "workload": plan.workload.to_dict(), "weights_source": plan.weights_source, "policy": pol.to_dict(),
-        "predictions": pred, "ops": {"prefill": len(plan.programs.prefill), "decode": len(plan.programs.decode)},
+        "workload": plan.workload.to_dict(), "weights_source": plan.weights_source, "policy": plan.policy.to_dict(),
+        "predictions": plan.predictions, "ops": {"prefill": len(plan.programs.prefill), "decode": len(plan.programs.decode)},
         "buffers": len(plan.programs.buffers),
     }
-    if args.json:
-        print(json.dumps(info, indent=2, sort_keys=True))
-        return 0
+
+
+def _print_plan(plan) -> None:
+    pol, pred = plan.policy, plan.predictions
     fmt = lambda p: "/".join(f"{x:g}" for x in p.as_tuple())  # noqa: E731
     print(f"model     {plan.spec.name} ({plan.spec.dtype}), weights {plan.weights_source or '(none recorded)'}")
     print(f"profile   {plan.profile.name}")
     print(f"workload  prompt {plan.workload.prompt_len}, gen {plan.workload.gen_len}")
     print(f"block     {pol.gpu_batch_size} x {pol.num_gpu_batches} gpu batches = {plan.block_size} sequences")
-    print(f"placement (gpu/cpu/disk) weights {fmt(pol.weights)}, cache {fmt(pol.cache)}, hidden {fmt(pol.hidden)}")
+    flags = ", cpu attention" if pol.cpu_attention else ""
+    print(f"placement (gpu/cpu/disk) weights {fmt(pol.weights)}, cache {fmt(pol.cache)}, hidden {fmt(pol.hidden)}{flags}")
     print(f"predicted {pred['tokens_per_s']:.2f} tokens/s; prefill {pred['prefill_s']:.3f} s, decode step "
           f"{pred['decode_step_s']:.4f} s; bound by {pred.get('binding', '?')}")
     caps = {"gpu": plan.profile.gpu_bytes, "cpu": plan.profile.cpu_bytes, "disk": plan.profile.disk_bytes}
@@ -237,7 +272,6 @@ def cmd_inspect(args) -> int:
         print(f"peak {t:<4}  {pred['peak_bytes'][t] / 2**30:8.3f} GiB of {caps[t] / 2**30:.1f} GiB")
     print(f"programs  prefill {len(plan.programs.prefill)} ops, decode {len(plan.programs.decode)} ops, "
           f"{len(plan.programs.buffers)} buffers")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,23 +1,32 @@
-"""Batch jobs: read prompts from JSONL, tokenize, run them block by block, write JSONL results.
+"""Batch jobs: JSONL prompts in, JSONL results out, crash-safe and resumable.
 
 Input lines: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]} (chat template
-applied) or {"id": ..., "prompt_ids": [...]}, with an optional "max_tokens". A bad line gets an
-output record {"id": ..., "error": "..."} and the job goes on.
+applied) or {"id": ..., "prompt_ids": [...]}, with optional "max_tokens", "temperature",
+"top_p", "seed". A bad line gets an output record {"id": ..., "error": "..."} (or
+{"line": N, "error": ...} without an id) and the job goes on.
+
+The input is read twice and never held in memory: pass 1 validates each line and routes it to
+the smallest plan of the set that fits it (remembering only its byte offset); pass 2 runs each
+plan's lines in blocks, appending each finished block's records (flush + fsync). Ids already
+in the output file are skipped, so re-running an interrupted job resumes it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 from tqdm import tqdm
 
-KNOWN_FIELDS = {"id", "prompt", "messages", "prompt_ids", "max_tokens"}
+from runtime.sampling import Sampling
+
+KNOWN_FIELDS = {"id", "prompt", "messages", "prompt_ids", "max_tokens", "temperature", "top_p", "seed"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,14 +34,18 @@ class Request:
     id: Any
     prompt_ids: tuple[int, ...]
     max_tokens: int | None
+    sampling: Sampling
 
 
 @dataclass
 class JobSummary:
     prompts: int = 0
     errors: int = 0
+    skipped: int = 0  # already in the output file (resumed)
     tokens: int = 0
     wall_s: float = 0.0
+    predicted_tokens_per_s: list[float] = field(default_factory=list)
+    peak_bytes: dict[str, int] = field(default_factory=dict)  # measured, max over the plans run
 
     @property
     def tokens_per_s(self) -> float:
@@ -48,6 +61,10 @@ def load_tokenizer(store_path: Path):
     return AutoTokenizer.from_pretrained(hf)
 
 
+def id_key(rid: Any) -> str:
+    return json.dumps(rid, sort_keys=True)
+
+
 def _chat_ids(tokenizer, messages: list) -> list[int]:
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
@@ -55,7 +72,19 @@ def _chat_ids(tokenizer, messages: list) -> list[int]:
     return list(out)
 
 
-def parse_line(line: str, lineno: int, tokenizer) -> Request | dict:
+def _number(obj: dict, name: str, kind: type, default):
+    v = obj.get(name, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
+        raise ValueError(f"{name} must be a{'n integer' if kind is int else ' number'}, got {v!r}")
+    return kind(v)
+
+
+def default_seed(run_seed: int, rid: Any) -> int:
+    """A sequence's seed when its line gives none: stable per (run seed, id), whatever the block."""
+    return int.from_bytes(hashlib.sha256(f"{run_seed}|{id_key(rid)}".encode()).digest()[:8], "little") >> 1
+
+
+def parse_line(line: str, lineno: int, tokenizer, defaults: Sampling = Sampling()) -> Request | dict:
     """A Request, or an error record for the output."""
     try:
         obj = json.loads(line)
@@ -73,16 +102,23 @@ def parse_line(line: str, lineno: int, tokenizer) -> Request | dict:
     unknown = set(obj) - KNOWN_FIELDS
     if unknown:
         return err(f"unknown field(s) {sorted(unknown)} (known: {sorted(KNOWN_FIELDS)})")
-    max_tokens = obj.get("max_tokens")
-    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
-        return err(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    try:
+        max_tokens = obj.get("max_tokens")
+        if max_tokens is not None and _number(obj, "max_tokens", int, None) < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        sampling = Sampling(temperature=_number(obj, "temperature", float, defaults.temperature),
+                            top_p=_number(obj, "top_p", float, defaults.top_p),
+                            seed=_number(obj, "seed", int, default_seed(defaults.seed, rid)))
+    except ValueError as e:
+        return err(str(e))
     given = [k for k in ("prompt", "messages", "prompt_ids") if k in obj]
     if len(given) != 1:
         return err("exactly one of \"prompt\", \"messages\", \"prompt_ids\" is required")
     if "prompt_ids" in obj:
         ids = obj["prompt_ids"]
-        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            return err("prompt_ids must be a list of integers")
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                for i in ids):
+            return err("prompt_ids must be a list of non-negative integers")
     elif tokenizer is None:
         return err("these weights come without a tokenizer: give \"prompt_ids\" instead of text")
     elif "prompt" in obj:
@@ -91,75 +127,150 @@ def parse_line(line: str, lineno: int, tokenizer) -> Request | dict:
         ids = tokenizer(obj["prompt"])["input_ids"]
     else:
         msgs = obj["messages"]
-        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m and "content" in m
-                                                        for m in msgs)):
-            return err("messages must be a non-empty list of {\"role\", \"content\"} objects")
+        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                        and isinstance(m.get("content"), str) for m in msgs)):
+            return err("messages must be a non-empty list of {\"role\": str, \"content\": str} objects")
         ids = _chat_ids(tokenizer, msgs)
     if not ids:
         return err("empty prompt")
-    return Request(rid, tuple(ids), max_tokens)
+    return Request(rid, tuple(ids), max_tokens, sampling)
 
 
-def read_requests(path: Path, tokenizer) -> tuple[list[Request], list[dict]]:
-    reqs, errors, seen = [], [], set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            r = parse_line(line, lineno, tokenizer)
-            if isinstance(r, Request):
-                key = json.dumps(r.id, sort_keys=True)
-                if key in seen:
-                    errors.append({"id": r.id, "error": f"line {lineno}: duplicate id"})
+class OutputFile:
+    """Append-only JSONL whose records are each written whole, flushed and fsynced.
+
+    Opening repairs a torn last line (a crash mid-write) by cutting it off, and collects the
+    keys of the records already there so the job can skip them.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.done: set[str] = set()
+        self._f: TextIO | None = None
+        if path is None:
+            return
+        if path.exists():
+            data = path.read_bytes()
+            cut = data.rfind(b"\n") + 1
+            if cut < len(data):
+                with open(path, "r+b") as f:
+                    f.truncate(cut)
+            for raw in data[:cut].splitlines():
+                try:
+                    rec = json.loads(raw)
+                except json.JSONDecodeError:
                     continue
-                seen.add(key)
-                reqs.append(r)
-            else:
-                errors.append(r)
-    return reqs, errors
+                if isinstance(rec, dict):
+                    self.done.add(id_key(rec["id"]) if "id" in rec else f"line:{rec.get('line')}")
+        self._f = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        if self._f is None:
+            return
+        # one write call per record: a crash leaves a whole line or a torn tail that the next open cuts
+        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
 
 
-def _write(out: TextIO | None, record: dict) -> None:
-    if out is None:
-        return
-    out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    out.flush()
-    os.fsync(out.fileno())
+def _lines(path: Path):
+    """(byte offset, line number, text) of each non-blank line."""
+    with open(path, "rb") as f:
+        offset, lineno = 0, 0
+        for raw in f:
+            lineno += 1
+            if raw.strip():
+                yield offset, lineno, raw.decode("utf-8", errors="replace")
+            offset += len(raw)
 
 
-def run_requests(engine, tokenizer, reqs: list[Request], errors: list[dict], out: TextIO | None,
-                 show: bool = False) -> JobSummary:
-    """Run every request through the engine in blocks of the plan's size, writing records as blocks finish."""
-    summary = JobSummary(prompts=len(reqs), errors=len(errors))
-    for rec in errors:
-        _write(out, rec)
-    plan = engine.plan
-    block, p_len, g_len = plan.block_size, plan.workload.prompt_len, plan.workload.gen_len
-    runnable = []
-    for r in reqs:
-        if len(r.prompt_ids) > p_len:
-            summary.errors += 1
-            _write(out, {"id": r.id, "error": f"prompt has {len(r.prompt_ids)} tokens; the plan takes at most {p_len}"})
-        elif r.max_tokens is not None and r.max_tokens > g_len:
-            summary.errors += 1
-            _write(out, {"id": r.id, "error": f"max_tokens {r.max_tokens} exceeds the plan's gen_len {g_len}"})
-        else:
-            runnable.append(r)
+def scan(in_path: Path, tokenizer, defaults: Sampling = Sampling()) -> tuple[int, int, int]:
+    """(valid prompts, longest prompt, largest max_tokens) of a job, to size a plan for it."""
+    count, longest, most = 0, 1, 0
+    for _, lineno, text in _lines(in_path):
+        r = parse_line(text, lineno, tokenizer, defaults)
+        if isinstance(r, Request):
+            count, longest, most = count + 1, max(longest, len(r.prompt_ids)), max(most, r.max_tokens or 0)
+    return count, longest, most
+
+
+def route(plans, req: Request) -> int | None:
+    """Index of the smallest plan that takes the prompt and its max_tokens, or None."""
+    for i, p in enumerate(plans):
+        if len(req.prompt_ids) <= p.workload.prompt_len and (req.max_tokens or 0) <= p.workload.gen_len:
+            return i
+    return None
+
+
+def plan_requests(in_path: Path, plans, tokenizer, out: OutputFile, defaults: Sampling,
+                  summary: JobSummary) -> list[list[tuple[int, int]]]:
+    """Pass 1: validate every line, write error records, route the rest: per plan, (offset, lineno)."""
+    routed: list[list[tuple[int, int]]] = [[] for _ in plans]
+    seen: set[str] = set()
+    longest = max(p.workload.prompt_len for p in plans)
+    for offset, lineno, text in _lines(in_path):
+        r = parse_line(text, lineno, tokenizer, defaults)
+        key = id_key(r.id) if isinstance(r, Request) else (id_key(r["id"]) if "id" in r else f"line:{lineno}")
+        if key in out.done:
+            summary.skipped += 1
+            continue
+        if key in seen and isinstance(r, Request):
+            r = {"id": r.id, "error": f"line {lineno}: duplicate id"}
+            key = f"line:{lineno}"
+        seen.add(key)
+        if isinstance(r, Request):
+            i = route(plans, r)
+            if i is not None:
+                routed[i].append((offset, lineno))
+                summary.prompts += 1
+                continue
+            big = max(plans, key=lambda p: p.workload.gen_len).workload.gen_len
+            r = {"id": r.id, "error": f"prompt has {len(r.prompt_ids)} tokens and max_tokens {r.max_tokens}; "
+                                     f"the plans take at most {longest} prompt tokens and {big} new tokens"}
+        summary.errors += 1
+        out.write(r)
+    return routed
+
+
+def run_job(plans, open_engine: Callable, tokenizer, in_path: Path, out: OutputFile, *,
+            defaults: Sampling = Sampling(), show: bool = False) -> JobSummary:
+    """Run every line of in_path; `open_engine(plan)` gives a context-managed Engine for a plan."""
+    summary = JobSummary()
+    routed = plan_requests(in_path, plans, tokenizer, out, defaults, summary)
+    total = sum(len(r) for r in routed)
     t0 = time.perf_counter()
-    bar = tqdm(total=len(runnable), unit="prompt", disable=not sys.stderr.isatty(), desc="generating")
-    for start in range(0, len(runnable), block):
-        chunk = runnable[start:start + block]
-        gens = engine.generate([list(r.prompt_ids) for r in chunk], [r.max_tokens or g_len for r in chunk])
-        for r, gen in zip(chunk, gens):
-            text = tokenizer.decode(list(gen.token_ids), skip_special_tokens=True) if tokenizer else None
-            _write(out, {"id": r.id, "text": text, "token_ids": list(gen.token_ids),
-                         "finish_reason": gen.finish_reason})
-            summary.tokens += len(gen.token_ids)
-            if show:
-                tqdm.write(f"[{r.id}] {text if text is not None else list(gen.token_ids)}")
-        bar.update(len(chunk))
-        elapsed = time.perf_counter() - t0
-        bar.set_postfix(tok_s=f"{summary.tokens / elapsed:.1f}")
+    bar = tqdm(total=total, unit="prompt", disable=not sys.stderr.isatty(), desc="generating")
+    with open(in_path, "rb") as f:
+        for plan, items in zip(plans, routed):
+            if not items:
+                continue
+            summary.predicted_tokens_per_s.append(plan.predictions["tokens_per_s"])
+            with open_engine(plan) as engine:
+                for start in range(0, len(items), plan.block_size):
+                    chunk = []
+                    for offset, lineno in items[start:start + plan.block_size]:
+                        f.seek(offset)
+                        chunk.append(parse_line(f.readline().decode("utf-8", errors="replace"), lineno,
+                                                tokenizer, defaults))
+                    gens = engine.generate([list(r.prompt_ids) for r in chunk],
+                                           [r.max_tokens or plan.workload.gen_len for r in chunk],
+                                           [r.sampling for r in chunk])
+                    for r, gen in zip(chunk, gens):
+                        text = tokenizer.decode(list(gen.token_ids), skip_special_tokens=True) if tokenizer else None
+                        out.write({"id": r.id, "text": text, "token_ids": list(gen.token_ids),
+                                   "finish_reason": gen.finish_reason})
+                        summary.tokens += len(gen.token_ids)
+                        if show:
+                            tqdm.write(f"[{r.id}] {text if text is not None else list(gen.token_ids)}")
+                    bar.update(len(chunk))
+                    bar.set_postfix(tok_s=f"{summary.tokens / (time.perf_counter() - t0):.1f}")
+                for tier, n in engine.peak_bytes.items():
+                    summary.peak_bytes[tier] = max(summary.peak_bytes.get(tier, 0), n)
     bar.close()
     summary.wall_s = time.perf_counter() - t0
     return summary

@@ -23,6 +23,7 @@ from planner.policy import Policy
 from planner.program import Buffer, Op, Programs
 
 PLAN_FORMAT = "flexgen-graph-plan"
+PLANSET_FORMAT = "flexgen-graph-planset"  # several plans of one model and profile, one per prompt length
 PLAN_VERSION = 1
 MAX_PLAN_BYTES = 256 << 20
 
@@ -118,12 +119,58 @@ def loads(data: bytes, name: str = "plan") -> Plan:
 
 
 def load(path: str | Path) -> Plan:
+    plans = load_set(path)
+    if len(plans) != 1:
+        raise BadPlanFileError(f"{path} holds {len(plans)} plans (a plan set); expected one")
+    return plans[0]
+
+
+def dumps_set(plans: list[Plan]) -> bytes:
+    """One plan as a plain plan file; several as a plan set (sorted by prompt length)."""
+    if not plans:
+        raise ValueError("a plan set needs at least one plan")
+    if len(plans) == 1:
+        return dumps(plans[0])
+    plans = sorted(plans, key=lambda p: (p.workload.prompt_len, p.workload.gen_len))
+    body = msgpack.packb([dumps(p) for p in plans], use_bin_type=True)
+    return msgpack.packb([PLANSET_FORMAT, PLAN_VERSION, hashlib.sha256(body).hexdigest(), body], use_bin_type=True)
+
+
+def save_set(plans: list[Plan], path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(dumps_set(plans))
+    tmp.replace(path)
+
+
+def loads_set(data: bytes, name: str = "plan") -> list[Plan]:
+    """The plans of a plan file or plan set, sorted by prompt length, checked to agree on model and profile."""
+    head = _unpack(data, name) if len(data) <= MAX_PLAN_BYTES else None
+    if not (isinstance(head, list) and len(head) == 4 and head[0] == PLANSET_FORMAT):
+        return [loads(data, name)]
+    _, version, checksum, body = head
+    if version != PLAN_VERSION:
+        raise BadPlanFileError(f"{name}: plan set version {version!r}, this flexgen-graph reads version {PLAN_VERSION}")
+    if not isinstance(body, bytes) or hashlib.sha256(body).hexdigest() != checksum:
+        raise BadPlanFileError(f"{name}: checksum mismatch (the file is corrupt or was edited)")
+    items = _unpack(body, f"{name} body")
+    if not (isinstance(items, list) and items and all(isinstance(i, bytes) for i in items)):
+        raise BadPlanFileError(f"{name}: a plan set must hold a non-empty list of plans")
+    plans = [loads(item, f"{name}[{i}]") for i, item in enumerate(items)]
+    first = plans[0]
+    for i, p in enumerate(plans[1:], 1):
+        if p.spec != first.spec or p.profile != first.profile or p.weights_source != first.weights_source:
+            raise BadPlanFileError(f"{name}[{i}]: plans of a set must share model, profile and weights")
+    return sorted(plans, key=lambda p: (p.workload.prompt_len, p.workload.gen_len))
+
+
+def load_set(path: str | Path) -> list[Plan]:
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise BadPlanFileError(f"cannot read plan {path}: {e.strerror}") from None
-    return loads(data, name=str(path))
+    return loads_set(data, name=str(path))
 
 
 def check_model(plan: Plan, spec: ModelSpec) -> None:

@@ -27,6 +27,10 @@ class OpKind(Enum):
     EMBED = "embed"
     DECODER_PREFILL = "decoder_prefill"
     DECODER_DECODE = "decoder_decode"
+    # the cache of this (layer, gpu batch) lives on the CPU and stays there: prefill writes it
+    # from the compute device, decode attends on the CPU (FlexGen's attention delegation)
+    DECODER_PREFILL_HOST_CACHE = "decoder_prefill_host_cache"
+    DECODER_DECODE_CPU_ATTN = "decoder_decode_cpu_attn"
     HEAD = "head"
 
 
@@ -39,6 +43,8 @@ OP_STREAM: dict[OpKind, Stream] = {
     OpKind.EMBED: Stream.COMPUTE,
     OpKind.DECODER_PREFILL: Stream.COMPUTE,
     OpKind.DECODER_DECODE: Stream.COMPUTE,
+    OpKind.DECODER_PREFILL_HOST_CACHE: Stream.COMPUTE,
+    OpKind.DECODER_DECODE_CPU_ATTN: Stream.COMPUTE,
     OpKind.HEAD: Stream.COMPUTE,
 }
 

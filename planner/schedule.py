@@ -90,9 +90,15 @@ def build_buffers(shape: GraphShape, policy: Policy) -> BufferPlan:
         return tuple(add(role, Tier.GPU, max(sizes), slot=s) for s in range(NUM_SLOTS))
 
     w_slots = slots(BufferRole.WEIGHT_SLOT, [shape.weight_bytes[j] for j, t in enumerate(w_tier) if t is not Tier.GPU])
-    c_slots = slots(BufferRole.CACHE_SLOT, [shape.cache_bytes for t in c_tier.values() if t is not Tier.GPU])
+    c_slots = slots(BufferRole.CACHE_SLOT, [shape.cache_bytes for t in c_tier.values() if streams_cache(t, policy)])
     h_slots = slots(BufferRole.HIDDEN_SLOT, [shape.hidden_bytes for t in h_tier if t is not Tier.GPU])
     return BufferPlan(tuple(bufs), w_tier, c_tier, h_tier, w_home, c_home, h_home, w_slots, c_slots, h_slots)
+
+
+def streams_cache(tier: Tier, policy: Policy) -> bool:
+    """Whether a cache item passes through the compute device's slots (else it is used in place:
+    on the GPU, or on the CPU when the plan delegates attention there)."""
+    return tier is not Tier.GPU and not (tier is Tier.CPU and policy.cpu_attention)
 
 
 def _ring(items: list) -> tuple[dict, dict]:
@@ -124,22 +130,25 @@ def node_order(g: nx.DiGraph, phase: Phase) -> list[NodeKey]:
 def emit_programs(g: nx.DiGraph, policy: Policy) -> Programs:
     shape = graph_shape(g)
     bp = build_buffers(shape, policy)
-    return Programs(bp.buffers, _emit(g, shape, bp, Phase.PREFILL), _emit(g, shape, bp, Phase.DECODE))
+    return Programs(bp.buffers, _emit(g, shape, bp, policy, Phase.PREFILL), _emit(g, shape, bp, policy, Phase.DECODE))
 
 
-def _compute_kind(kind: LayerKind, phase: Phase) -> OpKind:
+def _compute_kind(kind: LayerKind, phase: Phase, host_cache: bool) -> OpKind:
     if kind is LayerKind.EMBED:
         return OpKind.EMBED
     if kind is LayerKind.HEAD:
         return OpKind.HEAD
-    return OpKind.DECODER_PREFILL if phase is Phase.PREFILL else OpKind.DECODER_DECODE
+    if phase is Phase.PREFILL:
+        return OpKind.DECODER_PREFILL_HOST_CACHE if host_cache else OpKind.DECODER_PREFILL
+    return OpKind.DECODER_DECODE_CPU_ATTN if host_cache else OpKind.DECODER_DECODE
 
 
-def _emit(g: nx.DiGraph, shape: GraphShape, bp: BufferPlan, phase: Phase) -> tuple[Op, ...]:
+def _emit(g: nx.DiGraph, shape: GraphShape, bp: BufferPlan, policy: Policy, phase: Phase) -> tuple[Op, ...]:
     nb = shape.num_gpu_batches
     items = [(j, k) for j in range(shape.num_graph_layers) for k in range(nb)]
     w_stream = [j for j in range(shape.num_graph_layers) if bp.weight_tier[j] is not Tier.GPU]
-    c_stream = [jk for jk in items if bp.cache_tier.get(jk, Tier.GPU) is not Tier.GPU]
+    c_stream = [jk for jk in items if streams_cache(bp.cache_tier.get(jk, Tier.GPU), policy)]
+    host_cache = {jk for jk, t in bp.cache_tier.items() if t is not Tier.GPU and not streams_cache(t, policy)}
     h_stream = [jk for jk in items if bp.hidden_tier[jk[1]] is not Tier.GPU]
     w_slot, w_prev = _ring(w_stream)
     c_slot, c_prev = _ring(c_stream)
@@ -204,7 +213,7 @@ def _emit(g: nx.DiGraph, shape: GraphShape, bp: BufferPlan, phase: Phase) -> tup
             if lkind is LayerKind.DECODER:
                 cache = bp.cache_slots[c_slot[jk]] if jk in c_slot else bp.cache_home[jk]
             hidden = bp.hidden_slots[h_slot[jk]] if jk in h_slot else bp.hidden_home[k]
-            op = Op(_compute_kind(lkind, phase), j, k, tuple(sorted(waits)), weight=weight, cache=cache,
+            op = Op(_compute_kind(lkind, phase, jk in host_cache), j, k, tuple(sorted(waits)), weight=weight, cache=cache,
                     hidden=hidden, node=key.label())
         for w in op.waits:
             assert w < len(ops), f"{op.node} waits on op {w} that is not earlier in program order"

@@ -20,6 +20,7 @@ from flexgen_graph.ir import TIERS, Tier
 from planner.plan import Plan, check_model
 from planner.program import BufferRole, Op, OpKind
 from runtime import kernels
+from runtime.sampling import GREEDY, Sampling, generators, pick
 from runtime.backend import Buf, CpuBackend, copy_range
 from runtime.weight_store import WeightStore
 
@@ -142,9 +143,31 @@ class Engine:
                               self._pos[k][:, a:a + t], self._mask[k][:, : a + t])
         hv.copy_(out)
 
+    def _decoder_host_cache(self, op: Op) -> None:
+        """The cache stays in host memory: decode attends there (q, k, v cross, the cache never does);
+        prefill attends on the compute device over the new tokens, then writes their k, v home."""
+        k, a, t = op.batch, self._start, self._t
+        hv, cache = self._hidden_view(op.hidden), self._cache_view(op.cache)
+        w = self._weights(op)
+        mask = self._mask[k][:, : a + t]
+        q, kk, v = kernels.attention_inputs(self.spec, w, hv, self._pos[k][:, a:a + t])
+        if op.kind is OpKind.DECODER_DECODE_CPU_ATTN:
+            host = cache.device
+            att = kernels.attend(self.spec, q.to(host), kk.to(host), v.to(host), cache, a, mask.to(host))
+        else:
+            tmp = torch.empty((t,) + tuple(cache.shape[1:]), dtype=cache.dtype, device=hv.device)
+            att = kernels.attend(self.spec, q, kk, v, tmp, 0, mask)
+            cache[:t].copy_(tmp)
+        hv.copy_(kernels.attention_output_and_mlp(self.spec, w, hv, att.to(hv.device)))
+
     def _head(self, op: Op) -> None:
         logits = kernels.head(self.spec, self._weights(op), self._hidden_view(op.hidden))
-        self._next[op.batch] = logits.argmax(dim=-1)
+        k = op.batch
+        if self._all_greedy:
+            self._next[k] = logits.argmax(dim=-1)
+        else:
+            rows = slice(k * self.b, (k + 1) * self.b)
+            self._next[k] = pick(logits, self._sampling[rows], self._gens[rows])
 
     HANDLERS = {
         OpKind.LOAD_WEIGHT: _load_weight,
@@ -155,6 +178,8 @@ class Engine:
         OpKind.EMBED: _embed,
         OpKind.DECODER_PREFILL: _decoder,
         OpKind.DECODER_DECODE: _decoder,
+        OpKind.DECODER_PREFILL_HOST_CACHE: _decoder_host_cache,
+        OpKind.DECODER_DECODE_CPU_ATTN: _decoder_host_cache,
         OpKind.HEAD: _head,
     }
 
@@ -169,8 +194,10 @@ class Engine:
         self.backend.drain(events)
 
     # -- generation ----------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], max_new_tokens: list[int] | None = None) -> list[Generation]:
-        """Greedy generation for up to one block of prompts (shorter blocks are padded)."""
+    def generate(self, prompts: list[list[int]], max_new_tokens: list[int] | None = None,
+                 sampling: list[Sampling] | None = None) -> list[Generation]:
+        """Generation for up to one block of prompts (shorter blocks are padded); greedy unless
+        `sampling` gives a temperature for a prompt."""
         n = len(prompts)
         if not 0 < n <= self.b * self.nb:
             raise ValueError(f"a block holds 1..{self.b * self.nb} prompts, got {n}")
@@ -182,6 +209,9 @@ class Engine:
                 raise ValueError(f"prompt {i}: max_new_tokens {m} outside 1..{self.gen_len} (the plan's gen_len)")
         filler = [prompts[0][-1:]] * (self.b * self.nb - n)  # pad the block; results discarded
         seqs = list(prompts) + filler
+        self._sampling = list(sampling or [GREEDY] * n) + [GREEDY] * len(filler)
+        self._all_greedy = all(p.greedy for p in self._sampling)
+        self._gens = generators(self._sampling)
         limits = torch.tensor(limits + [1] * len(filler))
         pad = self.spec.pad_token_id if self.spec.pad_token_id is not None else 0
         eos = torch.tensor(self.spec.eos_token_ids or (-1,))

@@ -93,17 +93,11 @@ def _attention_mask(spec: ModelSpec, key_mask: torch.Tensor, start: int, t: int)
     return allowed[:, None]
 
 
-def decoder(spec: ModelSpec, w: dict[str, torch.Tensor], h: torch.Tensor, cache: torch.Tensor, start: int,
-            positions: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-    """One decoder layer over T new tokens; writes their k, v to cache rows [start, start + T)."""
+def attention_inputs(spec: ModelSpec, w: dict[str, torch.Tensor], h: torch.Tensor,
+                     positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q: [B, T, NH, D], k and v: [B, T, KV, D] of T new tokens (RoPE applied for llama)."""
     B, T, _ = h.shape
     NH, KV, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    G = NH // KV
-    L = start + T
-    assert cache.shape[1:] == (2, B, KV, D) and cache.shape[0] >= L, \
-        f"decoder: cache {tuple(cache.shape)} cannot hold rows [0, {L}) of [S, 2, {B}, {KV}, {D}]"
-    assert key_mask.shape == (B, L), f"decoder: key_mask {tuple(key_mask.shape)} != {(B, L)}"
-
     x = _norm(spec, h, w["ln1_w"], w.get("ln1_b"))
     q = F.linear(x, w["q_w"], w.get("q_b"))
     if spec.family == "opt":
@@ -116,11 +110,29 @@ def decoder(spec: ModelSpec, w: dict[str, torch.Tensor], h: torch.Tensor, cache:
         cos, sin = cos[:, :, None], sin[:, :, None]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+    return q, k, v
 
+
+def attend(spec: ModelSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, start: int,
+           key_mask: torch.Tensor) -> torch.Tensor:
+    """Write k, v to cache rows [start, start + T), attend over rows [0, start + T): a: [B, T, NH * D].
+
+    Runs wherever `cache` lives: on the compute device, or on the host when the plan delegates
+    decode attention to the CPU (then q, k, v arrive on the host and the cache never moves).
+    """
+    B, T, NH, D = q.shape
+    KV = spec.num_kv_heads
+    G = NH // KV
+    L = start + T
+    assert cache.shape[1:] == (2, B, KV, D) and cache.shape[0] >= L, \
+        f"attend: cache {tuple(cache.shape)} cannot hold rows [0, {L}) of [S, 2, {B}, {KV}, {D}]"
+    assert key_mask.shape == (B, L), f"attend: key_mask {tuple(key_mask.shape)} != {(B, L)}"
     cache[start:L, 0] = k.transpose(0, 1)  # cache[:, 0]: [S, B, KV, D]
     cache[start:L, 1] = v.transpose(0, 1)
     keys = cache[:L, 0].permute(1, 2, 0, 3)  # keys: [B, KV, L, D]
     values = cache[:L, 1].permute(1, 2, 0, 3)
+    if keys.dtype != q.dtype:  # half-precision host cache: attend in the query's precision
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
 
     # GQA without repeating k/v: query head n reads kv head n // G, so fold the G query heads of
     # one kv head into the query-length axis
@@ -129,15 +141,26 @@ def decoder(spec: ModelSpec, w: dict[str, torch.Tensor], h: torch.Tensor, cache:
     allowed = allowed[:, :, None].expand(B, 1, G, T, L).reshape(B, 1, G * T, L)
     scale = 1.0 if spec.family == "opt" else D ** -0.5
     a = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=scale)  # a: [B, KV, G*T, D]
-    a = a.view(B, NH, T, D).transpose(1, 2).reshape(B, T, NH * D)
-    h = h + F.linear(a, w["o_w"], w.get("o_b"))
+    return a.view(B, NH, T, D).transpose(1, 2).reshape(B, T, NH * D)
 
+
+def attention_output_and_mlp(spec: ModelSpec, w: dict[str, torch.Tensor], h: torch.Tensor,
+                             a: torch.Tensor) -> torch.Tensor:
+    """The rest of the layer after attention: o_proj + residual, then the MLP + residual."""
+    h = h + F.linear(a, w["o_w"], w.get("o_b"))
     x = _norm(spec, h, w["ln2_w"], w.get("ln2_b"))
     if spec.family == "opt":
         x = F.linear(F.relu(F.linear(x, w["fc1_w"], w["fc1_b"])), w["fc2_w"], w["fc2_b"])
     else:
         x = F.linear(F.silu(F.linear(x, w["gate_w"])) * F.linear(x, w["up_w"]), w["down_w"])
     return h + x
+
+
+def decoder(spec: ModelSpec, w: dict[str, torch.Tensor], h: torch.Tensor, cache: torch.Tensor, start: int,
+            positions: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """One decoder layer over T new tokens; writes their k, v to cache rows [start, start + T)."""
+    q, k, v = attention_inputs(spec, w, h, positions)
+    return attention_output_and_mlp(spec, w, h, attend(spec, q, k, v, cache, start, key_mask))
 
 
 def head(spec: ModelSpec, w: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:

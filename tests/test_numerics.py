@@ -76,10 +76,11 @@ def hf_generate(model, prompts, gen_len=GEN_LEN, prompt_len=PROMPT_LEN) -> list[
     return result
 
 
-def run_engine(store, prompts, policy, gbs, nb, tmp_path, gen_len=GEN_LEN):
+def run_engine(store, prompts, policy, gbs, nb, tmp_path, gen_len=GEN_LEN, cpu_attention=False):
     w, c, h = policy
     plan = compile_plan(store.spec, load_profile("cpu-small"), Workload(PROMPT_LEN, gen_len), gpu_batch_size=gbs,
-                        num_gpu_batches=nb, fixed={"weights": w, "cache": c, "hidden": h})
+                        num_gpu_batches=nb, fixed={"weights": w, "cache": c, "hidden": h},
+                        cpu_attention=cpu_attention)
     out = []
     with Engine(plan, store, tmp_path / "offload") as engine:
         for start in range(0, len(prompts), plan.block_size):
@@ -89,13 +90,14 @@ def run_engine(store, prompts, policy, gbs, nb, tmp_path, gen_len=GEN_LEN):
     return out
 
 
+@pytest.mark.parametrize("cpu_attention", [False, True], ids=["gpu-attn", "cpu-attn"])
 @pytest.mark.parametrize("nb", [1, 3])
 @pytest.mark.parametrize("policy", list(POLICIES), ids=list(POLICIES))
-def test_greedy_tokens_equal_transformers(model_and_store, policy, nb, tmp_path):
+def test_greedy_tokens_equal_transformers(model_and_store, policy, nb, cpu_attention, tmp_path):
     model, store = model_and_store
     prompts = prompts_for(model.config.vocab_size)
     expected = hf_generate(model, prompts)
-    got = run_engine(store, prompts, POLICIES[policy], gbs=2, nb=nb, tmp_path=tmp_path)
+    got = run_engine(store, prompts, POLICIES[policy], gbs=2, nb=nb, tmp_path=tmp_path, cpu_attention=cpu_attention)
     assert got == expected
 
 
