@@ -70,6 +70,12 @@ def resolve_model(model: str, dtype: str = "float32") -> tuple[ModelSpec, str]:
     return catalog_spec(model, dtype), ""  # raises UnknownModelError with suggestions
 
 
+def store_dir(source: str, spec: ModelSpec, cache_dir: Path) -> Path:
+    """Where the imported store of a weights source lives in the cache."""
+    key = hashlib.sha256(f"{source}|{spec.dtype}|{spec.fingerprint()}".encode()).hexdigest()[:16]
+    return cache_dir / "weights" / key
+
+
 def open_store(source: str, spec: ModelSpec, cache_dir: Path):
     """The weight store for a source, importing it into the cache on first use."""
     from runtime import weight_store as ws
@@ -78,8 +84,7 @@ def open_store(source: str, spec: ModelSpec, cache_dir: Path):
         raise ModelNotFoundError(
             f"{spec.name} is a catalog entry without weights: pass --weights dummy, a checkpoint folder or a .gguf"
         )
-    key = hashlib.sha256(f"{source}|{spec.dtype}|{spec.fingerprint()}".encode()).hexdigest()[:16]
-    dest = cache_dir / "weights" / key
+    dest = store_dir(source, spec, cache_dir)
     if (dest / "manifest.json").is_file():
         return ws.WeightStore(dest)
     if source == "default":

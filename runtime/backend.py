@@ -129,13 +129,17 @@ class _Worker:
 
 
 class CpuBackend:
+    """overlap=False runs every op inline on the calling thread, in program order: the same
+    results without any overlap of transfers and compute (for measuring what overlap buys)."""
+
     name = "cpu"
 
-    def __init__(self, budget: dict[Tier, int], offload_dir: Path) -> None:
+    def __init__(self, budget: dict[Tier, int], offload_dir: Path, overlap: bool = True) -> None:
         self.memory = MemoryTracker(budget)
         self.offload_dir = offload_dir
+        self.overlap = overlap
         self._errors: list[BaseException] = []
-        self._workers = {s: _Worker(s.value, self._errors) for s in Stream}
+        self._workers = {s: _Worker(s.value, self._errors) for s in Stream} if overlap else {}
         self._files: list[DiskBuf] = []
 
     def alloc(self, tier: Tier, nbytes: int, what: str) -> Buf:
@@ -156,6 +160,14 @@ class CpuBackend:
 
     def submit(self, stream: Stream, fn: Callable[[], None], waits: list[threading.Event],
                done: threading.Event) -> None:
+        if not self.overlap:
+            try:
+                if not self._errors:
+                    fn()
+            except BaseException as e:  # surfaced by drain, as with workers
+                self._errors.append(e)
+            done.set()
+            return
         self._workers[stream].submit(fn, waits, done)
 
     def drain(self, events: list[threading.Event]) -> None:

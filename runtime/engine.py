@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,10 @@ class PromptTooLongError(ValueError):
 
 
 class Engine:
-    def __init__(self, plan: Plan, store: WeightStore, offload_dir: str | Path | None = None) -> None:
+    def __init__(self, plan: Plan, store: WeightStore, offload_dir: str | Path | None = None, *,
+                 overlap: bool = True, cold_weights: bool = False) -> None:
+        """overlap=False serializes the streams (for benchmarks); cold_weights evicts weight files
+        from the page cache after each disk read, so disk-tier weights really come from the disk."""
         check_model(plan, store.spec)
         self.plan, self.store, self.spec = plan, store, plan.spec
         self.dtype = kernels.TORCH_DTYPES[self.spec.dtype]
@@ -45,8 +49,9 @@ class Engine:
             self._tmp = tempfile.TemporaryDirectory(prefix="flexgen-offload-")
             offload_dir = self._tmp.name
         prof = plan.profile
+        self.cold_weights = cold_weights
         self.backend = CpuBackend({Tier.GPU: prof.gpu_bytes, Tier.CPU: prof.cpu_bytes, Tier.DISK: prof.disk_bytes},
-                                  Path(offload_dir))
+                                  Path(offload_dir), overlap=overlap)
         try:
             self.bufs: dict[int, Buf | None] = {}
             self._allocate()
@@ -57,6 +62,7 @@ class Engine:
         self.b, self.nb = pol.gpu_batch_size, pol.num_gpu_batches
         self.prompt_len, self.gen_len = plan.workload.prompt_len, plan.workload.gen_len
         self.max_seq = plan.workload.max_seq_len
+        self.step_times: list[tuple[str, float]] = []  # (program, wall seconds) of every program run
         self._events = {name: [threading.Event() for _ in ops]
                         for name, ops in (("prefill", plan.programs.prefill), ("decode", plan.programs.decode))}
 
@@ -111,7 +117,7 @@ class Engine:
     def _load_weight(self, op: Op) -> None:
         src, dst = self.bufs[op.src], self.bufs[op.dst]
         if src is None:
-            self.store.read_layer_into(op.layer, dst.tensor)
+            self.store.read_layer_into(op.layer, dst.tensor, drop_page_cache=self.cold_weights)
         else:
             copy_range(dst, src, 0, self.spec.layer_bytes(op.layer))
 
@@ -184,6 +190,7 @@ class Engine:
     }
 
     def _run(self, name: str, program: tuple[Op, ...], start: int, t: int) -> None:
+        t0 = time.perf_counter()
         self._start, self._t = start, t
         events = self._events[name]
         for ev in events:
@@ -192,6 +199,7 @@ class Engine:
             handler = self.HANDLERS[op.kind]
             self.backend.submit(op.stream, lambda h=handler, o=op: h(self, o), [events[w] for w in op.waits], events[i])
         self.backend.drain(events)
+        self.step_times.append((name, time.perf_counter() - t0))
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: list[int] | None = None,

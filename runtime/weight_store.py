@@ -170,8 +170,11 @@ class WeightStore:
             raise WeightStoreError(f"tensor {key!r}: {path} has {size} bytes, expected {slot.nbytes}")
         return fd
 
-    def read_layer_into(self, layer: int, buf: torch.Tensor) -> None:
-        """Read every tensor file of the layer straight into its offset in buf (a flat uint8 CPU tensor)."""
+    def read_layer_into(self, layer: int, buf: torch.Tensor, drop_page_cache: bool = False) -> None:
+        """Read every tensor file of the layer straight into its offset in buf (a flat uint8 CPU tensor).
+
+        drop_page_cache: evict the files' pages after reading, so every read comes from the disk
+        (the honest "model larger than RAM" case for benchmarks)."""
         need = self.spec.layer_bytes(layer)
         if buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous() or buf.device.type != "cpu":
             raise WeightStoreError(f"layer {layer}: buffer must be a flat contiguous uint8 CPU tensor, "
@@ -188,6 +191,8 @@ class WeightStore:
                     if n <= 0:
                         raise WeightStoreError(f"tensor {_key(layer, slot.name)!r}: file ended after {done} bytes")
                     done += n
+                if drop_page_cache:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
 
