@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--temperature", type=float, default=0.0, help="default for lines without one (0: greedy)")
     r.add_argument("--top-p", type=float, default=1.0, help="default nucleus mass for lines without one")
     r.add_argument("--seed", type=int, default=0, help="run seed; a line's own seed wins")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA when the plan's profile has a GPU and one is visible, else the CPU backend")
     r.add_argument("--offload-dir", help="folder for disk-tier scratch files (default: a temporary folder)")
     r.add_argument("--cache-dir", help="where imported weights and compiled plans are cached "
                                        "(default: ~/.cache/flexgen-graph)")
@@ -159,6 +161,12 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -196,12 +204,15 @@ def cmd_run(args) -> int:
         workload = Workload(args.prompt_len or _round_up(longest, 16), args.gen_len or max(wanted, 64))
         # a block larger than the job would only add padding
         plans = [_cached_plan(spec, args, workload, source, cache_dir, 1 << max(count - 1, 0).bit_length())]
+    if plans[0].profile.has_gpu and args.device != "cuda" and not _cuda_visible():
+        print(f"note: the plan targets a GPU ({plans[0].profile.name}) but none is visible: running on the CPU "
+              "backend, its GPU tier a budget of host memory", file=sys.stderr)
     for p in plans:
         print(f"plan: prompt {p.workload.prompt_len}, gen {p.workload.gen_len}, block {p.policy.gpu_batch_size} x "
               f"{p.policy.num_gpu_batches}, profile {p.profile.name}", file=sys.stderr)
     out = OutputFile(Path(args.output) if args.output else None)
     try:
-        summary = run_job(plans, lambda p: Engine(p, store, args.offload_dir), tokenizer, in_path, out,
+        summary = run_job(plans, lambda p: Engine(p, store, args.offload_dir, device=args.device), tokenizer, in_path, out,
                           defaults=defaults, show=args.show or not args.output)
     finally:
         out.close()

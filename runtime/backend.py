@@ -133,6 +133,7 @@ class CpuBackend:
     results without any overlap of transfers and compute (for measuring what overlap buys)."""
 
     name = "cpu"
+    device = torch.device("cpu")
 
     def __init__(self, budget: dict[Tier, int], offload_dir: Path, overlap: bool = True) -> None:
         self.memory = MemoryTracker(budget)
@@ -157,6 +158,18 @@ class CpuBackend:
     def account(self, tier: Tier, nbytes: int, what: str) -> None:
         """Count bytes that live outside our allocations (weights left in the weight store)."""
         self.memory.take(tier, nbytes, what)
+
+    def copy(self, dst: Buf, src: Buf, offset: int, nbytes: int) -> None:
+        copy_range(dst, src, offset, nbytes)
+
+    def read_layer(self, store, layer: int, dst: Buf, drop_page_cache: bool = False) -> None:
+        store.read_layer_into(layer, dst.tensor, drop_page_cache=drop_page_cache)
+
+    def new_events(self, n: int) -> list[threading.Event]:
+        return [threading.Event() for _ in range(n)]
+
+    def device_peak_bytes(self) -> int | None:
+        return None  # the tracker's accounting is the measurement on a CPU-only machine
 
     def submit(self, stream: Stream, fn: Callable[[], None], waits: list[threading.Event],
                done: threading.Event) -> None:

@@ -10,7 +10,6 @@ run ends with one drain (the head's tokens feed the next step's embedding).
 from __future__ import annotations
 
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from planner.plan import Plan, check_model
 from planner.program import BufferRole, Op, OpKind
 from runtime import kernels
 from runtime.sampling import GREEDY, Sampling, generators, pick
-from runtime.backend import Buf, CpuBackend, copy_range
+from runtime.backend import Buf, CpuBackend
 from runtime.weight_store import WeightStore
 
 
@@ -38,9 +37,10 @@ class PromptTooLongError(ValueError):
 
 class Engine:
     def __init__(self, plan: Plan, store: WeightStore, offload_dir: str | Path | None = None, *,
-                 overlap: bool = True, cold_weights: bool = False) -> None:
+                 overlap: bool = True, cold_weights: bool = False, device: str = "auto") -> None:
         """overlap=False serializes the streams (for benchmarks); cold_weights evicts weight files
-        from the page cache after each disk read, so disk-tier weights really come from the disk."""
+        from the page cache after each disk read, so disk-tier weights really come from the disk;
+        device: "cpu", "cuda", or "auto" (CUDA when the plan's profile has a GPU and one is visible)."""
         check_model(plan, store.spec)
         self.plan, self.store, self.spec = plan, store, plan.spec
         self.dtype = kernels.TORCH_DTYPES[self.spec.dtype]
@@ -50,8 +50,18 @@ class Engine:
             offload_dir = self._tmp.name
         prof = plan.profile
         self.cold_weights = cold_weights
-        self.backend = CpuBackend({Tier.GPU: prof.gpu_bytes, Tier.CPU: prof.cpu_bytes, Tier.DISK: prof.disk_bytes},
-                                  Path(offload_dir), overlap=overlap)
+        budget = {Tier.GPU: prof.gpu_bytes, Tier.CPU: prof.cpu_bytes, Tier.DISK: prof.disk_bytes}
+        if device == "auto":
+            device = "cuda" if prof.has_gpu and torch.cuda.is_available() else "cpu"
+        if device == "cuda":
+            from runtime.cuda_backend import CudaBackend
+
+            self.backend = CudaBackend(budget, Path(offload_dir), overlap=overlap)
+        elif device == "cpu":
+            self.backend = CpuBackend(budget, Path(offload_dir), overlap=overlap)
+        else:
+            raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+        self.device = self.backend.device
         try:
             self.bufs: dict[int, Buf | None] = {}
             self._allocate()
@@ -63,7 +73,7 @@ class Engine:
         self.prompt_len, self.gen_len = plan.workload.prompt_len, plan.workload.gen_len
         self.max_seq = plan.workload.max_seq_len
         self.step_times: list[tuple[str, float]] = []  # (program, wall seconds) of every program run
-        self._events = {name: [threading.Event() for _ in ops]
+        self._events = {name: self.backend.new_events(len(ops))
                         for name, ops in (("prefill", plan.programs.prefill), ("decode", plan.programs.decode))}
 
     # -- setup ---------------------------------------------------------------------------------
@@ -77,7 +87,7 @@ class Engine:
             buf = self.backend.alloc(b.tier, b.nbytes, what)
             self.bufs[b.id] = buf
             if b.role is BufferRole.WEIGHT_HOME:
-                self.store.read_layer_into(b.layer, buf.tensor)
+                self.backend.read_layer(self.store, b.layer, buf)
 
     def close(self) -> None:
         self.backend.close() if hasattr(self, "backend") else None
@@ -93,7 +103,12 @@ class Engine:
 
     @property
     def peak_bytes(self) -> dict[str, int]:
-        return {t.value: self.backend.memory.peak[t] for t in TIERS}
+        """Measured peak per tier: allocator accounting, and on CUDA the device's own peak for the GPU."""
+        out = {t.value: self.backend.memory.peak[t] for t in TIERS}
+        dev = self.backend.device_peak_bytes()
+        if dev is not None:
+            out["gpu"] = dev
+        return out
 
     # -- views ---------------------------------------------------------------------------------
     def _typed(self, buf_id: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -117,25 +132,25 @@ class Engine:
     def _load_weight(self, op: Op) -> None:
         src, dst = self.bufs[op.src], self.bufs[op.dst]
         if src is None:
-            self.store.read_layer_into(op.layer, dst.tensor, drop_page_cache=self.cold_weights)
+            self.backend.read_layer(self.store, op.layer, dst, drop_page_cache=self.cold_weights)
         else:
-            copy_range(dst, src, 0, self.spec.layer_bytes(op.layer))
+            self.backend.copy(dst, src, 0, self.spec.layer_bytes(op.layer))
 
     def _row_bytes(self) -> int:
         return self.b * self.spec.kv_bytes_per_token()
 
     def _load_cache(self, op: Op) -> None:
-        copy_range(self.bufs[op.dst], self.bufs[op.src], 0, self._start * self._row_bytes())
+        self.backend.copy(self.bufs[op.dst], self.bufs[op.src], 0, self._start * self._row_bytes())
 
     def _store_cache(self, op: Op) -> None:
         rb = self._row_bytes()
-        copy_range(self.bufs[op.dst], self.bufs[op.src], self._start * rb, self._t * rb)
+        self.backend.copy(self.bufs[op.dst], self.bufs[op.src], self._start * rb, self._t * rb)
 
     def _hidden_bytes(self) -> int:
         return self.b * self._t * self.spec.hidden * self.spec.dtype_bytes
 
     def _move_hidden(self, op: Op) -> None:
-        copy_range(self.bufs[op.dst], self.bufs[op.src], 0, self._hidden_bytes())
+        self.backend.copy(self.bufs[op.dst], self.bufs[op.src], 0, self._hidden_bytes())
 
     def _embed(self, op: Op) -> None:
         k, a, t = op.batch, self._start, self._t
@@ -219,7 +234,7 @@ class Engine:
         seqs = list(prompts) + filler
         self._sampling = list(sampling or [GREEDY] * n) + [GREEDY] * len(filler)
         self._all_greedy = all(p.greedy for p in self._sampling)
-        self._gens = generators(self._sampling)
+        self._gens = generators(self._sampling, self.device)
         limits = torch.tensor(limits + [1] * len(filler))
         pad = self.spec.pad_token_id if self.spec.pad_token_id is not None else 0
         eos = torch.tensor(self.spec.eos_token_ids or (-1,))
@@ -233,9 +248,10 @@ class Engine:
         mask[:, p:] = True
         pos = kernels.positions_from_mask(mask)
         rows = [slice(k * self.b, (k + 1) * self.b) for k in range(self.nb)]
-        self._mask = [mask[r] for r in rows]
-        self._pos = [pos[r] for r in rows]
-        self._ids = [ids[r] for r in rows]
+        dev = self.device
+        self._mask = [mask[r].to(dev) for r in rows]
+        self._pos = [pos[r].to(dev) for r in rows]
+        self._ids = [ids[r].to(dev) for r in rows]
         self._next: list[torch.Tensor | None] = [None] * self.nb
 
         out = torch.full((len(seqs), self.gen_len), pad, dtype=torch.long)
@@ -243,7 +259,7 @@ class Engine:
         stopped = torch.zeros(len(seqs), dtype=torch.bool)
         self._run("prefill", self.plan.programs.prefill, 0, p)
         for step in range(self.gen_len):
-            tok = torch.cat(self._next)
+            tok = torch.cat(self._next).cpu()  # one host sync per step: EOS and limits are checked here
             tok = torch.where(done, torch.full_like(tok, pad), tok)
             out[:, step] = tok
             hit_eos = torch.isin(tok, eos) & ~done
@@ -251,7 +267,7 @@ class Engine:
             done |= hit_eos | (limits <= step + 1)
             if bool(done.all()) or step + 1 == self.gen_len:
                 break
-            self._ids = [tok[r].unsqueeze(1) for r in rows]
+            self._ids = [tok[r].unsqueeze(1).to(dev) for r in rows]
             self._run("decode", self.plan.programs.decode, p + step, 1)
 
         results = []
