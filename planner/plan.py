@@ -115,7 +115,43 @@ def loads(data: bytes, name: str = "plan") -> Plan:
         raise BadPlanFileError(f"{name}: malformed field ({type(e).__name__}: {e})") from None
     if d.get("model_fingerprint") != spec.fingerprint():
         raise BadPlanFileError(f"{name}: model fingerprint does not match its model description")
+    if d.get("profile_fingerprint") != profile.fingerprint():
+        raise BadPlanFileError(f"{name}: profile fingerprint does not match its hardware profile")
+    _check_programs(plan, name)
     return plan
+
+
+def _check_programs(plan: Plan, name: str) -> None:
+    """A decoded plan must also make sense: layers and batches in range, buffers and events that
+    exist, no hazards (the verifier), so nothing is allocated for a plan that cannot run."""
+    from planner.verify import PlanHazardError, verify
+
+    n_layers, nb = plan.spec.num_graph_layers, plan.policy.num_gpu_batches
+    for phase, ops in (("prefill", plan.programs.prefill), ("decode", plan.programs.decode)):
+        if not ops:
+            raise BadPlanFileError(f"{name}: the {phase} program is empty")
+        for i, op in enumerate(ops):
+            if not 0 <= op.layer < n_layers or not -1 <= op.batch < nb:
+                raise BadPlanFileError(f"{name}: {phase} op {i} ({op.node}) names layer {op.layer} / batch "
+                                       f"{op.batch}, outside this model's {n_layers} layers x {nb} gpu batches")
+    totals = {"gpu": 0, "cpu": 0, "disk": 0}
+    for i, b in enumerate(plan.programs.buffers):
+        if b.id != i:
+            raise BadPlanFileError(f"{name}: buffer {i} carries id {b.id}")
+        totals[b.tier.value] += b.nbytes
+    peaks = plan.predictions.get("peak_bytes")
+    if not isinstance(peaks, dict):
+        raise BadPlanFileError(f"{name}: predictions lack peak_bytes")
+    caps = {"gpu": plan.profile.gpu_bytes, "cpu": plan.profile.cpu_bytes, "disk": plan.profile.disk_bytes}
+    for tier, n in totals.items():
+        peak = peaks.get(tier)
+        if type(peak) is not int or not n <= peak <= caps[tier]:
+            raise BadPlanFileError(f"{name}: {tier} buffers of {n} bytes, predicted peak {peak!r}, capacity "
+                                   f"{caps[tier]}: inconsistent (buffers <= peak <= capacity must hold)")
+    try:
+        verify(plan.programs)
+    except PlanHazardError as e:
+        raise BadPlanFileError(f"{name}: {e}") from None
 
 
 def load(path: str | Path) -> Plan:

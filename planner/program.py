@@ -12,6 +12,13 @@ from enum import Enum
 from flexgen_graph.ir import Tier
 
 
+def strict_int(v: object, what: str) -> int:
+    """Plan files are untrusted: an int field must hold an int (not a bool, float or string)."""
+    if type(v) is not int:
+        raise ValueError(f"{what} must be an integer, got {type(v).__name__} {v!r}")
+    return v
+
+
 class Stream(Enum):
     LOAD = "load"
     COMPUTE = "compute"
@@ -78,7 +85,11 @@ class Buffer:
     @classmethod
     def from_list(cls, v: list) -> "Buffer":
         i, role, tier, nbytes, layer, batch, slot = v
-        return cls(int(i), BufferRole(role), Tier(tier), int(nbytes), int(layer), int(batch), int(slot))
+        ints = [strict_int(x, f"buffer field {n}") for n, x in
+                (("id", i), ("nbytes", nbytes), ("layer", layer), ("batch", batch), ("slot", slot))]
+        if ints[1] < 0:
+            raise ValueError(f"buffer {i}: negative size {nbytes}")
+        return cls(ints[0], BufferRole(role), Tier(tier), ints[1], ints[2], ints[3], ints[4])
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +119,13 @@ class Op:
     @classmethod
     def from_list(cls, v: list) -> "Op":
         kind, layer, batch, waits, src, dst, weight, cache, hidden, node = v
-        return cls(OpKind(kind), int(layer), int(batch), tuple(int(w) for w in waits), int(src), int(dst),
-                   int(weight), int(cache), int(hidden), str(node))
+        if not isinstance(waits, list) or not isinstance(node, str):
+            raise ValueError(f"op {node!r}: waits must be a list and node a string")
+        f = [strict_int(x, f"op field {n}") for n, x in (("layer", layer), ("batch", batch), ("src", src),
+                                                          ("dst", dst), ("weight", weight), ("cache", cache),
+                                                          ("hidden", hidden))]
+        return cls(OpKind(kind), f[0], f[1], tuple(strict_int(w, "op wait") for w in waits), f[2], f[3], f[4], f[5],
+                   f[6], node)
 
 
 @dataclass(frozen=True, slots=True)

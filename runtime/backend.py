@@ -8,6 +8,7 @@ same methods with CUDA streams, events and pinned host memory.
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import threading
@@ -95,6 +96,23 @@ def copy_range(dst: Buf, src: Buf, offset: int, nbytes: int) -> None:
         raise AssertionError(f"no disk-to-disk copies in a plan ({src} -> {dst})")
 
 
+def open_scratch(path: Path, nbytes: int) -> DiskBuf:
+    """A scratch file with its blocks reserved now, so a full disk fails at start, not hours in."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # filesystems without fallocate: sparse file
+                raise
+            os.ftruncate(fd, nbytes)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    return DiskBuf(path, fd, nbytes)
+
+
 class _Worker:
     """One stream: runs submitted thunks in order, each after its wait events are set."""
 
@@ -148,9 +166,7 @@ class CpuBackend:
         if tier is Tier.DISK:
             self.offload_dir.mkdir(parents=True, exist_ok=True)
             path = self.offload_dir / f"{what}.bin"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.ftruncate(fd, nbytes)
-            buf = DiskBuf(path, fd, nbytes)
+            buf = open_scratch(path, nbytes)
             self._files.append(buf)
             return buf
         return HostBuf(tier, torch.empty(nbytes, dtype=torch.uint8))

@@ -20,7 +20,7 @@ import torch
 
 from flexgen_graph.ir import Tier
 from planner.program import Stream
-from runtime.backend import Buf, DiskBuf, HostBuf, MemoryTracker, _Worker, copy_range
+from runtime.backend import Buf, DiskBuf, HostBuf, MemoryTracker, _Worker, copy_range, open_scratch
 
 
 class OpEvent:
@@ -68,9 +68,7 @@ class CudaBackend:
         if tier is Tier.DISK:
             self.offload_dir.mkdir(parents=True, exist_ok=True)
             path = self.offload_dir / f"{what}.bin"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.ftruncate(fd, nbytes)
-            buf = DiskBuf(path, fd, nbytes)
+            buf = open_scratch(path, nbytes)
             self._files.append(buf)
             return buf
         if tier is Tier.GPU:

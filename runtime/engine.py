@@ -19,7 +19,7 @@ import torch
 from flexgen_graph.ir import TIERS, Tier
 from planner.plan import Plan, check_model
 from planner.program import BufferRole, Op, OpKind
-from runtime import kernels
+from runtime import kernels, preflight
 from runtime.sampling import GREEDY, Sampling, generators, pick
 from runtime.backend import Buf, CpuBackend
 from runtime.weight_store import WeightStore
@@ -43,6 +43,7 @@ class Engine:
         device: "cpu", "cuda", or "auto" (CUDA when the plan's profile has a GPU and one is visible)."""
         check_model(plan, store.spec)
         self.plan, self.store, self.spec = plan, store, plan.spec
+        store.check()  # a missing or truncated tensor file is named now, not mid-run
         self.dtype = kernels.TORCH_DTYPES[self.spec.dtype]
         self._tmp = None
         if offload_dir is None:
@@ -53,20 +54,21 @@ class Engine:
         budget = {Tier.GPU: prof.gpu_bytes, Tier.CPU: prof.cpu_bytes, Tier.DISK: prof.disk_bytes}
         if device == "auto":
             device = "cuda" if prof.has_gpu and torch.cuda.is_available() else "cpu"
-        if device == "cuda":
-            from runtime.cuda_backend import CudaBackend
-
-            self.backend = CudaBackend(budget, Path(offload_dir), overlap=overlap)
-        elif device == "cpu":
-            self.backend = CpuBackend(budget, Path(offload_dir), overlap=overlap)
-        else:
-            raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-        self.device = self.backend.device
         try:
+            preflight.check(plan, Path(offload_dir), device)
+            if device == "cuda":
+                from runtime.cuda_backend import CudaBackend
+
+                self.backend = CudaBackend(budget, Path(offload_dir), overlap=overlap)
+            elif device == "cpu":
+                self.backend = CpuBackend(budget, Path(offload_dir), overlap=overlap)
+            else:
+                raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+            self.device = self.backend.device
             self.bufs: dict[int, Buf | None] = {}
             self._allocate()
         except BaseException:
-            self.close()
+            self.close()  # nothing half-built stays behind: scratch files and temp folders go
             raise
         pol = plan.policy
         self.b, self.nb = pol.gpu_batch_size, pol.num_gpu_batches
