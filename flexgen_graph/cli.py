@@ -9,10 +9,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -211,11 +213,28 @@ def cmd_run(args) -> int:
         print(f"plan: prompt {p.workload.prompt_len}, gen {p.workload.gen_len}, block {p.policy.gpu_batch_size} x "
               f"{p.policy.num_gpu_batches}, profile {p.profile.name}", file=sys.stderr)
     out = OutputFile(Path(args.output) if args.output else None)
+    stop: list[int] = []  # the signal that asked us to stop; the current block still finishes
+    previous = {sig: signal.signal(sig, lambda signum, _frame: stop.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        summary = run_job(plans, lambda p: Engine(p, store, args.offload_dir, device=args.device), tokenizer, in_path, out,
-                          defaults=defaults, show=args.show or not args.output)
+        summary = run_job(plans, lambda p: Engine(p, store, args.offload_dir, device=args.device), tokenizer,
+                          in_path, out, defaults=defaults, show=args.show or not args.output,
+                          should_stop=lambda: bool(stop))
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OSError(e.errno, f"the offload folder ran out of space ({e.filename or args.offload_dir or 'temp'}); "
+                          f"finished records are in {args.output}, scratch files were removed: free space or "
+                          "pick another --offload-dir, then re-run the same command to resume") from None
+        raise
     finally:
         out.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if summary.interrupted:
+        name = signal.Signals(stop[0]).name
+        print(f"stopped by {name} after {summary.tokens} tokens; finished blocks are in {args.output or 'stdout'}, "
+              "scratch files removed. Re-run the same command to resume.", file=sys.stderr)
+        return 128 + stop[0]
     pred = ", ".join(f"{x:.1f}" for x in summary.predicted_tokens_per_s) or "-"
     resumed = f", {summary.skipped} already done" if summary.skipped else ""
     print(f"{summary.prompts} prompts ({summary.errors} errors{resumed}), {summary.tokens} tokens in "

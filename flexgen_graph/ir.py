@@ -105,6 +105,8 @@ class Workload:
     gen_len: int
 
     def __post_init__(self) -> None:
+        if type(self.prompt_len) is not int or type(self.gen_len) is not int:
+            raise ValueError(f"prompt_len and gen_len must be integers, got {self.prompt_len!r}, {self.gen_len!r}")
         if self.prompt_len < 1:
             raise ValueError(f"prompt_len must be >= 1, got {self.prompt_len}")
         if self.gen_len < 1:

@@ -46,6 +46,7 @@ class JobSummary:
     wall_s: float = 0.0
     predicted_tokens_per_s: list[float] = field(default_factory=list)
     peak_bytes: dict[str, int] = field(default_factory=dict)  # measured, max over the plans run
+    interrupted: bool = False  # stopped at a block boundary on request (SIGINT / SIGTERM)
 
     @property
     def tokens_per_s(self) -> float:
@@ -95,6 +96,8 @@ def parse_line(line: str, lineno: int, tokenizer, defaults: Sampling = Sampling(
     if "id" not in obj:
         return {"line": lineno, "error": f"line {lineno}: missing \"id\""}
     rid = obj["id"]
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        return {"line": lineno, "error": f"line {lineno}: \"id\" must be a string or an integer, got {rid!r}"}
 
     def err(msg: str) -> dict:
         return {"id": rid, "error": msg}
@@ -238,8 +241,12 @@ def plan_requests(in_path: Path, plans, tokenizer, out: OutputFile, defaults: Sa
 
 
 def run_job(plans, open_engine: Callable, tokenizer, in_path: Path, out: OutputFile, *,
-            defaults: Sampling = Sampling(), show: bool = False) -> JobSummary:
-    """Run every line of in_path; `open_engine(plan)` gives a context-managed Engine for a plan."""
+            defaults: Sampling = Sampling(), show: bool = False,
+            should_stop: Callable[[], bool] = lambda: False) -> JobSummary:
+    """Run every line of in_path; `open_engine(plan)` gives a context-managed Engine for a plan.
+
+    should_stop is polled between blocks: when it says so, the job returns with the finished
+    blocks written (summary.interrupted set), and the engine's scratch files are removed."""
     summary = JobSummary()
     routed = plan_requests(in_path, plans, tokenizer, out, defaults, summary)
     total = sum(len(r) for r in routed)
@@ -247,11 +254,14 @@ def run_job(plans, open_engine: Callable, tokenizer, in_path: Path, out: OutputF
     bar = tqdm(total=total, unit="prompt", disable=not sys.stderr.isatty(), desc="generating")
     with open(in_path, "rb") as f:
         for plan, items in zip(plans, routed):
-            if not items:
+            if not items or summary.interrupted:
                 continue
             summary.predicted_tokens_per_s.append(plan.predictions["tokens_per_s"])
             with open_engine(plan) as engine:
                 for start in range(0, len(items), plan.block_size):
+                    if should_stop():
+                        summary.interrupted = True
+                        break
                     chunk = []
                     for offset, lineno in items[start:start + plan.block_size]:
                         f.seek(offset)

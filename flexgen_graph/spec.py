@@ -185,13 +185,29 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        """Strict: plan files and weight manifests are untrusted, so every field must have its type."""
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown ModelSpec fields: {sorted(unknown)}")
         d = dict(d)
-        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
-        return cls(**d)
+        eos = d.get("eos_token_ids", ())
+        if not isinstance(eos, (list, tuple)) or not all(_is_int(e) for e in eos):
+            raise ValueError(f"ModelSpec field eos_token_ids must be a list of integers, got {eos!r}")
+        d["eos_token_ids"] = tuple(eos)
+        for f in fields(cls):
+            if f.name in d and f.name != "eos_token_ids" and not _TYPE_CHECKS[f.type](d[f.name]):
+                raise ValueError(f"ModelSpec field {f.name} must be {f.type}, got {d[f.name]!r}")
+        spec = cls(**d)
+        if spec.family not in ("opt", "llama") or spec.dtype not in DTYPE_BYTES:
+            raise ValueError(f"ModelSpec: unknown family {spec.family!r} or dtype {spec.dtype!r}")
+        for name in ("num_layers", "hidden", "num_heads", "num_kv_heads", "head_dim", "ffn", "vocab", "max_positions"):
+            if getattr(spec, name) < 1:
+                raise ValueError(f"ModelSpec field {name} must be >= 1, got {getattr(spec, name)}")
+        if spec.num_heads % spec.num_kv_heads:
+            raise ValueError(f"ModelSpec: num_heads {spec.num_heads} is not a multiple of num_kv_heads "
+                             f"{spec.num_kv_heads}")
+        return spec
 
     def fingerprint(self) -> str:
         """Hash of the architecture (not the name): plans and weights must agree on it."""
@@ -206,6 +222,19 @@ class ModelSpec:
         d = self.to_dict()
         d["dtype"] = dtype
         return ModelSpec.from_dict(d)
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+_TYPE_CHECKS = {
+    "str": lambda v: isinstance(v, str),
+    "int": _is_int,
+    "float": lambda v: type(v) in (int, float) and v == v,
+    "bool": lambda v: isinstance(v, bool),
+    "int | None": lambda v: v is None or _is_int(v),
+}
 
 
 def _eos_tuple(eos: Any) -> tuple[int, ...]:

@@ -43,6 +43,9 @@ class HardwareProfile:
     compute_op_overhead_s: float  # fixed cost per compute op (launches, Python dispatch)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not isinstance(self.has_gpu, bool):
+            raise BadProfileError(f"profile name must be a string and has_gpu true/false, got {self.name!r}, "
+                                  f"{self.has_gpu!r}")
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name in ("name", "has_gpu"):

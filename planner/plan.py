@@ -111,6 +111,9 @@ def loads(data: bytes, name: str = "plan") -> Plan:
                               tuple(Op.from_list(o) for o in d["prefill"]),
                               tuple(Op.from_list(o) for o in d["decode"])),
         )
+        _check_predictions(plan.predictions)
+        if not isinstance(d["weights_source"], str):
+            raise ValueError(f"weights_source must be a string, got {d['weights_source']!r}")
     except (KeyError, TypeError, ValueError, BadProfileError) as e:
         raise BadPlanFileError(f"{name}: malformed field ({type(e).__name__}: {e})") from None
     if d.get("model_fingerprint") != spec.fingerprint():
@@ -119,6 +122,14 @@ def loads(data: bytes, name: str = "plan") -> Plan:
         raise BadPlanFileError(f"{name}: profile fingerprint does not match its hardware profile")
     _check_programs(plan, name)
     return plan
+
+
+def _check_predictions(pred: dict) -> None:
+    for key in ("tokens_per_s", "prefill_s", "decode_step_s", "total_s"):
+        if type(pred.get(key)) not in (int, float) or not pred[key] >= 0:
+            raise ValueError(f"predictions.{key} must be a non-negative number, got {pred.get(key)!r}")
+    if not isinstance(pred.get("binding", ""), str):
+        raise ValueError(f"predictions.binding must be a string, got {pred.get('binding')!r}")
 
 
 def _check_programs(plan: Plan, name: str) -> None:

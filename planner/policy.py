@@ -24,7 +24,7 @@ class Placement:
     def __post_init__(self) -> None:
         for name in ("gpu_frac", "cpu_frac", "disk_frac"):
             v = getattr(self, name)
-            if not (-FRAC_TOL <= v <= 1 + FRAC_TOL):
+            if type(v) not in (int, float) or not (-FRAC_TOL <= v <= 1 + FRAC_TOL):
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
         total = self.gpu_frac + self.cpu_frac + self.disk_frac
         if abs(total - 1.0) > 1e-4:
@@ -69,11 +69,21 @@ class Policy:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Policy":
+        """Strict: plan files are untrusted."""
+        for name in ("gpu_batch_size", "num_gpu_batches"):
+            if type(d[name]) is not int or d[name] < 1:
+                raise ValueError(f"policy {name} must be a positive integer, got {d[name]!r}")
+        for name in ("cpu_attention", "compress_weights", "compress_cache"):
+            if not isinstance(d[name], bool):
+                raise ValueError(f"policy {name} must be true or false, got {d[name]!r}")
+        for name in ("weights", "cache", "hidden"):
+            if not isinstance(d[name], list) or len(d[name]) != 3:
+                raise ValueError(f"policy {name} must be three fractions, got {d[name]!r}")
         return cls(
-            gpu_batch_size=int(d["gpu_batch_size"]), num_gpu_batches=int(d["num_gpu_batches"]),
+            gpu_batch_size=d["gpu_batch_size"], num_gpu_batches=d["num_gpu_batches"],
             weights=Placement(*d["weights"]), cache=Placement(*d["cache"]), hidden=Placement(*d["hidden"]),
-            cpu_attention=bool(d["cpu_attention"]), compress_weights=bool(d["compress_weights"]),
-            compress_cache=bool(d["compress_cache"]),
+            cpu_attention=d["cpu_attention"], compress_weights=d["compress_weights"],
+            compress_cache=d["compress_cache"],
         )
 
 

@@ -41,7 +41,7 @@ def scratch_bytes(plan: Plan) -> int:
 
 def check(plan: Plan, offload_dir: Path, device: str) -> None:
     peaks = plan.predictions["peak_bytes"]
-    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+    gib = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"  # noqa: E731
     host_need = peaks["cpu"] + (peaks["gpu"] if device == "cpu" else 0)  # the CPU backend's GPU tier is RAM
     ram = available_ram_bytes()
     if ram is not None and host_need > ram:
