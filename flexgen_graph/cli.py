@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 from flexgen_graph.catalog import DEFAULT_MODEL
@@ -26,7 +27,7 @@ EPILOG = """\
 models: a catalog id (e.g. facebook/opt-13b, meta-llama/Llama-2-7b-hf, HuggingFaceTB/SmolLM2-135M-Instruct),
         a local Hugging Face checkpoint folder, or a .gguf file.
 profiles: t4-flexgen, h100-pcie5, cpu-small, local (cpu-small's rates with this machine's RAM and disk),
-          or a JSON profile file.
+          auto (this machine, measured once by `flexgen-graph profile` and cached), or a JSON profile file.
 """
 
 
@@ -99,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(default: ~/.cache/flexgen-graph)")
     _add_compile_args(r, required=False)
 
+    pr = sub.add_parser("profile", help="measure this machine into a hardware profile (under a minute)")
+    pr.add_argument("-o", "--output", help="profile file to write (JSON; default: print it)")
+    pr.add_argument("--offload-dir", default=".", help="folder whose disk is measured (default: here)")
+
     i = sub.add_parser("inspect", help="show a plan's policy, predictions and memory peaks")
     i.add_argument("plan")
     i.add_argument("--json", action="store_true", help="machine-readable output")
@@ -106,8 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _profile(name: str, offload_dir: Path | None = None):
-    from planner.hardware import load_profile
+    from planner.hardware import load_profile, save_profile
 
+    if name == "auto":
+        # measure once, then reuse: a profile is a property of the machine, not of the job
+        from flexgen_graph.models import default_cache_dir
+
+        cached = default_cache_dir() / "profile.json"
+        if not cached.is_file():
+            from runtime.profiler import measure
+
+            print(f"measuring this machine (once; cached in {cached}) ...", file=sys.stderr)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            save_profile(measure(offload_dir or Path.cwd(), name="auto")[0], cached)
+        return load_profile(str(cached))
     if name != "local":
         return load_profile(name)
     from planner.hardware import BUILTIN_PROFILES
@@ -262,6 +279,22 @@ def _cached_plan(spec, args, workload, source: str, cache_dir: Path, max_block_s
     return plan
 
 
+def cmd_profile(args) -> int:
+    from planner.hardware import save_profile
+    from runtime.profiler import measure
+
+    t = time.perf_counter()
+    prof, notes = measure(Path(args.offload_dir), name=Path(args.output).stem if args.output else "measured")
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    if args.output:
+        save_profile(prof, args.output)
+        print(f"wrote {args.output} in {time.perf_counter() - t:.0f} s; use it with compile --profile {args.output}")
+    else:
+        print(json.dumps(prof.to_dict(), indent=2, sort_keys=True))
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from planner import plan as planfile
 
@@ -309,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     from flexgen_graph.errors import USER_ERRORS
 
     try:
-        return {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect}[args.cmd](args)
+        return {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect,
+                "profile": cmd_profile}[args.cmd](args)
     except USER_ERRORS as e:
         print(f"flexgen-graph {args.cmd}: {e}", file=sys.stderr)
         return EXIT_USAGE
