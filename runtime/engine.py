@@ -220,7 +220,7 @@ class Engine:
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: list[int] | None = None,
-                 sampling: list[Sampling] | None = None) -> list[Generation]:
+                 sampling: list[Sampling] | None = None, ignore_eos: bool = False) -> list[Generation]:
         """Generation for up to one block of prompts (shorter blocks are padded); greedy unless
         `sampling` gives a temperature for a prompt."""
         n = len(prompts)
@@ -239,7 +239,7 @@ class Engine:
         self._gens = generators(self._sampling, self.device)
         limits = torch.tensor(limits + [1] * len(filler))
         pad = self.spec.pad_token_id if self.spec.pad_token_id is not None else 0
-        eos = torch.tensor(self.spec.eos_token_ids or (-1,))
+        eos = torch.tensor((-1,) if ignore_eos or not self.spec.eos_token_ids else self.spec.eos_token_ids)
 
         p = self.prompt_len
         ids = torch.full((len(seqs), p), pad, dtype=torch.long)
