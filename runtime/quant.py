@@ -1,0 +1,201 @@
+"""Group-wise asymmetric min-max quantization (FlexGen's scheme) for weights and the KV cache.
+
+    >>> cfg = QuantConfig(bits=4, group_size=64)
+    >>> q = quantize(w, dim=-1, cfg=cfg)                      # w: [out, in], groups along `in`
+    >>> buf = torch.empty(compressed_nbytes(w.shape, -1, cfg), dtype=torch.uint8)
+    >>> pack_into(q, buf)                                     # one flat byte buffer per tensor
+    >>> dequantize(unpack_from(buf, w.shape, -1, cfg), out=slot)   # into a preallocated slot
+
+Scheme. Along `dim`, every `group_size` consecutive values form a group with a float16 minimum
+`mn` and a float16 step `scale`; a value is stored as the code q = clamp(round((x - mn) / scale),
+0, 2**bits - 1) and restored as x_hat = mn + q * scale (computed in float32). `mn` is the group's
+minimum rounded down to float16 and `scale` is (max - mn) / (2**bits - 1) rounded to float16 and
+widened by one float16 step where the rounding left the group's maximum uncovered, so every value
+lies in [mn, mn + levels * scale] and |x - x_hat| <= scale / 2 plus float32 rounding (the tests
+use scale / 2 + 8 * 2**-23 * (|mn| + levels * scale)). Quantizing a dequantized tensor again
+gives it back exactly (its values are on their own grid). Values must lie within float16's range
+(|x| <= 65504); there is no check, as a check would cost a host sync in the loop.
+
+Padding. When the size of `dim` is not a multiple of `group_size`, the last group is padded with
+copies of its last real value (never widening that group's range, unlike zeros); the padded codes
+are stored and dropped again on dequantization, so a round trip returns the original shape.
+
+Layout of one quantized tensor of `shape`, with R = numel / shape[dim] rows (the other dims, in
+their order) and G = ceil(shape[dim] / group_size) groups per row, as one flat uint8 buffer:
+    [0, 2RG)            scale  float16 [*rows, G]
+    [2RG, 4RG)          mn     float16 [*rows, G]
+    [4RG, 4RG + RGb)    data   uint8   [*rows, G, b], b = group_size * bits / 8
+where `rows` is `shape` without `dim` and a 4-bit byte holds value 2i in its low nibble and value
+2i + 1 in its high nibble. The buffer must start at an even byte offset (float16 views).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS = (4, 8)
+STAT_DTYPE = torch.float16  # per-group scale and minimum
+STAT_BYTES = 2
+
+
+class QuantError(ValueError):
+    """A quantization config, shape or buffer a caller supplied does not fit."""
+
+
+@dataclass(frozen=True, slots=True)
+class QuantConfig:
+    bits: int = 4
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise QuantError(f"QuantConfig.bits is {self.bits}, supported: {SUPPORTED_BITS}")
+        if self.group_size < 1 or self.group_size % self.codes_per_byte:
+            raise QuantError(f"QuantConfig.group_size is {self.group_size}: must be a positive multiple of "
+                             f"{self.codes_per_byte} (codes per byte at {self.bits} bits)")
+
+    @property
+    def codes_per_byte(self) -> int:
+        return 8 // self.bits
+
+    @property
+    def levels(self) -> int:
+        """The largest code (2**bits - 1)."""
+        return (1 << self.bits) - 1
+
+    @property
+    def group_bytes(self) -> int:
+        """Bytes of packed codes per group."""
+        return self.group_size // self.codes_per_byte
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class QTensor:
+    data: torch.Tensor  # uint8 [*rows, G, group_bytes]: packed codes
+    scale: torch.Tensor  # float16 [*rows, G]: step between codes
+    mn: torch.Tensor  # float16 [*rows, G]: value of code 0
+    shape: tuple[int, ...]  # the original tensor's shape
+    dim: int  # the grouped dim, non-negative
+    cfg: QuantConfig
+
+    @property
+    def nbytes(self) -> int:
+        return compressed_nbytes(self.shape, self.dim, self.cfg)
+
+
+def _geometry(shape: tuple[int, ...], dim: int, cfg: QuantConfig) -> tuple[int, tuple[int, ...], int, int]:
+    """(dim made non-negative, rows = shape without dim, size of dim, groups per row)."""
+    shape = tuple(int(s) for s in shape)
+    if not shape:
+        raise QuantError("cannot quantize a 0-dim tensor: it has no dim to group along")
+    if not -len(shape) <= dim < len(shape):
+        raise QuantError(f"dim {dim} is out of range for shape {shape}")
+    d = dim % len(shape)
+    n = shape[d]
+    return d, shape[:d] + shape[d + 1:], n, -(-n // cfg.group_size)
+
+
+def compressed_nbytes(shape: tuple[int, ...] | torch.Size, dim: int, cfg: QuantConfig) -> int:
+    """Exact bytes of a quantized tensor in its flat layout (scales + minimums + packed codes)."""
+    _, rows, _, groups = _geometry(tuple(shape), dim, cfg)
+    n_groups = math.prod(rows) * groups
+    return n_groups * (2 * STAT_BYTES + cfg.group_bytes)
+
+
+def _round_half_down(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> the largest float16 <= x."""
+    h = x.to(STAT_DTYPE)
+    return torch.where(h.float() > x, torch.nextafter(h, torch.full_like(h, -math.inf)), h)
+
+
+def _pack(codes: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """codes: [..., g] uint8 < 2**bits -> [..., g * bits / 8]; value i of a byte sits at bits [i*bits, (i+1)*bits)."""
+    c = codes.unflatten(-1, (-1, cfg.codes_per_byte))
+    out = c[..., 0].clone()
+    for i in range(1, cfg.codes_per_byte):  # over the values of one byte (at most 2), not over groups
+        out |= c[..., i] << (i * cfg.bits)
+    return out
+
+
+def _unpack(data: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    if cfg.codes_per_byte == 1:
+        return data
+    mask = cfg.levels
+    parts = [(data >> (i * cfg.bits)) & mask for i in range(cfg.codes_per_byte)]
+    return torch.stack(parts, -1).flatten(-2)
+
+
+def quantize(x: torch.Tensor, dim: int, cfg: QuantConfig) -> QTensor:
+    """Quantize x in groups of cfg.group_size along dim, on x's device."""
+    d, rows, n, groups = _geometry(tuple(x.shape), dim, cfg)
+    g, levels = cfg.group_size, cfg.levels
+    xf = x.movedim(d, -1).float()  # xf: [*rows, n]
+    pad = groups * g - n
+    if pad:
+        # replicate the last value: the padding stays inside the last group's range
+        xf = torch.cat([xf, xf[..., -1:].expand(*rows, pad)], -1)
+    xg = xf.reshape(*rows, groups, g)  # xg: [*rows, G, g]
+    lo, hi = torch.aminmax(xg, dim=-1)  # lo, hi: [*rows, G]
+    mn = _round_half_down(lo)
+    mn32 = mn.float()
+    scale = ((hi - mn32) / levels).to(STAT_DTYPE)
+    # nearest rounding may shrink the step so the top code falls short of the maximum: widen by one ulp
+    short = mn32 + scale.float() * levels < hi
+    scale = torch.where(short, torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
+    s32 = scale.float()
+    safe = torch.where(s32 > 0, s32, torch.ones_like(s32))  # a constant group has step 0: all codes 0
+    codes = ((xg - mn32[..., None]) / safe[..., None]).round_().clamp_(0, levels).to(torch.uint8)
+    return QTensor(_pack(codes, cfg), scale, mn, tuple(int(s) for s in x.shape), d, cfg)
+
+
+def dequantize(q: QTensor, out: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The tensor q stands for, of shape q.shape: written into `out` when given (its dtype wins over
+    `dtype`), else a new contiguous tensor of `dtype` on q's device. Arithmetic is float32."""
+    d, rows, n, groups = _geometry(q.shape, q.dim, q.cfg)
+    codes = _unpack(q.data, q.cfg).float()  # codes: [*rows, G, g]
+    x = torch.addcmul(q.mn.float()[..., None], codes, q.scale.float()[..., None])  # mn + code * scale
+    x = x.flatten(-2)[..., :n].movedim(-1, d)  # x: q.shape
+    if out is None:
+        return x.to(dtype).contiguous()
+    if tuple(out.shape) != q.shape:
+        raise QuantError(f"dequantize: out has shape {tuple(out.shape)}, the quantized tensor is {q.shape}")
+    return out.copy_(x)
+
+
+def fake_quantize(x: torch.Tensor, dim: int, cfg: QuantConfig) -> torch.Tensor:
+    """dequantize(quantize(x)) in x's dtype: what a consumer of the compressed tensor computes on."""
+    return dequantize(quantize(x, dim, cfg), dtype=x.dtype)
+
+
+def _check_buf(buf: torch.Tensor, nbytes: int, what: str) -> None:
+    if buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous():
+        raise QuantError(f"{what}: buffer must be a flat contiguous uint8 tensor, "
+                         f"got {buf.dtype} of shape {tuple(buf.shape)}")
+    if buf.numel() != nbytes:
+        raise QuantError(f"{what}: buffer holds {buf.numel()} bytes, the quantized tensor is {nbytes}")
+    if buf.storage_offset() % STAT_BYTES:
+        raise QuantError(f"{what}: buffer starts at odd byte offset {buf.storage_offset()}; "
+                         "the float16 scales need an even one")
+
+
+def pack_into(q: QTensor, buf: torch.Tensor) -> None:
+    """Copy q into buf, a flat uint8 buffer of exactly q.nbytes bytes (any device), in the module's layout."""
+    _check_buf(buf, q.nbytes, "pack_into")
+    ng = q.scale.numel()
+    buf[:ng * STAT_BYTES].view(STAT_DTYPE).copy_(q.scale.reshape(-1))
+    buf[ng * STAT_BYTES:2 * ng * STAT_BYTES].view(STAT_DTYPE).copy_(q.mn.reshape(-1))
+    buf[2 * ng * STAT_BYTES:].copy_(q.data.reshape(-1))
+
+
+def unpack_from(buf: torch.Tensor, shape: tuple[int, ...] | torch.Size, dim: int, cfg: QuantConfig) -> QTensor:
+    """A QTensor whose fields are views into buf (no copies), as pack_into laid it out."""
+    d, rows, _, groups = _geometry(tuple(shape), dim, cfg)
+    _check_buf(buf, compressed_nbytes(shape, dim, cfg), "unpack_from")
+    ng = math.prod(rows) * groups
+    scale = buf[:ng * STAT_BYTES].view(STAT_DTYPE).view(*rows, groups)
+    mn = buf[ng * STAT_BYTES:2 * ng * STAT_BYTES].view(STAT_DTYPE).view(*rows, groups)
+    data = buf[2 * ng * STAT_BYTES:].view(*rows, groups, cfg.group_bytes)
+    return QTensor(data, scale, mn, tuple(int(s) for s in shape), d, cfg)
