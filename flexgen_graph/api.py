@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from flexgen_graph.ir import Block, Workload
 from flexgen_graph.lower import lower
 from flexgen_graph.spec import ModelSpec
@@ -34,12 +32,13 @@ def compile_plan(spec: ModelSpec, profile: HardwareProfile, workload: Workload, 
     if spec.sliding_window is not None and workload.max_seq_len > spec.sliding_window:
         raise ValueError(f"prompt_len + gen_len = {workload.max_seq_len} exceeds {spec.name}'s sliding window "
                          f"{spec.sliding_window}, which the runtime does not implement")
+    fixed = dict(fixed or {})
+    if cpu_attention is not None:
+        fixed["cpu_attention"] = cpu_attention
     result = search(lambda block: lower(spec, workload, block), profile, workload,
                     gpu_batch_size=gpu_batch_size, num_gpu_batches=num_gpu_batches, fixed=fixed,
-                    max_block_size=max_block_size)
+                    max_block_size=max_block_size, spec=spec)
     pol = result.policy
-    if cpu_attention is not None and pol.cpu_attention != cpu_attention:
-        pol = dataclasses.replace(pol, cpu_attention=cpu_attention)
     graph = lower(spec, workload, Block(pol.gpu_batch_size, pol.num_gpu_batches))
     return Plan(spec=spec, profile=profile, workload=workload, weights_source=weights_source, policy=pol,
                 predictions=result.predictions.to_dict(), programs=emit_programs(graph, pol))

@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show a plan's policy, predictions and memory peaks")
     i.add_argument("plan")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--plot", metavar="FILE.png", help="draw one decode step: the streams over time and the memory "
+                                                      "of each tier (needs matplotlib: pip install 'flexgen-graph[plot]')")
     return ap
 
 
@@ -296,45 +298,21 @@ def cmd_profile(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    from flexgen_graph.inspect import describe, describe_text, plot
     from planner import plan as planfile
 
     plans = planfile.load_set(args.plan)
+    if args.plot:
+        for i, p in enumerate(plans):
+            path = Path(args.plot) if len(plans) == 1 else Path(args.plot).with_stem(f"{Path(args.plot).stem}-{i}")
+            plot(p, path)
+            print(f"wrote {path}", file=sys.stderr)
     if args.json:
-        print(json.dumps([_plan_info(p) for p in plans] if len(plans) > 1 else _plan_info(plans[0]),
-                         indent=2, sort_keys=True))
+        infos = [describe(p) for p in plans]
+        print(json.dumps(infos if len(infos) > 1 else infos[0], indent=2, sort_keys=True))
         return 0
-    for i, plan in enumerate(plans):
-        if i:
-            print()
-        _print_plan(plan)
+    print("\n\n".join(describe_text(p) for p in plans))
     return 0
-
-
-def _plan_info(plan) -> dict:
-    return {
-        "model": plan.spec.name, "dtype": plan.spec.dtype, "profile": plan.profile.name,
-        "workload": plan.workload.to_dict(), "weights_source": plan.weights_source, "policy": plan.policy.to_dict(),
-        "predictions": plan.predictions, "ops": {"prefill": len(plan.programs.prefill), "decode": len(plan.programs.decode)},
-        "buffers": len(plan.programs.buffers),
-    }
-
-
-def _print_plan(plan) -> None:
-    pol, pred = plan.policy, plan.predictions
-    fmt = lambda p: "/".join(f"{x:g}" for x in p.as_tuple())  # noqa: E731
-    print(f"model     {plan.spec.name} ({plan.spec.dtype}), weights {plan.weights_source or '(none recorded)'}")
-    print(f"profile   {plan.profile.name}")
-    print(f"workload  prompt {plan.workload.prompt_len}, gen {plan.workload.gen_len}")
-    print(f"block     {pol.gpu_batch_size} x {pol.num_gpu_batches} gpu batches = {plan.block_size} sequences")
-    flags = ", cpu attention" if pol.cpu_attention else ""
-    print(f"placement (gpu/cpu/disk) weights {fmt(pol.weights)}, cache {fmt(pol.cache)}, hidden {fmt(pol.hidden)}{flags}")
-    print(f"predicted {pred['tokens_per_s']:.2f} tokens/s; prefill {pred['prefill_s']:.3f} s, decode step "
-          f"{pred['decode_step_s']:.4f} s; bound by {pred.get('binding', '?')}")
-    caps = {"gpu": plan.profile.gpu_bytes, "cpu": plan.profile.cpu_bytes, "disk": plan.profile.disk_bytes}
-    for t in ("gpu", "cpu", "disk"):
-        print(f"peak {t:<4}  {pred['peak_bytes'][t] / 2**30:8.3f} GiB of {caps[t] / 2**30:.1f} GiB")
-    print(f"programs  prefill {len(plan.programs.prefill)} ops, decode {len(plan.programs.decode)} ops, "
-          f"{len(plan.programs.buffers)} buffers")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,9 +2,21 @@
 
 A step is one graph layer for all gpu batches of the block. Its traffic is linear in the placement
 fractions (FlexGen's model): the off-GPU fraction of a class crosses gpu<-cpu (loads) or cpu<-gpu
-(stores), and its disk fraction also crosses cpu<-disk or disk<-cpu. Three streams run
-concurrently (load: gpu<-cpu then cpu<-disk traffic, store: cpu<-gpu then disk<-cpu, compute),
-so a step costs the MAX of the streams' busy times, not their sum.
+(stores), and its disk fraction also crosses cpu<-disk or disk<-cpu. Four streams run
+concurrently (load: gpu<-cpu then cpu<-disk traffic; store: cpu<-gpu then disk<-cpu; compute;
+cpu: CPU attention), so a step costs the MAX of the streams' busy times, not their sum.
+
+Compute is a roofline per part: the matmuls against the weights they read (once per gpu batch),
+attention against the cache it reads, plus a fixed cost per op. Flags:
+- cpu_attention: in decode, cache homed on the CPU is attended there (FlexGen's delegation): it
+  never crosses a link; the new token's q, k, v go to the host and the attention output comes
+  back; the CPU reads the cache at cpu_mem_bytes_per_s and does its FLOPs at
+  cpu_matmul_flops_per_s. The fraction delegated is the cache's CPU fraction, chosen by the LP.
+  On a machine without a GPU the "GPU" is the CPU: the CPU attention joins the compute stream at
+  the attention rate, and delegating saves only the copies into slots.
+- compress_weights / compress_cache: 4-bit groups (planner.memory): homes, slots and link bytes
+  at the compressed size; dequantization is modelled by memory bandwidth (read the compressed
+  bytes, write the full ones) on the device that computes, once per gpu batch.
 
     >>> from flexgen_graph.catalog import catalog_spec
     >>> from flexgen_graph.ir import Block, Tier, Workload
@@ -14,31 +26,38 @@ so a step costs the MAX of the streams' busy times, not their sum.
     >>> g = lower(catalog_spec("facebook/opt-125m"), Workload(32, 8), Block(4, 2))
     >>> on_gpu = Placement.all_on(Tier.GPU)
     >>> p = evaluate(g, load_profile("t4-flexgen"), Policy(4, 2, on_gpu, on_gpu, on_gpu))
-    >>> p.binding, p.peak_bytes["cpu"]
+    >>> p.binding, p.peak_bytes["disk"]
     ('compute', 0)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Mapping
 
 import networkx as nx
 
-from flexgen_graph.ir import TIERS, NodeKind, Phase, Tier
+from flexgen_graph.ir import TIERS, LayerKind, NodeKind, Phase, Tier
+from flexgen_graph.spec import ModelSpec
+from planner.figures import BlockFigures, LayerSums, figures_of
 from planner.hardware import HardwareProfile
-from planner.memory import peak_bytes
-from planner.policy import Policy
+from planner.memory import Compression, compression_of, needs_compression, peaks_of
+from planner.policy import Policy, assign_tiers
 
 CLASSES: tuple[str, ...] = ("weights", "cache", "hidden")  # Policy field names
+FLAG_NAMES: tuple[str, ...] = ("cpu_attention", "compress_weights", "compress_cache")  # Policy flag names
 # The cost terms of a step; "compute" first so that a tie names compute as binding.
-TERMS: tuple[str, ...] = ("compute", "gpu<-cpu link", "cpu<-disk link", "cpu<-gpu link", "disk<-cpu link")
+TERMS: tuple[str, ...] = ("compute", "cpu compute", "gpu<-cpu link", "cpu<-disk link", "cpu<-gpu link",
+                          "disk<-cpu link")
+# Delegated attention runs on the runtime's compute stream (one op per layer and gpu batch), so
+# its CPU time adds to the GPU compute of the step rather than overlapping it.
 STREAMS: dict[str, tuple[str, ...]] = {
-    "compute": ("compute",),
+    "compute": ("compute", "cpu compute"),
     "load": ("gpu<-cpu link", "cpu<-disk link"),
     "store": ("cpu<-gpu link", "disk<-cpu link"),
 }
 SIG_DIGITS = 6  # predictions are rounded so plans are byte-identical across runs
+DELEGATED = "cache.cpu"  # the fraction CPU attention applies to
 
 
 def frac_var(cls: str, tier: Tier) -> str:
@@ -54,6 +73,25 @@ def sig(x: float, digits: int = SIG_DIGITS) -> float:
 
 
 @dataclass(frozen=True, slots=True)
+class Flags:
+    """The policy switches that change what the cost and memory models count."""
+
+    cpu_attention: bool = False
+    compress_weights: bool = False
+    compress_cache: bool = False
+
+    @classmethod
+    def of(cls, policy: Policy) -> "Flags":
+        return cls(policy.cpu_attention, policy.compress_weights, policy.compress_cache)
+
+    def on(self) -> tuple[str, ...]:
+        return tuple(n for n in FLAG_NAMES if getattr(self, n))
+
+    def as_dict(self) -> dict[str, bool]:
+        return {n: getattr(self, n) for n in FLAG_NAMES}
+
+
+@dataclass(frozen=True, slots=True)
 class Linear:
     """const + sum(coef * fraction); fractions are named by `frac_var`."""
 
@@ -66,7 +104,8 @@ class Linear:
 
 @dataclass(frozen=True, slots=True)
 class LayerFigures:
-    """What one graph layer moves and computes in one step (all gpu batches of the block)."""
+    """What one graph layer moves and computes in one step (all gpu batches of the block). Link
+    bytes are as they cross (compressed when the flag is on); *_full_bytes as the compute reads them."""
 
     weight_bytes: float  # loaded once per step (shared by the gpu batches) when off the GPU
     cache_load_bytes: float
@@ -76,6 +115,10 @@ class LayerFigures:
     dense_flops: float  # at gpu_matmul_flops_per_s
     attn_flops: float  # at gpu_attn_flops_per_s (decode attention: the flops_per_ctx part)
     compute_ops: float = 0.0  # compute nodes (one per gpu batch)
+    weight_full_bytes: float = 0.0  # what the matmuls read, per gpu batch
+    cache_full_bytes: float = 0.0  # what attention reads (and prefill writes): the cache at this context
+    attn_to_cpu_bytes: float = 0.0  # CPU attention (decode, decoder layers): q, k, v of the new token
+    attn_to_gpu_bytes: float = 0.0  # CPU attention: the attention output
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +144,17 @@ class StepCost:
     def time_s(self, fracs: Mapping[str, float]) -> float:
         return max(self.stream_times(fracs).values())
 
+    def compute_bound_s(self) -> float:
+        """The least time of this step over every placement: its compute stream alone (GPU compute
+        plus delegated CPU attention, which depend on the delegated fraction only), minimized over
+        that fraction (a linear function: an end point)."""
+        a, c = self.terms[TERMS.index("compute")], self.terms[TERMS.index("cpu compute")]
+        for lin in (a, c):
+            assert all(v == DELEGATED for v, _ in lin.coefs), f"compute term depends on {lin.coefs}"
+        a0, a1 = a.const, sum(x for _, x in a.coefs)
+        c0, c1 = c.const, sum(x for _, x in c.coefs)
+        return min(a0 + c0, a0 + a1 + c0 + c1)
+
 
 @dataclass(frozen=True, slots=True)
 class Predictions:
@@ -112,13 +166,23 @@ class Predictions:
     total_s: float
     peak_bytes: dict[str, int]  # keyed by tier value: "gpu", "cpu", "disk"
     binding: str  # the term that binds most of the time: "compute", "gpu<-cpu link", ...
+    tight: tuple[str, ...] = ()  # tiers too full to take one more item of a class that is on a slower tier
+
+    @property
+    def binding_constraint(self) -> str:
+        """What limits throughput: compute, a link, or the capacity that pushes traffic onto the link."""
+        if self.binding in ("gpu<-cpu link", "cpu<-gpu link") and "gpu" in self.tight:
+            return "gpu capacity"
+        if self.binding in ("cpu<-disk link", "disk<-cpu link") and "cpu" in self.tight:
+            return "cpu capacity"
+        return self.binding
 
     def to_dict(self) -> dict:
         return {
             "tokens_per_s": sig(self.tokens_per_s), "prefill_s": sig(self.prefill_s),
             "decode_step_s": sig(self.decode_step_s), "total_s": sig(self.total_s),
             "peak_bytes": {t.value: int(self.peak_bytes[t.value]) for t in TIERS},
-            "binding": self.binding,
+            "binding": self.binding, "tight": list(self.tight), "binding_constraint": self.binding_constraint,
         }
 
     @classmethod
@@ -127,89 +191,121 @@ class Predictions:
             tokens_per_s=sig(float(d["tokens_per_s"])), prefill_s=sig(float(d["prefill_s"])),
             decode_step_s=sig(float(d["decode_step_s"])), total_s=sig(float(d["total_s"])),
             peak_bytes={t.value: int(d["peak_bytes"][t.value]) for t in TIERS}, binding=str(d["binding"]),
+            tight=tuple(str(t) for t in d.get("tight", ())),
         )
 
 
-_FIGURE_NAMES = tuple(f.name for f in fields(LayerFigures))
-
-
-def decode_ctx(g: nx.DiGraph) -> float:
+def decode_ctx(g: "nx.DiGraph | BlockFigures") -> float:
     """Average context length over the decode steps (FlexGen evaluates one step there)."""
+    if isinstance(g, BlockFigures):
+        return g.prompt_len + g.gen_len / 2
     return g.graph["prompt_len"] + g.graph["gen_len"] / 2
 
 
-def layer_figures(g: nx.DiGraph, ctx: float) -> dict[Phase, list[LayerFigures]]:
-    """Per phase, per graph layer, summed from the nodes (one pass); decode figures at context ctx."""
-    acc: dict[tuple[Phase, int], dict[str, float]] = {}
-    for key, data in g.nodes(data=True):
-        n = data["node"]
-        f = acc.get((key.phase, key.layer))
-        if f is None:
-            f = acc[(key.phase, key.layer)] = dict.fromkeys(_FIGURE_NAMES, 0.0)
-        at = ctx if key.phase is Phase.DECODE else 0.0  # prefill nodes carry absolute figures
-        kind = key.kind
-        if kind is NodeKind.COMPUTE:
-            f["dense_flops"] += n.flops
-            f["attn_flops"] += n.flops_per_ctx * at
-            f["compute_ops"] += 1
-        else:
-            f[_BYTES_FIGURE[kind]] += n.bytes + n.bytes_per_ctx * at
-    return {ph: [LayerFigures(**acc[(ph, j)]) for j in sorted(j for p, j in acc if p is ph)]
-            for ph in (Phase.PREFILL, Phase.DECODE)}
+def layer_figures(figs: BlockFigures, ctx: float, flags: Flags = Flags(),
+                  comp: Compression | None = None) -> dict[Phase, list[LayerFigures]]:
+    """Per phase, per graph layer, the step figures; decode at context ctx."""
+    nb = figs.num_gpu_batches
+    cw = flags.compress_weights and comp is not None
+    cc = flags.compress_cache and comp is not None
+    cache_ratio = comp.cache_row_compressed / comp.cache_row_bytes if cc else 1.0
+    out: dict[Phase, list[LayerFigures]] = {}
+    for phase in (Phase.PREFILL, Phase.DECODE):
+        at = ctx if phase is Phase.DECODE else 0.0  # prefill nodes carry absolute figures
+        memo: dict[tuple, LayerFigures] = {}  # layers alike are figured once
+        rows = []
+        for j, ls in enumerate(figs.phase(phase)):
+            moved_w = comp.weight_bytes[j] if cw else ls.weight_bytes
+            f = memo.get((ls, moved_w))
+            if f is None:
+                f = memo[(ls, moved_w)] = _figures(ls, phase, at, nb, moved_w, cache_ratio)
+            rows.append(f)
+        out[phase] = rows
+    return out
 
 
-_BYTES_FIGURE = {
-    NodeKind.LOAD_WEIGHT: "weight_bytes", NodeKind.LOAD_CACHE: "cache_load_bytes",
-    NodeKind.STORE_CACHE: "cache_store_bytes", NodeKind.LOAD_HIDDEN: "hidden_load_bytes",
-    NodeKind.STORE_HIDDEN: "hidden_store_bytes",
-}
+def _figures(ls: LayerSums, phase: Phase, at: float, nb: int, moved_w: int, cache_ratio: float) -> LayerFigures:
+    comp_sums = ls.of(NodeKind.COMPUTE)
+    cl, cs = nb * ls.of(NodeKind.LOAD_CACHE).bytes_at(at), nb * ls.of(NodeKind.STORE_CACHE).bytes_at(at)
+    hs = nb * ls.of(NodeKind.STORE_HIDDEN).bytes_at(at)
+    delegable = phase is Phase.DECODE and ls.kind is LayerKind.DECODER
+    return LayerFigures(
+        weight_bytes=float(moved_w), cache_load_bytes=cl * cache_ratio, cache_store_bytes=cs * cache_ratio,
+        hidden_load_bytes=nb * ls.of(NodeKind.LOAD_HIDDEN).bytes_at(at), hidden_store_bytes=hs,
+        dense_flops=float(nb * comp_sums.flops), attn_flops=nb * comp_sums.flops_per_ctx * at,
+        compute_ops=float(nb * comp_sums.count), weight_full_bytes=float(ls.weight_bytes), cache_full_bytes=cl + cs,
+        # q goes as wide as the hidden state; k and v as the new cache row (uncompressed)
+        attn_to_cpu_bytes=hs + cs if delegable else 0.0, attn_to_gpu_bytes=hs if delegable else 0.0,
+    )
 
 
 def _off_gpu(cls: str, nbytes: float, per_s: float) -> list[tuple[str, float]]:
     return [(frac_var(cls, Tier.CPU), nbytes / per_s), (frac_var(cls, Tier.DISK), nbytes / per_s)]
 
 
-def _on_disk(cls: str, nbytes: float, per_s: float) -> list[tuple[str, float]]:
-    return [(frac_var(cls, Tier.DISK), nbytes / per_s)]
+def _on(cls: str, tier: Tier, nbytes: float, per_s: float) -> list[tuple[str, float]]:
+    return [(frac_var(cls, tier), nbytes / per_s)]
 
 
-def compute_s(f: LayerFigures, hw: HardwareProfile, rows: int) -> float:
-    """Compute time of one layer step: a roofline of its matmul FLOPs (small matmuls cost as much
-    as matmul_min_rows rows) against the bytes it must read (weights once per gpu batch, the
-    cache), plus a fixed cost per op."""
-    flops_s = f.dense_flops * max(1.0, hw.matmul_min_rows / rows) / hw.gpu_matmul_flops_per_s \
-        + f.attn_flops / hw.gpu_attn_flops_per_s
-    read_bytes = f.compute_ops * f.weight_bytes + f.cache_load_bytes + f.cache_store_bytes
-    return max(flops_s, read_bytes / hw.gpu_mem_bytes_per_s) + f.compute_ops * hw.compute_op_overhead_s
+def compute_parts(f: LayerFigures, hw: HardwareProfile, rows: int, flags: Flags) -> tuple[float, float, float]:
+    """(GPU time without attention, GPU attention time, CPU attention time) of one layer step. Small
+    matmuls cost as much as matmul_min_rows rows."""
+    gpu_bw, cpu_bw = hw.gpu_mem_bytes_per_s, hw.cpu_mem_bytes_per_s
+    dense_s = f.dense_flops * max(1.0, hw.matmul_min_rows / rows) / hw.gpu_matmul_flops_per_s
+    base = max(dense_s, f.compute_ops * f.weight_full_bytes / gpu_bw) + f.compute_ops * hw.compute_op_overhead_s
+    if flags.compress_weights:
+        base += f.compute_ops * (f.weight_bytes + f.weight_full_bytes) / gpu_bw
+    dequant = f.cache_load_bytes + f.cache_full_bytes if flags.compress_cache else 0.0
+    attn_gpu = max(f.attn_flops / hw.gpu_attn_flops_per_s, f.cache_full_bytes / gpu_bw) + dequant / gpu_bw
+    # without a GPU, "GPU" attention already runs on the CPU cores: delegating only saves the copies
+    cpu_rate = hw.cpu_matmul_flops_per_s if hw.has_gpu else hw.gpu_attn_flops_per_s
+    attn_cpu = max(f.attn_flops / cpu_rate, f.cache_full_bytes / cpu_bw) + dequant / cpu_bw
+    return base, attn_gpu, attn_cpu
 
 
-def _terms(f: LayerFigures, hw: HardwareProfile, rows: int) -> tuple[Linear, ...]:
-    loads = (("weights", f.weight_bytes), ("cache", f.cache_load_bytes), ("hidden", f.hidden_load_bytes))
-    stores = (("cache", f.cache_store_bytes), ("hidden", f.hidden_store_bytes))
+def _lin(const: float, parts: list[tuple[str, float]]) -> Linear:
+    merged: dict[str, float] = {}
+    for v, c in parts:
+        if c:
+            merged[v] = merged.get(v, 0.0) + c
+    return Linear(const, tuple(sorted(merged.items())))
 
-    def lin(parts: list[tuple[str, float]]) -> Linear:
-        merged: dict[str, float] = {}
-        for v, c in parts:
-            if c:
-                merged[v] = merged.get(v, 0.0) + c
-        return Linear(0.0, tuple(sorted(merged.items())))
 
+def _terms(f: LayerFigures, hw: HardwareProfile, rows: int, flags: Flags) -> tuple[Linear, ...]:
+    delegate = flags.cpu_attention and f.attn_to_cpu_bytes > 0
+    base, attn_gpu, attn_cpu = compute_parts(f, hw, rows, flags)
+    ctog, dtoc = hw.gpu_from_cpu_bytes_per_s, hw.cpu_from_disk_bytes_per_s
+    gtoc, ctod = hw.cpu_from_gpu_bytes_per_s, hw.disk_from_cpu_bytes_per_s
+    cache_in = _on("cache", Tier.DISK, f.cache_load_bytes, ctog) + _on("cache", Tier.CPU, f.attn_to_gpu_bytes, ctog) \
+        if delegate else _off_gpu("cache", f.cache_load_bytes, ctog)
+    cache_out = _on("cache", Tier.DISK, f.cache_store_bytes, gtoc) + _on("cache", Tier.CPU, f.attn_to_cpu_bytes, gtoc) \
+        if delegate else _off_gpu("cache", f.cache_store_bytes, gtoc)
+    compute, cpu = [], []
+    if delegate:
+        compute.append((DELEGATED, -attn_gpu))
+        # without a GPU the CPU attention runs on the cores that do the rest of the compute
+        (cpu if hw.has_gpu else compute).append((DELEGATED, attn_cpu))
     by_name = {
-        "compute": Linear(compute_s(f, hw, rows)),
-        "gpu<-cpu link": lin([p for c, b in loads for p in _off_gpu(c, b, hw.gpu_from_cpu_bytes_per_s)]),
-        "cpu<-disk link": lin([p for c, b in loads for p in _on_disk(c, b, hw.cpu_from_disk_bytes_per_s)]),
-        "cpu<-gpu link": lin([p for c, b in stores for p in _off_gpu(c, b, hw.cpu_from_gpu_bytes_per_s)]),
-        "disk<-cpu link": lin([p for c, b in stores for p in _on_disk(c, b, hw.disk_from_cpu_bytes_per_s)]),
+        "compute": _lin(base + attn_gpu, compute),
+        "cpu compute": _lin(0.0, cpu),
+        "gpu<-cpu link": _lin(0.0, _off_gpu("weights", f.weight_bytes, ctog) + cache_in
+                              + _off_gpu("hidden", f.hidden_load_bytes, ctog)),
+        "cpu<-disk link": _lin(0.0, _on("weights", Tier.DISK, f.weight_bytes, dtoc)
+                               + _on("cache", Tier.DISK, f.cache_load_bytes, dtoc)
+                               + _on("hidden", Tier.DISK, f.hidden_load_bytes, dtoc)),
+        "cpu<-gpu link": _lin(0.0, cache_out + _off_gpu("hidden", f.hidden_store_bytes, gtoc)),
+        "disk<-cpu link": _lin(0.0, _on("cache", Tier.DISK, f.cache_store_bytes, ctod)
+                               + _on("hidden", Tier.DISK, f.hidden_store_bytes, ctod)),
     }
     return tuple(by_name[n] for n in TERMS)
 
 
-def _group(phase: Phase, figures: list[LayerFigures], profile: HardwareProfile,
-           rows: int) -> tuple[StepCost, ...]:
+def _group(phase: Phase, figures: list[LayerFigures], profile: HardwareProfile, rows: int,
+           flags: Flags) -> tuple[StepCost, ...]:
     groups: dict[LayerFigures, list[int]] = {}
     for j, f in enumerate(figures):
         groups.setdefault(f, []).append(j)
-    return tuple(StepCost(phase, tuple(layers), f, _terms(f, profile, rows)) for f, layers in groups.items())
+    return tuple(StepCost(phase, tuple(layers), f, _terms(f, profile, rows, flags)) for f, layers in groups.items())
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,20 +317,22 @@ class PhaseCosts:
     decode: tuple[StepCost, ...]
     gen_len: int
     block_size: int
+    flags: Flags = Flags()
 
     def compute_only_s(self) -> float:
         """Total time if no byte crossed a link: a lower bound on total_s for any placement."""
-        c = TERMS.index("compute")
-        return (sum(s.count * s.terms[c].const for s in self.prefill)
-                + (self.gen_len - 1) * sum(s.count * s.terms[c].const for s in self.decode))
+        return (sum(s.count * s.compute_bound_s() for s in self.prefill)
+                + (self.gen_len - 1) * sum(s.count * s.compute_bound_s() for s in self.decode))
 
 
-def phase_costs(g: nx.DiGraph, profile: HardwareProfile) -> PhaseCosts:
-    figs = layer_figures(g, decode_ctx(g))
-    b = g.graph["gpu_batch_size"]
-    return PhaseCosts(_group(Phase.PREFILL, figs[Phase.PREFILL], profile, b * g.graph["prompt_len"]),
-                      _group(Phase.DECODE, figs[Phase.DECODE], profile, b),
-                      g.graph["gen_len"], g.graph["gpu_batch_size"] * g.graph["num_gpu_batches"])
+def phase_costs(g: "nx.DiGraph | BlockFigures", profile: HardwareProfile, flags: Flags = Flags(),
+                comp: Compression | None = None) -> PhaseCosts:
+    figs = figures_of(g)
+    lf = layer_figures(figs, decode_ctx(figs), flags, comp)
+    b = figs.gpu_batch_size
+    return PhaseCosts(_group(Phase.PREFILL, lf[Phase.PREFILL], profile, b * figs.prompt_len, flags),
+                      _group(Phase.DECODE, lf[Phase.DECODE], profile, b, flags),
+                      figs.gen_len, figs.block_size, flags)
 
 
 def policy_fracs(policy: Policy) -> dict[str, float]:
@@ -245,32 +343,59 @@ def policy_fracs(policy: Policy) -> dict[str, float]:
     return out
 
 
-def _check_modelled(policy: Policy) -> None:
-    for flag in ("cpu_attention", "compress_weights", "compress_cache"):
-        if getattr(policy, flag):
-            raise NotImplementedError(f"the cost model does not model {flag}=True yet")
+def next_items(figs: BlockFigures, policy: Policy, comp: Compression | None) -> dict[tuple[str, Tier], int]:
+    """Per class, the stored size of the item that would move up next (homes are assigned in order, so
+    the first item off the GPU, and the first on disk), when there is one."""
+    shape = figs.shape
+    cw = policy.compress_weights and comp is not None
+    cache = comp.cache(shape.cache_bytes) if policy.compress_cache and comp is not None else shape.cache_bytes
+    n_cache = len(shape.decoder_layers) * shape.num_gpu_batches
+    sizes = {"weights": (list(shape.weight_bytes), list(comp.weight_bytes) if cw else list(shape.weight_bytes)),
+             "cache": ([shape.cache_bytes] * n_cache, [cache] * n_cache),
+             "hidden": ([shape.hidden_bytes] * shape.num_gpu_batches, [shape.hidden_bytes] * shape.num_gpu_batches)}
+    out = {}
+    for c, (raw, stored) in sizes.items():
+        tiers = assign_tiers(raw, getattr(policy, c))
+        for up, below in ((Tier.GPU, (Tier.CPU, Tier.DISK)), (Tier.CPU, (Tier.DISK,))):
+            first = next((i for i, t in enumerate(tiers) if t in below), None)
+            if first is not None:
+                out[(c, up)] = stored[first]
+    return out
 
 
-def evaluate(g: nx.DiGraph, profile: HardwareProfile, policy: Policy, *,
-             peaks: Mapping[Tier, int] | None = None, costs: PhaseCosts | None = None) -> Predictions:
+def tight_tiers(peaks: Mapping[Tier, int], profile: HardwareProfile, nxt: Mapping[tuple[str, Tier], int]) -> tuple[str, ...]:
+    """A tier is tight when the next item of some class waiting below it does not fit in its free bytes."""
+    caps = {Tier.GPU: profile.gpu_bytes, Tier.CPU: profile.cpu_bytes}
+    return tuple(t.value for t in (Tier.GPU, Tier.CPU)
+                 if any(n > caps[t] - peaks[t] for (_, up), n in nxt.items() if up is t))
+
+
+def evaluate(g: "nx.DiGraph | BlockFigures", profile: HardwareProfile, policy: Policy, *,
+             peaks: Mapping[Tier, int] | None = None, costs: PhaseCosts | None = None,
+             spec: ModelSpec | None = None, comp: Compression | None = None) -> Predictions:
     """Predicted times of a fixed policy on the block the graph was lowered for (no LP).
 
-    peaks / costs: planner.memory.peak_bytes(g, policy) and phase_costs(g, profile) when the
-    caller has them already.
+    peaks / costs / comp: planner.memory.peaks_of, phase_costs and compression_of(spec) when the
+    caller has them already; spec (or comp) is needed only for a policy that compresses.
     """
-    _check_modelled(policy)
+    figs = figures_of(g)
+    if comp is None and spec is not None:
+        comp = compression_of(spec)
+    needs_compression(policy, comp)
+    flags = Flags.of(policy)
     fracs = policy_fracs(policy)
-    c = costs if costs is not None else phase_costs(g, profile)
+    c = costs if costs is not None else phase_costs(figs, profile, flags, comp)
+    assert c.flags == flags, f"costs for {c.flags} used for a policy with {flags}"
     prefill_s = sum(s.count * s.time_s(fracs) for s in c.prefill)
     decode_step_s = sum(s.count * s.time_s(fracs) for s in c.decode)
     total_s = prefill_s + (c.gen_len - 1) * decode_step_s
     tokens_per_s = c.block_size * c.gen_len / total_s if total_s > 0 else float("inf")
     if peaks is None:
-        peaks = peak_bytes(g, policy)
+        peaks = peaks_of(figs, policy, comp, pinned_staging=profile.has_gpu)
     return Predictions(
         tokens_per_s=sig(tokens_per_s), prefill_s=sig(prefill_s), decode_step_s=sig(decode_step_s),
         total_s=sig(total_s), peak_bytes={t.value: int(peaks[t]) for t in TIERS},
-        binding=binding_term(c, fracs),
+        binding=binding_term(c, fracs), tight=tight_tiers(peaks, profile, next_items(figs, policy, comp)),
     )
 
 
@@ -286,3 +411,4 @@ def binding_term(costs: PhaseCosts, fracs: Mapping[str, float]) -> str:
             top = max(STREAMS[slow], key=lambda name: terms[name])
             share[top] += weight * s.count * streams[slow]
     return max(TERMS, key=lambda name: share[name])
+

@@ -1,28 +1,113 @@
-"""Peak memory per tier of a policy: the buffers the runtime allocates plus the GPU workspace.
+"""Peak memory per tier of a policy: the buffers the runtime allocates plus the transients of the
+compute that runs, and the sizes of 4-bit compressed weights and cache.
 
-The runtime allocates exactly the buffer table (`schedule.build_buffers`), so this model and
-the runtime cannot drift apart; the workspace term is the largest transient of one compute.
+The runtime allocates exactly the buffer table (`schedule.build_buffers`, resized here for
+compression), so this model and the runtime cannot drift apart. Transients are those of one
+compute op at the longest context: attention scores and MLP intermediates of one gpu batch, the
+logits (the graph's work bytes), plus the dequantized copy of compressed weights / cache it reads.
+
+4-bit compression (FlexGen's scheme): group-wise asymmetric min-max, groups of `group_size`
+elements along the grouped dimension (a weight's input dimension, the cache's head dimension),
+two 4-bit values per byte and per group a float16 scale and a float16 minimum. A dimension that is
+not a multiple of the group size is padded to one.
+
+    >>> compressed_bytes(4096)  # 4096 / 2 + 4 * 4096 / 64
+    2304
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from math import prod
+
 import networkx as nx
 
-from flexgen_graph.ir import TIERS, NodeKind, Phase, Tier
-from planner.policy import Policy
-from planner.program import Buffer
-from planner.schedule import build_buffers, graph_shape
+from flexgen_graph.ir import TIERS, LayerKind, NodeKind, Phase, Tier
+from flexgen_graph.spec import ALIGN_BYTES, ModelSpec
+from planner.figures import BlockFigures, figures_of
+from planner.hardware import HardwareProfile
+from planner.policy import Placement, Policy
+from planner.program import Buffer, BufferRole
+from planner.schedule import BufferPlan, GraphShape, build_buffers
+
+GROUP_SIZE = 64
+GROUP_META_BYTES = 4  # a float16 scale and a float16 minimum per group
 
 
-def workspace_bytes(g: nx.DiGraph) -> int:
-    """Largest transient activation of a single compute op, at the longest context."""
-    max_ctx = g.graph["prompt_len"] + g.graph["gen_len"]
-    best = 0
-    for key, data in g.nodes(data=True):
-        if key.kind is NodeKind.COMPUTE:
-            n = data["node"]
-            best = max(best, n.work_bytes_at(max_ctx if key.phase is Phase.DECODE else 0))
-    return best
+def compressed_bytes(n_elements: int, group_size: int = GROUP_SIZE) -> int:
+    """Bytes of n elements compressed as one run along the grouped dimension (padded to whole groups)."""
+    if n_elements < 0 or group_size < 2 or group_size % 2:
+        raise ValueError(f"compressed_bytes: n_elements {n_elements} must be >= 0 and group_size {group_size} "
+                         "even and >= 2")
+    groups = -(-n_elements // group_size)
+    return groups * (group_size // 2 + GROUP_META_BYTES)
+
+
+def compressed_tensor_bytes(shape: tuple[int, ...], group_size: int = GROUP_SIZE) -> int:
+    """A tensor grouped along its last dimension (a weight's input dim, the cache's head dim), row by row."""
+    return prod(shape[:-1]) * compressed_bytes(shape[-1], group_size)
+
+
+def compressed_layer_bytes(spec: ModelSpec, layer: int, group_size: int = GROUP_SIZE) -> int:
+    """A layer's flat buffer with its matrices compressed: vectors (norms, biases) stay in the model
+    dtype, as in FlexGen; every tensor starts ALIGN_BYTES-aligned, as in spec.layer_layout."""
+    off = 0
+    for ts in spec.layer_tensors(layer):
+        n = compressed_tensor_bytes(ts.shape, group_size) if len(ts.shape) >= 2 else ts.numel * spec.dtype_bytes
+        off += -(-n // ALIGN_BYTES) * ALIGN_BYTES
+    return off
+
+
+@dataclass(frozen=True, slots=True)
+class Compression:
+    """Compressed sizes of one model: per graph layer, and the cache's per-row ratio (exact: the
+    cache is a whole number of head_dim rows)."""
+
+    group_size: int
+    weight_bytes: tuple[int, ...]  # per graph layer, compressed
+    cache_row_bytes: int  # one head_dim row of k or v in the model dtype
+    cache_row_compressed: int
+
+    def cache(self, nbytes: int) -> int:
+        assert nbytes % self.cache_row_bytes == 0, f"{nbytes} cache bytes are not whole rows of {self.cache_row_bytes}"
+        return nbytes // self.cache_row_bytes * self.cache_row_compressed
+
+
+def compression_of(spec: ModelSpec, group_size: int = GROUP_SIZE) -> Compression:
+    return Compression(group_size, tuple(compressed_layer_bytes(spec, j, group_size) for j in range(spec.num_graph_layers)),
+                       spec.head_dim * spec.dtype_bytes, compressed_bytes(spec.head_dim, group_size))
+
+
+def needs_compression(policy: Policy, comp: Compression | None) -> None:
+    if (policy.compress_weights or policy.compress_cache) and comp is None:
+        raise ValueError("a policy with compress_weights or compress_cache needs the model spec "
+                         "(pass spec= so the compressed sizes can be computed)")
+
+
+# ---------------------------------------------------------------- buffers
+
+
+def sized_buffers(shape: GraphShape, policy: Policy, comp: Compression | None = None) -> BufferPlan:
+    """schedule.build_buffers, with compressed tensors' buffers at their compressed size. Homes are
+    assigned on the uncompressed sizes (fractions are of the uncompressed bytes, as in FlexGen), so
+    the buffer ids and the programs do not depend on compression."""
+    bp = build_buffers(shape, policy)
+    needs_compression(policy, comp)
+    if comp is None or not (policy.compress_weights or policy.compress_cache):
+        return bp
+    streamed = [comp.weight_bytes[j] for j, t in enumerate(bp.weight_tier) if t is not Tier.GPU]
+
+    def size(b: Buffer) -> int:
+        if policy.compress_weights and b.role is BufferRole.WEIGHT_HOME:
+            return comp.weight_bytes[b.layer]
+        if policy.compress_weights and b.role is BufferRole.WEIGHT_SLOT:
+            return max(streamed)
+        if policy.compress_cache and b.role in (BufferRole.CACHE_HOME, BufferRole.CACHE_SLOT):
+            return comp.cache(b.nbytes)
+        return b.nbytes
+
+    return dataclasses.replace(bp, buffers=tuple(dataclasses.replace(b, nbytes=size(b)) for b in bp.buffers))
 
 
 def buffer_bytes(buffers: tuple[Buffer, ...]) -> dict[Tier, int]:
@@ -32,7 +117,112 @@ def buffer_bytes(buffers: tuple[Buffer, ...]) -> dict[Tier, int]:
     return out
 
 
-def peak_bytes(g: nx.DiGraph, policy: Policy) -> dict[Tier, int]:
-    out = buffer_bytes(build_buffers(graph_shape(g), policy).buffers)
-    out[Tier.GPU] += workspace_bytes(g)
+def cache_slots_for_cpu_attention(shape: GraphShape) -> bool:
+    """Whether schedule.build_buffers gives CPU-homed cache GPU slots under cpu_attention (asked of it,
+    so the LP counts what the schedule allocates)."""
+    if not shape.decoder_layers:
+        return False
+    gpu, cpu = Placement.all_on(Tier.GPU), Placement.all_on(Tier.CPU)
+    one = dataclasses.replace(shape, num_gpu_batches=1)  # the rule does not depend on the block's size
+    bp = build_buffers(one, Policy(1, 1, gpu, cpu, gpu, cpu_attention=True))
+    return bool(bp.cache_slots)
+
+
+# ---------------------------------------------------------------- transients
+
+
+@dataclass(frozen=True, slots=True)
+class Transient:
+    """Bytes one compute op holds while it runs, beyond the buffer table."""
+
+    gpu: int
+    cpu: int  # CPU attention's scores and dequantized cache
+
+
+def compute_transient(work_bytes: int, full_weight_bytes: int, full_cache_bytes: int, policy: Policy,
+                      attends_on_cpu: bool) -> Transient:
+    """The one rule for a compute op's transients (the memory model at the longest context, the
+    verifier at every context). work_bytes: the graph's transient activations at the context.
+
+    A CPU-attended op is charged its whole work bytes on both tiers: the graph does not split the
+    attention's share from the MLP's, and an over-count keeps the prediction an upper bound."""
+    gpu = work_bytes + (full_weight_bytes if policy.compress_weights else 0)
+    dequant_cache = full_cache_bytes if policy.compress_cache else 0
+    if attends_on_cpu:
+        return Transient(gpu, work_bytes + dequant_cache)
+    return Transient(gpu + dequant_cache, 0)
+
+
+def layer_transients(figs: BlockFigures, policy: Policy, ctx: int, cpu_attended_layers: frozenset[int],
+                     gpu_attended_layers: frozenset[int]) -> Transient:
+    """The largest transients of any compute op of the block at context ctx (decode) and in prefill."""
+    cases = set()  # layers alike give one case (decoder layers are alike)
+    for phase in (Phase.PREFILL, Phase.DECODE):
+        decode = phase is Phase.DECODE
+        for j, ls in enumerate(figs.phase(phase)):
+            comp = ls.of(NodeKind.COMPUTE)
+            if not comp.count:
+                continue
+            modes = (False,)
+            if decode and ls.kind is LayerKind.DECODER:
+                modes = tuple(m for m, on in ((True, j in cpu_attended_layers), (False, j in gpu_attended_layers))
+                              if on)
+            work = comp.work_bytes_at(ctx if decode else 0)
+            cache = ls.of(NodeKind.LOAD_CACHE).bytes_per_ctx * ctx if decode else 0
+            cases.add((work, figs.shape.weight_bytes[j], cache, modes))
+    gpu = cpu = 0
+    for work, full_w, cache, modes in cases:
+        for on_cpu in modes:
+            t = compute_transient(work, full_w, cache, policy, on_cpu)
+            gpu, cpu = max(gpu, t.gpu), max(cpu, t.cpu)
+    return Transient(gpu, cpu)
+
+
+def staging_bytes(buffers: tuple[Buffer, ...]) -> int:
+    """Pinned host bytes the CUDA backend keeps for copies between disk (or the weight store) and the
+    GPU: one buffer per thread that makes them, as large as its largest copy. The main thread loads
+    GPU-homed weights at allocation; the load stream reads disk homes; the store stream writes them.
+    Whole homes bound each copy (a cache load reads at most the whole cache)."""
+    def largest(roles: tuple[BufferRole, ...], tier: Tier) -> int:
+        return max((b.nbytes for b in buffers if b.role in roles and b.tier is tier), default=0)
+
+    homes = (BufferRole.WEIGHT_HOME, BufferRole.CACHE_HOME, BufferRole.HIDDEN_HOME)
+    return largest((BufferRole.WEIGHT_HOME,), Tier.GPU) + largest(homes, Tier.DISK) + largest(homes[1:], Tier.DISK)
+
+
+def attends_on_cpu(policy: Policy, home: Tier) -> bool:
+    """CPU attention: decode attends cache homed on the CPU where it lives (it never crosses the link)."""
+    return policy.cpu_attention and home is Tier.CPU
+
+
+def peaks_of(figs: BlockFigures, policy: Policy, comp: Compression | None = None, *,
+             pinned_staging: bool = False) -> dict[Tier, int]:
+    """Peak bytes per tier of `policy` on the block `figs` describes; pinned_staging: the runtime's
+    backend keeps staging buffers (the CUDA backend: profiles with a GPU)."""
+    bp = sized_buffers(figs.shape, policy, comp)
+    out = buffer_bytes(bp.buffers)
+    if pinned_staging:
+        out[Tier.CPU] += staging_bytes(bp.buffers)
+    on_cpu = frozenset(j for (j, _), t in bp.cache_tier.items() if attends_on_cpu(policy, t))
+    on_gpu = frozenset(j for (j, _), t in bp.cache_tier.items() if not attends_on_cpu(policy, t))
+    t = layer_transients(figs, policy, figs.max_seq_len, on_cpu, on_gpu)
+    out[Tier.GPU] += t.gpu
+    out[Tier.CPU] += t.cpu
     return out
+
+
+def peak_bytes(g: "nx.DiGraph | BlockFigures", policy: Policy, spec: ModelSpec | None = None, *,
+               profile: "HardwareProfile | None" = None) -> dict[Tier, int]:
+    """Peak bytes per tier; spec is needed only for a policy that compresses; profile: the machine the
+    plan is for (a profile with a GPU adds the CUDA backend's pinned staging buffers)."""
+    return peaks_of(figures_of(g), policy, compression_of(spec) if spec is not None else None,
+                    pinned_staging=profile is not None and profile.has_gpu)
+
+
+def workspace_bytes(g: "nx.DiGraph | BlockFigures") -> int:
+    """Largest transient activation of a single compute op (uncompressed, GPU attention), at the
+    longest context."""
+    figs = figures_of(g)
+    every = frozenset(range(len(figs.decode)))
+    on_gpu = Placement.all_on(Tier.GPU)
+    return layer_transients(figs, Policy(1, 1, on_gpu, on_gpu, on_gpu), figs.max_seq_len, frozenset(), every).gpu

@@ -1,11 +1,13 @@
-"""Search: the block (gpu batch size x number of gpu batches) and placement with the best throughput.
+"""Search: the block (gpu batch size x number of gpu batches), flags and placement with the best throughput.
 
-One LP (planner.lp) per block; the best predicted tokens/s wins, ties go to the smaller GPU peak,
-then the smaller block. Two prunings skip blocks without lowering them: capacity needs only grow
-with either block dimension, so a block the LP proves infeasible rules out every block at least
-as large in both; and gpu batches are alike, so tokens/s at gpu batch size b is at most
-b * gen_len / (compute time of one gpu batch) whatever their number: once the best found reaches
-that bound, more gpu batches of size b cannot beat it (they could at most tie).
+One LP (planner.lp) per point (block, flags); the best predicted tokens/s wins, ties go to the
+smaller GPU peak, then the smaller CPU and disk peaks, the smaller block, the fewer flags. Nothing
+is lowered per point: the block figures come from planner.figures' two tiny lowerings. The search
+is a branch and bound: a point's tokens/s is at most block size x gen_len / (its time with no byte
+crossing a link), so points are tried in decreasing order of that bound and the search stops at the
+first bound that does not beat the best found (such a point could at most tie). Points whose
+transients or homes cannot fit whatever the placement, and points at least as large in both block
+dimensions as one the LP proved infeasible (with the same flags), are never solved.
 
     >>> from functools import partial
     >>> from flexgen_graph.catalog import catalog_spec
@@ -21,30 +23,37 @@ that bound, more gpu batches of size b cannot beat it (they could at most tie).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Collection, Sequence
 
 import networkx as nx
 
-from flexgen_graph.ir import Block, Tier, Workload
-from planner.cost import Predictions, phase_costs, sig
-from planner.errors import InfeasiblePlanError
+from flexgen_graph.ir import TIERS, Block, Tier, Workload
+from flexgen_graph.spec import ModelSpec
+from planner.cost import CLASSES, FLAG_NAMES, STREAMS, TERMS, Flags, PhaseCosts, Predictions, frac_var, \
+    phase_costs, sig
+from planner.errors import Fault, InfeasiblePlanError
+from planner.figures import BlockFigures, FigureModel
 from planner.hardware import HardwareProfile
-from planner.lp import Fault, FixedSpec, LpResult, diagnose, solve_block
-from planner.memory import workspace_bytes
+from planner.lp import FixedSpec, LpResult, MemoryFigures, diagnose, memory_figures, parse_fixed, solve_figures
+from planner.memory import compression_of, workspace_bytes
 from planner.policy import Policy
 
-__all__ = ["GPU_BATCH_SIZES", "NUM_GPU_BATCHES", "InfeasiblePlanError", "Predictions", "SearchResult", "search"]
+__all__ = ["DEFAULT_FLAGS", "GPU_BATCH_SIZES", "NUM_GPU_BATCHES", "InfeasiblePlanError", "Predictions",
+           "SearchResult", "search"]
 
 GPU_BATCH_SIZES: tuple[int, ...] = tuple(2**i for i in range(10))  # 1..512
 NUM_GPU_BATCHES: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+# what the runtime implements; compression is modelled but the runtime cannot replay it yet
+DEFAULT_FLAGS: tuple[str, ...] = ("cpu_attention",)
 
 
 @dataclass(frozen=True, slots=True)
 class SearchResult:
     policy: Policy
     predictions: Predictions
-    points_tried: int  # blocks lowered and checked (LP solved or policy evaluated)
+    points_tried: int  # points whose LP was solved or whose fixed policy was evaluated
 
     def to_dict(self) -> dict:
         return {"policy": self.policy.to_dict(), "predictions": self.predictions.to_dict(),
@@ -55,69 +64,149 @@ class SearchResult:
         return cls(Policy.from_dict(d["policy"]), Predictions.from_dict(d["predictions"]), int(d["points_tried"]))
 
 
-def _rank(r: LpResult) -> tuple[float, int, int, int]:
-    p = r.predictions
-    return (-p.tokens_per_s, p.peak_bytes[Tier.GPU.value], r.policy.gpu_batch_size * r.policy.num_gpu_batches,
-            r.policy.gpu_batch_size)
+@dataclass(frozen=True, slots=True)
+class _Point:
+    block: Block
+    flags: Flags
+    bound_tps: float  # no placement of this point beats it
+    costs: PhaseCosts
+    mem: MemoryFigures
+
+    def order(self) -> tuple:
+        return (-self.bound_tps, self.block.size, self.block.gpu_batch_size, len(self.flags.on()), self.flags.on())
+
+
+def _least_cost(cost: dict[str, float], size: dict[str, int], room: float) -> float:
+    """min sum(cost[c] * x[c]) subject to sum((1 - x[c]) * size[c]) <= room, 0 <= x <= 1: what must leave a
+    tier of `room` bytes (a fractional knapsack: the densest classes stay)."""
+    total = 0.0
+    for c in sorted(cost, key=lambda c: -cost[c] / size[c] if size[c] else 0.0):
+        keep = min(1.0, max(room, 0.0) / size[c]) if size[c] else 1.0
+        room -= keep * size[c]
+        total += cost[c] * (1.0 - keep)
+    return total
+
+
+def time_bound_s(costs: PhaseCosts, mem: MemoryFigures, profile: HardwareProfile, min_workspace: int) -> float:
+    """A lower bound on the total time of any placement of a point: the compute streams alone, and in
+    decode each link stream alone, with only the capacities of the tiers above it (slots ignored)."""
+    pre = sum(s.count * s.compute_bound_s() for s in costs.prefill)
+    dec = [sum(s.count * s.compute_bound_s() for s in costs.decode)]
+    room = {Tier.GPU: profile.gpu_bytes - min_workspace, Tier.CPU: profile.gpu_bytes + profile.cpu_bytes - min_workspace}
+    for stream in ("load", "store"):
+        lb = 0.0
+        for term in STREAMS[stream]:
+            coefs: dict[str, float] = {}
+            for s in costs.decode:
+                for v, x in s.terms[TERMS.index(term)].coefs:
+                    coefs[v] = coefs.get(v, 0.0) + s.count * x
+            # bytes must cross gpu<->cpu when off the GPU, cpu<->disk when on disk
+            above = Tier.GPU if term in ("gpu<-cpu link", "cpu<-gpu link") else Tier.CPU
+            lower = (Tier.CPU, Tier.DISK) if above is Tier.GPU else (Tier.DISK,)
+            cost = {c: min(coefs.get(frac_var(c, t), 0.0) for t in lower) for c in CLASSES}
+            lb += _least_cost(cost, mem.total_bytes, room[above])
+        dec.append(lb)
+    return pre + (costs.gen_len - 1) * max(dec)
+
+
+def _rank(r: LpResult) -> tuple:
+    p, pol = r.predictions, r.policy
+    return (-p.tokens_per_s, *(p.peak_bytes[t.value] for t in TIERS), pol.gpu_batch_size * pol.num_gpu_batches,
+            pol.gpu_batch_size, len(Flags.of(pol).on()), Flags.of(pol).on())
+
+
+def _options(v: int | Sequence[int] | None, default: tuple[int, ...]) -> tuple[int, ...]:
+    if v is None:
+        return default
+    return (v,) if isinstance(v, int) else tuple(v)
+
+
+def flag_sets(allowed: Collection[str], forced: dict[str, bool]) -> list[Flags]:
+    """Every combination of the allowed flags (fewest first), with forced flags as given."""
+    unknown = set(allowed) - set(FLAG_NAMES)
+    if unknown:
+        raise ValueError(f"unknown flags {sorted(unknown)}: expected some of {FLAG_NAMES}")
+    free = [f for f in FLAG_NAMES if f in allowed and f not in forced]
+    out = [Flags(**forced, **dict(zip(free, on))) for on in itertools.product((False, True), repeat=len(free))]
+    return sorted(out, key=lambda f: (len(f.on()), f.on()))
 
 
 def search(lower_fn: Callable[[Block], nx.DiGraph], profile: HardwareProfile, workload: Workload, *,
-           gpu_batch_size: int | None = None, num_gpu_batches: int | None = None,
-           fixed: FixedSpec | None = None, max_block_size: int | None = None) -> SearchResult:
-    """Best policy over gpu batch sizes 1..512 (powers of two) and 1..32 gpu batches, unless given.
+           gpu_batch_size: int | Sequence[int] | None = None, num_gpu_batches: int | Sequence[int] | None = None,
+           fixed: FixedSpec | None = None, max_block_size: int | None = None,
+           allowed_flags: Collection[str] = DEFAULT_FLAGS, spec: ModelSpec | None = None) -> SearchResult:
+    """Best policy over gpu batch sizes 1..512 (powers of two), 1..32 gpu batches and the allowed
+    flags, unless given (an int or a sequence of options).
 
     max_block_size caps gpu batch size x number of gpu batches (a job of 40 prompts gains nothing
-    from blocks of 512: the rest would be padding).
+    from blocks of 512: the rest would be padding); the smallest block is always tried.
 
-    lower_fn(block) must lower the model for `workload`. fixed: see planner.lp.solve_block; with
-    every class fixed, each block is only evaluated. Raises InfeasiblePlanError naming the tier,
-    its capacity and the smallest peak found when no block fits.
+    lower_fn(block) must lower the model for `workload`. fixed: see planner.lp.solve_block; a flag
+    in `fixed` is forced whether allowed or not; with every class fixed, each point is only
+    evaluated. spec: the model, needed when a compression flag may be on. Raises
+    InfeasiblePlanError naming the tier, its capacity and the smallest peak found when no point fits.
     """
-    sizes = GPU_BATCH_SIZES if gpu_batch_size is None else (gpu_batch_size,)
-    counts = NUM_GPU_BATCHES if num_gpu_batches is None else (num_gpu_batches,)
-    ruled_out: list[tuple[int, int]] = []  # blocks proven infeasible: larger ones are too
-    first_fail: tuple[Block, nx.DiGraph, Fault | None] | None = None
+    sizes, counts = _options(gpu_batch_size, GPU_BATCH_SIZES), _options(num_gpu_batches, NUM_GPU_BATCHES)
+    fracs, placements, forced = parse_fixed(fixed)
+    combos = flag_sets(allowed_flags, forced)
+    comp = None
+    if any(f.compress_weights or f.compress_cache for f in combos):
+        if spec is None:
+            raise ValueError("searching with compression needs the model spec (spec=)")
+        comp = compression_of(spec)
+    model = FigureModel.sample(lower_fn)
+    if (model.one.prompt_len, model.one.gen_len) != (workload.prompt_len, workload.gen_len):
+        raise ValueError(f"lower_fn lowered for prompt/gen {model.one.prompt_len}/{model.one.gen_len}, "
+                         f"not the workload's {workload.prompt_len}/{workload.gen_len}")
+    capacity = profile.gpu_bytes + profile.cpu_bytes + profile.disk_bytes
+
+    points: list[_Point] = []
+    fails: list[tuple[Block, BlockFigures, Flags, Fault | None]] = []
+    figures: dict[Block, BlockFigures] = {}
+    for b, n in itertools.product(sizes, counts):
+        if max_block_size is not None and b * n > max_block_size and (b, n) != (sizes[0], counts[0]):
+            continue
+        block = Block(b, n)
+        figs = figures[block] = model.at(block)
+        ws = workspace_bytes(figs)  # every placement and flag holds at least this on the GPU
+        for flags in combos:
+            mem = memory_figures(figs, flags, comp, pinned_staging=profile.has_gpu)
+            if ws > profile.gpu_bytes or ws + sum(mem.total_bytes.values()) > capacity:
+                fault = Fault(Tier.GPU, profile.gpu_bytes, ws) if ws > profile.gpu_bytes else None
+                fails.append((block, figs, flags, fault))
+                continue
+            costs = phase_costs(figs, profile, flags, comp)
+            least_s = time_bound_s(costs, mem, profile, ws)
+            bound = sig(costs.block_size * costs.gen_len / least_s) if least_s > 0 else float("inf")
+            points.append(_Point(block, flags, bound, costs, mem))
+
+    ruled_out: list[tuple[Flags, int, int]] = []  # proven infeasible: larger blocks are too
     best: LpResult | None = None
     tried = 0
-    for b in sizes:
-        bound = float("inf")  # tokens/s no block of gpu batch size b can exceed
-        for n in counts:
-            if any(b >= b0 and n >= n0 for b0, n0 in ruled_out):
-                continue
-            if max_block_size is not None and b * n > max_block_size and (b, n) != (sizes[0], counts[0]):
-                continue
-            if best is not None and sig(bound) <= best.predictions.tokens_per_s:
-                break
-            block = Block(b, n)
-            g = lower_fn(block)
-            if (g.graph["prompt_len"], g.graph["gen_len"]) != (workload.prompt_len, workload.gen_len):
-                raise ValueError(f"lower_fn lowered for prompt/gen {g.graph['prompt_len']}/{g.graph['gen_len']}, "
-                                 f"not the workload's {workload.prompt_len}/{workload.gen_len}")
-            tried += 1
-            costs = phase_costs(g, profile)
-            compute_s = costs.compute_only_s()
-            if compute_s > 0:
-                bound = costs.block_size * costs.gen_len / compute_s
-            ws = workspace_bytes(g)
-            if ws > profile.gpu_bytes:  # one compute's transients alone do not fit: no LP needed
-                r = LpResult("Infeasible", None, None, None, None, 0, Fault(Tier.GPU, profile.gpu_bytes, ws))
-            else:
-                r = solve_block(g, profile, fixed=fixed, diagnose_infeasible=False, costs=costs)
-            if not r.feasible:
-                if r.status == "Infeasible" and r.rounds <= 1:  # proven, not a rounding casualty
-                    ruled_out.append((b, n))
-                if first_fail is None:
-                    first_fail = (block, g, r.fault)
-                continue
-            if best is None or _rank(r) < _rank(best):
-                best = r
+    for p in sorted(points, key=_Point.order):
+        if best is not None and p.bound_tps <= best.predictions.tokens_per_s:
+            break  # sorted by bound: no later point can beat the best
+        b, n = p.block.gpu_batch_size, p.block.num_gpu_batches
+        if any(f == p.flags and b >= b0 and n >= n0 for f, b0, n0 in ruled_out):
+            continue
+        figs = figures[p.block]
+        tried += 1
+        r = solve_figures(figs, profile, p.flags, fracs=fracs, placements=placements, comp=comp, costs=p.costs,
+                          mem=p.mem, diagnose_infeasible=False)
+        if not r.feasible:
+            if r.status == "Infeasible" and r.rounds <= 1:  # proven, not a rounding casualty
+                ruled_out.append((p.flags, b, n))
+            fails.append((p.block, figs, p.flags, r.fault))
+            continue
+        if best is None or _rank(r) < _rank(best):
+            best = r
     if best is None:
-        if first_fail is None:
+        if not fails:
             raise InfeasiblePlanError(f"no block to try on {profile.name} (sizes {sizes}, counts {counts})")
-        block, g, fault = first_fail
-        fault = fault or diagnose(g, profile, fixed)
-        where = f"smallest block tried: gpu batch {block.gpu_batch_size} x {block.num_gpu_batches}, " \
-                f"{tried} blocks tried on {profile.name}"
+        block, figs, flags, fault = min(fails, key=lambda f: (f[0].size, f[0].gpu_batch_size, len(f[2].on())))
+        fault = fault or diagnose(figs, profile, {**placements, **fracs, **flags.as_dict()}, comp=comp)
+        where = f"smallest block tried: gpu batch {block.gpu_batch_size} x {block.num_gpu_batches}" \
+                f"{', flags ' + '+'.join(flags.on()) if flags.on() else ''}, {tried} points solved on {profile.name}"
         if fault is None:
             raise InfeasiblePlanError(f"no plan fits on {profile.name}: the solver found no placement ({where})")
         raise fault.error(where)

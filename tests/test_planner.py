@@ -15,12 +15,15 @@ from flexgen_graph.catalog import catalog_spec
 from flexgen_graph.ir import TIERS, Block, NodeKind, Phase, Tier, Workload
 from flexgen_graph.lower import lower
 from flexgen_graph.spec import spec_from_config
-from planner.cost import Predictions, decode_ctx, evaluate, phase_costs
+from planner.cost import TERMS, Flags, Predictions, decode_ctx, evaluate, phase_costs
 from planner.errors import InfeasiblePlanError
+from planner.figures import FigureModel, block_figures
 from planner.hardware import HardwareProfile, load_profile
 from planner.lp import memory_figures, solve_block
-from planner.memory import peak_bytes
-from planner.policy import Placement, Policy
+from planner.memory import compressed_bytes, compressed_layer_bytes, compressed_tensor_bytes, compression_of, \
+    peak_bytes
+from planner.policy import Placement, Policy, assign_tiers
+from planner.schedule import build_buffers, graph_shape
 from planner.search import SearchResult, search
 
 GPU, CPU, DISK = (Placement.all_on(t) for t in TIERS)
@@ -42,18 +45,19 @@ def tiny_spec(family: str = "opt", layers: int = 2, heads: int = 2, head_dim: in
     return spec_from_config(cfg, name=f"tiny-{family}", dtype=dtype)
 
 
-def toy_profile(gpu: int = 1 << 40, cpu: int = 1 << 40, disk: int = 1 << 40, **rates) -> HardwareProfile:
+def toy_profile(gpu: int = 1 << 40, cpu: int = 1 << 40, disk: int = 1 << 40, has_gpu: bool = True,
+                **rates) -> HardwareProfile:
     base = dict(gpu_from_cpu_bytes_per_s=1e9, cpu_from_gpu_bytes_per_s=5e8, cpu_from_disk_bytes_per_s=1e8,
                 disk_from_cpu_bytes_per_s=5e7, gpu_matmul_flops_per_s=1e9, gpu_attn_flops_per_s=1e8,
                 gpu_mem_bytes_per_s=1e15, matmul_min_rows=1, compute_op_overhead_s=0.0,
                 cpu_matmul_flops_per_s=1e8, cpu_mem_bytes_per_s=1e9)
     base.update(rates)
-    return HardwareProfile(name="toy", has_gpu=True, gpu_bytes=gpu, cpu_bytes=cpu, disk_bytes=disk, **base)
+    return HardwareProfile(name="toy", has_gpu=has_gpu, gpu_bytes=gpu, cpu_bytes=cpu, disk_bytes=disk, **base)
 
 
 def fits(g, policy: Policy, profile: HardwareProfile) -> bool:
     caps = {Tier.GPU: profile.gpu_bytes, Tier.CPU: profile.cpu_bytes, Tier.DISK: profile.disk_bytes}
-    peaks = peak_bytes(g, policy)
+    peaks = peak_bytes(g, policy, profile=profile)
     return all(peaks[t] <= caps[t] for t in TIERS)
 
 
@@ -109,7 +113,7 @@ def test_cost_model_by_hand(family):
     assert p.decode_step_s == pytest.approx(decode_s, rel=1e-5)
     assert p.total_s == pytest.approx(total_s, rel=1e-5)
     assert p.tokens_per_s == pytest.approx(BLOCK.size * WL.gen_len / total_s, rel=1e-5)
-    assert p.peak_bytes == {t.value: v for t, v in peak_bytes(g, pol).items()}
+    assert p.peak_bytes == {t.value: v for t, v in peak_bytes(g, pol, profile=hw).items()}
 
 
 def test_step_is_max_of_streams_not_sum():
@@ -138,7 +142,9 @@ def test_binding_names_compute_when_all_on_gpu():
     g = lower(tiny_spec(), WL, BLOCK)
     p = evaluate(g, toy_profile(), Policy(2, 2, GPU, GPU, GPU))
     assert p.binding == "compute"
-    assert p.peak_bytes["cpu"] == p.peak_bytes["disk"] == 0
+    # the CPU holds only the pinned buffer that stages the weights onto the GPU
+    assert p.peak_bytes["cpu"] == max(graph_shape(g).weight_bytes) and p.peak_bytes["disk"] == 0
+    assert evaluate(g, toy_profile(has_gpu=False), Policy(2, 2, GPU, GPU, GPU)).peak_bytes["cpu"] == 0
 
 
 def test_predictions_round_trip_msgpack():
@@ -190,12 +196,13 @@ def tiny_search(profile, spec=None, wl=WL, **kw) -> SearchResult:
 
 
 def test_huge_gpu_puts_everything_on_gpu():
-    r = tiny_search(toy_profile())
+    # without CPU attention (with it, the toy CPU attends part of the cache in parallel: see below)
+    r = tiny_search(toy_profile(), allowed_flags=())
     pol = r.policy
     assert (pol.weights, pol.cache, pol.hidden) == (GPU, GPU, GPU)
-    assert r.predictions.peak_bytes["cpu"] == r.predictions.peak_bytes["disk"] == 0
+    assert r.predictions.peak_bytes["disk"] == 0
     assert r.predictions.binding == "compute"
-    assert r.points_tried >= 6
+    assert r.points_tried >= 1  # every block ties: the branch and bound stops after the first
 
 
 def _tight_gpu(spec, wl, block) -> tuple[int, object]:
@@ -221,7 +228,7 @@ def test_small_gpu_and_cpu_push_weights_to_disk():
     spec = tiny_spec("llama", layers=4, heads=4, head_dim=8, kv_heads=2, ffn=128)
     gpu, mem = _tight_gpu(spec, WL, BLOCK)
     cpu = mem.total_bytes["weights"] // 8
-    hw = toy_profile(gpu=gpu, cpu=cpu)
+    hw = toy_profile(gpu=gpu, cpu=cpu, has_gpu=False)  # no pinned staging: the CPU holds homes only
     r = tiny_search(hw, spec, gpu_batch_size=2, num_gpu_batches=2)
     assert r.policy.weights.disk_frac > 0
     assert fits(lower(spec, WL, BLOCK), r.policy, hw)
@@ -274,7 +281,7 @@ def test_infeasible_names_the_disk_tier_when_the_model_fits_nowhere():
     small = mem.total_bytes["weights"] // 4
     gpu = mem.workspace_bytes + sum(mem.slot_bytes.values()) + small
     with pytest.raises(InfeasiblePlanError, match="disk tier") as e:
-        tiny_search(toy_profile(gpu=gpu, cpu=small, disk=small), spec)
+        tiny_search(toy_profile(gpu=gpu, cpu=small, disk=small, has_gpu=False), spec)
     assert e.value.tier is Tier.DISK and e.value.peak_bytes > small
 
 
@@ -330,7 +337,7 @@ def test_plans_fit_their_capacities(case):
         assert e.peak_bytes > e.capacity_bytes == caps[e.tier.value]
         return
     g = lower(spec, wl, block)
-    peaks = peak_bytes(g, r.policy)
+    peaks = peak_bytes(g, r.policy, profile=hw)
     assert {t.value: v for t, v in peaks.items()} == r.predictions.peak_bytes
     for t in TIERS:
         assert peaks[t] <= caps[t.value], f"{t.value}: {peaks[t]} > {caps[t.value]}"
@@ -349,3 +356,224 @@ def test_full_search_fits(case):
     g = lower(spec, wl, Block(r.policy.gpu_batch_size, r.policy.num_gpu_batches))
     assert fits(g, r.policy, hw)
     assert phase_costs(g, hw).block_size == r.policy.gpu_batch_size * r.policy.num_gpu_batches
+
+
+# ---------------------------------------------------------------- block figures without lowering per block
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_figures_of_any_block_follow_from_two_tiny_lowerings(family):
+    spec = tiny_spec(family, layers=3, kv_heads=1 if family == "llama" else None)
+    lower_fn = partial(lower, spec, WL)
+    model = FigureModel.sample(lower_fn)
+    for block in (Block(1, 1), Block(4, 1), Block(5, 3), Block(8, 4)):
+        assert model.at(block) == block_figures(lower_fn(block))
+
+
+# ---------------------------------------------------------------- CPU attention and compression, by hand
+
+
+def hand_cpu_attention_decode(g, ctx: float, pol: Policy, hw: HardwareProfile) -> list[dict[str, float]]:
+    """Decode streams per graph layer with CPU attention, from the nodes (toy profile: no roofline, no overhead)."""
+    w, c, h = pol.weights, pol.cache, pol.hidden
+    out = []
+    for j in range(1 + max(k.layer for k in g.nodes)):
+        nodes = [d["node"] for k, d in g.nodes(data=True) if k.phase is Phase.DECODE and k.layer == j]
+
+        def total(kind):
+            return sum(n.bytes + n.bytes_per_ctx * ctx for n in nodes if n.key.kind is kind)
+
+        wb, cl, cs = total(NodeKind.LOAD_WEIGHT), total(NodeKind.LOAD_CACHE), total(NodeKind.STORE_CACHE)
+        hl, hs = total(NodeKind.LOAD_HIDDEN), total(NodeKind.STORE_HIDDEN)
+        comp = [n for n in nodes if n.key.kind is NodeKind.COMPUTE]
+        dense = sum(n.flops for n in comp) / hw.gpu_matmul_flops_per_s
+        attn_flops = sum(n.flops_per_ctx * ctx for n in comp)
+        delegated = c.cpu_frac if cl else 0.0  # decoder layers only
+        # q (hidden-sized) and the new k, v go to the host; the attention output comes back
+        to_cpu, to_gpu = (hs + cs, hs) if cl else (0.0, 0.0)
+        out.append({
+            "load": ((1 - w.gpu_frac) * wb + c.disk_frac * cl + delegated * to_gpu + (1 - h.gpu_frac) * hl)
+            / hw.gpu_from_cpu_bytes_per_s
+            + (w.disk_frac * wb + c.disk_frac * cl + h.disk_frac * hl) / hw.cpu_from_disk_bytes_per_s,
+            "store": (c.disk_frac * cs + delegated * to_cpu + (1 - h.gpu_frac) * hs) / hw.cpu_from_gpu_bytes_per_s
+            + (c.disk_frac * cs + h.disk_frac * hs) / hw.disk_from_cpu_bytes_per_s,
+            # delegated attention runs on the compute stream: its CPU time adds to the GPU compute
+            "compute": dense + (1 - delegated) * attn_flops / hw.gpu_attn_flops_per_s
+            + delegated * max(attn_flops / hw.cpu_matmul_flops_per_s, (cl + cs) / hw.cpu_mem_bytes_per_s),
+        })
+    return out
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_cpu_attention_cost_by_hand(family):
+    spec = tiny_spec(family, kv_heads=1 if family == "llama" else None)
+    g = lower(spec, WL, BLOCK)
+    hw = toy_profile()
+    pol = Policy(2, 2, Placement(0.5, 0.5, 0.0), Placement(0.25, 0.5, 0.25), Placement(0.0, 1.0, 0.0),
+                 cpu_attention=True)
+    p = evaluate(g, hw, pol)
+    dec = hand_cpu_attention_decode(g, decode_ctx(g), pol, hw)
+    assert p.decode_step_s == pytest.approx(sum(max(s.values()) for s in dec), rel=1e-5)
+    # prefill does not change with the flag
+    assert p.prefill_s == evaluate(g, hw, dataclasses.replace(pol, cpu_attention=False)).prefill_s
+
+
+def test_cpu_attention_keeps_cpu_cache_off_the_link():
+    spec = tiny_spec("opt", layers=3)
+    g = lower(spec, WL, BLOCK)
+    hw = toy_profile(gpu_from_cpu_bytes_per_s=1e5, cpu_from_gpu_bytes_per_s=1e5)  # a slow link
+    on_cpu = Policy(2, 2, GPU, CPU, GPU)
+    slow, fast = evaluate(g, hw, on_cpu), evaluate(g, hw, dataclasses.replace(on_cpu, cpu_attention=True))
+    assert slow.binding == "gpu<-cpu link"
+    assert fast.decode_step_s < slow.decode_step_s / 5
+    # and the cache needs no GPU slots, only the CPU attention's transients on the CPU
+    shape_peaks, ca_peaks = peak_bytes(g, on_cpu), peak_bytes(g, dataclasses.replace(on_cpu, cpu_attention=True))
+    assert ca_peaks[Tier.GPU] < shape_peaks[Tier.GPU]
+    assert ca_peaks[Tier.CPU] > shape_peaks[Tier.CPU]
+
+
+def test_slow_gpu_attention_is_delegated_by_the_search():
+    # a GPU that attends 100x slower than the CPU: delegating the attention (on the compute
+    # stream, so CPU time adds to GPU time) wins
+    hw = toy_profile(gpu_attn_flops_per_s=1e6)
+    r = tiny_search(hw, gpu_batch_size=2, num_gpu_batches=2)
+    assert r.policy.cpu_attention and r.policy.cache.cpu_frac > 0
+    no_flag = tiny_search(hw, gpu_batch_size=2, num_gpu_batches=2, allowed_flags=())
+    assert r.predictions.tokens_per_s > no_flag.predictions.tokens_per_s
+    assert not no_flag.policy.cpu_attention
+
+
+def test_compressed_sizes_match_the_runtime_layout():
+    from runtime.quant import QuantConfig, compressed_nbytes
+
+    assert compressed_bytes(4096) == 4096 // 2 + 4 * 4096 // 64
+    for shape in [(64, 64), (10, 100), (3, 7, 65), (128,), (5, 1)]:
+        assert compressed_tensor_bytes(shape) == compressed_nbytes(shape, -1, QuantConfig(4, 64)), shape
+        assert compressed_tensor_bytes(shape, 32) == compressed_nbytes(shape, -1, QuantConfig(4, 32)), shape
+
+
+def test_compressed_layer_keeps_vectors_and_aligns_tensors():
+    spec = tiny_spec("opt", heads=8, head_dim=8, ffn=128, dtype="float16")  # hidden 64
+    by_hand = 0
+    for ts in spec.layer_tensors(1):
+        n = len(ts.shape) == 2 and ts.shape[0] * (ts.shape[1] // 2 + 4 * ts.shape[1] // 64) or ts.numel * 2
+        by_hand += -(-n // 64) * 64
+    assert compressed_layer_bytes(spec, 1) == by_hand < spec.layer_bytes(1) / 3
+
+
+def test_compressed_policies_count_compressed_homes_and_links():
+    spec = tiny_spec("llama", heads=2, head_dim=64, kv_heads=1, ffn=256, dtype="float16")
+    g = lower(spec, WL, BLOCK)
+    comp = compression_of(spec)
+    hw = toy_profile()
+    plain = Policy(2, 2, CPU, CPU, GPU)
+    both = dataclasses.replace(plain, compress_weights=True, compress_cache=True)
+    with pytest.raises(ValueError, match="spec"):
+        evaluate(g, hw, both)  # compressed sizes need the model
+    shape = graph_shape(g)
+    n_cache = spec.num_layers * 2
+    assert peak_bytes(g, plain)[Tier.CPU] == sum(shape.weight_bytes) + n_cache * shape.cache_bytes
+    assert peak_bytes(g, both, spec)[Tier.CPU] == sum(comp.weight_bytes) + n_cache * comp.cache(shape.cache_bytes)
+    assert comp.cache(shape.cache_bytes) == shape.cache_bytes // 128 * 36  # 64 fp16 values -> 32 + 4 bytes
+    # the decoder layers' weights cross the link at their compressed size
+    a, b = phase_costs(g, hw), phase_costs(g, hw, Flags(compress_weights=True), comp)
+    link = TERMS.index("gpu<-cpu link")
+    pa = next(s for s in a.decode if 1 in s.layers).terms[link]
+    pb = next(s for s in b.decode if 1 in s.layers).terms[link]
+    wa, wb = dict(pa.coefs)["weights.cpu"], dict(pb.coefs)["weights.cpu"]
+    assert wb / wa == pytest.approx(comp.weight_bytes[1] / shape.weight_bytes[1])
+    # dequantization costs compute time: reading the compressed bytes and writing the full ones
+    ca = next(s for s in a.decode if 1 in s.layers).terms[0].const
+    cb = next(s for s in b.decode if 1 in s.layers).terms[0].const
+    assert cb > ca
+
+
+def test_search_turns_compression_on_only_when_allowed():
+    spec = tiny_spec("opt", layers=4, heads=4, head_dim=16, ffn=256, dtype="float16")
+    g = lower(spec, WL, BLOCK)
+    mem = memory_figures(g)
+    # the GPU holds about half the weights uncompressed: all of them compressed
+    gpu = mem.workspace_bytes + sum(mem.slot_bytes.values()) + mem.total_bytes["weights"] // 2
+    hw = toy_profile(gpu=gpu, gpu_from_cpu_bytes_per_s=1e6)
+    default = tiny_search(hw, spec, gpu_batch_size=2, num_gpu_batches=2)
+    assert not (default.policy.compress_weights or default.policy.compress_cache)
+    with pytest.raises(ValueError, match="spec"):
+        tiny_search(hw, spec, gpu_batch_size=2, num_gpu_batches=2, allowed_flags=("compress_weights",))
+    r = search(partial(lower, spec, WL), hw, WL, gpu_batch_size=2, num_gpu_batches=2,
+               allowed_flags=("compress_weights",), spec=spec)
+    assert r.policy.compress_weights and r.policy.weights == GPU
+    assert r.predictions.tokens_per_s > default.predictions.tokens_per_s
+    assert r.predictions.peak_bytes["gpu"] <= gpu
+
+
+def test_forced_flag_is_respected():
+    r = tiny_search(toy_profile(), fixed={"cpu_attention": True}, allowed_flags=(), gpu_batch_size=2,
+                    num_gpu_batches=2)
+    assert r.policy.cpu_attention
+    r = tiny_search(toy_profile(), fixed={"cpu_attention": False}, gpu_batch_size=2, num_gpu_batches=2)
+    assert not r.policy.cpu_attention
+    with pytest.raises(TypeError, match="bool"):
+        tiny_search(toy_profile(), fixed={"cpu_attention": 1})
+
+
+# ---------------------------------------------------------------- explaining the result
+
+
+def test_binding_constraint_tells_capacity_from_link_and_compute():
+    spec = tiny_spec("opt", layers=4, heads=4, head_dim=8, ffn=128)
+    gpu, _ = _tight_gpu(spec, WL, BLOCK)
+    slow_link = dict(gpu_from_cpu_bytes_per_s=1e6)
+    tight = tiny_search(toy_profile(gpu=gpu, **slow_link), spec, gpu_batch_size=2, num_gpu_batches=2, allowed_flags=())
+    assert tight.predictions.binding == "gpu<-cpu link" and "gpu" in tight.predictions.tight
+    assert tight.predictions.binding_constraint == "gpu capacity"
+    roomy = tiny_search(toy_profile(**slow_link), spec, gpu_batch_size=2, num_gpu_batches=2, allowed_flags=())
+    assert roomy.predictions.binding_constraint == "compute" and roomy.predictions.tight == ()
+    # weights forced off the GPU with room to spare: the link binds, not the capacity
+    forced = tiny_search(toy_profile(**slow_link), spec, gpu_batch_size=2, num_gpu_batches=2, allowed_flags=(),
+                         fixed={"weights": CPU})
+    assert forced.predictions.binding_constraint == "gpu<-cpu link"
+    assert Predictions.from_dict(tight.predictions.to_dict()) == tight.predictions
+
+
+def test_infeasible_forced_policy_names_tier_and_bytes_over():
+    with pytest.raises(InfeasiblePlanError) as e:
+        tiny_search(toy_profile(gpu=1 << 12), fixed={"weights": GPU, "cache": GPU, "hidden": GPU})
+    msg = str(e.value)
+    assert e.value.tier is Tier.GPU and f"{e.value.over_bytes} bytes over" in msg and "4096 bytes" in msg
+
+
+def test_gpu_profiles_count_the_cuda_backends_pinned_staging():
+    g = lower(tiny_spec("opt", layers=3), WL, BLOCK)
+    pol = Policy(2, 2, Placement(0.5, 0.0, 0.5), DISK, CPU)
+    gpu_box, cpu_box = toy_profile(), dataclasses.replace(toy_profile(), has_gpu=False)
+    with_staging, without = peak_bytes(g, pol, profile=gpu_box), peak_bytes(g, pol, profile=cpu_box)
+    shape = graph_shape(g)
+    tiers = assign_tiers(list(shape.weight_bytes), pol.weights)
+    gpu_w = max(b for b, t in zip(shape.weight_bytes, tiers) if t is Tier.GPU)
+    disk_w = max(b for b, t in zip(shape.weight_bytes, tiers) if t is Tier.DISK)
+    # loading GPU homes at allocation, reading disk homes (a weight layer), writing them (a cache)
+    assert with_staging[Tier.CPU] - without[Tier.CPU] == gpu_w + max(disk_w, shape.cache_bytes) + shape.cache_bytes
+    assert with_staging[Tier.GPU] == without[Tier.GPU] and with_staging[Tier.DISK] == without[Tier.DISK]
+    assert evaluate(g, gpu_box, pol).peak_bytes["cpu"] == with_staging[Tier.CPU]
+
+
+def test_compressing_a_narrow_cache_costs_bytes_and_is_not_chosen():
+    # head_dim 8 < the 64-value group: each row pads to a whole group (36 bytes for 8 fp32 values = 32)
+    spec = tiny_spec("llama", head_dim=8, kv_heads=1)
+    g = lower(spec, WL, BLOCK)
+    comp = compression_of(spec)
+    assert comp.cache(graph_shape(g).cache_bytes) > graph_shape(g).cache_bytes
+    r = search(partial(lower, spec, WL), toy_profile(), WL, gpu_batch_size=2, num_gpu_batches=2,
+               allowed_flags=("compress_cache",), spec=spec)
+    assert not r.policy.compress_cache
+
+
+def test_delegated_cache_with_a_forced_disk_share_still_gets_slots():
+    spec = tiny_spec("opt", layers=2)
+    r = tiny_search(toy_profile(), spec, gpu_batch_size=2, num_gpu_batches=2,
+                    fixed={"cache": Placement(0.0, 0.5, 0.5), "cpu_attention": True})
+    g = lower(spec, WL, BLOCK)
+    bp = build_buffers(graph_shape(g), r.policy)
+    assert bp.cache_slots  # the disk half streams through the GPU
+    assert {Tier.CPU, Tier.DISK} <= set(bp.cache_tier.values())
+    assert fits(g, r.policy, toy_profile())

@@ -1,0 +1,247 @@
+"""Describe a compiled plan: policy, predictions, what binds, per-tier peaks (predicted by the
+memory model and simulated by the verifier), and draw one decode step as a timeline of the
+streams with the memory of each tier over it.
+
+    >>> from flexgen_graph.api import compile_plan
+    >>> from flexgen_graph.catalog import catalog_spec
+    >>> from flexgen_graph.ir import Workload
+    >>> from planner.hardware import load_profile
+    >>> plan = compile_plan(catalog_spec("facebook/opt-125m"), load_profile("cpu-small"), Workload(16, 4))
+    >>> info = describe(plan)                      # a JSON-able dict
+    >>> info["binding_constraint"], info["hazards"]
+    ('compute', [])
+    >>> text = describe_text(plan)                 # what `flexgen-graph inspect` prints
+    >>> # plot(plan, "step.png")                   # needs matplotlib
+
+The timeline replays the decode program as the runtime would, op by op: each op starts when its
+stream is free and the ops it waits on are done, and lasts what the cost model gives it (its bytes
+over its link, its share of the layer's compute). A step's end is therefore a second estimate of the
+decode step time, next to the cost model's max-of-streams figure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flexgen_graph.ir import TIERS, Block, Phase, Tier
+from flexgen_graph.lower import lower
+from planner.cost import Flags, Predictions, compute_parts, layer_figures
+from planner.figures import block_figures
+from planner.memory import buffer_bytes, compression_of, staging_bytes
+from planner.plan import Plan
+from planner.program import OpKind
+from planner.verify import op_transients, simulate
+
+GIB = float(1 << 30)
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    op: int
+    kind: str
+    stream: str
+    start_s: float
+    end_s: float
+    label: str
+
+
+@dataclass(frozen=True, slots=True)
+class StepTimeline:
+    phase: Phase
+    ctx: int
+    spans: tuple[Span, ...]
+    memory: tuple[tuple[float, dict[Tier, int]], ...]  # (time, bytes per tier from then on)
+
+    @property
+    def end_s(self) -> float:
+        return max((s.end_s for s in self.spans), default=0.0)
+
+
+def _capacities(plan: Plan) -> dict[Tier, int]:
+    p = plan.profile
+    return {Tier.GPU: p.gpu_bytes, Tier.CPU: p.cpu_bytes, Tier.DISK: p.disk_bytes}
+
+
+def _graph(plan: Plan):
+    pol = plan.policy
+    return lower(plan.spec, plan.workload, Block(pol.gpu_batch_size, pol.num_gpu_batches))
+
+
+def step_timeline(plan: Plan, phase: Phase = Phase.DECODE, ctx: int | None = None, graph=None) -> StepTimeline:
+    """One run of the phase's program at context ctx (decode: the last step by default)."""
+    g = graph if graph is not None else _graph(plan)
+    wl, pol, hw = plan.workload, plan.policy, plan.profile
+    if ctx is None:
+        ctx = wl.prompt_len if phase is Phase.PREFILL else wl.max_seq_len - 1
+    flags = Flags.of(pol)
+    comp = compression_of(plan.spec) if flags.compress_weights or flags.compress_cache else None
+    figs = block_figures(g)
+    lf = layer_figures(figs, ctx, flags, comp)[phase]
+    nb = pol.num_gpu_batches
+    rows = pol.gpu_batch_size * (wl.prompt_len if phase is Phase.PREFILL else 1)
+    programs = plan.programs
+    program = programs.prefill if phase is Phase.PREFILL else programs.decode
+    bufs = programs.buffers
+
+    def link_s(nbytes: float, far: Tier, inbound: bool) -> float:
+        if far is Tier.GPU:
+            return 0.0
+        s = nbytes / (hw.gpu_from_cpu_bytes_per_s if inbound else hw.cpu_from_gpu_bytes_per_s)
+        if far is Tier.DISK:
+            s += nbytes / (hw.cpu_from_disk_bytes_per_s if inbound else hw.disk_from_cpu_bytes_per_s)
+        return s
+
+    def duration(op) -> float:
+        f = lf[op.layer]
+        if op.kind is OpKind.LOAD_WEIGHT:
+            return link_s(bufs[op.src].nbytes, bufs[op.src].tier, True)
+        if op.kind is OpKind.LOAD_CACHE:
+            return link_s(f.cache_load_bytes / nb, bufs[op.src].tier, True)
+        if op.kind is OpKind.LOAD_HIDDEN:
+            return link_s(f.hidden_load_bytes / nb, bufs[op.src].tier, True)
+        if op.kind is OpKind.STORE_CACHE:
+            return link_s(f.cache_store_bytes / nb, bufs[op.dst].tier, False)
+        if op.kind is OpKind.STORE_HIDDEN:
+            return link_s(f.hidden_store_bytes / nb, bufs[op.dst].tier, False)
+        base, attn_gpu, attn_cpu = compute_parts(f, hw, rows, flags)
+        on_cpu = phase is Phase.DECODE and op.cache >= 0 and bufs[op.cache].tier is Tier.CPU and pol.cpu_attention
+        return (base + (attn_cpu if on_cpu else attn_gpu)) / f.compute_ops if f.compute_ops else 0.0
+
+    free: dict[str, float] = {}
+    spans: list[Span] = []
+    for i, op in enumerate(program):
+        stream = op.stream.value
+        start = max([free.get(stream, 0.0)] + [spans[w].end_s for w in op.waits])
+        end = start + duration(op)
+        free[stream] = end
+        spans.append(Span(i, op.kind.value, stream, start, end, op.node))
+
+    static = buffer_bytes(bufs)
+    if hw.has_gpu:  # the CUDA backend's pinned staging buffers
+        static[Tier.CPU] += staging_bytes(bufs)
+    events = [(0.0, dict(static))]
+    for span, t in zip(spans, op_transients(programs, g, pol, phase, ctx)):
+        if t.gpu or t.cpu:
+            on = dict(static)
+            on[Tier.GPU] += t.gpu
+            on[Tier.CPU] += t.cpu
+            events += [(span.start_s, on), (span.end_s, dict(static))]
+    return StepTimeline(phase, ctx, tuple(spans), tuple(events))
+
+
+def describe(plan: Plan, *, with_simulation: bool = True) -> dict:
+    """A JSON-able description of a plan (what `inspect --json` prints)."""
+    pred = Predictions.from_dict(plan.predictions)
+    caps = _capacities(plan)
+    roles: dict[str, dict[str, int]] = {}
+    for b in plan.programs.buffers:
+        r = roles.setdefault(f"{b.role.value}@{b.tier.value}", {"count": 0, "bytes": 0})
+        r["count"] += 1
+        r["bytes"] += b.nbytes
+    ops = {}
+    for name, prog in (("prefill", plan.programs.prefill), ("decode", plan.programs.decode)):
+        kinds: dict[str, int] = {}
+        for op in prog:
+            kinds[op.kind.value] = kinds.get(op.kind.value, 0) + 1
+        ops[name] = dict(sorted(kinds.items()))
+    tiers = {t.value: {"capacity_bytes": caps[t], "predicted_peak_bytes": pred.peak_bytes[t.value]} for t in TIERS}
+    out = {
+        "model": plan.spec.name, "dtype": plan.spec.dtype, "profile": plan.profile.name,
+        "workload": plan.workload.to_dict(), "weights_source": plan.weights_source,
+        "policy": plan.policy.to_dict(), "block_size": plan.block_size, "predictions": pred.to_dict(),
+        "binding": pred.binding, "binding_constraint": pred.binding_constraint, "tight": list(pred.tight),
+        "tiers": tiers, "buffers": dict(sorted(roles.items())), "ops": ops,
+    }
+    if with_simulation:
+        g = _graph(plan)
+        sim = simulate(plan.programs, g, plan.policy, pinned_staging=plan.profile.has_gpu)
+        for t in TIERS:
+            tiers[t.value]["simulated_peak_bytes"] = sim.peaks[t]
+            tiers[t.value]["static_bytes"] = sim.static_bytes[t]
+        out["hazards"] = list(sim.hazards)
+        out["decode_step_replayed_s"] = step_timeline(plan, Phase.DECODE, plan.workload.prompt_len
+                                                      + plan.workload.gen_len // 2, graph=g).end_s
+    return out
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def describe_text(plan: Plan, *, with_simulation: bool = True) -> str:
+    d = describe(plan, with_simulation=with_simulation)
+    pol, pred = d["policy"], d["predictions"]
+    flags = [f for f in ("cpu_attention", "compress_weights", "compress_cache") if pol[f]]
+
+    def frac(v: list[float]) -> str:
+        return " / ".join(f"{x:.3g}" for x in v)
+
+    lines = [
+        f"model     {d['model']} ({d['dtype']}), weights {d['weights_source'] or '(none recorded)'}",
+        f"profile   {d['profile']}",
+        f"workload  prompt {d['workload']['prompt_len']}, generate {d['workload']['gen_len']}",
+        f"block     {pol['gpu_batch_size']} x {pol['num_gpu_batches']} gpu batches = {d['block_size']} sequences",
+        "placement gpu / cpu / disk",
+        f"  weights {frac(pol['weights'])}",
+        f"  cache   {frac(pol['cache'])}",
+        f"  hidden  {frac(pol['hidden'])}",
+        f"flags     {', '.join(flags) or 'none'}",
+        f"predicted {pred['tokens_per_s']:.4g} tokens/s; prefill {pred['prefill_s']:.4g} s, "
+        f"decode step {pred['decode_step_s']:.4g} s, total {pred['total_s']:.4g} s",
+        f"binding   {d['binding_constraint']} (slowest term: {d['binding']}; full tiers: {', '.join(d['tight']) or 'none'})",
+        "memory    tier   capacity      predicted peak" + ("   simulated peak" if with_simulation else ""),
+    ]
+    for t, v in d["tiers"].items():
+        row = f"          {t:<5}  {_gib(v['capacity_bytes']):>12}  {_gib(v['predicted_peak_bytes']):>14}"
+        if with_simulation:
+            row += f"  {_gib(v['simulated_peak_bytes']):>15}"
+        lines.append(row)
+    if with_simulation:
+        lines.append(f"replayed  decode step {d['decode_step_replayed_s']:.4g} s (ops scheduled on their streams)")
+        lines.append(f"hazards   {len(d['hazards'])}" + (f": {d['hazards'][0]}" if d["hazards"] else ""))
+    return "\n".join(lines)
+
+
+COLORS = {"load_weight": "tab:blue", "load_cache": "tab:orange", "load_hidden": "tab:gray",
+          "store_cache": "tab:orange", "store_hidden": "tab:gray", "embed": "tab:green", "head": "tab:green",
+          "decoder_prefill": "tab:green", "decoder_decode": "tab:green", "decoder_decode_cpu_attn": "tab:red"}
+
+
+def plot(plan: Plan, path, *, ctx: int | None = None) -> None:
+    """Draw one decode step (context ctx, the last step by default): the ops of the load, compute and
+    store streams over time, and the bytes each tier holds, against its capacity."""
+    try:
+        from matplotlib.figure import Figure  # imported here: plotting is optional
+    except ImportError:
+        raise ImportError("plot() needs matplotlib, which is not installed: pip install matplotlib") from None
+    tl = step_timeline(plan, Phase.DECODE, ctx)
+    caps = _capacities(plan)
+    used = [t for t in TIERS if t is Tier.GPU or any(m[t] for _, m in tl.memory)]
+    lanes = ["store", "compute", "load"]
+    fig = Figure(figsize=(12, 3 + 1.6 * len(used)))
+    axes = fig.subplots(1 + len(used), 1, sharex=True, gridspec_kw={"height_ratios": [2] + [1] * len(used)})
+    ax = axes[0]
+    for y, lane in enumerate(lanes):
+        for kind in sorted({s.kind for s in tl.spans if s.stream == lane}):
+            bars = [(s.start_s, s.end_s - s.start_s) for s in tl.spans if s.stream == lane and s.kind == kind]
+            ax.broken_barh(bars, (y - 0.35, 0.7), color=COLORS.get(kind, "tab:purple"), label=kind)
+    ax.set_yticks(range(len(lanes)), lanes)
+    ax.legend(loc="upper right", fontsize="small", ncols=3)
+    pol = plan.policy
+    ax.set_title(f"{plan.spec.name} on {plan.profile.name}: decode step at context {tl.ctx}, block "
+                 f"{pol.gpu_batch_size} x {pol.num_gpu_batches}; replayed {tl.end_s:.3g} s, cost model "
+                 f"{plan.predictions['decode_step_s']:.3g} s (average context)", fontsize="medium")
+    xs = [t for t, _ in tl.memory] + [tl.end_s]  # compute ops run one at a time: events are in time order
+    for mem, tier in zip(axes[1:], used):
+        ys = [m[tier] / GIB for _, m in tl.memory]
+        cap = caps[tier] / GIB
+        mem.step(xs, ys + ys[-1:], where="post", color="tab:blue", label=f"{tier.value} held")
+        mem.axhline(cap, color="tab:red", linestyle="--", linewidth=0.8, label=f"{tier.value} capacity")
+        lo, hi = min(ys), max(max(ys), cap)
+        pad = 0.08 * (hi - lo) or 0.05 * hi
+        mem.set_ylim(max(0.0, lo - pad), hi + pad)
+        mem.set_ylabel(f"{tier.value} GiB")
+        mem.legend(loc="lower right", fontsize="small", ncols=2)
+    axes[-1].set_xlabel("seconds into the step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
