@@ -52,8 +52,9 @@ def _lengths(s: str) -> list[int]:
 
 
 def _add_compile_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--profile", default="local" if not required else "cpu-small",
-                   help="hardware profile name or JSON file (default: %(default)s)")
+    p.add_argument("--profile", default=None if not required else "cpu-small",
+                   help="hardware profile name or JSON file (default: " + ("cpu-small" if required else
+                        "local when compiling; with --plan, checked against the plan's") + ")")
     p.add_argument("--prompt-len", type=_lengths if required else int, required=required,
                    help="tokens every prompt is padded to" + ("; several (128,512,2048) compile a plan set whose "
                                                                "plans `run` picks from by prompt length" if required
@@ -112,9 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _profile(name: str, offload_dir: Path | None = None):
+def _profile(name: str | None, offload_dir: Path | None = None):
     from planner.hardware import load_profile, save_profile
 
+    name = name or "local"
     if name == "auto":
         # measure once, then reuse: a profile is a property of the machine, not of the job
         from flexgen_graph.models import default_cache_dir
@@ -182,6 +184,24 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _check_plan_args(plans, args) -> None:
+    """With --plan, compile options given on the command line must agree with the plan's."""
+    from planner.plan import PlanMismatchError
+
+    if args.profile is not None:
+        want = _profile(args.profile)
+        if want.fingerprint() != plans[0].profile.fingerprint():
+            raise PlanMismatchError(f"the plan was compiled for profile {plans[0].profile.name!r}, not "
+                                    f"{want.name!r} (a differing capacity or rate); recompile it for this profile")
+    lens = {(p.workload.prompt_len, p.workload.gen_len) for p in plans}
+    for flag, value, idx in (("--prompt-len", args.prompt_len, 0), ("--gen-len", args.gen_len, 1)):
+        if value is not None and value not in {w[idx] for w in lens}:
+            raise PlanMismatchError(f"{flag} {value} does not match the plan's workload "
+                                    f"({', '.join(f'prompt {a}, gen {b}' for a, b in sorted(lens))})")
+    if args.dtype is not None and args.dtype != plans[0].spec.dtype:
+        raise PlanMismatchError(f"--dtype {args.dtype} does not match the plan's {plans[0].spec.dtype}")
+
+
 def _cuda_visible() -> bool:
     import torch
 
@@ -209,6 +229,7 @@ def cmd_run(args) -> int:
     defaults = Sampling(args.temperature, args.top_p, args.seed)
     plans = planfile.load_set(args.plan) if args.plan else None
     if plans is not None:
+        _check_plan_args(plans, args)
         spec, source = plans[0].spec, plans[0].weights_source
     else:
         spec, source = resolve_model(args.model or DEFAULT_MODEL, _dtype(args))

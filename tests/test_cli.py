@@ -84,3 +84,18 @@ def test_console_help_teaches():
     assert out.returncode == 0
     for flag in ("--model", "--profile", "--prompt-len", "--gen-len", "--weights-frac", "t4-flexgen"):
         assert flag in out.stdout
+
+
+def test_plan_refuses_another_profile_or_workload(checkpoint, tmp_path, capsys):
+    plan = tmp_path / "p.fgplan"
+    assert main(["compile", "--model", str(checkpoint), "--profile", "cpu-small", "--prompt-len", "8",
+                 "--gen-len", "4", "--gpu-batch-size", "1", "--num-gpu-batches", "1", "-o", str(plan)]) == 0
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": 1, "prompt_ids": [4, 5]}) + "\n")
+    base = ["run", "--plan", str(plan), "--input", str(inp), "--cache-dir", str(tmp_path / "cache")]
+    capsys.readouterr()
+    assert main(base + ["--profile", "t4-flexgen"]) == 2
+    assert "compiled for profile 'cpu-small', not 't4-flexgen'" in capsys.readouterr().err
+    assert main(base + ["--prompt-len", "16"]) == 2
+    assert "--prompt-len 16 does not match the plan's workload (prompt 8, gen 4)" in capsys.readouterr().err
+    assert main(base + ["--profile", "cpu-small", "--prompt-len", "8"]) == 0
