@@ -165,11 +165,13 @@ class CpuBackend:
         self.memory.take(tier, nbytes, what)
         if tier is Tier.DISK:
             self.offload_dir.mkdir(parents=True, exist_ok=True)
-            path = self.offload_dir / f"{what}.bin"
-            buf = open_scratch(path, nbytes)
+            buf = open_scratch(self.offload_dir / f"{what}.bin", nbytes)
             self._files.append(buf)
             return buf
-        return HostBuf(tier, torch.empty(nbytes, dtype=torch.uint8))
+        return HostBuf(tier, self._host_tensor(tier, nbytes))
+
+    def _host_tensor(self, tier: Tier, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)
 
     def account(self, tier: Tier, nbytes: int, what: str) -> None:
         """Count bytes that live outside our allocations (weights left in the weight store)."""
@@ -199,9 +201,13 @@ class CpuBackend:
             return
         self._workers[stream].submit(fn, waits, done)
 
-    def drain(self, events: list[threading.Event]) -> None:
+    def _synchronize(self) -> None:
+        """Wait for queued device work (none on the CPU: a finished op is done)."""
+
+    def drain(self, events: list) -> None:
         for ev in events:
             ev.wait()
+        self._synchronize()
         if self._errors:
             err = self._errors[0]
             self._errors.clear()

@@ -20,7 +20,7 @@ import torch
 
 from flexgen_graph.ir import Tier
 from planner.program import Stream
-from runtime.backend import Buf, DiskBuf, HostBuf, MemoryTracker, _Worker, copy_range, open_scratch
+from runtime.backend import Buf, CpuBackend, DiskBuf, HostBuf, copy_range
 
 
 class OpEvent:
@@ -40,43 +40,30 @@ class OpEvent:
         self.enqueued.wait()
 
 
-class CudaBackend:
+class CudaBackend(CpuBackend):
+    """The CPU backend's structure (memory tracker, disk scratch files, one host worker per stream,
+    error propagation) with device buffers, pinned host buffers and CUDA streams and events."""
+
     name = "cuda"
 
     def __init__(self, budget: dict[Tier, int], offload_dir: Path, overlap: bool = True,
                  device: torch.device | None = None) -> None:
         if not torch.cuda.is_available():
             raise RuntimeError("the CUDA backend needs a CUDA device; none is visible")
+        super().__init__(budget, offload_dir, overlap=overlap)
         self.device = device or torch.device("cuda", torch.cuda.current_device())
         total = torch.cuda.get_device_properties(self.device).total_memory
         if budget[Tier.GPU] < total:
             # the plan's GPU capacity, enforced by the caching allocator: behave as the smaller card
             torch.cuda.set_per_process_memory_fraction(budget[Tier.GPU] / total, self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.memory = MemoryTracker(budget)
-        self.offload_dir = offload_dir
-        self.overlap = overlap
-        self._errors: list[BaseException] = []
         self._streams = {s: torch.cuda.Stream(self.device) for s in Stream}
-        self._workers = {s: _Worker(s.value, self._errors) for s in Stream}
         self._staging: dict[int, torch.Tensor] = {}  # per worker thread: pinned bytes for disk <-> GPU
-        self._files: list[DiskBuf] = []
 
-    # -- memory ------------------------------------------------------------------------------------
-    def alloc(self, tier: Tier, nbytes: int, what: str) -> Buf:
-        self.memory.take(tier, nbytes, what)
-        if tier is Tier.DISK:
-            self.offload_dir.mkdir(parents=True, exist_ok=True)
-            path = self.offload_dir / f"{what}.bin"
-            buf = open_scratch(path, nbytes)
-            self._files.append(buf)
-            return buf
+    def _host_tensor(self, tier: Tier, nbytes: int) -> torch.Tensor:
         if tier is Tier.GPU:
-            return HostBuf(tier, torch.empty(nbytes, dtype=torch.uint8, device=self.device))
-        return HostBuf(tier, torch.empty(nbytes, dtype=torch.uint8, pin_memory=True))
-
-    def account(self, tier: Tier, nbytes: int, what: str) -> None:
-        self.memory.take(tier, nbytes, what)
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # async copies need pinned pages
 
     def _stage(self, nbytes: int) -> torch.Tensor:
         key = threading.get_ident()
@@ -136,34 +123,16 @@ class CudaBackend:
                 done.done.record(cuda_stream)
 
         if not self.overlap:
-            for ev in waits:
-                ev.wait()
-            try:
-                if not self._errors:
-                    run()
-            except BaseException as e:
-                self._errors.append(e)
-            done.set()
+            super().submit(stream, run, waits, done)
             return
         # the worker waits (host side) until each dependency was enqueued, then runs `run`
         self._workers[stream].submit(run, [ev.enqueued for ev in waits], done.enqueued)
 
-    def drain(self, events: list[OpEvent]) -> None:
-        for ev in events:
-            ev.wait()
+    def _synchronize(self) -> None:
         torch.cuda.synchronize(self.device)  # the head's tokens are read on the host next
-        if self._errors:
-            err = self._errors[0]
-            self._errors.clear()
-            raise err
 
     def close(self) -> None:
-        for w in self._workers.values():
-            w.close()
-        for f in self._files:
-            os.close(f.fd)
-            f.path.unlink(missing_ok=True)
-        self._files.clear()
+        super().close()
         self._staging.clear()
 
 
