@@ -39,6 +39,12 @@ def layer_views(spec: ModelSpec, layer: int, buf: torch.Tensor) -> dict[str, tor
             for s in spec.layer_layout(layer)}
 
 
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w (+ b) with w stored input-major, [in, out] (see ModelSpec.layer_tensors)."""
+    y = x @ w
+    return y if b is None else y + b
+
+
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Position ids from a [B, S] key mask: cumsum(mask) - 1 for real tokens, 0 for padding."""
     pos = mask.long().cumsum(-1) - 1
@@ -99,12 +105,12 @@ def attention_inputs(spec: ModelSpec, w: dict[str, torch.Tensor], h: torch.Tenso
     B, T, _ = h.shape
     NH, KV, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
     x = _norm(spec, h, w["ln1_w"], w.get("ln1_b"))
-    q = F.linear(x, w["q_w"], w.get("q_b"))
+    q = _linear(x, w["q_w"], w.get("q_b"))
     if spec.family == "opt":
         q = q * D ** -0.5  # OPT scales q before q @ k^T (not inside the softmax), as HF does
     q = q.view(B, T, NH, D)
-    k = F.linear(x, w["k_w"], w.get("k_b")).view(B, T, KV, D)
-    v = F.linear(x, w["v_w"], w.get("v_b")).view(B, T, KV, D)
+    k = _linear(x, w["k_w"], w.get("k_b")).view(B, T, KV, D)
+    v = _linear(x, w["v_w"], w.get("v_b")).view(B, T, KV, D)
     if spec.positions == "rope":
         cos, sin = _rope_cos_sin(spec, positions, h.dtype)  # cos: [B, T, D]
         cos, sin = cos[:, :, None], sin[:, :, None]
@@ -147,12 +153,12 @@ def attend(spec: ModelSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
 def attention_output_and_mlp(spec: ModelSpec, w: dict[str, torch.Tensor], h: torch.Tensor,
                              a: torch.Tensor) -> torch.Tensor:
     """The rest of the layer after attention: o_proj + residual, then the MLP + residual."""
-    h = h + F.linear(a, w["o_w"], w.get("o_b"))
+    h = h + _linear(a, w["o_w"], w.get("o_b"))
     x = _norm(spec, h, w["ln2_w"], w.get("ln2_b"))
     if spec.family == "opt":
-        x = F.linear(F.relu(F.linear(x, w["fc1_w"], w["fc1_b"])), w["fc2_w"], w["fc2_b"])
+        x = _linear(F.relu(_linear(x, w["fc1_w"], w["fc1_b"])), w["fc2_w"], w["fc2_b"])
     else:
-        x = F.linear(F.silu(F.linear(x, w["gate_w"])) * F.linear(x, w["up_w"]), w["down_w"])
+        x = _linear(F.silu(_linear(x, w["gate_w"])) * _linear(x, w["up_w"]), w["down_w"])
     return h + x
 
 
@@ -166,4 +172,4 @@ def decoder(spec: ModelSpec, w: dict[str, torch.Tensor], h: torch.Tensor, cache:
 def head(spec: ModelSpec, w: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
     """Logits of the last position: [B, V] float32."""
     x = _norm(spec, h[:, -1], w["norm_w"], w.get("norm_b"))  # x: [B, H]
-    return F.linear(x, w["lm_head"]).float()
+    return _linear(x, w["lm_head"]).float()

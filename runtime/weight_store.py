@@ -28,11 +28,11 @@ import torch
 from tqdm import tqdm
 
 from flexgen_graph.ir import LayerKind
-from flexgen_graph.spec import ModelSpec, TensorSlot, spec_from_config
+from flexgen_graph.spec import ModelSpec, TensorSlot, is_linear, spec_from_config
 from runtime.kernels import TORCH_DTYPES, layer_views
 
 FORMAT = "flexgen-graph-weights"
-VERSION = 1
+VERSION = 2  # 2: linear weights stored input-major ([in, out])
 MANIFEST = "manifest.json"
 DUMMY_CHUNK_ELEMS = 1 << 22  # make_dummy's RAM per chunk: 16 MiB of float32
 TOKENIZER_FILES = (
@@ -217,6 +217,7 @@ def write_store(spec: ModelSpec, dest: str | os.PathLike, source: str,
     (dest / "tensors").mkdir(parents=True, exist_ok=True)
     dtype = TORCH_DTYPES[spec.dtype]
     entries: dict[str, dict] = {}
+    tied_embed = None
     total = sum(len(spec.layer_tensors(j)) for j in range(spec.num_graph_layers))
     with tqdm(total=total, desc=f"writing {spec.name}", unit="tensor", disable=not sys.stderr.isatty()) as bar:
         for layer in range(spec.num_graph_layers):
@@ -226,11 +227,20 @@ def write_store(spec: ModelSpec, dest: str | os.PathLike, source: str,
                                 "nbytes": slot.nbytes}
                 bar.update()
                 if _is_tied_head(spec, layer, slot.name):
-                    entries[key]["file"] = entries[_key(0, "embed_tokens")]["file"]
-                    continue
-                chunks = fetch(layer, slot.name)
+                    chunks = iter([tied_embed])  # the head is the embedding, stored transposed
+                else:
+                    chunks = fetch(layer, slot.name)
                 if chunks is None:
                     raise WeightStoreError(f"{spec.name}: tensor {key!r} is missing from {source}")
+                if slot.name == "embed_tokens" and spec.tie_embeddings:
+                    tied_embed = torch.cat(list(chunks))  # kept until the head (the last layer) is written
+                    chunks = iter([tied_embed])
+                if is_linear(slot.name):  # sources give HF's [out, in]: store [in, out] (whole tensor)
+                    full = torch.cat(list(chunks))
+                    if full.dim() != 2 or tuple(full.shape[::-1]) != slot.shape:
+                        raise WeightStoreError(f"{spec.name}: tensor {key!r} has shape {list(full.shape)} in "
+                                               f"{source}, the config implies {list(slot.shape[::-1])}")
+                    chunks = iter([full.t()])
                 rows = 0
                 with open(dest / entries[key]["file"], "wb") as f:
                     for c in chunks:
@@ -338,7 +348,7 @@ def import_gguf(path: str | os.PathLike, dest: str | os.PathLike, dtype: str = "
 def make_dummy(spec: ModelSpec, dest: str | os.PathLike, seed: int = 0) -> WeightStore:
     """Seeded random weights for any spec: N(0, 0.02) matrices, ones for norm weights, zeros for biases.
     Matrices stream out in row chunks, so RAM stays small even for opt-13b."""
-    shapes = {(j, t.name): t.shape for j in range(spec.num_graph_layers) for t in spec.layer_tensors(j)}
+    shapes = {(j, t.name): t.shape for j in range(spec.num_graph_layers) for t in spec.hf_layer_tensors(j)}
 
     def fetch(layer: int, local: str) -> Chunks:
         shape = shapes[(layer, local)]
@@ -363,5 +373,6 @@ def hf_state_dict(store: WeightStore) -> dict[str, torch.Tensor]:
     for layer in range(spec.num_graph_layers):
         buf = torch.empty(spec.layer_bytes(layer), dtype=torch.uint8)
         store.read_layer_into(layer, buf)
-        out.update({names[(layer, k)]: v for k, v in layer_views(spec, layer, buf).items()})
+        out.update({names[(layer, k)]: v.t().contiguous() if is_linear(k) else v  # back to HF's [out, in]
+                    for k, v in layer_views(spec, layer, buf).items()})
     return out
