@@ -66,16 +66,16 @@ class Plan:
         }
 
 
+def _seal(fmt: str, body: bytes) -> bytes:
+    return msgpack.packb([fmt, PLAN_VERSION, hashlib.sha256(body).hexdigest(), body], use_bin_type=True)
+
+
 def dumps(plan: Plan) -> bytes:
-    body = msgpack.packb(plan.body(), use_bin_type=True)
-    return msgpack.packb([PLAN_FORMAT, PLAN_VERSION, hashlib.sha256(body).hexdigest(), body], use_bin_type=True)
+    return _seal(PLAN_FORMAT, msgpack.packb(plan.body(), use_bin_type=True))
 
 
 def save(plan: Plan, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(dumps(plan))
-    tmp.replace(path)  # a reader never sees a half-written plan
+    save_set([plan], path)
 
 
 def _unpack(data: bytes, what: str) -> Any:
@@ -86,19 +86,31 @@ def _unpack(data: bytes, what: str) -> Any:
         raise BadPlanFileError(f"{what} is not valid msgpack ({type(e).__name__}: {e})") from None
 
 
-def loads(data: bytes, name: str = "plan") -> Plan:
+def _open(data: bytes, name: str) -> tuple[str, bytes]:
+    """(format, body) of a sealed plan or plan set, after the size, header, version and checksum checks."""
     if len(data) > MAX_PLAN_BYTES:
         raise BadPlanFileError(f"{name}: {len(data)} bytes is larger than any plan ({MAX_PLAN_BYTES})")
     outer = _unpack(data, name)
     if not (isinstance(outer, list) and len(outer) == 4):
         raise BadPlanFileError(f"{name}: not a flexgen-graph plan (expected a 4-element header array)")
     fmt, version, checksum, body = outer
-    if fmt != PLAN_FORMAT:
+    if fmt not in (PLAN_FORMAT, PLANSET_FORMAT):
         raise BadPlanFileError(f"{name}: format is {fmt!r}, expected {PLAN_FORMAT!r}")
     if version != PLAN_VERSION:
         raise BadPlanFileError(f"{name}: plan version {version!r}, this flexgen-graph reads version {PLAN_VERSION}")
     if not isinstance(body, bytes) or hashlib.sha256(body).hexdigest() != checksum:
         raise BadPlanFileError(f"{name}: checksum mismatch (the file is corrupt or was edited)")
+    return fmt, body
+
+
+def loads(data: bytes, name: str = "plan") -> Plan:
+    fmt, body = _open(data, name)
+    if fmt != PLAN_FORMAT:
+        raise BadPlanFileError(f"{name}: format is {fmt!r} (several plans), expected one {PLAN_FORMAT!r}")
+    return _plan_from_body(body, name)
+
+
+def _plan_from_body(body: bytes, name: str) -> Plan:
     d = _unpack(body, f"{name} body")
     try:
         spec = ModelSpec.from_dict(d["model"])
@@ -179,27 +191,21 @@ def dumps_set(plans: list[Plan]) -> bytes:
     if len(plans) == 1:
         return dumps(plans[0])
     plans = sorted(plans, key=lambda p: (p.workload.prompt_len, p.workload.gen_len))
-    body = msgpack.packb([dumps(p) for p in plans], use_bin_type=True)
-    return msgpack.packb([PLANSET_FORMAT, PLAN_VERSION, hashlib.sha256(body).hexdigest(), body], use_bin_type=True)
+    return _seal(PLANSET_FORMAT, msgpack.packb([dumps(p) for p in plans], use_bin_type=True))
 
 
 def save_set(plans: list[Plan], path: str | Path) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(dumps_set(plans))
-    tmp.replace(path)
+    tmp.replace(path)  # a reader never sees a half-written plan
 
 
 def loads_set(data: bytes, name: str = "plan") -> list[Plan]:
     """The plans of a plan file or plan set, sorted by prompt length, checked to agree on model and profile."""
-    head = _unpack(data, name) if len(data) <= MAX_PLAN_BYTES else None
-    if not (isinstance(head, list) and len(head) == 4 and head[0] == PLANSET_FORMAT):
-        return [loads(data, name)]
-    _, version, checksum, body = head
-    if version != PLAN_VERSION:
-        raise BadPlanFileError(f"{name}: plan set version {version!r}, this flexgen-graph reads version {PLAN_VERSION}")
-    if not isinstance(body, bytes) or hashlib.sha256(body).hexdigest() != checksum:
-        raise BadPlanFileError(f"{name}: checksum mismatch (the file is corrupt or was edited)")
+    fmt, body = _open(data, name)  # the envelope is decoded once, for plans and sets alike
+    if fmt == PLAN_FORMAT:
+        return [_plan_from_body(body, name)]
     items = _unpack(body, f"{name} body")
     if not (isinstance(items, list) and items and all(isinstance(i, bytes) for i in items)):
         raise BadPlanFileError(f"{name}: a plan set must hold a non-empty list of plans")

@@ -35,10 +35,6 @@ class HostBuf:
     def nbytes(self) -> int:
         return self.tensor.numel()
 
-    def array(self):
-        """numpy view (no copy), for os.preadv / os.pwrite."""
-        return self.tensor.numpy()
-
 
 @dataclass
 class DiskBuf:
@@ -72,6 +68,23 @@ class MemoryTracker:
         self.current[tier] -= nbytes
 
 
+def read_disk(src: DiskBuf, into: torch.Tensor, offset: int) -> None:
+    """Fill a flat uint8 host tensor with src's bytes from offset, straight into its memory."""
+    view, done, n = memoryview(into.numpy()), 0, into.numel()
+    while done < n:  # preadv may return short counts (large reads, signals)
+        got = os.preadv(src.fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise OSError(f"short read from {src.path} at byte {offset + done}")
+        done += got
+
+
+def write_disk(dst: DiskBuf, data: torch.Tensor, offset: int) -> None:
+    """Write a flat uint8 host tensor into dst at offset."""
+    view, done, n = memoryview(data.numpy()), 0, data.numel()
+    while done < n:
+        done += os.pwrite(dst.fd, view[done:], offset + done)
+
+
 def copy_range(dst: Buf, src: Buf, offset: int, nbytes: int) -> None:
     """Copy bytes [offset, offset + nbytes) of src into the same range of dst."""
     if nbytes <= 0:
@@ -80,18 +93,9 @@ def copy_range(dst: Buf, src: Buf, offset: int, nbytes: int) -> None:
     if isinstance(src, HostBuf) and isinstance(dst, HostBuf):
         dst.tensor[offset:end].copy_(src.tensor[offset:end])
     elif isinstance(src, DiskBuf) and isinstance(dst, HostBuf):
-        view = memoryview(dst.array()[offset:end])
-        done = 0
-        while done < nbytes:
-            n = os.preadv(src.fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise OSError(f"short read from {src.path} at byte {offset + done}")
-            done += n
+        read_disk(src, dst.tensor[offset:end], offset)
     elif isinstance(src, HostBuf) and isinstance(dst, DiskBuf):
-        view = memoryview(src.array()[offset:end])
-        done = 0
-        while done < nbytes:
-            done += os.pwrite(dst.fd, view[done:], offset + done)
+        write_disk(dst, src.tensor[offset:end], offset)
     else:
         raise AssertionError(f"no disk-to-disk copies in a plan ({src} -> {dst})")
 

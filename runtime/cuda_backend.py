@@ -11,7 +11,6 @@ card fails where a 16 GB card would.
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 from typing import Callable
@@ -20,7 +19,7 @@ import torch
 
 from flexgen_graph.ir import Tier
 from planner.program import Stream
-from runtime.backend import Buf, CpuBackend, DiskBuf, HostBuf, copy_range
+from runtime.backend import Buf, CpuBackend, DiskBuf, HostBuf, copy_range, read_disk, write_disk
 
 
 class OpEvent:
@@ -88,14 +87,14 @@ class CudaBackend(CpuBackend):
             dst.tensor[offset:end].copy_(src.tensor[offset:end], non_blocking=True)
         elif isinstance(src, DiskBuf) and on_gpu(dst):
             stage = self._stage(nbytes)
-            _pread(src, stage, offset)
+            read_disk(src, stage, offset)
             dst.tensor[offset:end].copy_(stage, non_blocking=True)
             torch.cuda.current_stream().synchronize()  # the staging buffer is reused by the next read
         elif on_gpu(src) and isinstance(dst, DiskBuf):
             stage = self._stage(nbytes)
             stage.copy_(src.tensor[offset:end], non_blocking=True)
             torch.cuda.current_stream().synchronize()
-            _pwrite(dst, stage, offset)
+            write_disk(dst, stage, offset)
         else:
             copy_range(dst, src, offset, nbytes)  # disk <-> pinned host: plain reads and writes
 
@@ -135,17 +134,3 @@ class CudaBackend(CpuBackend):
         super().close()
         self._staging.clear()
 
-
-def _pread(src: DiskBuf, stage: torch.Tensor, offset: int) -> None:
-    view, done, n = memoryview(stage.numpy()), 0, stage.numel()
-    while done < n:
-        got = os.preadv(src.fd, [view[done:]], offset + done)
-        if got <= 0:
-            raise OSError(f"short read from {src.path} at byte {offset + done}")
-        done += got
-
-
-def _pwrite(dst: DiskBuf, stage: torch.Tensor, offset: int) -> None:
-    view, done, n = memoryview(stage.numpy()), 0, stage.numel()
-    while done < n:
-        done += os.pwrite(dst.fd, view[done:], offset + done)
