@@ -9,6 +9,7 @@ run ends with one drain (the head's tokens feed the next step's embedding).
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from dataclasses import dataclass
@@ -77,6 +78,11 @@ class Engine:
         self.step_times: list[tuple[str, float]] = []  # (program, wall seconds) of every program run
         self._events = {name: self.backend.new_events(len(ops))
                         for name, ops in (("prefill", plan.programs.prefill), ("decode", plan.programs.decode))}
+        # what each op submits, built once: the step loop only clears events and submits
+        self._dispatch = {
+            name: [(op.stream, functools.partial(self.HANDLERS[op.kind], self, op),
+                    [self._events[name][w] for w in op.waits], self._events[name][i]) for i, op in enumerate(ops)]
+            for name, ops in (("prefill", plan.programs.prefill), ("decode", plan.programs.decode))}
 
     # -- setup ---------------------------------------------------------------------------------
     def _allocate(self) -> None:
@@ -206,15 +212,14 @@ class Engine:
         OpKind.HEAD: _head,
     }
 
-    def _run(self, name: str, program: tuple[Op, ...], start: int, t: int) -> None:
+    def _run(self, name: str, start: int, t: int) -> None:
         t0 = time.perf_counter()
         self._start, self._t = start, t
         events = self._events[name]
         for ev in events:
             ev.clear()
-        for i, op in enumerate(program):
-            handler = self.HANDLERS[op.kind]
-            self.backend.submit(op.stream, lambda h=handler, o=op: h(self, o), [events[w] for w in op.waits], events[i])
+        for stream, thunk, waits, done in self._dispatch[name]:
+            self.backend.submit(stream, thunk, waits, done)
         self.backend.drain(events)
         self.step_times.append((name, time.perf_counter() - t0))
 
@@ -259,7 +264,7 @@ class Engine:
         out = torch.full((len(seqs), self.gen_len), pad, dtype=torch.long)
         done = torch.zeros(len(seqs), dtype=torch.bool)
         stopped = torch.zeros(len(seqs), dtype=torch.bool)
-        self._run("prefill", self.plan.programs.prefill, 0, p)
+        self._run("prefill", 0, p)
         for step in range(self.gen_len):
             tok = torch.cat(self._next).cpu()  # one host sync per step: EOS and limits are checked here
             tok = torch.where(done, torch.full_like(tok, pad), tok)
@@ -270,7 +275,7 @@ class Engine:
             if bool(done.all()) or step + 1 == self.gen_len:
                 break
             self._ids = [tok[r].unsqueeze(1).to(dev) for r in rows]
-            self._run("decode", self.plan.programs.decode, p + step, 1)
+            self._run("decode", p + step, 1)
 
         results = []
         for i in range(n):
