@@ -60,6 +60,13 @@ def _add_compile_args(p: argparse.ArgumentParser, required: bool) -> None:
                                                                "plans `run` picks from by prompt length" if required
                                                                else ""))
     p.add_argument("--gen-len", type=int, required=required, help="tokens generated per prompt (at most)")
+    p.add_argument("--compress", choices=["off", "auto", "weights", "cache", "both"], default="off",
+                   help="4-bit group-wise compression of the weights and/or the KV cache: 'off' (default) keeps "
+                        "the output identical to transformers; 'auto' lets the planner compress where that is "
+                        "faster; the others force it (accuracy cost: BENCHMARKS.md)")
+    p.add_argument("--group-size", type=int, default=64,
+                   help="elements per compression group (default 64, FlexGen's; 32 loses less accuracy on small "
+                        "models at 12%% more compressed bytes)")
     p.add_argument("--gpu-batch-size", type=int, help="fix the gpu batch size instead of searching")
     p.add_argument("--num-gpu-batches", type=int, help="fix the number of gpu batches per block")
     p.add_argument("--max-block-size", type=int, help="cap sequences per block (gpu batch size x gpu batches)")
@@ -164,7 +171,8 @@ def _compile(spec, args, workload, source: str, max_block_size: int | None = Non
 
     return compile_plan(spec, _profile(args.profile), workload, gpu_batch_size=args.gpu_batch_size,
                         num_gpu_batches=args.num_gpu_batches, fixed=_fixed(args), weights_source=source,
-                        max_block_size=args.max_block_size or max_block_size)
+                        max_block_size=args.max_block_size or max_block_size, compress=args.compress,
+                        group_size=args.group_size)
 
 
 def cmd_compile(args) -> int:
@@ -290,9 +298,11 @@ def _cached_plan(spec, args, workload, source: str, cache_dir: Path, max_block_s
     from planner import plan as planfile
 
     profile = _profile(args.profile)
-    key = json.dumps([spec.fingerprint(), profile.fingerprint(), workload.to_dict(), source, args.gpu_batch_size,
+    key = json.dumps([planfile.PLAN_VERSION, spec.fingerprint(), profile.fingerprint(), workload.to_dict(), source,
+                      args.gpu_batch_size,
                       args.num_gpu_batches, args.max_block_size or max_block_size,
-                      [getattr(args, f"{c}_frac") for c in ("weights", "cache", "hidden")]])
+                      [getattr(args, f"{c}_frac") for c in ("weights", "cache", "hidden")], args.compress,
+                      args.group_size])
     path = cache_dir / "plans" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".fgplan")
     if path.is_file():
         return planfile.load(path)

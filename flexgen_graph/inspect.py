@@ -74,7 +74,7 @@ def step_timeline(plan: Plan, phase: Phase = Phase.DECODE, ctx: int | None = Non
     if ctx is None:
         ctx = wl.prompt_len if phase is Phase.PREFILL else wl.max_seq_len - 1
     flags = Flags.of(pol)
-    comp = compression_of(plan.spec) if flags.compress_weights or flags.compress_cache else None
+    comp = compression_of(plan.spec, plan.policy.group_size) if plan.policy.compresses else None
     figs = block_figures(g)
     lf = layer_figures(figs, ctx, flags, comp)[phase]
     nb = pol.num_gpu_batches
@@ -185,7 +185,8 @@ def describe_text(plan: Plan, *, with_simulation: bool = True) -> str:
         f"  weights {frac(pol['weights'])}",
         f"  cache   {frac(pol['cache'])}",
         f"  hidden  {frac(pol['hidden'])}",
-        f"flags     {', '.join(flags) or 'none'}",
+        f"flags     {', '.join(flags) or 'none'}"
+        + (f" (4-bit, groups of {pol['group_size']})" if pol["compress_weights"] or pol["compress_cache"] else ""),
         f"predicted {pred['tokens_per_s']:.4g} tokens/s; prefill {pred['prefill_s']:.4g} s, "
         f"decode step {pred['decode_step_s']:.4g} s, total {pred['total_s']:.4g} s",
         f"binding   {d['binding_constraint']} (slowest term: {d['binding']}; full tiers: {', '.join(d['tight']) or 'none'})",

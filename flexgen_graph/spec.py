@@ -32,6 +32,12 @@ def is_linear(name: str) -> bool:
     return name in LINEAR_WEIGHTS
 
 
+def quant_dim(name: str) -> int:
+    """The dim of a stored matrix that 4-bit compression groups along: a linear map's input dim (dim 0
+    of [in, out], as FlexGen groups), an embedding's hidden dim (its last). Vectors stay uncompressed."""
+    return 0 if is_linear(name) else -1
+
+
 class UnsupportedModelError(ValueError):
     """The config describes an architecture or option flexgen-graph does not implement."""
 

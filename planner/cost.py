@@ -380,7 +380,7 @@ def evaluate(g: "nx.DiGraph | BlockFigures", profile: HardwareProfile, policy: P
     """
     figs = figures_of(g)
     if comp is None and spec is not None:
-        comp = compression_of(spec)
+        comp = compression_of(spec, policy.group_size)
     needs_compression(policy, comp)
     flags = Flags.of(policy)
     fracs = policy_fracs(policy)

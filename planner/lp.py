@@ -39,7 +39,7 @@ from planner.cost import CLASSES, DELEGATED, FLAG_NAMES, FRAC_VARS, STREAMS, TER
 from planner.errors import Fault, InfeasiblePlanError
 from planner.figures import BlockFigures, figures_of
 from planner.hardware import HardwareProfile
-from planner.memory import Compression, cache_slots_for_cpu_attention, compression_of, layer_transients, \
+from planner.memory import GROUP_SIZE, Compression, cache_slots_for_cpu_attention, compression_of, layer_transients, \
     needs_compression, peaks_of
 from planner.policy import Placement, Policy
 from planner.schedule import NUM_SLOTS
@@ -96,9 +96,14 @@ class MemoryFigures:
         return {t: caps[t] - fuzz - TIGHTEN_MARGIN * caps[t] - (0 if t is Tier.GPU else items) for t in TIERS}
 
 
-def _flag_policy(figs: BlockFigures, flags: Flags) -> Policy:
+def _group_size(comp: Compression | None) -> int:
+    return comp.group_size if comp is not None else GROUP_SIZE
+
+
+def _flag_policy(figs: BlockFigures, flags: Flags, comp: Compression | None = None) -> Policy:
     on_gpu = Placement.all_on(Tier.GPU)
-    return Policy(figs.gpu_batch_size, figs.num_gpu_batches, on_gpu, on_gpu, on_gpu, **flags.as_dict())
+    return Policy(figs.gpu_batch_size, figs.num_gpu_batches, on_gpu, on_gpu, on_gpu, **flags.as_dict(),
+                  group_size=_group_size(comp))
 
 
 def memory_figures(g: "nx.DiGraph | BlockFigures", flags: Flags = Flags(), comp: Compression | None = None, *,
@@ -112,7 +117,7 @@ def memory_figures(g: "nx.DiGraph | BlockFigures", flags: Flags = Flags(), comp:
     n_cache = len(shape.decoder_layers) * nb
     total = {"weights": sum(weights), "cache": n_cache * cache, "hidden": nb * shape.hidden_bytes}
     item = {"weights": max(weights), "cache": cache if n_cache else 0, "hidden": shape.hidden_bytes}
-    pol = _flag_policy(figs, flags)
+    pol = _flag_policy(figs, flags, comp)
     decoders = frozenset(shape.decoder_layers)
     on_gpu = layer_transients(figs, pol, figs.max_seq_len, frozenset(), frozenset(range(len(figs.decode))))
     cpu_ws = layer_transients(figs, pol, figs.max_seq_len, decoders, frozenset()).cpu if flags.cpu_attention else 0
@@ -254,7 +259,7 @@ def _on(v: pulp.LpVariable | None) -> bool:
 
 
 def _rounded_policy(figs: BlockFigures, m: _Model, mem: MemoryFigures, placements: Mapping[str, Placement],
-                    flags: Flags) -> Policy:
+                    flags: Flags, comp: Compression | None) -> Policy:
     out = {}
     for c in CLASSES:
         if c in placements:
@@ -275,7 +280,7 @@ def _rounded_policy(figs: BlockFigures, m: _Model, mem: MemoryFigures, placement
             r = Placement.rounded(g, cpu)
         out[c] = Placement(*(x + 0.0 for x in r.as_tuple()))  # + 0.0 turns a -0.0 into 0.0
     return Policy(figs.gpu_batch_size, figs.num_gpu_batches, out["weights"], out["cache"], out["hidden"],
-                  **flags.as_dict())
+                  **flags.as_dict(), group_size=_group_size(comp))
 
 
 def _capacities(profile: HardwareProfile) -> dict[Tier, int]:
@@ -331,12 +336,12 @@ def solve_figures(figs: BlockFigures, profile: HardwareProfile, flags: Flags, *,
                   costs: PhaseCosts | None = None, mem: MemoryFigures | None = None, max_rounds: int = MAX_ROUNDS,
                   diagnose_infeasible: bool = True) -> LpResult:
     """solve_block on block figures with parsed fixed values (what planner.search calls per point)."""
-    needs_compression(_flag_policy(figs, flags), comp)
+    needs_compression(_flag_policy(figs, flags, comp), comp)
     caps = _capacities(profile)
     costs = costs if costs is not None else phase_costs(figs, profile, flags, comp)
     if len(placements) == len(CLASSES):
         policy = Policy(figs.gpu_batch_size, figs.num_gpu_batches, placements["weights"], placements["cache"],
-                        placements["hidden"], **flags.as_dict())
+                        placements["hidden"], **flags.as_dict(), group_size=_group_size(comp))
         peaks = peaks_of(figs, policy, comp, pinned_staging=profile.has_gpu)
         fault = _worst_overflow(peaks, caps)
         if fault is not None:
@@ -356,7 +361,7 @@ def solve_figures(figs: BlockFigures, profile: HardwareProfile, flags: Flags, *,
             if fault is None and status == "Infeasible" and diagnose_infeasible:
                 fault = diagnose(figs, profile, {**placements, **fracs, **flags.as_dict()}, comp=comp)
             return LpResult(status, None, None, None, None, rnd, fault)
-        policy = _rounded_policy(figs, m, mem, placements, flags)
+        policy = _rounded_policy(figs, m, mem, placements, flags, comp)
         peaks = peaks_of(figs, policy, comp, pinned_staging=profile.has_gpu)
         fault = _worst_overflow(peaks, caps)
         if fault is None:

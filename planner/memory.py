@@ -7,7 +7,8 @@ compute op at the longest context: attention scores and MLP intermediates of one
 logits (the graph's work bytes), plus the dequantized copy of compressed weights / cache it reads.
 
 4-bit compression (FlexGen's scheme): group-wise asymmetric min-max, groups of `group_size`
-elements along the grouped dimension (a weight's input dimension, the cache's head dimension),
+elements along the grouped dimension (a linear weight's input dimension, an embedding's hidden
+dimension, the cache's head dimension; spec.quant_dim),
 two 4-bit values per byte and per group a float16 scale and a float16 minimum. A dimension that is
 not a multiple of the group size is padded to one.
 
@@ -24,7 +25,7 @@ from math import prod
 import networkx as nx
 
 from flexgen_graph.ir import TIERS, LayerKind, NodeKind, Phase, Tier
-from flexgen_graph.spec import ALIGN_BYTES, ModelSpec
+from flexgen_graph.spec import ALIGN_BYTES, ModelSpec, quant_dim
 from planner.figures import BlockFigures, figures_of
 from planner.hardware import HardwareProfile
 from planner.policy import Placement, Policy
@@ -44,9 +45,10 @@ def compressed_bytes(n_elements: int, group_size: int = GROUP_SIZE) -> int:
     return groups * (group_size // 2 + GROUP_META_BYTES)
 
 
-def compressed_tensor_bytes(shape: tuple[int, ...], group_size: int = GROUP_SIZE) -> int:
-    """A tensor grouped along its last dimension (a weight's input dim, the cache's head dim), row by row."""
-    return prod(shape[:-1]) * compressed_bytes(shape[-1], group_size)
+def compressed_tensor_bytes(shape: tuple[int, ...], group_size: int = GROUP_SIZE, dim: int = -1) -> int:
+    """A tensor grouped along `dim`, one run per position of the other dims."""
+    d = dim % len(shape)
+    return prod(shape[:d] + shape[d + 1:]) * compressed_bytes(shape[d], group_size)
 
 
 def compressed_layer_bytes(spec: ModelSpec, layer: int, group_size: int = GROUP_SIZE) -> int:
@@ -54,7 +56,8 @@ def compressed_layer_bytes(spec: ModelSpec, layer: int, group_size: int = GROUP_
     dtype, as in FlexGen; every tensor starts ALIGN_BYTES-aligned, as in spec.layer_layout."""
     off = 0
     for ts in spec.layer_tensors(layer):
-        n = compressed_tensor_bytes(ts.shape, group_size) if len(ts.shape) >= 2 else ts.numel * spec.dtype_bytes
+        n = compressed_tensor_bytes(ts.shape, group_size, quant_dim(ts.name)) if len(ts.shape) >= 2 \
+            else ts.numel * spec.dtype_bytes
         off += -(-n // ALIGN_BYTES) * ALIGN_BYTES
     return off
 
@@ -80,9 +83,14 @@ def compression_of(spec: ModelSpec, group_size: int = GROUP_SIZE) -> Compression
 
 
 def needs_compression(policy: Policy, comp: Compression | None) -> None:
-    if (policy.compress_weights or policy.compress_cache) and comp is None:
+    if not policy.compresses:
+        return
+    if comp is None:
         raise ValueError("a policy with compress_weights or compress_cache needs the model spec "
                          "(pass spec= so the compressed sizes can be computed)")
+    if comp.group_size != policy.group_size:
+        raise ValueError(f"compressed sizes for groups of {comp.group_size} used for a policy with groups of "
+                         f"{policy.group_size}")
 
 
 # ---------------------------------------------------------------- buffers
@@ -215,7 +223,7 @@ def peak_bytes(g: "nx.DiGraph | BlockFigures", policy: Policy, spec: ModelSpec |
                profile: "HardwareProfile | None" = None) -> dict[Tier, int]:
     """Peak bytes per tier; spec is needed only for a policy that compresses; profile: the machine the
     plan is for (a profile with a GPU adds the CUDA backend's pinned staging buffers)."""
-    return peaks_of(figures_of(g), policy, compression_of(spec) if spec is not None else None,
+    return peaks_of(figures_of(g), policy, compression_of(spec, policy.group_size) if spec is not None else None,
                     pinned_staging=profile is not None and profile.has_gpu)
 
 

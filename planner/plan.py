@@ -24,7 +24,7 @@ from planner.program import Buffer, Op, Programs
 
 PLAN_FORMAT = "flexgen-graph-plan"
 PLANSET_FORMAT = "flexgen-graph-planset"  # several plans of one model and profile, one per prompt length
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: policy.group_size; compressed buffers at their compressed sizes
 MAX_PLAN_BYTES = 256 << 20
 
 

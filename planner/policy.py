@@ -54,6 +54,15 @@ class Policy:
     cpu_attention: bool = False
     compress_weights: bool = False
     compress_cache: bool = False
+    group_size: int = 64  # elements per 4-bit group when a compress flag is on (planner.memory)
+
+    def __post_init__(self) -> None:
+        if type(self.group_size) is not int or self.group_size < 2 or self.group_size % 2:
+            raise ValueError(f"policy group_size must be an even integer >= 2, got {self.group_size!r}")
+
+    @property
+    def compresses(self) -> bool:
+        return self.compress_weights or self.compress_cache
 
     def to_dict(self) -> dict:
         return {
@@ -65,6 +74,7 @@ class Policy:
             "cpu_attention": self.cpu_attention,
             "compress_weights": self.compress_weights,
             "compress_cache": self.compress_cache,
+            "group_size": self.group_size,
         }
 
     @classmethod
@@ -83,7 +93,7 @@ class Policy:
             gpu_batch_size=d["gpu_batch_size"], num_gpu_batches=d["num_gpu_batches"],
             weights=Placement(*d["weights"]), cache=Placement(*d["cache"]), hidden=Placement(*d["hidden"]),
             cpu_attention=d["cpu_attention"], compress_weights=d["compress_weights"],
-            compress_cache=d["compress_cache"],
+            compress_cache=d["compress_cache"], group_size=d["group_size"],
         )
 
 

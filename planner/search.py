@@ -37,7 +37,7 @@ from planner.errors import Fault, InfeasiblePlanError
 from planner.figures import BlockFigures, FigureModel
 from planner.hardware import HardwareProfile
 from planner.lp import FixedSpec, LpResult, MemoryFigures, diagnose, memory_figures, parse_fixed, solve_figures
-from planner.memory import compression_of, workspace_bytes
+from planner.memory import GROUP_SIZE, compression_of, workspace_bytes
 from planner.policy import Policy
 
 __all__ = ["DEFAULT_FLAGS", "GPU_BATCH_SIZES", "NUM_GPU_BATCHES", "InfeasiblePlanError", "Predictions",
@@ -45,7 +45,7 @@ __all__ = ["DEFAULT_FLAGS", "GPU_BATCH_SIZES", "NUM_GPU_BATCHES", "InfeasiblePla
 
 GPU_BATCH_SIZES: tuple[int, ...] = tuple(2**i for i in range(10))  # 1..512
 NUM_GPU_BATCHES: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-# what the runtime implements; compression is modelled but the runtime cannot replay it yet
+# compression changes the numbers generated (no longer HF-identical): callers opt in (api.compile_plan)
 DEFAULT_FLAGS: tuple[str, ...] = ("cpu_attention",)
 
 
@@ -134,7 +134,8 @@ def flag_sets(allowed: Collection[str], forced: dict[str, bool]) -> list[Flags]:
 def search(lower_fn: Callable[[Block], nx.DiGraph], profile: HardwareProfile, workload: Workload, *,
            gpu_batch_size: int | Sequence[int] | None = None, num_gpu_batches: int | Sequence[int] | None = None,
            fixed: FixedSpec | None = None, max_block_size: int | None = None,
-           allowed_flags: Collection[str] = DEFAULT_FLAGS, spec: ModelSpec | None = None) -> SearchResult:
+           allowed_flags: Collection[str] = DEFAULT_FLAGS, spec: ModelSpec | None = None,
+           group_size: int = GROUP_SIZE) -> SearchResult:
     """Best policy over gpu batch sizes 1..512 (powers of two), 1..32 gpu batches and the allowed
     flags, unless given (an int or a sequence of options).
 
@@ -143,7 +144,8 @@ def search(lower_fn: Callable[[Block], nx.DiGraph], profile: HardwareProfile, wo
 
     lower_fn(block) must lower the model for `workload`. fixed: see planner.lp.solve_block; a flag
     in `fixed` is forced whether allowed or not; with every class fixed, each point is only
-    evaluated. spec: the model, needed when a compression flag may be on. Raises
+    evaluated. spec: the model, needed when a compression flag may be on; group_size: elements per
+    4-bit group of compressed tensors. Raises
     InfeasiblePlanError naming the tier, its capacity and the smallest peak found when no point fits.
     """
     sizes, counts = _options(gpu_batch_size, GPU_BATCH_SIZES), _options(num_gpu_batches, NUM_GPU_BATCHES)
@@ -153,7 +155,7 @@ def search(lower_fn: Callable[[Block], nx.DiGraph], profile: HardwareProfile, wo
     if any(f.compress_weights or f.compress_cache for f in combos):
         if spec is None:
             raise ValueError("searching with compression needs the model spec (spec=)")
-        comp = compression_of(spec)
+        comp = compression_of(spec, group_size)
     model = FigureModel.sample(lower_fn)
     if (model.one.prompt_len, model.one.gen_len) != (workload.prompt_len, workload.gen_len):
         raise ValueError(f"lower_fn lowered for prompt/gen {model.one.prompt_len}/{model.one.gen_len}, "

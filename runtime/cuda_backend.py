@@ -100,7 +100,7 @@ class CudaBackend(CpuBackend):
 
     def read_layer(self, store, layer: int, dst: Buf, drop_page_cache: bool = False) -> None:
         if isinstance(dst, HostBuf) and dst.tensor.is_cuda:
-            stage = self._stage(store.spec.layer_bytes(layer))
+            stage = self._stage(store.layer_nbytes(layer))
             store.read_layer_into(layer, stage, drop_page_cache=drop_page_cache)
             dst.tensor[: stage.numel()].copy_(stage, non_blocking=True)
             torch.cuda.current_stream().synchronize()

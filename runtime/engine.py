@@ -21,6 +21,8 @@ from flexgen_graph.ir import TIERS, Tier
 from planner.plan import Plan, check_model
 from planner.program import BufferRole, Op, OpKind
 from runtime import kernels, preflight
+from runtime.compressed import CacheCodec, compressed_layers, decompress_layer, dense_cache_view
+from runtime.quant import QuantConfig
 from runtime.sampling import GREEDY, Sampling, generators, pick
 from runtime.backend import Buf, CpuBackend
 from runtime.weight_store import WeightStore
@@ -46,6 +48,15 @@ class Engine:
         self.plan, self.store, self.spec = plan, store, plan.spec
         store.check()  # a missing or truncated tensor file is named now, not mid-run
         self.dtype = kernels.TORCH_DTYPES[self.spec.dtype]
+        pol = plan.policy
+        self.b, self.nb = pol.gpu_batch_size, pol.num_gpu_batches
+        self.prompt_len, self.gen_len = plan.workload.prompt_len, plan.workload.gen_len
+        self.max_seq = plan.workload.max_seq_len
+        # 4-bit compression: weight homes hold the store's compressed copy, dequantized into a dense
+        # scratch just before each compute; cache buffers hold compressed rows (runtime.compressed)
+        self.qcfg = QuantConfig(4, pol.group_size) if pol.compresses else None
+        self.weights = compressed_layers(store, self.qcfg) if pol.compress_weights else store
+        self.codec = CacheCodec(self.spec, self.b, self.qcfg) if pol.compress_cache else None
         self._tmp = None
         if offload_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="flexgen-offload-")
@@ -68,13 +79,10 @@ class Engine:
             self.device = self.backend.device
             self.bufs: dict[int, Buf | None] = {}
             self._allocate()
+            self._allocate_dense_scratch()
         except BaseException:
             self.close()  # nothing half-built stays behind: scratch files and temp folders go
             raise
-        pol = plan.policy
-        self.b, self.nb = pol.gpu_batch_size, pol.num_gpu_batches
-        self.prompt_len, self.gen_len = plan.workload.prompt_len, plan.workload.gen_len
-        self.max_seq = plan.workload.max_seq_len
         self.step_times: list[tuple[str, float]] = []  # (program, wall seconds) of every program run
         self._events = {name: self.backend.new_events(len(ops))
                         for name, ops in (("prefill", plan.programs.prefill), ("decode", plan.programs.decode))}
@@ -85,9 +93,22 @@ class Engine:
             for name, ops in (("prefill", plan.programs.prefill), ("decode", plan.programs.decode))}
 
     # -- setup ---------------------------------------------------------------------------------
+    def _expected_nbytes(self, b) -> int | None:
+        """What the runtime puts in a home or cache buffer; the plan's size must be exactly that."""
+        if b.role is BufferRole.WEIGHT_HOME:
+            return self.weights.layer_nbytes(b.layer)
+        if b.role in (BufferRole.CACHE_HOME, BufferRole.CACHE_SLOT):
+            return self.max_seq * self._row_bytes()
+        return None
+
     def _allocate(self) -> None:
         for b in self.plan.programs.buffers:
             what = f"{b.role.value}-L{b.layer}-B{b.batch}-S{b.slot}"
+            want = self._expected_nbytes(b)
+            if want is not None and want != b.nbytes:
+                raise ValueError(f"plan buffer {what} has {b.nbytes} bytes, the runtime needs {want} "
+                                 f"(compression: weights {self.plan.policy.compress_weights}, cache "
+                                 f"{self.plan.policy.compress_cache}); recompile the plan")
             if b.role is BufferRole.WEIGHT_HOME and b.tier is Tier.DISK:
                 self.backend.account(Tier.DISK, b.nbytes, what)  # read from the weight store on use
                 self.bufs[b.id] = None
@@ -95,7 +116,29 @@ class Engine:
             buf = self.backend.alloc(b.tier, b.nbytes, what)
             self.bufs[b.id] = buf
             if b.role is BufferRole.WEIGHT_HOME:
-                self.backend.read_layer(self.store, b.layer, buf)
+                self.backend.read_layer(self.weights, b.layer, buf)
+
+    def _allocate_dense_scratch(self) -> None:
+        """Where compressed tensors are dequantized for one compute op (ops of the compute stream run one
+        at a time, so one scratch serves all). On the compute device: the layer's dense weights, then for a
+        decoder attending there its dense cache; on the host, the cache of CPU-attended decode. Within
+        the plan's transients (planner.memory.compute_transient), so within its budget."""
+        s, kinds = self.spec, {op.kind for op in self.plan.programs.prefill + self.plan.programs.decode}
+        self._wdense = self._cdense = self._cdense_host = None
+        cache = self.max_seq * self.b * s.kv_bytes_per_token() if self.codec else 0
+        w = [s.layer_bytes(j) if self.qcfg and self.plan.policy.compress_weights else 0
+             for j in range(s.num_graph_layers)]
+        w_dec = max(w[1:-1])
+        dev_cache = cache if kinds & {OpKind.DECODER_PREFILL, OpKind.DECODER_DECODE} else 0
+        w_dec_aligned = -(-w_dec // 64) * 64
+        size = max(w[0], w[-1], w_dec_aligned + dev_cache)
+        if size:
+            buf = self.backend.alloc(Tier.GPU, size, "dequantized-scratch").tensor
+            self._wdense = buf if max(w) else None
+            self._cdense = dense_cache_view(buf[w_dec_aligned:], self.max_seq, self.b, s) if dev_cache else None
+        if self.codec and OpKind.DECODER_DECODE_CPU_ATTN in kinds:
+            host = self.backend.alloc(Tier.CPU, cache, "dequantized-cache-host").tensor
+            self._cdense_host = dense_cache_view(host, self.max_seq, self.b, s)
 
     def close(self) -> None:
         self.backend.close() if hasattr(self, "backend") else None
@@ -134,18 +177,24 @@ class Engine:
         return self._typed(buf_id, (self.b, self._t, self.spec.hidden))  # [B, T, H]
 
     def _weights(self, op: Op) -> dict[str, torch.Tensor]:
-        return kernels.layer_views(self.spec, op.layer, self.bufs[op.weight].tensor)
+        buf = self.bufs[op.weight].tensor
+        if self._wdense is None:
+            return kernels.layer_views(self.spec, op.layer, buf)
+        dense = self._wdense[: self.spec.layer_bytes(op.layer)]
+        decompress_layer(self.spec, op.layer, buf, self.qcfg, dense)
+        return kernels.layer_views(self.spec, op.layer, dense)
 
     # -- handlers ------------------------------------------------------------------------------
     def _load_weight(self, op: Op) -> None:
         src, dst = self.bufs[op.src], self.bufs[op.dst]
         if src is None:
-            self.backend.read_layer(self.store, op.layer, dst, drop_page_cache=self.cold_weights)
+            self.backend.read_layer(self.weights, op.layer, dst, drop_page_cache=self.cold_weights)
         else:
-            self.backend.copy(dst, src, 0, self.spec.layer_bytes(op.layer))
+            self.backend.copy(dst, src, 0, self.weights.layer_nbytes(op.layer))
 
     def _row_bytes(self) -> int:
-        return self.b * self.spec.kv_bytes_per_token()
+        """Cache bytes of one token of one gpu batch (the cache buffers are token-major)."""
+        return self.codec.row_bytes if self.codec else self.b * self.spec.kv_bytes_per_token()
 
     def _load_cache(self, op: Op) -> None:
         self.backend.copy(self.bufs[op.dst], self.bufs[op.src], 0, self._start * self._row_bytes())
@@ -167,26 +216,51 @@ class Engine:
 
     def _decoder(self, op: Op) -> None:
         k, a, t = op.batch, self._start, self._t
-        hv = self._hidden_view(op.hidden)
-        out = kernels.decoder(self.spec, self._weights(op), hv, self._cache_view(op.cache), a,
-                              self._pos[k][:, a:a + t], self._mask[k][:, : a + t])
+        hv, w = self._hidden_view(op.hidden), self._weights(op)
+        pos, mask = self._pos[k][:, a:a + t], self._mask[k][:, : a + t]
+        if self.codec is None:
+            out = kernels.decoder(self.spec, w, hv, self._cache_view(op.cache), a, pos, mask)
+        else:
+            q, kk, v = kernels.attention_inputs(self.spec, w, hv, pos)
+            att = self._attend_compressed(q, kk, v, self.bufs[op.cache].tensor, self._cdense, a, mask)
+            out = kernels.attention_output_and_mlp(self.spec, w, hv, att)
         hv.copy_(out)
+
+    def _attend_compressed(self, q, k, v, cbuf: torch.Tensor, dense: torch.Tensor, a: int,
+                           mask: torch.Tensor) -> torch.Tensor:
+        """attend over a compressed cache: restore rows [0, a), attend with the new k, v as they will
+        read back (so every token sees the same cache values, whenever it reads them), store the new rows."""
+        k, v = self.codec.round_trip(k), self.codec.round_trip(v)
+        self.codec.load(cbuf, dense, a)
+        att = kernels.attend(self.spec, q, k, v, dense, a, mask)
+        self.codec.store(cbuf, dense, a, q.shape[1])
+        return att
 
     def _decoder_host_cache(self, op: Op) -> None:
         """The cache stays in host memory: decode attends there (q, k, v cross, the cache never does);
         prefill attends on the compute device over the new tokens, then writes their k, v home."""
         k, a, t = op.batch, self._start, self._t
-        hv, cache = self._hidden_view(op.hidden), self._cache_view(op.cache)
+        hv, cbuf = self._hidden_view(op.hidden), self.bufs[op.cache].tensor
         w = self._weights(op)
         mask = self._mask[k][:, : a + t]
         q, kk, v = kernels.attention_inputs(self.spec, w, hv, self._pos[k][:, a:a + t])
         if op.kind is OpKind.DECODER_DECODE_CPU_ATTN:
-            host = cache.device
-            att = kernels.attend(self.spec, q.to(host), kk.to(host), v.to(host), cache, a, mask.to(host))
+            host = cbuf.device
+            q, kk, v, mask = q.to(host), kk.to(host), v.to(host), mask.to(host)
+            if self.codec is None:
+                att = kernels.attend(self.spec, q, kk, v, self._cache_view(op.cache), a, mask)
+            else:
+                att = self._attend_compressed(q, kk, v, cbuf, self._cdense_host, a, mask)
         else:
-            tmp = torch.empty((t,) + tuple(cache.shape[1:]), dtype=cache.dtype, device=hv.device)
+            s = self.spec
+            tmp = torch.empty((t, 2, self.b, s.num_kv_heads, s.head_dim), dtype=self.dtype, device=hv.device)
+            if self.codec is not None:
+                kk, v = self.codec.round_trip(kk), self.codec.round_trip(v)
             att = kernels.attend(self.spec, q, kk, v, tmp, 0, mask)
-            cache[:t].copy_(tmp)
+            if self.codec is None:
+                self._cache_view(op.cache)[:t].copy_(tmp)
+            else:
+                self.codec.store(cbuf, tmp, 0, t)
         hv.copy_(kernels.attention_output_and_mlp(self.spec, w, hv, att.to(hv.device)))
 
     def _head(self, op: Op) -> None:

@@ -170,6 +170,10 @@ class WeightStore:
             raise WeightStoreError(f"tensor {key!r}: {path} has {size} bytes, expected {slot.nbytes}")
         return fd
 
+    def layer_nbytes(self, layer: int) -> int:
+        """Bytes read_layer_into fills (the interface runtime.compressed.CompressedLayers shares)."""
+        return self.spec.layer_bytes(layer)
+
     def read_layer_into(self, layer: int, buf: torch.Tensor, drop_page_cache: bool = False) -> None:
         """Read every tensor file of the layer straight into its offset in buf (a flat uint8 CPU tensor).
 

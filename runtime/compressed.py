@@ -1,0 +1,235 @@
+"""Compressed weights and KV cache at run time: the byte layouts a plan's compressed buffers hold, and
+the codecs that fill and read them (runtime.quant does the arithmetic).
+
+    >>> cfg = QuantConfig(4, 64)
+    >>> layers = compressed_layers(store, cfg)        # built once beside the store, then reused
+    >>> layers.read_layer_into(1, buf)                # buf: qlayer_bytes(spec, 1, cfg) bytes
+    >>> decompress_layer(spec, 1, buf, cfg, dense)    # dense: spec.layer_bytes(1), kernels.layer_views(...)
+    >>> codec = CacheCodec(spec, gpu_batch_size, cfg)
+    >>> codec.store(cbuf, dense_cache, start, t)      # rows [start, start + t) compressed into cbuf
+    >>> codec.load(cbuf, dense_cache, n)              # rows [0, n) restored
+
+Compressed layer layout: the tensors of spec.layer_layout in the same order, each starting
+ALIGN_BYTES-aligned; a matrix is one runtime.quant buffer grouped along spec.quant_dim (a linear map's
+input dim, an embedding's hidden dim), a vector stays in the model dtype. Its size is what
+planner.memory.compressed_layer_bytes predicts (tests/test_compressed.py holds them equal).
+
+Compressed cache layout: token-major records, one per cache row s (the [2, B, KV, D] keys and values
+of one token): the runtime.quant buffer of that row grouped along D. A token range is then one byte
+range, so the plan's cache copies move compressed rows exactly as they move dense ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from flexgen_graph.spec import ALIGN_BYTES, ModelSpec, quant_dim
+from runtime.kernels import TORCH_DTYPES, layer_views
+from runtime.quant import STAT_BYTES, STAT_DTYPE, QTensor, QuantConfig, compressed_nbytes, dequantize, pack_into, \
+    quantize, unpack_from
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN_BYTES) * ALIGN_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class QSlot:
+    """Where one tensor sits in a compressed layer buffer; dim is None for a tensor kept dense."""
+
+    name: str
+    shape: tuple[int, ...]
+    dim: int | None
+    offset: int
+    nbytes: int
+
+
+def qlayer_layout(spec: ModelSpec, layer: int, cfg: QuantConfig) -> tuple[QSlot, ...]:
+    out, off = [], 0
+    for s in spec.layer_layout(layer):
+        if len(s.shape) >= 2:
+            d = quant_dim(s.name) % len(s.shape)
+            n = compressed_nbytes(s.shape, d, cfg)
+        else:
+            d, n = None, s.nbytes
+        out.append(QSlot(s.name, s.shape, d, off, n))
+        off += _align(n)
+    return tuple(out)
+
+
+def qlayer_bytes(spec: ModelSpec, layer: int, cfg: QuantConfig) -> int:
+    last = qlayer_layout(spec, layer, cfg)[-1]
+    return _align(last.offset + last.nbytes)
+
+
+def compress_layer(spec: ModelSpec, layer: int, dense: torch.Tensor, cfg: QuantConfig, out: torch.Tensor) -> None:
+    """dense: the layer's flat buffer (spec.layer_layout) -> out: its compressed flat buffer."""
+    views = layer_views(spec, layer, dense)
+    for q in qlayer_layout(spec, layer, cfg):
+        dst = out[q.offset:q.offset + q.nbytes]
+        if q.dim is None:
+            dst.copy_(views[q.name].reshape(-1).view(torch.uint8))
+        else:
+            pack_into(quantize(views[q.name], q.dim, cfg), dst)
+
+
+def decompress_layer(spec: ModelSpec, layer: int, buf: torch.Tensor, cfg: QuantConfig, dense: torch.Tensor) -> None:
+    """buf: a compressed layer buffer -> dense: the layer's flat buffer, ready for kernels.layer_views
+    (dequantized on dense's device, in the model dtype)."""
+    views = layer_views(spec, layer, dense)
+    for q in qlayer_layout(spec, layer, cfg):
+        src = buf[q.offset:q.offset + q.nbytes]
+        if q.dim is None:
+            views[q.name].reshape(-1).view(torch.uint8).copy_(src)
+        else:
+            dequantize(unpack_from(src, q.shape, q.dim, cfg), out=views[q.name])
+
+
+# ---------------------------------------------------------------- the weight store's compressed copy
+
+COMPRESSED_FORMAT = "flexgen-graph-compressed-weights"
+COMPRESSED_VERSION = 1
+DONE = "compressed.json"
+
+
+class CompressedLayers:
+    """A weight store's layers compressed with one config: one file per layer, read whole into a
+    buffer (the interface the backends call on a weight store)."""
+
+    def __init__(self, path: Path, spec: ModelSpec, cfg: QuantConfig) -> None:
+        self.path, self.spec, self.cfg = path, spec, cfg
+
+    def layer_nbytes(self, layer: int) -> int:
+        return qlayer_bytes(self.spec, layer, self.cfg)
+
+    def file(self, layer: int) -> Path:
+        return self.path / f"{layer}.bin"
+
+    def read_layer_into(self, layer: int, buf: torch.Tensor, drop_page_cache: bool = False) -> None:
+        need = qlayer_bytes(self.spec, layer, self.cfg)
+        if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.device.type != "cpu" or buf.numel() < need:
+            raise ValueError(f"layer {layer}: buffer must be a flat uint8 CPU tensor of at least {need} bytes "
+                             f"(compressed), got {buf.dtype} {tuple(buf.shape)} on {buf.device}")
+        path = self.file(layer)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if os.fstat(fd).st_size != need:
+                raise ValueError(f"{path}: {os.fstat(fd).st_size} bytes, expected {need}; delete {self.path} "
+                                 "to rebuild the compressed copy")
+            view, done = memoryview(buf[:need].numpy()), 0
+            while done < need:  # preadv may return short counts
+                n = os.preadv(fd, [view[done:]], done)
+                if n <= 0:
+                    raise ValueError(f"{path}: file ended after {done} bytes")
+                done += n
+            if drop_page_cache:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    def check(self) -> None:
+        for j in range(self.spec.num_graph_layers):
+            size = self.file(j).stat().st_size if self.file(j).is_file() else None
+            if size != qlayer_bytes(self.spec, j, self.cfg):
+                raise ValueError(f"{self.file(j)}: {'missing' if size is None else f'{size} bytes'}, expected "
+                                 f"{qlayer_bytes(self.spec, j, self.cfg)}; delete {self.path} to rebuild it")
+
+
+def compressed_layers(store, cfg: QuantConfig) -> CompressedLayers:
+    """The store's compressed copy for cfg, built on first use (a folder inside the store, completed
+    by a marker file written last, so an interrupted build is redone, never half used)."""
+    spec = store.spec
+    path = Path(store.path) / f"compressed-{cfg.bits}bit-g{cfg.group_size}"
+    meta = {"format": COMPRESSED_FORMAT, "version": COMPRESSED_VERSION, "fingerprint": spec.fingerprint(),
+            "bits": cfg.bits, "group_size": cfg.group_size}
+    layers = CompressedLayers(path, spec, cfg)
+    done = path / DONE
+    if done.is_file():
+        try:
+            ok = json.loads(done.read_text()) == meta
+        except (OSError, ValueError):
+            ok = False
+        if ok:
+            layers.check()
+            return layers
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    n = spec.num_graph_layers
+    with tqdm(total=n, desc=f"compressing {spec.name} to {cfg.bits} bits", unit="layer",
+              disable=not sys.stderr.isatty()) as bar:
+        for j in range(n):
+            dense = torch.empty(spec.layer_bytes(j), dtype=torch.uint8)
+            store.read_layer_into(j, dense)
+            out = torch.zeros(qlayer_bytes(spec, j, cfg), dtype=torch.uint8)
+            compress_layer(spec, j, dense, cfg, out)
+            out.numpy().tofile(layers.file(j))
+            bar.update()
+    tmp = path / (DONE + ".tmp")
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, done)
+    return layers
+
+
+# ---------------------------------------------------------------- the KV cache
+
+
+class CacheCodec:
+    """Token-major compressed rows of a [S, 2, B, KV, D] cache, grouped along D."""
+
+    def __init__(self, spec: ModelSpec, gpu_batch_size: int, cfg: QuantConfig) -> None:
+        self.spec, self.cfg = spec, cfg
+        self.row_shape = (2, gpu_batch_size, spec.num_kv_heads, spec.head_dim)  # one token's keys and values
+        rows = 2 * gpu_batch_size * spec.num_kv_heads
+        self.groups = -(-spec.head_dim // cfg.group_size)
+        self._stat = rows * self.groups * STAT_BYTES  # bytes of one token's scales (and of its minimums)
+        self.row_bytes = compressed_nbytes(self.row_shape, -1, cfg)
+        assert self.row_bytes % STAT_BYTES == 0, "a record must keep the next one's float16 stats aligned"
+
+    def _records(self, buf: torch.Tensor, start: int, n: int) -> QTensor:
+        """Views of records [start, start + n) of a flat compressed cache buffer, as one QTensor."""
+        r = buf[start * self.row_bytes:(start + n) * self.row_bytes].view(n, self.row_bytes)
+        g, s = self.groups, self._stat
+        lead = self.row_shape[:-1]
+        scale = r[:, :s].view(STAT_DTYPE).view(n, *lead, g)
+        mn = r[:, s:2 * s].view(STAT_DTYPE).view(n, *lead, g)
+        data = r[:, 2 * s:].view(n, *lead, g, self.cfg.group_bytes)
+        return QTensor(data, scale, mn, (n,) + self.row_shape, len(self.row_shape), self.cfg)
+
+    def store(self, buf: torch.Tensor, dense: torch.Tensor, start: int, n: int) -> None:
+        """Compress dense rows [start, start + n) into buf's records (dense may live on another device)."""
+        if n <= 0:
+            return
+        q = quantize(dense[start:start + n], -1, self.cfg)
+        rec = self._records(buf, start, n)
+        rec.scale.copy_(q.scale)
+        rec.mn.copy_(q.mn)
+        rec.data.copy_(q.data)
+
+    def load(self, buf: torch.Tensor, dense: torch.Tensor, n: int) -> None:
+        """Restore rows [0, n) of dense from buf's records, on dense's device."""
+        if n <= 0:
+            return
+        rec = self._records(buf, 0, n)
+        if rec.data.device != dense.device:
+            rec = QTensor(rec.data.to(dense.device), rec.scale.to(dense.device), rec.mn.to(dense.device),
+                          rec.shape, rec.dim, rec.cfg)
+        dequantize(rec, out=dense[:n])
+
+    def round_trip(self, x: torch.Tensor) -> torch.Tensor:
+        """What a value reads back from the compressed cache: k and v are attended as stored."""
+        return dequantize(quantize(x, -1, self.cfg), dtype=x.dtype)
+
+
+def dense_cache_view(buf: torch.Tensor, max_seq: int, gpu_batch_size: int, spec: ModelSpec) -> torch.Tensor:
+    """A [S, 2, B, KV, D] typed view over the start of a flat uint8 buffer."""
+    shape = (max_seq, 2, gpu_batch_size, spec.num_kv_heads, spec.head_dim)
+    n = max_seq * 2 * gpu_batch_size * spec.num_kv_heads * spec.head_dim * spec.dtype_bytes
+    return buf[:n].view(TORCH_DTYPES[spec.dtype]).view(shape)
