@@ -15,8 +15,9 @@ attention against the cache it reads, plus a fixed cost per op. Flags:
   On a machine without a GPU the "GPU" is the CPU: the CPU attention joins the compute stream at
   the attention rate, and delegating saves only the copies into slots.
 - compress_weights / compress_cache: 4-bit groups (planner.memory): homes, slots and link bytes
-  at the compressed size; dequantization is modelled by memory bandwidth (read the compressed
-  bytes, write the full ones) on the device that computes, once per gpu batch.
+  at the compressed size; dequantization costs the dense bytes it produces at the profile's
+  measured dequantization rate, on the device that reads them: a layer's weights once per step
+  (the runtime reuses them across the gpu batches), each gpu batch's cache at every attention.
 
     >>> from flexgen_graph.catalog import catalog_spec
     >>> from flexgen_graph.ir import Block, Tier, Workload
@@ -254,12 +255,13 @@ def compute_parts(f: LayerFigures, hw: HardwareProfile, rows: int, flags: Flags)
     dense_s = f.dense_flops * max(1.0, hw.matmul_min_rows / rows) / hw.gpu_matmul_flops_per_s
     base = max(dense_s, f.compute_ops * f.weight_full_bytes / gpu_bw) + f.compute_ops * hw.compute_op_overhead_s
     if flags.compress_weights:
-        base += f.compute_ops * (f.weight_bytes + f.weight_full_bytes) / gpu_bw
-    dequant = f.cache_load_bytes + f.cache_full_bytes if flags.compress_cache else 0.0
-    attn_gpu = max(f.attn_flops / hw.gpu_attn_flops_per_s, f.cache_full_bytes / gpu_bw) + dequant / gpu_bw
+        base += f.weight_full_bytes / hw.gpu_dequant_bytes_per_s
+    dequant = f.cache_full_bytes if flags.compress_cache else 0.0
+    attn_gpu = max(f.attn_flops / hw.gpu_attn_flops_per_s, f.cache_full_bytes / gpu_bw) \
+        + dequant / hw.gpu_dequant_bytes_per_s
     # without a GPU, "GPU" attention already runs on the CPU cores: delegating only saves the copies
     cpu_rate = hw.cpu_matmul_flops_per_s if hw.has_gpu else hw.gpu_attn_flops_per_s
-    attn_cpu = max(f.attn_flops / cpu_rate, f.cache_full_bytes / cpu_bw) + dequant / cpu_bw
+    attn_cpu = max(f.attn_flops / cpu_rate, f.cache_full_bytes / cpu_bw) + dequant / hw.cpu_dequant_bytes_per_s
     return base, attn_gpu, attn_cpu
 
 

@@ -41,6 +41,10 @@ class HardwareProfile:
     gpu_mem_bytes_per_s: float  # what bounds a compute that must read its weights (decode at small batch)
     matmul_min_rows: int  # a matmul of fewer rows costs as much as one of this many (small-batch inefficiency)
     compute_op_overhead_s: float  # fixed cost per compute op (launches, Python dispatch)
+    # dense bytes per second that 4-bit dequantization produces (runtime.quant: a few elementwise passes,
+    # far below memory bandwidth on a CPU): on the compute device, and on the host (CPU-attended cache)
+    gpu_dequant_bytes_per_s: float
+    cpu_dequant_bytes_per_s: float
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not isinstance(self.has_gpu, bool):
@@ -62,7 +66,8 @@ class HardwareProfile:
         names = {f.name for f in fields(cls)}
         missing, unknown = names - set(d), set(d) - names
         if missing or unknown:
-            raise BadProfileError(f"profile fields: missing {sorted(missing)}, unknown {sorted(unknown)}")
+            raise BadProfileError(f"profile fields: missing {sorted(missing)}, unknown {sorted(unknown)} "
+                                  "(a profile from another version: measure it again with `flexgen-graph profile`)")
         return cls(**d)
 
     def fingerprint(self) -> str:
@@ -86,6 +91,8 @@ BUILTIN_PROFILES: dict[str, HardwareProfile] = {
         # FlexGen fits 21.24 TFLOP/s for prefill matmuls but 4.3 for decode; a 128-row floor on
         # decode-sized matmuls reproduces that ratio at its gpu batch sizes (~32)
         gpu_mem_bytes_per_s=300e9, matmul_min_rows=128, compute_op_overhead_s=5e-5,
+        # assumed: ~6 bytes of traffic per float16 byte produced on the GPU; a many-core host 4x ours
+        gpu_dequant_bytes_per_s=50e9, cpu_dequant_bytes_per_s=4e9,
     ),
     # H100 80GB PCIe gen5 machine, figures measured 2026-11-26 (bench/SCENARIOS.md); the disk and
     # CPU matmul rates were not measured there and are conservative assumptions.
@@ -97,6 +104,7 @@ BUILTIN_PROFILES: dict[str, HardwareProfile] = {
         gpu_matmul_flops_per_s=762e12, gpu_attn_flops_per_s=200e12,
         cpu_matmul_flops_per_s=1.0e12, cpu_mem_bytes_per_s=97e9,
         gpu_mem_bytes_per_s=2.0e12, matmul_min_rows=128, compute_op_overhead_s=3e-5,
+        gpu_dequant_bytes_per_s=330e9, cpu_dequant_bytes_per_s=8e9,  # assumed, as for t4-flexgen
     ),
     # The CI/developer box: 2 cores, 24 GiB, no GPU. The "GPU" tier is an 8 GiB budget of host
     # memory. fp32 matmul 150 GFLOP/s at >= 64 rows (16 rows cost as much as 64), host memory read
@@ -109,6 +117,8 @@ BUILTIN_PROFILES: dict[str, HardwareProfile] = {
         gpu_matmul_flops_per_s=150e9, gpu_attn_flops_per_s=30e9,
         cpu_matmul_flops_per_s=150e9, cpu_mem_bytes_per_s=22e9,
         gpu_mem_bytes_per_s=22e9, matmul_min_rows=64, compute_op_overhead_s=1e-4,
+        # float32 out (runtime.profiler.dequant_rate: 0.4 GB/s measured with the other core busy)
+        gpu_dequant_bytes_per_s=1.2e9, cpu_dequant_bytes_per_s=1.2e9,
     ),
 }
 

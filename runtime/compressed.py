@@ -96,7 +96,7 @@ def decompress_layer(spec: ModelSpec, layer: int, buf: torch.Tensor, cfg: QuantC
 # ---------------------------------------------------------------- the weight store's compressed copy
 
 COMPRESSED_FORMAT = "flexgen-graph-compressed-weights"
-COMPRESSED_VERSION = 1
+COMPRESSED_VERSION = 2  # 2: groups kept in place along their dim (runtime.quant)
 DONE = "compressed.json"
 
 

