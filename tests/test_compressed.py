@@ -183,3 +183,42 @@ def test_plan_and_store_disagreeing_on_sizes_is_refused(tmp_path):
     tampered = dataclasses.replace(plan, policy=dataclasses.replace(plan.policy, compress_cache=False))
     with pytest.raises(ValueError, match="recompile the plan"):
         Engine(tampered, store, tmp_path / "off")
+
+
+def test_auto_compresses_where_it_pays_and_not_where_it_does_not():
+    """--compress auto: the flags are search dimensions priced by their bytes and dequantization time."""
+    wl = Workload(512, 32)
+    opt13 = catalog_spec("facebook/opt-13b")
+    off = compile_plan(opt13, load_profile("t4-flexgen"), wl)
+    auto = compile_plan(opt13, load_profile("t4-flexgen"), wl, compress="auto")
+    assert not off.policy.compresses and auto.policy.compresses  # a 16 GB GPU and a slow link: compress
+    assert auto.predictions["tokens_per_s"] > 1.2 * off.predictions["tokens_per_s"]
+    smol = catalog_spec("HuggingFaceTB/SmolLM2-135M-Instruct").with_dtype("float32")
+    cpu = compile_plan(smol, load_profile("cpu-small"), Workload(64, 32), compress="auto")
+    assert not cpu.policy.compresses  # all in RAM already: dequantizing would only cost time
+
+
+def test_cli_compile_inspect_run_compressed(tmp_path, capsys):
+    import json
+
+    from flexgen_graph.cli import main
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "ckpt")
+    plan = tmp_path / "c.fgplan"
+    assert main(["compile", "--model", str(tmp_path / "ckpt"), "--prompt-len", str(PROMPT_LEN), "--gen-len",
+                 str(GEN_LEN), "--gpu-batch-size", "2", "--num-gpu-batches", "2", "--weights-frac", "0,0,1",
+                 "--compress", "both", "--group-size", "32", "-o", str(plan)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(plan)]) == 0
+    assert "compress_weights, compress_cache (4-bit, groups of 32)" in capsys.readouterr().out
+    prompts = prompts_for(model.config.vocab_size, 4)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": i, "prompt_ids": p}) + "\n"
+                                               for i, p in enumerate(prompts)))
+    assert main(["run", "--plan", str(plan), "--input", str(tmp_path / "in.jsonl"), "--output",
+                 str(tmp_path / "out.jsonl"), "--cache-dir", str(tmp_path / "cache")]) == 0
+    got = {r["id"]: r["token_ids"] for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    assert [got[i] for i in range(4)] == hf_compressed_reference(model, prompts, "both", QuantConfig(4, 32))
+    with pytest.raises(SystemExit):
+        main(["compile", "--model", str(tmp_path / "ckpt"), "--prompt-len", "8", "--gen-len", "4",
+              "--compress", "yes", "-o", str(plan)])
