@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--offload-dir", help="folder for disk-tier scratch files (default: a temporary folder)")
     r.add_argument("--cache-dir", help="where imported weights and compiled plans are cached "
                                        "(default: ~/.cache/flexgen-graph)")
+    r.add_argument("--distributed", action="store_true",
+                   help="data parallel: each process runs its shard of the input, rank 0 merges them into "
+                        "--output; launch with torchrun (under torchrun this is the default)")
     _add_compile_args(r, required=False)
 
     pr = sub.add_parser("profile", help="measure this machine into a hardware profile (under a minute)")
@@ -221,6 +224,21 @@ def _round_up(n: int, m: int) -> int:
 
 
 def cmd_run(args) -> int:
+    from flexgen_graph import distributed
+
+    rank = distributed.from_env(required=args.distributed)  # set under torchrun: one shard of a data-parallel run
+    if rank is None:
+        return _run(args)
+    shard = distributed.Shard.for_output(args.output, rank)  # a bad --output fails before the rendezvous
+    distributed.start(rank, cuda=args.device != "cpu" and _cuda_visible())
+    try:
+        return _run(args, shard)
+    finally:
+        distributed.stop()
+
+
+def _run(args, shard=None) -> int:
+    from flexgen_graph import distributed
     from flexgen_graph.ir import Workload
     from flexgen_graph.jobs import OutputFile, load_tokenizer, run_job, scan
     from flexgen_graph.models import default_cache_dir, open_store, resolve_model, weights_source_for
@@ -235,39 +253,52 @@ def cmd_run(args) -> int:
     if not in_path.is_file():
         raise ValueError(f"--input {in_path}: no such file")
     defaults = Sampling(args.temperature, args.top_p, args.seed)
-    plans = planfile.load_set(args.plan) if args.plan else None
-    if plans is not None:
-        _check_plan_args(plans, args)
-        spec, source = plans[0].spec, plans[0].weights_source
-    else:
-        spec, source = resolve_model(args.model or DEFAULT_MODEL, _dtype(args))
-    if args.weights:
-        source = weights_source_for(args.weights, source)
-    if not source:
-        raise ValueError(f"the plan names no weights for {spec.name}: pass --weights")
-    print(f"model {spec.name} ({spec.num_params() / 1e6:.0f}M parameters, {spec.dtype}), weights {source}",
-          file=sys.stderr)
-    store = open_store(source, spec, cache_dir)
-    tokenizer = load_tokenizer(store.path)
-    if plans is None:
-        count, longest, wanted = scan(in_path, tokenizer, defaults)
-        workload = Workload(args.prompt_len or _round_up(longest, 16), args.gen_len or max(wanted, 64))
-        # a block larger than the job would only add padding
-        plans = [_cached_plan(spec, args, workload, source, cache_dir, 1 << max(count - 1, 0).bit_length())]
-    if plans[0].profile.has_gpu and args.device != "cuda" and not _cuda_visible():
+    rank = shard.rank if shard else None
+    talk = rank is None or rank.rank == 0  # one copy of the setup lines, not one per rank
+    # every rank compiles the same plan (the scan reads the whole input); cache writes go one at a time
+    with distributed.leaders_first(rank):
+        plans = planfile.load_set(args.plan) if args.plan else None
+        if plans is not None:
+            _check_plan_args(plans, args)
+            spec, source = plans[0].spec, plans[0].weights_source
+        else:
+            spec, source = resolve_model(args.model or DEFAULT_MODEL, _dtype(args))
+        if args.weights:
+            source = weights_source_for(args.weights, source)
+        if not source:
+            raise ValueError(f"the plan names no weights for {spec.name}: pass --weights")
+        if talk:
+            print(f"model {spec.name} ({spec.num_params() / 1e6:.0f}M parameters, {spec.dtype}), weights {source}",
+                  file=sys.stderr)
+        store = open_store(source, spec, cache_dir)
+        tokenizer = load_tokenizer(store.path)
+        if plans is None:
+            count, longest, wanted = scan(in_path, tokenizer, defaults)
+            workload = Workload(args.prompt_len or _round_up(longest, 16), args.gen_len or max(wanted, 64))
+            # a block larger than the job would only add padding
+            plans = [_cached_plan(spec, args, workload, source, cache_dir, 1 << max(count - 1, 0).bit_length())]
+    if plans[0].profile.has_gpu and args.device != "cuda" and not _cuda_visible() and talk:
         print(f"note: the plan targets a GPU ({plans[0].profile.name}) but none is visible: running on the CPU "
               "backend, its GPU tier a budget of host memory", file=sys.stderr)
-    for p in plans:
+    for p in plans if talk else ():
         print(f"plan: prompt {p.workload.prompt_len}, gen {p.workload.gen_len}, block {p.policy.gpu_batch_size} x "
               f"{p.policy.num_gpu_batches}, profile {p.profile.name}", file=sys.stderr)
-    out = OutputFile(Path(args.output) if args.output else None)
+    device, offload_dir = args.device, args.offload_dir
+    if shard:
+        device, offload_dir = distributed.pick_device(rank, plans[0], args.device), shard.offload_dir(offload_dir)
+        out = shard.open()
+        shard.check_visible()
+        mine, done_elsewhere = shard.mine, shard.done_in_output()
+    else:
+        out = OutputFile(Path(args.output) if args.output else None)
+        mine, done_elsewhere = (lambda key: True), frozenset()
     stop: list[int] = []  # the signal that asked us to stop; the current block still finishes
     previous = {sig: signal.signal(sig, lambda signum, _frame: stop.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        summary = run_job(plans, lambda p: Engine(p, store, args.offload_dir, device=args.device), tokenizer,
+        summary = run_job(plans, lambda p: Engine(p, store, offload_dir, device=device), tokenizer,
                           in_path, out, defaults=defaults, show=args.show or not args.output,
-                          should_stop=lambda: bool(stop))
+                          should_stop=lambda: bool(stop), mine=mine, done_elsewhere=done_elsewhere)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise OSError(e.errno, f"the offload folder ran out of space ({e.filename or args.offload_dir or 'temp'}); "
@@ -280,9 +311,19 @@ def cmd_run(args) -> int:
             signal.signal(sig, handler)
     if summary.interrupted:
         name = signal.Signals(stop[0]).name
-        print(f"stopped by {name} after {summary.tokens} tokens; finished blocks are in {args.output or 'stdout'}, "
-              "scratch files removed. Re-run the same command to resume.", file=sys.stderr)
+        # a stopped rank does not wait for the others: torchrun stops them too, and nothing is merged
+        print(f"{f'rank {rank.rank}: ' if rank else ''}stopped by {name} after {summary.tokens} tokens; finished "
+              f"blocks are in {shard.path if shard else args.output or 'stdout'}, scratch files removed. Re-run the "
+              "same command to resume.", file=sys.stderr)
         return 128 + stop[0]
+    if shard:
+        print(f"rank {rank.rank}/{rank.world_size}: {summary.prompts} prompts, {summary.tokens} tokens in "
+              f"{summary.wall_s:.1f} s", file=sys.stderr)
+        summary, merged = distributed.finish(shard, summary)
+        if merged is None:
+            return 0  # rank 0 reports the run
+        print(f"merged {rank.world_size} shards into {args.output}: {merged.appended} records"
+              + (f" ({merged.already} were there already)" if merged.already else ""), file=sys.stderr)
     pred = ", ".join(f"{x:.1f}" for x in summary.predicted_tokens_per_s) or "-"
     resumed = f", {summary.skipped} already done" if summary.skipped else ""
     print(f"{summary.prompts} prompts ({summary.errors} errors{resumed}), {summary.tokens} tokens in "

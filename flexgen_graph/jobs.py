@@ -139,6 +139,38 @@ def parse_line(line: str, lineno: int, tokenizer, defaults: Sampling = Sampling(
     return Request(rid, tuple(ids), max_tokens, sampling)
 
 
+def record_key(rec: dict) -> str:
+    """The key an output record is done under: its input line's when it names one (an error record
+    without a usable id, or a duplicate id's), else its id's."""
+    return f"line:{rec.get('line')}" if "line" in rec or "id" not in rec else id_key(rec["id"])
+
+
+def done_keys(data: bytes) -> set[str]:
+    """Keys of the whole records in an output file's bytes (a torn last line is not one)."""
+    done = set()
+    for raw in data[:data.rfind(b"\n") + 1].splitlines():
+        try:
+            rec = json.loads(raw)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            done.add(record_key(rec))
+    return done
+
+
+def line_key(text: str, lineno: int) -> str:
+    """The key of an input line without tokenizing it: the same key parse_line's result is
+    recorded under (its id's when the line has a valid id, else its line number's)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return f"line:{lineno}"
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        return f"line:{lineno}"
+    return id_key(rid)
+
+
 class OutputFile:
     """Append-only JSONL whose records are each written whole, flushed and fsynced.
 
@@ -158,13 +190,7 @@ class OutputFile:
             if cut < len(data):
                 with open(path, "r+b") as f:
                     f.truncate(cut)
-            for raw in data[:cut].splitlines():
-                try:
-                    rec = json.loads(raw)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict):
-                    self.done.add(id_key(rec["id"]) if "id" in rec else f"line:{rec.get('line')}")
+            self.done = done_keys(data[:cut])
         self._f = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
@@ -172,6 +198,15 @@ class OutputFile:
             return
         # one write call per record: a crash leaves a whole line or a torn tail that the next open cuts
         self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def write_lines(self, lines: list[str]) -> None:
+        """Append records already serialized (each a whole JSON line ending in a newline), with one
+        fsync for all: a crash leaves whole lines and at most a torn tail, which the next open cuts."""
+        if self._f is None:
+            return
+        self._f.writelines(lines)
         self._f.flush()
         os.fsync(self._f.fileno())
 
@@ -211,20 +246,30 @@ def route(plans, req: Request) -> int | None:
 
 
 def plan_requests(in_path: Path, plans, tokenizer, out: OutputFile, defaults: Sampling,
-                  summary: JobSummary) -> list[list[tuple[int, int]]]:
-    """Pass 1: validate every line, write error records, route the rest: per plan, (offset, lineno)."""
+                  summary: JobSummary, mine: Callable[[str], bool] = lambda key: True,
+                  done_elsewhere: frozenset[str] = frozenset()) -> list[list[tuple[int, int]]]:
+    """Pass 1: validate every line, write error records, route the rest: per plan, (offset, lineno).
+
+    Only lines whose key `mine` accepts are this job's (a shard of a data-parallel run); keys in
+    out or in done_elsewhere (records another output already holds) are skipped."""
     routed: list[list[tuple[int, int]]] = [[] for _ in plans]
     seen: set[str] = set()
     longest = max(p.workload.prompt_len for p in plans)
     for offset, lineno, text in _lines(in_path):
-        r = parse_line(text, lineno, tokenizer, defaults)
-        key = id_key(r.id) if isinstance(r, Request) else (id_key(r["id"]) if "id" in r else f"line:{lineno}")
-        if key in out.done:
+        key = line_key(text, lineno)  # before tokenizing: other shards' and finished lines cost no more
+        if not mine(key):
+            continue
+        if key in out.done or key in done_elsewhere:
             summary.skipped += 1
             continue
+        r = parse_line(text, lineno, tokenizer, defaults)
         if key in seen and isinstance(r, Request):
-            r = {"id": r.id, "error": f"line {lineno}: duplicate id"}
+            # recorded under its line, not its id: the id's own record is still to come (or resumed)
+            r = {"id": r.id, "line": lineno, "error": f"line {lineno}: duplicate id"}
             key = f"line:{lineno}"
+            if key in out.done or key in done_elsewhere:
+                summary.skipped += 1
+                continue
         seen.add(key)
         if isinstance(r, Request):
             i = route(plans, r)
@@ -242,13 +287,15 @@ def plan_requests(in_path: Path, plans, tokenizer, out: OutputFile, defaults: Sa
 
 def run_job(plans, open_engine: Callable, tokenizer, in_path: Path, out: OutputFile, *,
             defaults: Sampling = Sampling(), show: bool = False,
-            should_stop: Callable[[], bool] = lambda: False) -> JobSummary:
+            should_stop: Callable[[], bool] = lambda: False, mine: Callable[[str], bool] = lambda key: True,
+            done_elsewhere: frozenset[str] = frozenset()) -> JobSummary:
     """Run every line of in_path; `open_engine(plan)` gives a context-managed Engine for a plan.
 
     should_stop is polled between blocks: when it says so, the job returns with the finished
-    blocks written (summary.interrupted set), and the engine's scratch files are removed."""
+    blocks written (summary.interrupted set), and the engine's scratch files are removed.
+    mine and done_elsewhere narrow the job to a shard (see plan_requests)."""
     summary = JobSummary()
-    routed = plan_requests(in_path, plans, tokenizer, out, defaults, summary)
+    routed = plan_requests(in_path, plans, tokenizer, out, defaults, summary, mine, done_elsewhere)
     total = sum(len(r) for r in routed)
     t0 = time.perf_counter()
     bar = tqdm(total=total, unit="prompt", disable=not sys.stderr.isatty(), desc="generating")

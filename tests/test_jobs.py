@@ -74,6 +74,20 @@ def test_resume_skips_done_ids_and_repairs_a_torn_line(tiny_store, tmp_path):
                                                        for x in complete.splitlines()}
 
 
+def test_a_duplicate_ids_error_record_does_not_count_as_that_id_done(tiny_store, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    write_lines(inp, [{"id": 0, "prompt_ids": [3, 4]}, {"id": 1, "prompt_ids": [5]}, {"id": 0, "prompt_ids": [6]}])
+    out = tmp_path / "out.jsonl"
+    run_tiny(tiny_store, inp, out, tiny_plans(tiny_store))
+    dup = [x for x in out.read_text().splitlines() if "duplicate" in x]
+    assert len(dup) == 1 and json.loads(dup[0])["line"] == 3
+    out.write_text(dup[0] + "\n")  # killed after pass 1 wrote the error, before id 0's block
+    again = run_tiny(tiny_store, inp, out, tiny_plans(tiny_store))
+    assert again.prompts == 2 and again.skipped == 1
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in recs if "token_ids" in r) == [0, 1] and len(recs) == 3
+
+
 def test_plan_set_routes_each_prompt_to_the_smallest_plan_that_fits(tiny_store, tmp_path):
     inp = tmp_path / "in.jsonl"
     write_lines(inp, [{"id": "short", "prompt_ids": [5, 6]}, {"id": "long", "prompt_ids": list(range(3, 15))},
