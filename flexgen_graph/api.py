@@ -17,7 +17,7 @@ from flexgen_graph.ir import Block, Workload
 from flexgen_graph.lower import lower
 from flexgen_graph.spec import ModelSpec
 from planner.hardware import HardwareProfile
-from planner.memory import GROUP_SIZE, compression_of, sized_buffers
+from planner.memory import GROUP_SIZE, policy_compression, sized_buffers
 from planner.plan import Plan
 from planner.policy import Placement
 from planner.schedule import emit_programs, graph_shape
@@ -37,10 +37,10 @@ def compile_plan(spec: ModelSpec, profile: HardwareProfile, workload: Workload, 
                  gpu_batch_size: int | None = None, num_gpu_batches: int | None = None,
                  fixed: dict[str, Placement] | None = None, weights_source: str = "",
                  max_block_size: int | None = None, cpu_attention: bool | None = None,
-                 compress: str = "off", group_size: int = GROUP_SIZE) -> Plan:
+                 compress: str = "off", group_size: int = GROUP_SIZE, compress_bits: int = 4) -> Plan:
     """cpu_attention: force the flag on or off (None: the search decides). compress: a COMPRESS_MODES
     key; "off" (the default) keeps the output identical to transformers, the others trade accuracy for
-    memory (4-bit groups of group_size elements, see BENCHMARKS.md for the accuracy cost)."""
+    memory (compress_bits-bit groups of group_size elements; BENCHMARKS.md has the accuracy cost)."""
     if compress not in COMPRESS_MODES:
         raise ValueError(f"compress must be one of {', '.join(COMPRESS_MODES)}, got {compress!r}")
     if workload.max_seq_len > spec.max_positions:
@@ -59,12 +59,13 @@ def compile_plan(spec: ModelSpec, profile: HardwareProfile, workload: Workload, 
         fixed.update(COMPRESS_MODES[compress])
     result = search(lambda block: lower(spec, workload, block), profile, workload,
                     gpu_batch_size=gpu_batch_size, num_gpu_batches=num_gpu_batches, fixed=fixed,
-                    max_block_size=max_block_size, spec=spec, allowed_flags=allowed, group_size=group_size)
+                    max_block_size=max_block_size, spec=spec, allowed_flags=allowed, group_size=group_size,
+                    bits=compress_bits)
     pol = result.policy
     graph = lower(spec, workload, Block(pol.gpu_batch_size, pol.num_gpu_batches))
     programs = emit_programs(graph, pol)
     if pol.compresses:  # same buffer ids, compressed tensors at their compressed sizes
-        sized = sized_buffers(graph_shape(graph), pol, compression_of(spec, pol.group_size))
+        sized = sized_buffers(graph_shape(graph), pol, policy_compression(spec, pol))
         programs = dataclasses.replace(programs, buffers=sized.buffers)
     return Plan(spec=spec, profile=profile, workload=workload, weights_source=weights_source, policy=pol,
                 predictions=result.predictions.to_dict(), programs=programs)

@@ -67,6 +67,9 @@ def _add_compile_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--group-size", type=int, default=64,
                    help="elements per compression group (default 64, FlexGen's; 32 loses less accuracy on small "
                         "models at 12%% more compressed bytes)")
+    p.add_argument("--compress-bits", type=int, choices=[4, 8], default=4,
+                   help="bits per compressed value: 4 (default, FlexGen's) or 8 (about half the savings, near "
+                        "lossless)")
     p.add_argument("--gpu-batch-size", type=int, help="fix the gpu batch size instead of searching")
     p.add_argument("--num-gpu-batches", type=int, help="fix the number of gpu batches per block")
     p.add_argument("--max-block-size", type=int, help="cap sequences per block (gpu batch size x gpu batches)")
@@ -175,7 +178,7 @@ def _compile(spec, args, workload, source: str, max_block_size: int | None = Non
     return compile_plan(spec, _profile(args.profile), workload, gpu_batch_size=args.gpu_batch_size,
                         num_gpu_batches=args.num_gpu_batches, fixed=_fixed(args), weights_source=source,
                         max_block_size=args.max_block_size or max_block_size, compress=args.compress,
-                        group_size=args.group_size)
+                        group_size=args.group_size, compress_bits=args.compress_bits)
 
 
 def cmd_compile(args) -> int:
@@ -343,7 +346,7 @@ def _cached_plan(spec, args, workload, source: str, cache_dir: Path, max_block_s
                       args.gpu_batch_size,
                       args.num_gpu_batches, args.max_block_size or max_block_size,
                       [getattr(args, f"{c}_frac") for c in ("weights", "cache", "hidden")], args.compress,
-                      args.group_size])
+                      args.group_size, args.compress_bits])
     path = cache_dir / "plans" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".fgplan")
     if path.is_file():
         return planfile.load(path)

@@ -27,7 +27,7 @@ from flexgen_graph.ir import TIERS, Block, Phase, Tier
 from flexgen_graph.lower import lower
 from planner.cost import Flags, Predictions, compute_parts, layer_figures
 from planner.figures import block_figures
-from planner.memory import buffer_bytes, compression_of, staging_bytes
+from planner.memory import buffer_bytes, policy_compression, staging_bytes
 from planner.plan import Plan
 from planner.program import OpKind
 from planner.verify import op_transients, simulate
@@ -74,7 +74,7 @@ def step_timeline(plan: Plan, phase: Phase = Phase.DECODE, ctx: int | None = Non
     if ctx is None:
         ctx = wl.prompt_len if phase is Phase.PREFILL else wl.max_seq_len - 1
     flags = Flags.of(pol)
-    comp = compression_of(plan.spec, plan.policy.group_size) if plan.policy.compresses else None
+    comp = policy_compression(plan.spec, plan.policy) if plan.policy.compresses else None
     figs = block_figures(g)
     lf = layer_figures(figs, ctx, flags, comp)[phase]
     nb = pol.num_gpu_batches
@@ -186,7 +186,8 @@ def describe_text(plan: Plan, *, with_simulation: bool = True) -> str:
         f"  cache   {frac(pol['cache'])}",
         f"  hidden  {frac(pol['hidden'])}",
         f"flags     {', '.join(flags) or 'none'}"
-        + (f" (4-bit, groups of {pol['group_size']})" if pol["compress_weights"] or pol["compress_cache"] else ""),
+        + (f" ({pol['compress_bits']}-bit, groups of {pol['group_size']})"
+           if pol["compress_weights"] or pol["compress_cache"] else ""),
         f"predicted {pred['tokens_per_s']:.4g} tokens/s; prefill {pred['prefill_s']:.4g} s, "
         f"decode step {pred['decode_step_s']:.4g} s, total {pred['total_s']:.4g} s",
         f"binding   {d['binding_constraint']} (slowest term: {d['binding']}; full tiers: {', '.join(d['tight']) or 'none'})",

@@ -42,7 +42,7 @@ from flexgen_graph.ir import TIERS, LayerKind, NodeKind, Phase, Tier
 from flexgen_graph.spec import ModelSpec
 from planner.figures import BlockFigures, LayerSums, figures_of
 from planner.hardware import HardwareProfile
-from planner.memory import Compression, compression_of, needs_compression, peaks_of
+from planner.memory import Compression, needs_compression, peaks_of, policy_compression
 from planner.policy import Policy, assign_tiers
 
 CLASSES: tuple[str, ...] = ("weights", "cache", "hidden")  # Policy field names
@@ -382,7 +382,7 @@ def evaluate(g: "nx.DiGraph | BlockFigures", profile: HardwareProfile, policy: P
     """
     figs = figures_of(g)
     if comp is None and spec is not None:
-        comp = compression_of(spec, policy.group_size)
+        comp = policy_compression(spec, policy)
     needs_compression(policy, comp)
     flags = Flags.of(policy)
     fracs = policy_fracs(policy)

@@ -96,14 +96,16 @@ class MemoryFigures:
         return {t: caps[t] - fuzz - TIGHTEN_MARGIN * caps[t] - (0 if t is Tier.GPU else items) for t in TIERS}
 
 
-def _group_size(comp: Compression | None) -> int:
-    return comp.group_size if comp is not None else GROUP_SIZE
+def _quant(comp: Compression | None) -> dict[str, int]:
+    """The policy fields of a compression (the defaults when nothing is compressed)."""
+    return {"group_size": comp.group_size, "compress_bits": comp.bits} if comp is not None else \
+        {"group_size": GROUP_SIZE, "compress_bits": 4}
 
 
 def _flag_policy(figs: BlockFigures, flags: Flags, comp: Compression | None = None) -> Policy:
     on_gpu = Placement.all_on(Tier.GPU)
     return Policy(figs.gpu_batch_size, figs.num_gpu_batches, on_gpu, on_gpu, on_gpu, **flags.as_dict(),
-                  group_size=_group_size(comp))
+                  **_quant(comp))
 
 
 def memory_figures(g: "nx.DiGraph | BlockFigures", flags: Flags = Flags(), comp: Compression | None = None, *,
@@ -280,7 +282,7 @@ def _rounded_policy(figs: BlockFigures, m: _Model, mem: MemoryFigures, placement
             r = Placement.rounded(g, cpu)
         out[c] = Placement(*(x + 0.0 for x in r.as_tuple()))  # + 0.0 turns a -0.0 into 0.0
     return Policy(figs.gpu_batch_size, figs.num_gpu_batches, out["weights"], out["cache"], out["hidden"],
-                  **flags.as_dict(), group_size=_group_size(comp))
+                  **flags.as_dict(), **_quant(comp))
 
 
 def _capacities(profile: HardwareProfile) -> dict[Tier, int]:
@@ -341,7 +343,7 @@ def solve_figures(figs: BlockFigures, profile: HardwareProfile, flags: Flags, *,
     costs = costs if costs is not None else phase_costs(figs, profile, flags, comp)
     if len(placements) == len(CLASSES):
         policy = Policy(figs.gpu_batch_size, figs.num_gpu_batches, placements["weights"], placements["cache"],
-                        placements["hidden"], **flags.as_dict(), group_size=_group_size(comp))
+                        placements["hidden"], **flags.as_dict(), **_quant(comp))
         peaks = peaks_of(figs, policy, comp, pinned_staging=profile.has_gpu)
         fault = _worst_overflow(peaks, caps)
         if fault is not None:

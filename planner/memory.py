@@ -6,7 +6,7 @@ compression), so this model and the runtime cannot drift apart. Transients are t
 compute op at the longest context: attention scores and MLP intermediates of one gpu batch, the
 logits (the graph's work bytes), plus the dequantized copy of compressed weights / cache it reads.
 
-4-bit compression (FlexGen's scheme): group-wise asymmetric min-max, groups of `group_size`
+4-bit (or 8-bit) compression (FlexGen's scheme): group-wise asymmetric min-max, groups of `group_size`
 elements along the grouped dimension (a linear weight's input dimension, an embedding's hidden
 dimension, the cache's head dimension; spec.quant_dim),
 two 4-bit values per byte and per group a float16 scale and a float16 minimum. A dimension that is
@@ -36,27 +36,33 @@ GROUP_SIZE = 64
 GROUP_META_BYTES = 4  # a float16 scale and a float16 minimum per group
 
 
-def compressed_bytes(n_elements: int, group_size: int = GROUP_SIZE) -> int:
+def check_quant(bits: int, group_size: int) -> None:
+    if bits not in (4, 8) or type(group_size) is not int or group_size < 1 or group_size * bits % 8:
+        raise ValueError(f"compression of {bits!r} bits in groups of {group_size!r}: bits must be 4 or 8 and the "
+                         "group a positive whole number of bytes (an even size at 4 bits)")
+
+
+def compressed_bytes(n_elements: int, group_size: int = GROUP_SIZE, bits: int = 4) -> int:
     """Bytes of n elements compressed as one run along the grouped dimension (padded to whole groups)."""
-    if n_elements < 0 or group_size < 2 or group_size % 2:
-        raise ValueError(f"compressed_bytes: n_elements {n_elements} must be >= 0 and group_size {group_size} "
-                         "even and >= 2")
+    check_quant(bits, group_size)
+    if n_elements < 0:
+        raise ValueError(f"compressed_bytes: n_elements {n_elements} must be >= 0")
     groups = -(-n_elements // group_size)
-    return groups * (group_size // 2 + GROUP_META_BYTES)
+    return groups * (group_size * bits // 8 + GROUP_META_BYTES)
 
 
-def compressed_tensor_bytes(shape: tuple[int, ...], group_size: int = GROUP_SIZE, dim: int = -1) -> int:
+def compressed_tensor_bytes(shape: tuple[int, ...], group_size: int = GROUP_SIZE, dim: int = -1, bits: int = 4) -> int:
     """A tensor grouped along `dim`, one run per position of the other dims."""
     d = dim % len(shape)
-    return prod(shape[:d] + shape[d + 1:]) * compressed_bytes(shape[d], group_size)
+    return prod(shape[:d] + shape[d + 1:]) * compressed_bytes(shape[d], group_size, bits)
 
 
-def compressed_layer_bytes(spec: ModelSpec, layer: int, group_size: int = GROUP_SIZE) -> int:
+def compressed_layer_bytes(spec: ModelSpec, layer: int, group_size: int = GROUP_SIZE, bits: int = 4) -> int:
     """A layer's flat buffer with its matrices compressed: vectors (norms, biases) stay in the model
     dtype, as in FlexGen; every tensor starts ALIGN_BYTES-aligned, as in spec.layer_layout."""
     off = 0
     for ts in spec.layer_tensors(layer):
-        n = compressed_tensor_bytes(ts.shape, group_size, quant_dim(ts.name)) if len(ts.shape) >= 2 \
+        n = compressed_tensor_bytes(ts.shape, group_size, quant_dim(ts.name), bits) if len(ts.shape) >= 2 \
             else ts.numel * spec.dtype_bytes
         off += -(-n // ALIGN_BYTES) * ALIGN_BYTES
     return off
@@ -68,6 +74,7 @@ class Compression:
     cache is a whole number of head_dim rows)."""
 
     group_size: int
+    bits: int
     weight_bytes: tuple[int, ...]  # per graph layer, compressed
     cache_row_bytes: int  # one head_dim row of k or v in the model dtype
     cache_row_compressed: int
@@ -77,9 +84,14 @@ class Compression:
         return nbytes // self.cache_row_bytes * self.cache_row_compressed
 
 
-def compression_of(spec: ModelSpec, group_size: int = GROUP_SIZE) -> Compression:
-    return Compression(group_size, tuple(compressed_layer_bytes(spec, j, group_size) for j in range(spec.num_graph_layers)),
-                       spec.head_dim * spec.dtype_bytes, compressed_bytes(spec.head_dim, group_size))
+def compression_of(spec: ModelSpec, group_size: int = GROUP_SIZE, bits: int = 4) -> Compression:
+    layers = tuple(compressed_layer_bytes(spec, j, group_size, bits) for j in range(spec.num_graph_layers))
+    return Compression(group_size, bits, layers, spec.head_dim * spec.dtype_bytes,
+                       compressed_bytes(spec.head_dim, group_size, bits))
+
+
+def policy_compression(spec: ModelSpec, policy: Policy) -> Compression:
+    return compression_of(spec, policy.group_size, policy.compress_bits)
 
 
 def needs_compression(policy: Policy, comp: Compression | None) -> None:
@@ -88,9 +100,9 @@ def needs_compression(policy: Policy, comp: Compression | None) -> None:
     if comp is None:
         raise ValueError("a policy with compress_weights or compress_cache needs the model spec "
                          "(pass spec= so the compressed sizes can be computed)")
-    if comp.group_size != policy.group_size:
-        raise ValueError(f"compressed sizes for groups of {comp.group_size} used for a policy with groups of "
-                         f"{policy.group_size}")
+    if (comp.bits, comp.group_size) != (policy.compress_bits, policy.group_size):
+        raise ValueError(f"compressed sizes for {comp.bits} bits in groups of {comp.group_size} used for a policy "
+                         f"with {policy.compress_bits} bits in groups of {policy.group_size}")
 
 
 # ---------------------------------------------------------------- buffers
@@ -223,7 +235,7 @@ def peak_bytes(g: "nx.DiGraph | BlockFigures", policy: Policy, spec: ModelSpec |
                profile: "HardwareProfile | None" = None) -> dict[Tier, int]:
     """Peak bytes per tier; spec is needed only for a policy that compresses; profile: the machine the
     plan is for (a profile with a GPU adds the CUDA backend's pinned staging buffers)."""
-    return peaks_of(figures_of(g), policy, compression_of(spec, policy.group_size) if spec is not None else None,
+    return peaks_of(figures_of(g), policy, policy_compression(spec, policy) if spec is not None else None,
                     pinned_staging=profile is not None and profile.has_gpu)
 
 

@@ -54,11 +54,14 @@ class Policy:
     cpu_attention: bool = False
     compress_weights: bool = False
     compress_cache: bool = False
-    group_size: int = 64  # elements per 4-bit group when a compress flag is on (planner.memory)
+    group_size: int = 64  # elements per group when a compress flag is on (planner.memory)
+    compress_bits: int = 4  # 4 (FlexGen's) or 8
 
     def __post_init__(self) -> None:
-        if type(self.group_size) is not int or self.group_size < 2 or self.group_size % 2:
-            raise ValueError(f"policy group_size must be an even integer >= 2, got {self.group_size!r}")
+        if self.compress_bits not in (4, 8) or type(self.group_size) is not int or self.group_size < 1 \
+                or self.group_size * self.compress_bits % 8:
+            raise ValueError(f"policy compression of {self.compress_bits!r} bits in groups of {self.group_size!r}: "
+                             "bits must be 4 or 8, the group a positive whole number of bytes")
 
     @property
     def compresses(self) -> bool:
@@ -75,6 +78,7 @@ class Policy:
             "compress_weights": self.compress_weights,
             "compress_cache": self.compress_cache,
             "group_size": self.group_size,
+            "compress_bits": self.compress_bits,
         }
 
     @classmethod
@@ -93,7 +97,7 @@ class Policy:
             gpu_batch_size=d["gpu_batch_size"], num_gpu_batches=d["num_gpu_batches"],
             weights=Placement(*d["weights"]), cache=Placement(*d["cache"]), hidden=Placement(*d["hidden"]),
             cpu_attention=d["cpu_attention"], compress_weights=d["compress_weights"],
-            compress_cache=d["compress_cache"], group_size=d["group_size"],
+            compress_cache=d["compress_cache"], group_size=d["group_size"], compress_bits=d["compress_bits"],
         )
 
 

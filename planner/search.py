@@ -135,7 +135,7 @@ def search(lower_fn: Callable[[Block], nx.DiGraph], profile: HardwareProfile, wo
            gpu_batch_size: int | Sequence[int] | None = None, num_gpu_batches: int | Sequence[int] | None = None,
            fixed: FixedSpec | None = None, max_block_size: int | None = None,
            allowed_flags: Collection[str] = DEFAULT_FLAGS, spec: ModelSpec | None = None,
-           group_size: int = GROUP_SIZE) -> SearchResult:
+           group_size: int = GROUP_SIZE, bits: int = 4) -> SearchResult:
     """Best policy over gpu batch sizes 1..512 (powers of two), 1..32 gpu batches and the allowed
     flags, unless given (an int or a sequence of options).
 
@@ -144,8 +144,8 @@ def search(lower_fn: Callable[[Block], nx.DiGraph], profile: HardwareProfile, wo
 
     lower_fn(block) must lower the model for `workload`. fixed: see planner.lp.solve_block; a flag
     in `fixed` is forced whether allowed or not; with every class fixed, each point is only
-    evaluated. spec: the model, needed when a compression flag may be on; group_size: elements per
-    4-bit group of compressed tensors. Raises
+    evaluated. spec: the model, needed when a compression flag may be on; group_size, bits: the
+    compression of compressed tensors. Raises
     InfeasiblePlanError naming the tier, its capacity and the smallest peak found when no point fits.
     """
     sizes, counts = _options(gpu_batch_size, GPU_BATCH_SIZES), _options(num_gpu_batches, NUM_GPU_BATCHES)
@@ -155,7 +155,7 @@ def search(lower_fn: Callable[[Block], nx.DiGraph], profile: HardwareProfile, wo
     if any(f.compress_weights or f.compress_cache for f in combos):
         if spec is None:
             raise ValueError("searching with compression needs the model spec (spec=)")
-        comp = compression_of(spec, group_size)
+        comp = compression_of(spec, group_size, bits)
     model = FigureModel.sample(lower_fn)
     if (model.one.prompt_len, model.one.gen_len) != (workload.prompt_len, workload.gen_len):
         raise ValueError(f"lower_fn lowered for prompt/gen {model.one.prompt_len}/{model.one.gen_len}, "

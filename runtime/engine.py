@@ -54,7 +54,7 @@ class Engine:
         self.max_seq = plan.workload.max_seq_len
         # 4-bit compression: weight homes hold the store's compressed copy, dequantized into a dense
         # scratch just before each compute; cache buffers hold compressed rows (runtime.compressed)
-        self.qcfg = QuantConfig(4, pol.group_size) if pol.compresses else None
+        self.qcfg = QuantConfig(pol.compress_bits, pol.group_size) if pol.compresses else None
         self.weights = compressed_layers(store, self.qcfg) if pol.compress_weights else store
         self.codec = CacheCodec(self.spec, self.b, self.qcfg) if pol.compress_cache else None
         self._tmp = None

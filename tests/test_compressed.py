@@ -222,3 +222,24 @@ def test_cli_compile_inspect_run_compressed(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["compile", "--model", str(tmp_path / "ckpt"), "--prompt-len", "8", "--gen-len", "4",
               "--compress", "yes", "-o", str(plan)])
+
+
+def test_eight_bit_compression_through_the_same_code(tmp_path):
+    """8 bits: planner sizes equal the runtime's, and generation equals transformers on the 8-bit numbers."""
+    spec = catalog_spec("HuggingFaceTB/SmolLM2-135M-Instruct")
+    cfg8 = QuantConfig(8, 64)
+    comp = compression_of(spec, 64, 8)
+    assert comp.weight_bytes == tuple(qlayer_bytes(spec, j, cfg8) for j in range(spec.num_graph_layers))
+    assert comp.weight_bytes[1] > compression_of(spec, 64, 4).weight_bytes[1] * 1.5
+    store = tiny_store(tmp_path, "llama")
+    prompts = prompts_for(store.model.config.vocab_size)
+    w, c, h = POLICIES["everything-off-gpu"]
+    plan = compile_plan(store.spec, load_profile("cpu-small"), Workload(PROMPT_LEN, GEN_LEN), gpu_batch_size=2,
+                        num_gpu_batches=2, fixed={"weights": w, "cache": c, "hidden": h}, compress="both",
+                        compress_bits=8, group_size=16)
+    assert plan.policy.compress_bits == 8
+    with Engine(plan, store, tmp_path / "off") as engine:
+        got = []
+        for start in range(0, len(prompts), plan.block_size):
+            got += [list(g.token_ids) for g in engine.generate(prompts[start:start + plan.block_size])]
+    assert got == hf_compressed_reference(store.model, prompts, "both", QuantConfig(8, 16))
