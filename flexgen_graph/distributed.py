@@ -229,8 +229,13 @@ def pick_device(rank: Rank, plan, requested: str) -> str:
                               f"most {n} processes per machine (--nproc-per-node {n})")
         torch.cuda.set_device(rank.local_rank)
         return "cuda"
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // rank.local_world_size))
+    torch.set_num_threads(max(1, usable_cores() // rank.local_world_size))
     return "cpu"
+
+
+def usable_cores() -> int:
+    # the cores this process may run on (a cgroup or taskset can allow fewer than the machine has)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def combine(summaries: list[JobSummary]) -> JobSummary:

@@ -8,9 +8,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from flexgen_graph.cli import main
-from flexgen_graph.distributed import merge, shard_folder, shard_of, shard_path
+from flexgen_graph.distributed import Rank, merge, pick_device, shard_folder, shard_of, shard_path, usable_cores
 from flexgen_graph.jobs import id_key, line_key, parse_line, record_key
 from test_cli import checkpoint  # noqa: F401  (a tiny Llama checkpoint folder, imported into the cache on first run)
 from test_jobs import write_lines
@@ -153,3 +154,18 @@ def test_shards_of_another_world_size_are_refused_with_what_to_do(tmp_path, monk
     err = capsys.readouterr().err
     assert "a run with 3 processes, not 2" in err and "--nproc-per-node 3" in err, err
     assert f"delete {shard_folder(out)}" in err and shard_path(out, 0, 3).exists()
+
+
+def test_each_rank_takes_its_share_of_the_cores_or_names_the_missing_gpu(job):
+    from planner import plan as planfile
+
+    plan = planfile.load_set(job[0])[0]  # a cpu-small plan
+    threads = torch.get_num_threads()
+    try:
+        assert pick_device(Rank(1, 4, 1, 2), plan, "auto") == "cpu"
+        assert torch.get_num_threads() == max(1, usable_cores() // 2)
+    finally:
+        torch.set_num_threads(threads)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="LOCAL_RANK 1 needs a CUDA device but 0 are visible"):
+            pick_device(Rank(1, 4, 1, 2), plan, "cuda")
