@@ -68,14 +68,23 @@ class MemoryTracker:
         self.current[tier] -= nbytes
 
 
-def read_disk(src: DiskBuf, into: torch.Tensor, offset: int) -> None:
-    """Fill a flat uint8 host tensor with src's bytes from offset, straight into its memory."""
+def pread_full(fd: int, into: torch.Tensor, offset: int = 0) -> int:
+    """Read from fd at offset straight into a flat uint8 host tensor until it is full or the file
+    ends; the bytes read (fewer than into holds only at the end of the file)."""
     view, done, n = memoryview(into.numpy()), 0, into.numel()
     while done < n:  # preadv may return short counts (large reads, signals)
-        got = os.preadv(src.fd, [view[done:]], offset + done)
+        got = os.preadv(fd, [view[done:]], offset + done)
         if got <= 0:
-            raise OSError(f"short read from {src.path} at byte {offset + done}")
+            break
         done += got
+    return done
+
+
+def read_disk(src: DiskBuf, into: torch.Tensor, offset: int) -> None:
+    """Fill a flat uint8 host tensor with src's bytes from offset, straight into its memory."""
+    got = pread_full(src.fd, into, offset)
+    if got < into.numel():
+        raise OSError(f"short read from {src.path} at byte {offset + got}")
 
 
 def write_disk(dst: DiskBuf, data: torch.Tensor, offset: int) -> None:

@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from flexgen_graph.spec import ALIGN_BYTES, ModelSpec, quant_dim
+from runtime.backend import pread_full
 from runtime.kernels import TORCH_DTYPES, layer_views
 from runtime.quant import STAT_BYTES, STAT_DTYPE, QTensor, QuantConfig, compressed_nbytes, dequantize, pack_into, \
     quantize, unpack_from
@@ -124,12 +125,9 @@ class CompressedLayers:
             if os.fstat(fd).st_size != need:
                 raise ValueError(f"{path}: {os.fstat(fd).st_size} bytes, expected {need}; delete {self.path} "
                                  "to rebuild the compressed copy")
-            view, done = memoryview(buf[:need].numpy()), 0
-            while done < need:  # preadv may return short counts
-                n = os.preadv(fd, [view[done:]], done)
-                if n <= 0:
-                    raise ValueError(f"{path}: file ended after {done} bytes")
-                done += n
+            done = pread_full(fd, buf[:need])
+            if done < need:
+                raise ValueError(f"{path}: file ended after {done} bytes")
             if drop_page_cache:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from flexgen_graph.ir import LayerKind
 from flexgen_graph.spec import ModelSpec, TensorSlot, is_linear, spec_from_config
+from runtime.backend import pread_full
 from runtime.kernels import TORCH_DTYPES, layer_views
 
 FORMAT = "flexgen-graph-weights"
@@ -185,16 +186,12 @@ class WeightStore:
                                    f"got {buf.dtype} {tuple(buf.shape)} on {buf.device}")
         if buf.numel() < need:
             raise WeightStoreError(f"layer {layer}: buffer holds {buf.numel()} bytes, the layer needs {need}")
-        mem = memoryview(buf.numpy())  # shares buf's memory: reads land in place, no staging copy
         for slot in self.spec.layer_layout(layer):
             fd = self._open_sized(layer, slot)
-            try:
-                view, done = mem[slot.offset:slot.offset + slot.nbytes], 0
-                while done < slot.nbytes:  # preadv may return short counts (large reads, signals)
-                    n = os.preadv(fd, [view[done:]], done)
-                    if n <= 0:
-                        raise WeightStoreError(f"tensor {_key(layer, slot.name)!r}: file ended after {done} bytes")
-                    done += n
+            try:  # reads land in buf's memory in place, no staging copy
+                done = pread_full(fd, buf[slot.offset:slot.offset + slot.nbytes])
+                if done < slot.nbytes:
+                    raise WeightStoreError(f"tensor {_key(layer, slot.name)!r}: file ended after {done} bytes")
                 if drop_page_cache:
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
