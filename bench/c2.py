@@ -76,17 +76,24 @@ def run_ours(engine, prompts, gen: int) -> float:
     return len(prompts) * gen / wall
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="auto")
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
-    args = ap.parse_args()
+    ap.add_argument("--store", type=Path, default=None,
+                    help="an imported weight store folder to use (default: the embedded GGUF's, imported once)")
+    args = ap.parse_args(argv)
 
     spec = catalog_spec(DEFAULT_MODEL)
     t = time.perf_counter()
-    store = open_store("default", spec, default_cache_dir())
+    if args.store is not None:
+        from runtime.weight_store import WeightStore
+
+        store = WeightStore(args.store)
+    else:
+        store = open_store("default", spec, default_cache_dir())
     print(f"weight store ready in {time.perf_counter() - t:.1f} s (the GGUF is imported once, then reused)")
     tok = load_tokenizer(store.path)
     model = hf_model(store)
@@ -113,7 +120,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for b, _, o, h, r, pred, mp in rows:
         print(f"| {b} | {o:.1f} | {h:.1f} | {r:.2f}x | {pred:.1f} | {mp:.2f} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
