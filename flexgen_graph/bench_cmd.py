@@ -19,13 +19,14 @@ SCENARIOS = {
           "offload (CPU)",
     "c2": "the embedded SmolLM2-135M at batch 1/16/64 vs transformers generate (CPU)",
     "g1": "OPT-13B fp16, 16 GB GPU cap, prompt 512, generation 32 (needs a CUDA GPU; prints 'not run' without one)",
+    "compression": "4-bit / 8-bit weights and cache through the runtime vs uncompressed: tokens/s and agreement",
 }
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     listing = "\n".join(f"  {name}  {text}" for name, text in SCENARIOS.items())
     p = subparsers.add_parser(
-        "bench", help="run a benchmark scenario against its peers (c1, c2, g1)",
+        "bench", help="run a benchmark scenario against its peers (" + ", ".join(SCENARIOS) + ")",
         description=__doc__.splitlines()[0] + "\n\nscenarios:\n" + listing,
         epilog="`flexgen-graph bench SCENARIO --help` lists a scenario's options. The scripts live in the "
                "source checkout's bench/ folder; BENCHMARKS.md has their figures.",

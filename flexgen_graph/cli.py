@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from flexgen_graph import bench_cmd
 from flexgen_graph.catalog import DEFAULT_MODEL
 
 EXIT_USAGE = 2
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--plot", metavar="FILE.png", help="draw one decode step: the streams over time and the memory "
                                                       "of each tier (needs matplotlib: pip install 'flexgen-graph[plot]')")
+    bench_cmd.add_parser(sub)
     return ap
 
 
@@ -134,13 +136,19 @@ def _profile(name: str | None, offload_dir: Path | None = None):
         # measure once, then reuse: a profile is a property of the machine, not of the job
         from flexgen_graph.models import default_cache_dir
 
-        cached = default_cache_dir() / "profile.json"
-        if not cached.is_file():
-            from runtime.profiler import measure
+        from planner.hardware import BadProfileError
 
-            print(f"measuring this machine (once; cached in {cached}) ...", file=sys.stderr)
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            save_profile(measure(offload_dir or Path.cwd(), name="auto")[0], cached)
+        cached = default_cache_dir() / "profile.json"
+        if cached.is_file():
+            try:
+                return load_profile(str(cached))
+            except BadProfileError as e:  # written by another version (fields added since): measure again
+                print(f"re-measuring this machine: the cached profile is from another version ({e})", file=sys.stderr)
+        from runtime.profiler import measure
+
+        print(f"measuring this machine (once; cached in {cached}) ...", file=sys.stderr)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        save_profile(measure(offload_dir or Path.cwd(), name="auto")[0], cached)
         return load_profile(str(cached))
     if name != "local":
         return load_profile(name)
@@ -396,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect,
-                "profile": cmd_profile}[args.cmd](args)
+                "profile": cmd_profile, "bench": bench_cmd.run}[args.cmd](args)
     except USER_ERRORS as e:
         print(f"flexgen-graph {args.cmd}: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -35,3 +35,18 @@ def test_compile_uses_the_profile_files_figures(tmp_path, capsys):
     assert main(["inspect", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["profile"] == "tiny-box"
     assert HardwareProfile.from_dict(small.to_dict()) == small
+
+
+def test_auto_remeasures_a_cached_profile_from_another_version(tmp_path, monkeypatch, capsys):
+    from flexgen_graph import cli
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    old = load_profile("cpu-small").to_dict()
+    del old["gpu_dequant_bytes_per_s"]  # a field this version added
+    cached = tmp_path / "flexgen-graph" / "profile.json"
+    cached.parent.mkdir(parents=True)
+    cached.write_text(json.dumps(old))
+    prof = cli._profile("auto", tmp_path / "off")
+    assert prof.name == "auto" and prof.gpu_dequant_bytes_per_s > 0
+    assert "re-measuring this machine" in capsys.readouterr().err
+    assert load_profile(str(cached)) == prof  # the new measurement replaced the old file
