@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=0, help="padded prompt length (default: longest prompt)")
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--bits", type=int, choices=[4, 8], default=4)
     ap.add_argument("--modes", default="off,weights,cache,both")
     ap.add_argument("--profile", default="cpu-small")
     ap.add_argument("--repeats", type=int, default=2)
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p_len = args.prompt_len or max(map(len, prompts))
     wl = Workload(p_len, args.gen_len)
     plans = {m: compile_plan(spec, profile, wl, gpu_batch_size=args.prompts, num_gpu_batches=1, fixed=fixed,
-                             compress=m, group_size=args.group_size) for m in modes}
+                             compress=m, group_size=args.group_size, compress_bits=args.bits) for m in modes}
     tps: dict[str, list[float]] = {m: [] for m in modes}
     tokens: dict[str, list[list[int]]] = {}
     with tempfile.TemporaryDirectory() as off:
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     print(f"{spec.name} {spec.dtype}, {len(prompts)} prompts padded to {p_len}, {args.gen_len} tokens each, "
           f"block {args.prompts} x 1, weights {'on disk, cold' if args.disk else 'in RAM'}, profile "
-          f"{profile.name}, group size {args.group_size}, {args.repeats} repetitions (medians)\n")
+          f"{profile.name}, {args.bits} bits in groups of {args.group_size}, {args.repeats} repetitions (medians)\n")
     print("| compress | weights home | tokens/s | vs off | predicted | measured / predicted | "
           "identical generations | agreement (prefix) |")
     print("|---|---|---|---|---|---|---|---|")
