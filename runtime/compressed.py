@@ -6,7 +6,7 @@ the codecs that fill and read them (runtime.quant does the arithmetic).
     >>> layers.read_layer_into(1, buf)                # buf: qlayer_bytes(spec, 1, cfg) bytes
     >>> decompress_layer(spec, 1, buf, cfg, dense)    # dense: spec.layer_bytes(1), kernels.layer_views(...)
     >>> codec = CacheCodec(spec, gpu_batch_size, cfg)
-    >>> codec.store(cbuf, dense_cache, start, t)      # rows [start, start + t) compressed into cbuf
+    >>> k, v = codec.store_new(cbuf, k, v, start)     # new tokens' rows compressed; k, v as they read back
     >>> codec.load(cbuf, dense_cache, n)              # rows [0, n) restored
 
 Compressed layer layout: the tensors of spec.layer_layout in the same order, each starting
@@ -201,15 +201,23 @@ class CacheCodec:
         data = r[:, 2 * s:].view(n, *lead, g, self.cfg.group_bytes)
         return QTensor(data, scale, mn, (n,) + self.row_shape, len(self.row_shape), self.cfg)
 
-    def store(self, buf: torch.Tensor, dense: torch.Tensor, start: int, n: int) -> None:
-        """Compress dense rows [start, start + n) into buf's records (dense may live on another device)."""
-        if n <= 0:
-            return
-        q = quantize(dense[start:start + n], -1, self.cfg)
-        rec = self._records(buf, start, n)
+    def store(self, buf: torch.Tensor, rows: torch.Tensor, start: int) -> QTensor:
+        """Compress rows ([n, 2, B, KV, D], any device) into buf's records [start, start + n); returns
+        them quantized."""
+        q = quantize(rows, -1, self.cfg)
+        rec = self._records(buf, start, rows.shape[0])
         rec.scale.copy_(q.scale)
         rec.mn.copy_(q.mn)
         rec.data.copy_(q.data)
+        return q
+
+    def store_new(self, buf: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compress new tokens' k and v ([B, T, KV, D]) into records [start, start + T); returns them as
+        they read back, so a token attends to the same values now as at every later step."""
+        q = self.store(buf, torch.stack((k, v)).permute(2, 0, 1, 3, 4), start)  # [T, 2, B, KV, D]
+        back = dequantize(q, dtype=k.dtype)
+        return back[:, 0].transpose(0, 1), back[:, 1].transpose(0, 1)
 
     def load(self, buf: torch.Tensor, dense: torch.Tensor, n: int) -> None:
         """Restore rows [0, n) of dense from buf's records, on dense's device."""
@@ -220,10 +228,6 @@ class CacheCodec:
             rec = QTensor(rec.data.to(dense.device), rec.scale.to(dense.device), rec.mn.to(dense.device),
                           rec.shape, rec.dim, rec.cfg)
         dequantize(rec, out=dense[:n])
-
-    def round_trip(self, x: torch.Tensor) -> torch.Tensor:
-        """What a value reads back from the compressed cache: k and v are attended as stored."""
-        return dequantize(quantize(x, -1, self.cfg), dtype=x.dtype)
 
 
 def dense_cache_view(buf: torch.Tensor, max_seq: int, gpu_batch_size: int, spec: ModelSpec) -> torch.Tensor:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from flexgen_graph.ir import TIERS, Tier
+from flexgen_graph.spec import ALIGN_BYTES
 from planner.plan import Plan, check_model
 from planner.program import COMPUTE_KINDS, BufferRole, Op, OpKind
 from runtime import kernels, preflight
@@ -82,6 +83,7 @@ class Engine:
                 raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
             self.device = self.backend.device
             self.bufs: dict[int, Buf | None] = {}
+            self._view_memo: dict[tuple, dict[str, torch.Tensor]] = {}  # (buffer, layer) -> typed weight views
             self._allocate()
             self._allocate_dense_scratch()
         except BaseException:
@@ -128,15 +130,13 @@ class Engine:
         decoder attending there its dense cache; on the host, the cache of CPU-attended decode. Within
         the plan's transients (planner.memory.compute_transient), so within its budget."""
         s, kinds = self.spec, {op.kind for op in self.plan.programs.prefill + self.plan.programs.decode}
-        self._view_memo: dict[tuple, dict[str, torch.Tensor]] = {}
         self._wdense = self._cdense = self._cdense_host = None
         self._dense_layer = -1  # the layer whose weights _wdense holds (decoder caches go after them)
         cache = self.max_seq * self.b * s.kv_bytes_per_token() if self.codec else 0
-        w = [s.layer_bytes(j) if self.qcfg and self.plan.policy.compress_weights else 0
-             for j in range(s.num_graph_layers)]
+        w = [s.layer_bytes(j) if self.plan.policy.compress_weights else 0 for j in range(s.num_graph_layers)]
         w_dec = max(w[1:-1])
         dev_cache = cache if kinds & {OpKind.DECODER_PREFILL, OpKind.DECODER_DECODE} else 0
-        w_dec_aligned = -(-w_dec // 64) * 64
+        w_dec_aligned = -(-w_dec // ALIGN_BYTES) * ALIGN_BYTES
         size = max(w[0], w[-1], w_dec_aligned + dev_cache)
         if size:
             buf = self.backend.alloc(Tier.GPU, size, "dequantized-scratch").tensor
@@ -176,8 +176,7 @@ class Engine:
         return t[: n * self.spec.dtype_bytes].view(self.dtype).view(shape)
 
     def _cache_view(self, buf_id: int) -> torch.Tensor:
-        s = self.spec
-        return self._typed(buf_id, (self.max_seq, 2, self.b, s.num_kv_heads, s.head_dim))  # [S, 2, B, KV, D]
+        return dense_cache_view(self.bufs[buf_id].tensor, self.max_seq, self.b, self.spec)  # [S, 2, B, KV, D]
 
     def _hidden_view(self, buf_id: int) -> torch.Tensor:
         return self._typed(buf_id, (self.b, self._t, self.spec.hidden))  # [B, T, H]
@@ -244,13 +243,11 @@ class Engine:
 
     def _attend_compressed(self, q, k, v, cbuf: torch.Tensor, dense: torch.Tensor, a: int,
                            mask: torch.Tensor) -> torch.Tensor:
-        """attend over a compressed cache: restore rows [0, a), attend with the new k, v as they will
-        read back (so every token sees the same cache values, whenever it reads them), store the new rows."""
-        k, v = self.codec.round_trip(k), self.codec.round_trip(v)
+        """attend over a compressed cache: store the new rows, restore rows [0, a), attend with the new
+        k, v as they read back (so every token sees the same cache values, whenever it reads them)."""
+        k, v = self.codec.store_new(cbuf, k, v, a)
         self.codec.load(cbuf, dense, a)
-        att = kernels.attend(self.spec, q, k, v, dense, a, mask)
-        self.codec.store(cbuf, dense, a, q.shape[1])
-        return att
+        return kernels.attend(self.spec, q, k, v, dense, a, mask)
 
     def _decoder_host_cache(self, op: Op) -> None:
         """The cache stays in host memory: decode attends there (q, k, v cross, the cache never does);
@@ -271,12 +268,10 @@ class Engine:
             s = self.spec
             tmp = torch.empty((t, 2, self.b, s.num_kv_heads, s.head_dim), dtype=self.dtype, device=hv.device)
             if self.codec is not None:
-                kk, v = self.codec.round_trip(kk), self.codec.round_trip(v)
+                kk, v = self.codec.store_new(cbuf, kk, v, 0)
             att = kernels.attend(self.spec, q, kk, v, tmp, 0, mask)
             if self.codec is None:
                 self._cache_view(op.cache)[:t].copy_(tmp)
-            else:
-                self.codec.store(cbuf, tmp, 0, t)
         hv.copy_(kernels.attention_output_and_mlp(self.spec, w, hv, att.to(hv.device)))
 
     def _head(self, op: Op) -> None:

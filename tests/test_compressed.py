@@ -76,15 +76,19 @@ def test_cache_codec_rows_round_trip_in_pieces():
     S = 10
     x = torch.randn(S, 2, 3, spec.num_kv_heads, spec.head_dim)
     buf = torch.zeros(S * codec.row_bytes, dtype=torch.uint8)
-    codec.store(buf, x, 0, 4)  # prefill rows, then decode rows one by one: each write touches its rows only
+    codec.store(buf, x[:4], 0)  # prefill rows, then decode rows one by one: each write touches its rows only
     for s in range(4, 7):
-        codec.store(buf, x, s, 1)
+        codec.store(buf, x[s:s + 1], s)
     out = torch.zeros_like(x)
     codec.load(buf, out, 7)
     assert torch.equal(out[:7], fake_quantize(x[:7], -1, cfg))
     assert not out[7:].any()
     assert not buf[7 * codec.row_bytes:].any()
-    assert torch.equal(codec.round_trip(x[:7]), out[:7])
+    k, v = x[7:9, 0].transpose(0, 1), x[7:9, 1].transpose(0, 1)  # two new tokens as [B, T, KV, D]
+    k_back, v_back = codec.store_new(buf, k, v, 7)
+    codec.load(buf, out, 9)
+    assert torch.equal(out[:9], fake_quantize(x[:9], -1, cfg))
+    assert torch.equal(k_back, out[7:9, 0].transpose(0, 1)) and torch.equal(v_back, out[7:9, 1].transpose(0, 1))
 
 
 def test_compressed_copy_is_built_once_and_checked(tmp_path):
