@@ -69,7 +69,7 @@ class Engine:
             device = "cuda" if prof.has_gpu and torch.cuda.is_available() else "cpu"
         if not any(op.kind not in COMPUTE_KINDS for op in plan.programs.prefill + plan.programs.decode):
             # nothing moves: no transfer to overlap, and the stream threads' hand-offs would only cost
-            # (~20% of a SmolLM2 decode step at batch 1 on the CPU)
+            # (visible at batch 1, where a step is many tiny ops)
             overlap = False
         try:
             preflight.check(plan, Path(offload_dir), device)
@@ -183,7 +183,7 @@ class Engine:
 
     def _views(self, key: tuple, layer: int, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         """A buffer's typed views for a layer, made once: views follow the buffer, whatever it holds, and
-        rebuilding them per op cost ~15% of a decode step at batch 1 (measured on SmolLM2)."""
+        rebuilding them per op showed in a profile of small-batch decode steps."""
         v = self._view_memo.get(key)
         if v is None:
             v = self._view_memo[key] = kernels.layer_views(self.spec, layer, buf)

@@ -27,9 +27,9 @@ and R = numel / n, one quantized tensor is one flat uint8 buffer:
     [4RG, 4RG + RGb)    data   uint8   [*pre, G, b, *post], b = group_size * bits / 8
 At 4 bits, byte i of a group holds the group's value i in its low nibble and value i + group_size / 2
 in its high nibble. Keeping the grouped dim in place (no transpose) makes dequantization of a weight
-grouped along its input dim, [in, out] grouped along dim 0, write its output contiguously: three
-times faster on the CPU than through a transposed copy. The buffer must start at an even byte offset
-(float16 views).
+grouped along its input dim, [in, out] grouped along dim 0, write its output contiguously, where a
+transposed copy was the slowest pass on the CPU (`flexgen-graph profile` measures the resulting
+dequantization rate). The buffer must start at an even byte offset (float16 views).
 """
 
 from __future__ import annotations
