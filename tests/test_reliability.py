@@ -118,7 +118,8 @@ def test_every_input_line_yields_exactly_one_record(store, tmp_path_factory, lin
     out = OutputFile(tmp / "out.jsonl")
     run_job(plans, lambda p: Engine(p, store), None, inp, out)
     out.close()
-    records = [json.loads(x) for x in (tmp / "out.jsonl").read_text().splitlines()]
+    # JSONL lines end at "\n" only: str.splitlines would also split inside ids holding U+0085 or U+2028
+    records = [json.loads(x) for x in (tmp / "out.jsonl").read_bytes().splitlines()]
     assert len(records) == len([ln for ln in lines if ln.strip()])
     good = {}
     for ln in lines:
@@ -131,7 +132,7 @@ def test_every_input_line_yields_exactly_one_record(store, tmp_path_factory, lin
     out2 = OutputFile(tmp / "alone-out.jsonl")
     run_job(plans, lambda p: Engine(p, store), None, alone, out2)
     out2.close()
-    want = {r["id"]: r["token_ids"] for r in map(json.loads, (tmp / "alone-out.jsonl").read_text().splitlines())}
+    want = {r["id"]: r["token_ids"] for r in map(json.loads, (tmp / "alone-out.jsonl").read_bytes().splitlines())}
     got = {r["id"]: r["token_ids"] for r in records if "token_ids" in r and isinstance(r["id"], str)
            and r["id"] in want}
     assert got == want
