@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 
-from flexgen_graph.ir import Block, Workload
+from flexgen_graph.ir import Block, LayerKind, Stage, Tier, Workload
 from flexgen_graph.lower import lower
 from flexgen_graph.spec import ModelSpec
+from planner import pipeline
+from planner.cost import phase_costs, policy_fracs
+from planner.errors import InfeasiblePlanError
 from planner.hardware import HardwareProfile
 from planner.memory import GROUP_SIZE, policy_compression, sized_buffers
 from planner.plan import Plan
-from planner.policy import Placement
+from planner.policy import Placement, Policy
 from planner.schedule import emit_programs, graph_shape
-from planner.search import DEFAULT_FLAGS, search
+from planner.search import DEFAULT_FLAGS, GPU_BATCH_SIZES, NUM_GPU_BATCHES, SearchResult, search
 
 # --compress: which 4-bit compression flags the search may choose, or forces
 COMPRESS_MODES: dict[str, dict[str, bool] | None] = {
@@ -41,14 +44,39 @@ def compile_plan(spec: ModelSpec, profile: HardwareProfile, workload: Workload, 
     """cpu_attention: force the flag on or off (None: the search decides). compress: a COMPRESS_MODES
     key; "off" (the default) keeps the output identical to transformers, the others trade accuracy for
     memory (compress_bits-bit groups of group_size elements; BENCHMARKS.md has the accuracy cost)."""
-    if compress not in COMPRESS_MODES:
-        raise ValueError(f"compress must be one of {', '.join(COMPRESS_MODES)}, got {compress!r}")
+    check_workload(spec, workload)
+    fixed, allowed = _search_flags(fixed, cpu_attention, compress)
+    result = search(lambda block: lower(spec, workload, block), profile, workload,
+                    gpu_batch_size=gpu_batch_size, num_gpu_batches=num_gpu_batches, fixed=fixed,
+                    max_block_size=max_block_size, spec=spec, allowed_flags=allowed, group_size=group_size,
+                    bits=compress_bits)
+    pol = result.policy
+    return Plan(spec=spec, profile=profile, workload=workload, weights_source=weights_source, policy=pol,
+                predictions=result.predictions.to_dict(), programs=_programs(spec, workload, pol))
+
+
+def _programs(spec: ModelSpec, workload: Workload, pol: Policy, stage: Stage | None = None):
+    graph = lower(spec, workload, Block(pol.gpu_batch_size, pol.num_gpu_batches), stage)
+    programs = emit_programs(graph, pol)
+    if pol.compresses:  # same buffer ids, compressed tensors at their compressed sizes
+        sized = sized_buffers(graph_shape(graph), pol, policy_compression(spec, pol))
+        programs = dataclasses.replace(programs, buffers=sized.buffers)
+    return programs
+
+
+def check_workload(spec: ModelSpec, workload: Workload) -> None:
     if workload.max_seq_len > spec.max_positions:
         raise ValueError(f"prompt_len + gen_len = {workload.max_seq_len} exceeds {spec.name}'s "
                          f"max_position_embeddings {spec.max_positions}")
     if spec.sliding_window is not None and workload.max_seq_len > spec.sliding_window:
         raise ValueError(f"prompt_len + gen_len = {workload.max_seq_len} exceeds {spec.name}'s sliding window "
                          f"{spec.sliding_window}, which the runtime does not implement")
+
+
+def _search_flags(fixed: dict | None, cpu_attention: bool | None, compress: str) -> tuple[dict, tuple[str, ...]]:
+    """The search's fixed classes and flags, and the flags it may choose, from the user's options."""
+    if compress not in COMPRESS_MODES:
+        raise ValueError(f"compress must be one of {', '.join(COMPRESS_MODES)}, got {compress!r}")
     fixed = dict(fixed or {})
     if cpu_attention is not None:
         fixed["cpu_attention"] = cpu_attention
@@ -57,15 +85,82 @@ def compile_plan(spec: ModelSpec, profile: HardwareProfile, workload: Workload, 
         allowed = DEFAULT_FLAGS + ("compress_weights", "compress_cache")
     else:
         fixed.update(COMPRESS_MODES[compress])
-    result = search(lambda block: lower(spec, workload, block), profile, workload,
-                    gpu_batch_size=gpu_batch_size, num_gpu_batches=num_gpu_batches, fixed=fixed,
-                    max_block_size=max_block_size, spec=spec, allowed_flags=allowed, group_size=group_size,
-                    bits=compress_bits)
-    pol = result.policy
-    graph = lower(spec, workload, Block(pol.gpu_batch_size, pol.num_gpu_batches))
-    programs = emit_programs(graph, pol)
-    if pol.compresses:  # same buffer ids, compressed tensors at their compressed sizes
-        sized = sized_buffers(graph_shape(graph), pol, policy_compression(spec, pol))
-        programs = dataclasses.replace(programs, buffers=sized.buffers)
-    return Plan(spec=spec, profile=profile, workload=workload, weights_source=weights_source, policy=pol,
-                predictions=result.predictions.to_dict(), programs=programs)
+    return fixed, allowed
+
+
+def compile_pipeline(spec: ModelSpec, profile: HardwareProfile, workload: Workload, stages: int, *,
+                     stages_per_machine: int | None = None, gpu_batch_size: int | None = None,
+                     num_gpu_batches: int | None = None, fixed: dict[str, Placement] | None = None,
+                     weights_source: str = "", max_block_size: int | None = None, cpu_attention: bool | None = None,
+                     compress: str = "off", group_size: int = GROUP_SIZE, compress_bits: int = 4) -> list[Plan]:
+    """One plan per pipeline stage (planner.pipeline), all with one block. stages_per_machine: how many
+    stage processes share a machine's host memory and disk (default: all of them, the safe guess).
+
+    The layers are split to balance the stages' compute; each stage's placement is its own LP, with its
+    weights on its GPU (batch-major stage programs cannot stream them, planner.schedule) and the link to
+    its neighbours priced at profile.stage_link_bytes_per_s. The block is the best of the blocks the
+    stages pick alone and their variants with at least 2 x stages gpu batches (what fills a pipeline)."""
+    check_workload(spec, workload)
+    if compress not in ("off", "cache"):
+        raise ValueError(f"--compress {compress} with pipeline stages: a stage's weights stay on its GPU and would "
+                         "be dequantized again for every gpu batch; use --compress off or cache")
+    fixed, allowed = _search_flags(fixed, cpu_attention, compress)
+    if "weights" in fixed and fixed["weights"] != Placement.all_on(Tier.GPU):
+        raise ValueError("pipeline stages keep their weights on their GPUs: drop --weights-frac")
+    fixed["weights"] = Placement.all_on(Tier.GPU)
+    share = pipeline.stage_share(profile, stages if stages_per_machine is None else stages_per_machine)
+    ranges = pipeline.split_layers(layer_times(spec, profile, workload), stages,
+                                   [spec.layer_kind(j) is LayerKind.DECODER for j in range(spec.num_graph_layers)])
+    plan_stages = [Stage(i, stages, a, b) for i, (a, b) in enumerate(ranges)]
+
+    def solve(stage: Stage, b: int | None, n: int | None) -> SearchResult:
+        try:
+            return search(lambda block: lower(spec, workload, block, stage), share, workload, gpu_batch_size=b,
+                          num_gpu_batches=n, fixed=fixed, max_block_size=max_block_size, spec=spec,
+                          allowed_flags=allowed, group_size=group_size, bits=compress_bits)
+        except InfeasiblePlanError as e:
+            raise InfeasiblePlanError(f"pipeline stage {stage.index} (graph layers {stage.first_layer}.."
+                                      f"{stage.end_layer - 1}, weights on its GPU): {e}") from None
+
+    blocks = []
+    for st in plan_stages:  # what each stage would pick alone, and the same with the pipeline filled
+        pol = solve(st, gpu_batch_size, num_gpu_batches).policy
+        b, n = pol.gpu_batch_size, pol.num_gpu_batches
+        fill = next((c for c in NUM_GPU_BATCHES if c >= 2 * stages), NUM_GPU_BATCHES[-1])
+        for cand in ((b, n), (b, max(n, fill)), (max(1, b * n // fill), max(n, fill))):
+            ok = (gpu_batch_size in (None, cand[0]) and num_gpu_batches in (None, cand[1])
+                  and cand[0] in GPU_BATCH_SIZES and (max_block_size is None or cand[0] * cand[1] <= max_block_size))
+            if ok and cand not in blocks:
+                blocks.append(cand)
+    best = None
+    for b, n in blocks:
+        try:
+            results = [solve(st, b, n) for st in plan_stages]
+        except InfeasiblePlanError:
+            if len(blocks) == 1:
+                raise
+            continue
+        pred = pipeline.pipeline_predictions([r.predictions for r in results], n, b * n, workload.gen_len)
+        if best is None or pred["tokens_per_s"] > best[0]["tokens_per_s"]:
+            best = (pred, results)
+    if best is None:
+        raise InfeasiblePlanError(f"no block fits every pipeline stage (tried {blocks})")
+    pred, results = best
+    return [Plan(spec=spec, profile=share, workload=workload, weights_source=weights_source, policy=r.policy,
+                 predictions=pipeline.stage_predictions(r.predictions, pred),
+                 programs=_programs(spec, workload, r.policy, st), stage=st)
+            for st, r in zip(plan_stages, results)]
+
+
+def layer_times(spec: ModelSpec, profile: HardwareProfile, workload: Workload, block: Block = Block(1, 1)) -> list[float]:
+    """Each graph layer's predicted compute time over a run (prefill and every decode step), all on the GPU:
+    what the stage split balances."""
+    on_gpu = Placement.all_on(Tier.GPU)
+    fracs = policy_fracs(Policy(block.gpu_batch_size, block.num_gpu_batches, on_gpu, on_gpu, on_gpu))
+    costs = phase_costs(lower(spec, workload, block), profile)
+    out = [0.0] * spec.num_graph_layers
+    for steps, weight in ((costs.prefill, 1), (costs.decode, workload.gen_len - 1)):
+        for s in steps:
+            for j in s.layers:
+                out[j] += weight * s.time_s(fracs)
+    return out

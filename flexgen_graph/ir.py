@@ -43,6 +43,10 @@ class NodeKind(Enum):
     COMPUTE = "compute"
     STORE_CACHE = "store_cache"
     STORE_HIDDEN = "store_hidden"
+    # pipeline stages: the hidden state of a gpu batch arrives from the previous stage's process, or
+    # leaves for the next one (torch.distributed send/recv)
+    RECV_HIDDEN = "recv_hidden"
+    SEND_HIDDEN = "send_hidden"
 
 
 NODE_TENSOR: dict[NodeKind, TensorClass | None] = {
@@ -52,6 +56,8 @@ NODE_TENSOR: dict[NodeKind, TensorClass | None] = {
     NodeKind.COMPUTE: None,
     NodeKind.STORE_CACHE: TensorClass.KV,
     NodeKind.STORE_HIDDEN: TensorClass.HIDDEN,
+    NodeKind.RECV_HIDDEN: TensorClass.HIDDEN,
+    NodeKind.SEND_HIDDEN: TensorClass.HIDDEN,
 }
 
 
@@ -134,3 +140,43 @@ class Block:
     @property
     def size(self) -> int:
         return self.gpu_batch_size * self.num_gpu_batches
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """One stage of a pipeline: graph layers [first_layer, end_layer) of the model, run by process
+    `index` of `count`. Stage 0 holds the embedding, the last stage the head."""
+
+    index: int
+    count: int
+    first_layer: int
+    end_layer: int
+
+    def __post_init__(self) -> None:
+        for name in ("index", "count", "first_layer", "end_layer"):
+            if type(getattr(self, name)) is not int:
+                raise ValueError(f"stage {name} must be an integer, got {getattr(self, name)!r}")
+        if not (0 <= self.index < self.count and 0 <= self.first_layer < self.end_layer):
+            raise ValueError(f"stage {self.index} of {self.count} with layers [{self.first_layer}, "
+                             f"{self.end_layer}) is not a stage")
+
+    @property
+    def num_layers(self) -> int:
+        return self.end_layer - self.first_layer
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.count - 1
+
+    def to_list(self) -> list[int]:
+        return [self.index, self.count, self.first_layer, self.end_layer]
+
+    @classmethod
+    def from_list(cls, v: list) -> "Stage":
+        if not isinstance(v, list) or len(v) != 4:
+            raise ValueError(f"a stage is [index, count, first_layer, end_layer], got {v!r}")
+        return cls(*v)

@@ -3,6 +3,11 @@
 One prefill step and one decode step; decode nodes carry their bytes and FLOPs as functions of
 the context length (see `Node`). Every node key is a `NodeKey`; the payload is `graph.nodes[key]["node"]`.
 
+A pipeline stage (`stage=`) is lowered alone, in its own layer numbering: key layer 0 is the stage's
+first graph layer (graph attribute `first_layer` maps back to the model's); its hidden states arrive
+through RECV_HIDDEN nodes (all stages but the first) and leave through SEND_HIDDEN nodes (all but the
+last), so the planner prices the link between stages like any other transfer.
+
     >>> from flexgen_graph.catalog import catalog_spec
     >>> from flexgen_graph.ir import Workload, Block
     >>> g = lower(catalog_spec("facebook/opt-125m"), Workload(32, 8), Block(4, 2))
@@ -14,7 +19,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from flexgen_graph.ir import NODE_TENSOR, Block, LayerKind, Node, NodeKey, NodeKind, Phase, Workload
+from flexgen_graph.ir import NODE_TENSOR, Block, LayerKind, Node, NodeKey, NodeKind, Phase, Stage, Workload
 from flexgen_graph.spec import ModelSpec
 
 
@@ -22,47 +27,69 @@ class LoweringError(AssertionError):
     """The graph builder produced an ill-formed graph (a bug, not a user error)."""
 
 
-def lower(spec: ModelSpec, workload: Workload, block: Block) -> nx.DiGraph:
+def lower(spec: ModelSpec, workload: Workload, block: Block, stage: Stage | None = None) -> nx.DiGraph:
+    stage = stage or Stage(0, 1, 0, spec.num_graph_layers)
+    check_stage(spec, stage)
     g = nx.DiGraph(spec=spec.name, prompt_len=workload.prompt_len, gen_len=workload.gen_len,
-                   gpu_batch_size=block.gpu_batch_size, num_gpu_batches=block.num_gpu_batches)
+                   gpu_batch_size=block.gpu_batch_size, num_gpu_batches=block.num_gpu_batches,
+                   first_layer=stage.first_layer, stages=stage.count)
     for phase in (Phase.PREFILL, Phase.DECODE):
-        _build_phase(g, spec, workload, block, phase)
-    _link_phases(g, spec, block)
+        _build_phase(g, spec, workload, block, phase, stage)
+    _link_phases(g, spec, block, stage)
     check_graph(g)
     return g
 
 
-def _add(g: nx.DiGraph, spec: ModelSpec, key: NodeKey, **payload: int) -> NodeKey:
-    g.add_node(key, node=Node(key=key, layer_kind=spec.layer_kind(key.layer), tensor=NODE_TENSOR[key.kind], **payload))
+def check_stage(spec: ModelSpec, stage: Stage) -> None:
+    """A stage's layers lie in the model, the first stage starts at the embedding, the last ends at the
+    head, and every stage holds a decoder layer (a stage of only the embedding or the head would be all
+    hand-off and no work)."""
+    n = spec.num_graph_layers
+    if stage.end_layer > n or (stage.first_layer == 0) != stage.is_first or (stage.end_layer == n) != stage.is_last:
+        raise ValueError(f"stage {stage.index} of {stage.count} with layers [{stage.first_layer}, {stage.end_layer}) "
+                         f"does not fit {spec.name}'s {n} graph layers (stage 0 starts at 0, the last ends at {n})")
+    if not any(spec.layer_kind(j) is LayerKind.DECODER for j in range(stage.first_layer, stage.end_layer)):
+        raise ValueError(f"stage {stage.index} (layers [{stage.first_layer}, {stage.end_layer})) holds no decoder layer")
+
+
+def _add(g: nx.DiGraph, kind: LayerKind, key: NodeKey, **payload: int) -> NodeKey:
+    g.add_node(key, node=Node(key=key, layer_kind=kind, tensor=NODE_TENSOR[key.kind], **payload))
     return key
 
 
-def _build_phase(g: nx.DiGraph, spec: ModelSpec, wl: Workload, block: Block, phase: Phase) -> None:
+def _build_phase(g: nx.DiGraph, spec: ModelSpec, wl: Workload, block: Block, phase: Phase, stage: Stage) -> None:
     b, d = block.gpu_batch_size, spec.dtype_bytes
     tokens = wl.prompt_len if phase is Phase.PREFILL else 1
     hidden_bytes = b * tokens * spec.hidden * d
     kv_tok = b * spec.kv_bytes_per_token()
-    for layer in range(spec.num_graph_layers):
-        kind = spec.layer_kind(layer)
-        lw = _add(g, spec, NodeKey(phase, NodeKind.LOAD_WEIGHT, layer, -1), bytes=spec.layer_bytes(layer))
+    last = stage.num_layers - 1
+    for layer in range(stage.num_layers):  # the stage's numbering
+        kind = spec.layer_kind(stage.first_layer + layer)
+        lw = _add(g, kind, NodeKey(phase, NodeKind.LOAD_WEIGHT, layer, -1),
+                  bytes=spec.layer_bytes(stage.first_layer + layer))
         for k in range(block.num_gpu_batches):
-            comp = _add(g, spec, NodeKey(phase, NodeKind.COMPUTE, layer, k),
+            comp = _add(g, kind, NodeKey(phase, NodeKind.COMPUTE, layer, k),
                         **_compute_cost(spec, kind, phase, b, wl.prompt_len))
             g.add_edge(lw, comp)
             if kind is not LayerKind.EMBED:
-                lh = _add(g, spec, NodeKey(phase, NodeKind.LOAD_HIDDEN, layer, k), bytes=hidden_bytes)
+                lh = _add(g, kind, NodeKey(phase, NodeKind.LOAD_HIDDEN, layer, k), bytes=hidden_bytes)
                 g.add_edge(lh, comp)
-                g.add_edge(NodeKey(phase, NodeKind.STORE_HIDDEN, layer - 1, k), lh)
+                if layer == 0:  # from the previous stage
+                    g.add_edge(_add(g, kind, NodeKey(phase, NodeKind.RECV_HIDDEN, layer, k), bytes=hidden_bytes), lh)
+                else:
+                    g.add_edge(NodeKey(phase, NodeKind.STORE_HIDDEN, layer - 1, k), lh)
             if kind is not LayerKind.HEAD:
-                sh = _add(g, spec, NodeKey(phase, NodeKind.STORE_HIDDEN, layer, k), bytes=hidden_bytes)
+                sh = _add(g, kind, NodeKey(phase, NodeKind.STORE_HIDDEN, layer, k), bytes=hidden_bytes)
                 g.add_edge(comp, sh)
+                if layer == last:  # to the next stage
+                    g.add_edge(sh, _add(g, kind, NodeKey(phase, NodeKind.SEND_HIDDEN, layer, k), bytes=hidden_bytes))
             if kind is LayerKind.DECODER:
                 if phase is Phase.DECODE:
                     # the cache of ctx - 1 earlier tokens crosses; the new token's k/v is computed
-                    lc = _add(g, spec, NodeKey(phase, NodeKind.LOAD_CACHE, layer, k), bytes=-kv_tok,
+                    lc = _add(g, kind, NodeKey(phase, NodeKind.LOAD_CACHE, layer, k), bytes=-kv_tok,
                               bytes_per_ctx=kv_tok)
                     g.add_edge(lc, comp)
-                sc = _add(g, spec, NodeKey(phase, NodeKind.STORE_CACHE, layer, k), bytes=kv_tok * tokens)
+                sc = _add(g, kind, NodeKey(phase, NodeKind.STORE_CACHE, layer, k), bytes=kv_tok * tokens)
                 g.add_edge(comp, sc)
 
 
@@ -88,14 +115,17 @@ def _compute_cost(spec: ModelSpec, kind: LayerKind, phase: Phase, b: int, prompt
                 work_bytes_per_ctx=scores_per_ctx)
 
 
-def _link_phases(g: nx.DiGraph, spec: ModelSpec, block: Block) -> None:
-    """Decode reads what prefill wrote: the cache, and the token the head picked."""
+def _link_phases(g: nx.DiGraph, spec: ModelSpec, block: Block, stage: Stage) -> None:
+    """Decode reads what prefill wrote: the cache, and the token the head picked (within one stage:
+    across stages the token travels outside the step programs)."""
+    last = stage.num_layers - 1
     for k in range(block.num_gpu_batches):
-        g.add_edge(NodeKey(Phase.PREFILL, NodeKind.COMPUTE, spec.num_layers + 1, k),
-                   NodeKey(Phase.DECODE, NodeKind.COMPUTE, 0, k))
-        for layer in range(1, spec.num_layers + 1):
-            g.add_edge(NodeKey(Phase.PREFILL, NodeKind.STORE_CACHE, layer, k),
-                       NodeKey(Phase.DECODE, NodeKind.LOAD_CACHE, layer, k))
+        if stage.count == 1:
+            g.add_edge(NodeKey(Phase.PREFILL, NodeKind.COMPUTE, last, k), NodeKey(Phase.DECODE, NodeKind.COMPUTE, 0, k))
+        for layer in range(stage.num_layers):
+            if spec.layer_kind(stage.first_layer + layer) is LayerKind.DECODER:
+                g.add_edge(NodeKey(Phase.PREFILL, NodeKind.STORE_CACHE, layer, k),
+                           NodeKey(Phase.DECODE, NodeKind.LOAD_CACHE, layer, k))
 
 
 def check_graph(g: nx.DiGraph) -> None:

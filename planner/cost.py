@@ -49,13 +49,15 @@ CLASSES: tuple[str, ...] = ("weights", "cache", "hidden")  # Policy field names
 FLAG_NAMES: tuple[str, ...] = ("cpu_attention", "compress_weights", "compress_cache")  # Policy flag names
 # The cost terms of a step; "compute" first so that a tie names compute as binding.
 TERMS: tuple[str, ...] = ("compute", "cpu compute", "gpu<-cpu link", "cpu<-disk link", "cpu<-gpu link",
-                          "disk<-cpu link")
+                          "disk<-cpu link", "stage link")
 # Delegated attention runs on the runtime's compute stream (one op per layer and gpu batch), so
 # its CPU time adds to the GPU compute of the step rather than overlapping it.
 STREAMS: dict[str, tuple[str, ...]] = {
     "compute": ("compute", "cpu compute"),
     "load": ("gpu<-cpu link", "cpu<-disk link"),
     "store": ("cpu<-gpu link", "disk<-cpu link"),
+    # a pipeline stage receives and sends hidden states on streams of their own (zero for one process)
+    "link": ("stage link",),
 }
 SIG_DIGITS = 6  # predictions are rounded so plans are byte-identical across runs
 DELEGATED = "cache.cpu"  # the fraction CPU attention applies to
@@ -120,6 +122,7 @@ class LayerFigures:
     cache_full_bytes: float = 0.0  # what attention reads (and prefill writes): the cache at this context
     attn_to_cpu_bytes: float = 0.0  # CPU attention (decode, decoder layers): q, k, v of the new token
     attn_to_gpu_bytes: float = 0.0  # CPU attention: the attention output
+    stage_link_bytes: float = 0.0  # pipeline: hidden states received from / sent to the neighbouring stages
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +219,7 @@ def layer_figures(figs: BlockFigures, ctx: float, flags: Flags = Flags(),
         memo: dict[tuple, LayerFigures] = {}  # layers alike are figured once
         rows = []
         for j, ls in enumerate(figs.phase(phase)):
-            moved_w = comp.weight_bytes[j] if cw else ls.weight_bytes
+            moved_w = comp.weight_bytes[figs.shape.first_layer + j] if cw else ls.weight_bytes
             f = memo.get((ls, moved_w))
             if f is None:
                 f = memo[(ls, moved_w)] = _figures(ls, phase, at, nb, moved_w, cache_ratio)
@@ -229,6 +232,7 @@ def _figures(ls: LayerSums, phase: Phase, at: float, nb: int, moved_w: int, cach
     comp_sums = ls.of(NodeKind.COMPUTE)
     cl, cs = nb * ls.of(NodeKind.LOAD_CACHE).bytes_at(at), nb * ls.of(NodeKind.STORE_CACHE).bytes_at(at)
     hs = nb * ls.of(NodeKind.STORE_HIDDEN).bytes_at(at)
+    link = nb * (ls.of(NodeKind.RECV_HIDDEN).bytes_at(at) + ls.of(NodeKind.SEND_HIDDEN).bytes_at(at))
     delegable = phase is Phase.DECODE and ls.kind is LayerKind.DECODER
     return LayerFigures(
         weight_bytes=float(moved_w), cache_load_bytes=cl * cache_ratio, cache_store_bytes=cs * cache_ratio,
@@ -237,6 +241,7 @@ def _figures(ls: LayerSums, phase: Phase, at: float, nb: int, moved_w: int, cach
         compute_ops=float(nb * comp_sums.count), weight_full_bytes=float(ls.weight_bytes), cache_full_bytes=cl + cs,
         # q goes as wide as the hidden state; k and v as the new cache row (uncompressed)
         attn_to_cpu_bytes=hs + cs if delegable else 0.0, attn_to_gpu_bytes=hs if delegable else 0.0,
+        stage_link_bytes=link,
     )
 
 
@@ -298,6 +303,7 @@ def _terms(f: LayerFigures, hw: HardwareProfile, rows: int, flags: Flags) -> tup
         "cpu<-gpu link": _lin(0.0, cache_out + _off_gpu("hidden", f.hidden_store_bytes, gtoc)),
         "disk<-cpu link": _lin(0.0, _on("cache", Tier.DISK, f.cache_store_bytes, ctod)
                                + _on("hidden", Tier.DISK, f.hidden_store_bytes, ctod)),
+        "stage link": _lin(f.stage_link_bytes / hw.stage_link_bytes_per_s, []),
     }
     return tuple(by_name[n] for n in TERMS)
 

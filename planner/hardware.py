@@ -45,6 +45,10 @@ class HardwareProfile:
     # far below memory bandwidth on a CPU): on the compute device, and on the host (CPU-attended cache)
     gpu_dequant_bytes_per_s: float
     cpu_dequant_bytes_per_s: float
+    # hidden states between pipeline stages (one process per GPU or machine): bytes per second of one
+    # torch.distributed send/recv. The profiler measures the local one; a link between machines is only
+    # known to the user (`compile --stage-link-gbps`)
+    stage_link_bytes_per_s: float
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not isinstance(self.has_gpu, bool):
@@ -93,6 +97,8 @@ BUILTIN_PROFILES: dict[str, HardwareProfile] = {
         gpu_mem_bytes_per_s=300e9, matmul_min_rows=128, compute_op_overhead_s=5e-5,
         # assumed: ~6 bytes of traffic per float16 byte produced on the GPU; a many-core host 4x ours
         gpu_dequant_bytes_per_s=50e9, cpu_dequant_bytes_per_s=4e9,
+        # assumed: GPUs of one host without a peer link exchange through host memory (PCIe gen3 x16)
+        stage_link_bytes_per_s=10e9,
     ),
     # H100 80GB PCIe gen5 machine, figures measured 2026-11-26 (bench/SCENARIOS.md); the disk and
     # CPU matmul rates were not measured there and are conservative assumptions.
@@ -105,6 +111,7 @@ BUILTIN_PROFILES: dict[str, HardwareProfile] = {
         cpu_matmul_flops_per_s=1.0e12, cpu_mem_bytes_per_s=97e9,
         gpu_mem_bytes_per_s=2.0e12, matmul_min_rows=128, compute_op_overhead_s=3e-5,
         gpu_dequant_bytes_per_s=330e9, cpu_dequant_bytes_per_s=8e9,  # assumed, as for t4-flexgen
+        stage_link_bytes_per_s=50e9,  # assumed: PCIe gen5 peer copies, not measured
     ),
     # The CI/developer box: 2 cores, 24 GiB, no GPU. The "GPU" tier is an 8 GiB budget of host
     # memory. fp32 matmul 150 GFLOP/s at >= 64 rows (16 rows cost as much as 64), host memory read
@@ -119,6 +126,8 @@ BUILTIN_PROFILES: dict[str, HardwareProfile] = {
         gpu_mem_bytes_per_s=22e9, matmul_min_rows=64, compute_op_overhead_s=1e-4,
         # float32 out (runtime.profiler.dequant_rate: 0.4 GB/s measured with the other core busy)
         gpu_dequant_bytes_per_s=1.2e9, cpu_dequant_bytes_per_s=1.2e9,
+        # gloo send/recv between two processes of this machine: 1.8 GB/s at 1 MiB, 2.7 at 16 MiB
+        stage_link_bytes_per_s=2e9,
     ),
 }
 

@@ -208,6 +208,8 @@ def _build(costs: PhaseCosts, mem: MemoryFigures, caps: Mapping[Tier, float], un
                          for names in STREAMS.values()) or 1.0
             t_step = _var(prob, f"T_{tag}_{i}", 0)
             for stream, names in STREAMS.items():
+                if not any(terms[n].const or terms[n].coefs for n in names):
+                    continue  # a stream this step does not use (the stage link of a single process)
                 expr = pulp.lpSum(_lin(terms[n], frac) for n in names)
                 prob += t_step >= (1.0 / unit_s) * expr, f"T_{tag}_{i}_{stream}"
             time_expr += (weight * s.count * unit_s) * t_step

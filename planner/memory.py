@@ -116,7 +116,7 @@ def sized_buffers(shape: GraphShape, policy: Policy, comp: Compression | None = 
     needs_compression(policy, comp)
     if comp is None or not (policy.compress_weights or policy.compress_cache):
         return bp
-    streamed = [comp.weight_bytes[j] for j, t in enumerate(bp.weight_tier) if t is not Tier.GPU]
+    streamed = [comp.weight_bytes[shape.first_layer + j] for j, t in enumerate(bp.weight_tier) if t is not Tier.GPU]
 
     def size(b: Buffer) -> int:
         if policy.compress_weights and b.role is BufferRole.WEIGHT_HOME:

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgpack
 
-from flexgen_graph.ir import Workload
+from flexgen_graph.ir import Stage, Workload
 from flexgen_graph.spec import ModelSpec
 from planner.hardware import BadProfileError, HardwareProfile
 from planner.policy import Policy
@@ -24,7 +24,7 @@ from planner.program import Buffer, Op, Programs
 
 PLAN_FORMAT = "flexgen-graph-plan"
 PLANSET_FORMAT = "flexgen-graph-planset"  # several plans of one model and profile, one per prompt length
-PLAN_VERSION = 2  # 2: policy.group_size; compressed buffers at their compressed sizes
+PLAN_VERSION = 3  # 2: policy.group_size; compressed buffers at their compressed sizes. 3: pipeline stages
 MAX_PLAN_BYTES = 256 << 20
 
 
@@ -45,6 +45,12 @@ class Plan:
     policy: Policy
     predictions: dict[str, Any]
     programs: Programs
+    stage: Stage | None = None  # one stage of a pipeline (its programs name only the stage's layers)
+
+    @property
+    def layers(self) -> range:
+        """The graph layers this plan's programs run."""
+        return range(self.stage.first_layer, self.stage.end_layer) if self.stage else range(self.spec.num_graph_layers)
 
     @property
     def block_size(self) -> int:
@@ -63,6 +69,7 @@ class Plan:
             "buffers": [b.to_list() for b in self.programs.buffers],
             "prefill": [op.to_list() for op in self.programs.prefill],
             "decode": [op.to_list() for op in self.programs.decode],
+            "stage": self.stage.to_list() if self.stage else None,
         }
 
 
@@ -122,6 +129,7 @@ def _plan_from_body(body: bytes, name: str) -> Plan:
             programs=Programs(tuple(Buffer.from_list(b) for b in d["buffers"]),
                               tuple(Op.from_list(o) for o in d["prefill"]),
                               tuple(Op.from_list(o) for o in d["decode"])),
+            stage=None if d["stage"] is None else Stage.from_list(d["stage"]),
         )
         _check_predictions(plan.predictions)
         if not isinstance(d["weights_source"], str):
@@ -149,14 +157,22 @@ def _check_programs(plan: Plan, name: str) -> None:
     exist, no hazards (the verifier), so nothing is allocated for a plan that cannot run."""
     from planner.verify import PlanHazardError, verify
 
-    n_layers, nb = plan.spec.num_graph_layers, plan.policy.num_gpu_batches
+    from flexgen_graph.lower import check_stage
+
+    layers, nb = plan.layers, plan.policy.num_gpu_batches
+    if plan.stage is not None:
+        try:
+            check_stage(plan.spec, plan.stage)
+        except ValueError as e:
+            raise BadPlanFileError(f"{name}: {e}") from None
     for phase, ops in (("prefill", plan.programs.prefill), ("decode", plan.programs.decode)):
         if not ops:
             raise BadPlanFileError(f"{name}: the {phase} program is empty")
         for i, op in enumerate(ops):
-            if not 0 <= op.layer < n_layers or not -1 <= op.batch < nb:
+            if op.layer not in layers or not -1 <= op.batch < nb:
                 raise BadPlanFileError(f"{name}: {phase} op {i} ({op.node}) names layer {op.layer} / batch "
-                                       f"{op.batch}, outside this model's {n_layers} layers x {nb} gpu batches")
+                                       f"{op.batch}, outside this plan's layers {layers.start}..{layers.stop - 1} "
+                                       f"x {nb} gpu batches")
     totals = {"gpu": 0, "cpu": 0, "disk": 0}
     for i, b in enumerate(plan.programs.buffers):
         if b.id != i:
@@ -184,13 +200,39 @@ def load(path: str | Path) -> Plan:
     return plans[0]
 
 
+def _order(p: Plan) -> tuple[int, int, int]:
+    return (p.workload.prompt_len, p.workload.gen_len, p.stage.index if p.stage else 0)
+
+
+def check_stages(plans: list[Plan], name: str = "plan") -> None:
+    """Plans of a set are all single-process plans, or all stages of pipelines of one size, each
+    workload's stages 0..count-1 once, splitting the model the same way."""
+    staged = {p.stage is not None for p in plans}
+    if len(staged) > 1:
+        raise BadPlanFileError(f"{name}: mixes pipeline stages with single-process plans")
+    if staged == {False}:
+        return
+    counts = {p.stage.count for p in plans}
+    if len(counts) > 1:
+        raise BadPlanFileError(f"{name}: pipelines of {sorted(counts)} stages in one file")
+    by_workload: dict[tuple[int, int], list[Stage]] = {}
+    for p in plans:
+        by_workload.setdefault((p.workload.prompt_len, p.workload.gen_len), []).append(p.stage)
+    for (pl, gl), stages in by_workload.items():
+        stages = sorted(stages, key=lambda s: s.index)
+        if [s.index for s in stages] != list(range(len(stages))) or len(stages) != stages[0].count \
+                or any(a.end_layer != b.first_layer for a, b in zip(stages, stages[1:])):
+            raise BadPlanFileError(f"{name}: the stages of prompt {pl} / gen {gl} are not stages 0..{stages[0].count - 1} "
+                                   f"of one pipeline ({[s.to_list() for s in stages]})")
+
+
 def dumps_set(plans: list[Plan]) -> bytes:
     """One plan as a plain plan file; several as a plan set (sorted by prompt length)."""
     if not plans:
         raise ValueError("a plan set needs at least one plan")
     if len(plans) == 1:
         return dumps(plans[0])
-    plans = sorted(plans, key=lambda p: (p.workload.prompt_len, p.workload.gen_len))
+    plans = sorted(plans, key=_order)
     return _seal(PLANSET_FORMAT, msgpack.packb([dumps(p) for p in plans], use_bin_type=True))
 
 
@@ -205,7 +247,9 @@ def loads_set(data: bytes, name: str = "plan") -> list[Plan]:
     """The plans of a plan file or plan set, sorted by prompt length, checked to agree on model and profile."""
     fmt, body = _open(data, name)  # the envelope is decoded once, for plans and sets alike
     if fmt == PLAN_FORMAT:
-        return [_plan_from_body(body, name)]
+        plans = [_plan_from_body(body, name)]
+        check_stages(plans, name)
+        return plans
     items = _unpack(body, f"{name} body")
     if not (isinstance(items, list) and items and all(isinstance(i, bytes) for i in items)):
         raise BadPlanFileError(f"{name}: a plan set must hold a non-empty list of plans")
@@ -214,7 +258,8 @@ def loads_set(data: bytes, name: str = "plan") -> list[Plan]:
     for i, p in enumerate(plans[1:], 1):
         if p.spec != first.spec or p.profile != first.profile or p.weights_source != first.weights_source:
             raise BadPlanFileError(f"{name}[{i}]: plans of a set must share model, profile and weights")
-    return sorted(plans, key=lambda p: (p.workload.prompt_len, p.workload.gen_len))
+    check_stages(plans, name)
+    return sorted(plans, key=_order)
 
 
 def load_set(path: str | Path) -> list[Plan]:

@@ -23,6 +23,10 @@ class Stream(Enum):
     LOAD = "load"
     COMPUTE = "compute"
     STORE = "store"
+    # pipeline stages: hidden states from the previous stage and to the next, each on its own stream so
+    # that a blocking receive never holds up a send (or the other way round)
+    RECV = "recv"
+    SEND = "send"
 
 
 class OpKind(Enum):
@@ -39,6 +43,8 @@ class OpKind(Enum):
     DECODER_PREFILL_HOST_CACHE = "decoder_prefill_host_cache"
     DECODER_DECODE_CPU_ATTN = "decoder_decode_cpu_attn"
     HEAD = "head"
+    RECV_HIDDEN = "recv_hidden"  # into `dst`, from the previous stage's process
+    SEND_HIDDEN = "send_hidden"  # `src`, to the next stage's process
 
 
 OP_STREAM: dict[OpKind, Stream] = {
@@ -53,6 +59,8 @@ OP_STREAM: dict[OpKind, Stream] = {
     OpKind.DECODER_PREFILL_HOST_CACHE: Stream.COMPUTE,
     OpKind.DECODER_DECODE_CPU_ATTN: Stream.COMPUTE,
     OpKind.HEAD: Stream.COMPUTE,
+    OpKind.RECV_HIDDEN: Stream.RECV,
+    OpKind.SEND_HIDDEN: Stream.SEND,
 }
 
 COMPUTE_KINDS = frozenset(k for k, s in OP_STREAM.items() if s is Stream.COMPUTE)

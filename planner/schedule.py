@@ -5,6 +5,12 @@ item x (layer j, gpu batch k, x = j * num_gpu_batches + k) is issued before the 
 item x - 1: layer j+1's weights (and the next batch's cache) stream in while layer j computes.
 Streamed tensors go through rings of two slots; a load into a slot waits for the slot's
 previous occupant's readers (its compute and its store), never on a global barrier.
+
+A pipeline stage's programs are batch-major instead (x = k * num_layers + j): gpu batch k goes
+through all the stage's layers and is sent on while batch k + 1 arrives, so the next stage starts
+on batch k while this one computes k + 1. Weights cannot stream through a 2-slot ring in that order
+(each batch would reload every layer): a stage's weights stay on its GPU (planner.pipeline).
+The programs name the model's layers (the stage graph's layer + first_layer).
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ class GraphShape:
     weight_bytes: tuple[int, ...]  # per graph layer
     cache_bytes: int  # one (decoder layer, gpu batch) cache at the longest length
     hidden_bytes: int  # one gpu batch's hidden state in prefill (the larger phase)
+    first_layer: int = 0  # the model's graph layer of this graph's layer 0 (a pipeline stage)
+    batch_major: bool = False  # a stage of a pipeline of several: programs in batch-major order
 
     @property
     def decoder_layers(self) -> list[int]:
@@ -48,7 +56,8 @@ def graph_shape(g: nx.DiGraph) -> GraphShape:
     first_dec = kinds.index(LayerKind.DECODER)
     cache = nodes[NodeKey(Phase.DECODE, NodeKind.LOAD_CACHE, first_dec, 0)].bytes_per_ctx * max_seq
     hidden = nodes[NodeKey(Phase.PREFILL, NodeKind.STORE_HIDDEN, 0, 0)].bytes
-    return GraphShape(n_layers, nb, g.graph["prompt_len"], g.graph["gen_len"], kinds, wbytes, cache, hidden)
+    return GraphShape(n_layers, nb, g.graph["prompt_len"], g.graph["gen_len"], kinds, wbytes, cache, hidden,
+                      g.graph.get("first_layer", 0), g.graph.get("stages", 1) > 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +87,10 @@ def build_buffers(shape: GraphShape, policy: Policy) -> BufferPlan:
         bufs.append(Buffer(len(bufs), role, tier, nbytes, layer, batch, slot))
         return len(bufs) - 1
 
-    w_home = {j: add(BufferRole.WEIGHT_HOME, w_tier[j], shape.weight_bytes[j], layer=j)
+    first = shape.first_layer  # buffers name the model's layers
+    w_home = {j: add(BufferRole.WEIGHT_HOME, w_tier[j], shape.weight_bytes[j], layer=first + j)
               for j in range(shape.num_graph_layers)}
-    c_home = {jk: add(BufferRole.CACHE_HOME, c_tier[jk], shape.cache_bytes, layer=jk[0], batch=jk[1])
+    c_home = {jk: add(BufferRole.CACHE_HOME, c_tier[jk], shape.cache_bytes, layer=first + jk[0], batch=jk[1])
               for jk in cache_items}
     h_home = {k: add(BufferRole.HIDDEN_HOME, h_tier[k], shape.hidden_bytes, batch=k) for k in range(nb)}
 
@@ -108,14 +118,18 @@ def _ring(items: list) -> tuple[dict, dict]:
     return slot, prev
 
 
-def _priority(key: NodeKey, nb: int) -> tuple[float, str]:
-    x = key.layer * nb + max(key.batch, 0)
+def _item(j: int, k: int, nb: int, n_layers: int, batch_major: bool) -> int:
+    return k * n_layers + j if batch_major else j * nb + k
+
+
+def _priority(key: NodeKey, nb: int, n_layers: int, batch_major: bool) -> tuple[float, str]:
+    x = _item(key.layer, max(key.batch, 0), nb, n_layers, batch_major)
     if key.kind is NodeKind.COMPUTE:
         p = 3 * x + 1
-    elif key.kind in (NodeKind.STORE_CACHE, NodeKind.STORE_HIDDEN):
+    elif key.kind in (NodeKind.STORE_CACHE, NodeKind.STORE_HIDDEN, NodeKind.SEND_HIDDEN):
         p = 3 * x + 2
     elif key.kind is NodeKind.LOAD_WEIGHT:
-        p = 3 * (x - nb) + 0.4  # before the first compute of the previous layer
+        p = 3 * (x - (1 if batch_major else nb)) + 0.4  # before the first compute of the previous layer
     else:
         p = 3 * (x - 1) + 0.5  # before the compute of the previous item
     return (p, key.label())
@@ -123,8 +137,9 @@ def _priority(key: NodeKey, nb: int) -> tuple[float, str]:
 
 def node_order(g: nx.DiGraph, phase: Phase) -> list[NodeKey]:
     sub = g.subgraph([key for key in g.nodes if key.phase is phase])
-    nb = g.graph["num_gpu_batches"]
-    return list(nx.lexicographical_topological_sort(sub, key=lambda key: _priority(key, nb)))
+    nb, n_layers = g.graph["num_gpu_batches"], 1 + max(key.layer for key in g.nodes)
+    batch_major = g.graph.get("stages", 1) > 1
+    return list(nx.lexicographical_topological_sort(sub, key=lambda key: _priority(key, nb, n_layers, batch_major)))
 
 
 def emit_programs(g: nx.DiGraph, policy: Policy) -> Programs:
@@ -144,9 +159,13 @@ def _compute_kind(kind: LayerKind, phase: Phase, host_cache: bool) -> OpKind:
 
 
 def _emit(g: nx.DiGraph, shape: GraphShape, bp: BufferPlan, policy: Policy, phase: Phase) -> tuple[Op, ...]:
-    nb = shape.num_gpu_batches
-    items = [(j, k) for j in range(shape.num_graph_layers) for k in range(nb)]
+    nb, first = shape.num_gpu_batches, shape.first_layer
+    items = sorted(((j, k) for j in range(shape.num_graph_layers) for k in range(nb)),
+                   key=lambda jk: _item(*jk, nb, shape.num_graph_layers, shape.batch_major))  # program order
     w_stream = [j for j in range(shape.num_graph_layers) if bp.weight_tier[j] is not Tier.GPU]
+    if shape.batch_major and w_stream:
+        raise ValueError("a pipeline stage keeps its weights on its GPU: batch-major programs cannot stream "
+                         f"weights through a 2-slot ring (layers {[first + j for j in w_stream]} are off the GPU)")
     c_stream = [jk for jk in items if streams_cache(bp.cache_tier.get(jk, Tier.GPU), policy)]
     host_cache = {jk for jk, t in bp.cache_tier.items() if t is not Tier.GPU and not streams_cache(t, policy)}
     h_stream = [jk for jk in items if bp.hidden_tier[jk[1]] is not Tier.GPU]
@@ -170,40 +189,48 @@ def _emit(g: nx.DiGraph, shape: GraphShape, bp: BufferPlan, policy: Policy, phas
 
     for key in node_order(g, phase):
         j, k = key.layer, key.batch
-        jk = (j, k)
+        jk, gj, label = (j, k), first + j, key._replace(layer=first + j).label()
         if key.kind is NodeKind.LOAD_WEIGHT:
             if bp.weight_tier[j] is Tier.GPU:
                 continue
             waits = []
             if j in w_prev:
                 waits = idx(NodeKind.COMPUTE, w_prev[j], nb - 1)
-            op = Op(OpKind.LOAD_WEIGHT, j, -1, tuple(waits), src=bp.weight_home[j],
-                    dst=bp.weight_slots[w_slot[j]], node=key.label())
+            op = Op(OpKind.LOAD_WEIGHT, gj, -1, tuple(waits), src=bp.weight_home[j],
+                    dst=bp.weight_slots[w_slot[j]], node=label)
         elif key.kind is NodeKind.LOAD_CACHE:
             if jk not in c_slot:
                 continue
             waits = freed(c_prev, jk, NodeKind.COMPUTE, NodeKind.STORE_CACHE)
-            op = Op(OpKind.LOAD_CACHE, j, k, tuple(waits), src=bp.cache_home[jk], dst=bp.cache_slots[c_slot[jk]],
-                    node=key.label())
+            op = Op(OpKind.LOAD_CACHE, gj, k, tuple(waits), src=bp.cache_home[jk], dst=bp.cache_slots[c_slot[jk]],
+                    node=label)
         elif key.kind is NodeKind.LOAD_HIDDEN:
             if jk not in h_slot:
                 continue
-            waits = idx(NodeKind.STORE_HIDDEN, j - 1, k) + freed(h_prev, jk, NodeKind.COMPUTE, NodeKind.STORE_HIDDEN)
-            op = Op(OpKind.LOAD_HIDDEN, j, k, tuple(waits), src=bp.hidden_home[k], dst=bp.hidden_slots[h_slot[jk]],
-                    node=key.label())
+            waits = idx(NodeKind.STORE_HIDDEN, j - 1, k) + idx(NodeKind.RECV_HIDDEN, j, k) \
+                + freed(h_prev, jk, NodeKind.COMPUTE, NodeKind.STORE_HIDDEN)
+            op = Op(OpKind.LOAD_HIDDEN, gj, k, tuple(waits), src=bp.hidden_home[k], dst=bp.hidden_slots[h_slot[jk]],
+                    node=label)
         elif key.kind is NodeKind.STORE_CACHE:
             if jk not in c_slot:
                 continue
-            op = Op(OpKind.STORE_CACHE, j, k, tuple(idx(NodeKind.COMPUTE, j, k)), src=bp.cache_slots[c_slot[jk]],
-                    dst=bp.cache_home[jk], node=key.label())
+            op = Op(OpKind.STORE_CACHE, gj, k, tuple(idx(NodeKind.COMPUTE, j, k)), src=bp.cache_slots[c_slot[jk]],
+                    dst=bp.cache_home[jk], node=label)
         elif key.kind is NodeKind.STORE_HIDDEN:
             if jk not in h_slot:
                 continue
-            op = Op(OpKind.STORE_HIDDEN, j, k, tuple(idx(NodeKind.COMPUTE, j, k)), src=bp.hidden_slots[h_slot[jk]],
-                    dst=bp.hidden_home[k], node=key.label())
+            op = Op(OpKind.STORE_HIDDEN, gj, k, tuple(idx(NodeKind.COMPUTE, j, k)), src=bp.hidden_slots[h_slot[jk]],
+                    dst=bp.hidden_home[k], node=label)
+        elif key.kind is NodeKind.RECV_HIDDEN:  # into the home: a slot, if any, is filled by LOAD_HIDDEN after
+            op = Op(OpKind.RECV_HIDDEN, gj, k, (), dst=bp.hidden_home[k], node=label)
+        elif key.kind is NodeKind.SEND_HIDDEN:
+            op = Op(OpKind.SEND_HIDDEN, gj, k, tuple(idx(NodeKind.COMPUTE, j, k) + idx(NodeKind.STORE_HIDDEN, j, k)),
+                    src=bp.hidden_home[k], node=label)
         else:
             lkind = shape.layer_kinds[j]
             waits = idx(NodeKind.LOAD_WEIGHT, j, -1) + idx(NodeKind.LOAD_CACHE, j, k) + idx(NodeKind.LOAD_HIDDEN, j, k)
+            if jk not in h_slot:
+                waits += idx(NodeKind.RECV_HIDDEN, j, k)
             if jk in c_slot and not idx(NodeKind.LOAD_CACHE, j, k):
                 waits += freed(c_prev, jk, NodeKind.STORE_CACHE)  # prefill writes the slot without a load
             if jk in h_slot and not idx(NodeKind.LOAD_HIDDEN, j, k):
@@ -213,8 +240,8 @@ def _emit(g: nx.DiGraph, shape: GraphShape, bp: BufferPlan, policy: Policy, phas
             if lkind is LayerKind.DECODER:
                 cache = bp.cache_slots[c_slot[jk]] if jk in c_slot else bp.cache_home[jk]
             hidden = bp.hidden_slots[h_slot[jk]] if jk in h_slot else bp.hidden_home[k]
-            op = Op(_compute_kind(lkind, phase, jk in host_cache), j, k, tuple(sorted(waits)), weight=weight, cache=cache,
-                    hidden=hidden, node=key.label())
+            op = Op(_compute_kind(lkind, phase, jk in host_cache), gj, k, tuple(sorted(waits)), weight=weight, cache=cache,
+                    hidden=hidden, node=label)
         for w in op.waits:
             assert w < len(ops), f"{op.node} waits on op {w} that is not earlier in program order"
         index[(key.kind, j, k)] = len(ops)

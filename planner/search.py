@@ -106,6 +106,7 @@ def time_bound_s(costs: PhaseCosts, mem: MemoryFigures, profile: HardwareProfile
             cost = {c: min(coefs.get(frac_var(c, t), 0.0) for t in lower) for c in CLASSES}
             lb += _least_cost(cost, mem.total_bytes, room[above])
         dec.append(lb)
+    dec.append(sum(s.count * s.terms[TERMS.index("stage link")].const for s in costs.decode))
     return pre + (costs.gen_len - 1) * max(dec)
 
 

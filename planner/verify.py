@@ -53,8 +53,10 @@ def accesses(op: Op) -> tuple[list[int], list[int]]:
             reads.append(op.hidden)
         writes = ([op.cache] if op.cache >= 0 else []) + ([op.hidden] if op.kind is not OpKind.HEAD else [])
         return reads, writes
-    if op.kind is OpKind.LOAD_WEIGHT:
-        return [], [op.dst]  # the source may be the weight store (no buffer in this program)
+    if op.kind in (OpKind.LOAD_WEIGHT, OpKind.RECV_HIDDEN):
+        return [], [op.dst]  # the weight store, or another process, is the source
+    if op.kind is OpKind.SEND_HIDDEN:
+        return [op.src], []
     return [op.src], [op.dst]
 
 

@@ -26,6 +26,7 @@ from runtime.compressed import CacheCodec, compressed_layers, decompress_layer, 
 from runtime.quant import QuantConfig
 from runtime.sampling import GREEDY, Sampling, generators, pick
 from runtime.backend import Buf, CpuBackend
+from runtime.stage_link import StageLink
 from runtime.weight_store import WeightStore
 
 
@@ -41,11 +42,19 @@ class PromptTooLongError(ValueError):
 
 class Engine:
     def __init__(self, plan: Plan, store: WeightStore, offload_dir: str | Path | None = None, *,
-                 overlap: bool = True, cold_weights: bool = False, device: str = "auto") -> None:
+                 overlap: bool = True, cold_weights: bool = False, device: str = "auto",
+                 link: StageLink | None = None) -> None:
         """overlap=False serializes the streams (for benchmarks); cold_weights evicts weight files
         from the page cache after each disk read, so disk-tier weights really come from the disk;
-        device: "cpu", "cuda", or "auto" (CUDA when the plan's profile has a GPU and one is visible)."""
+        device: "cpu", "cuda", or "auto" (CUDA when the plan's profile has a GPU and one is visible);
+        link: the other stages' processes, for a plan that is one stage of a pipeline."""
         check_model(plan, store.spec)
+        if (plan.stage is not None and plan.stage.count > 1) != (link is not None) or \
+                (link is not None and link.stage != plan.stage):
+            raise ValueError(f"plan stage {plan.stage} needs {'a' if plan.stage else 'no'} link to the other stages "
+                             f"(got {link.stage if link else None}): launch a pipeline plan with torchrun, one "
+                             "process per stage")
+        self.link = link
         self.plan, self.store, self.spec = plan, store, plan.spec
         store.check()  # a missing or truncated tensor file is named now, not mid-run
         self.dtype = kernels.TORCH_DTYPES[self.spec.dtype]
@@ -133,14 +142,14 @@ class Engine:
         self._wdense = self._cdense = self._cdense_host = None
         self._dense_layer = -1  # the layer whose weights _wdense holds (decoder caches go after them)
         cache = self.max_seq * self.b * s.kv_bytes_per_token() if self.codec else 0
-        w = [s.layer_bytes(j) if self.plan.policy.compress_weights else 0 for j in range(s.num_graph_layers)]
-        w_dec = max(w[1:-1])
+        w = {j: s.layer_bytes(j) if self.plan.policy.compress_weights else 0 for j in self.plan.layers}
+        w_dec = max(w[j] for j in w if 0 < j < s.num_graph_layers - 1)  # every stage holds a decoder layer
         dev_cache = cache if kinds & {OpKind.DECODER_PREFILL, OpKind.DECODER_DECODE} else 0
         w_dec_aligned = -(-w_dec // ALIGN_BYTES) * ALIGN_BYTES
-        size = max(w[0], w[-1], w_dec_aligned + dev_cache)
+        size = max(w.get(0, 0), w.get(s.num_graph_layers - 1, 0), w_dec_aligned + dev_cache)
         if size:
             buf = self.backend.alloc(Tier.GPU, size, "dequantized-scratch").tensor
-            self._wdense = buf if max(w) else None
+            self._wdense = buf if max(w.values()) else None
             self._cdense = dense_cache_view(buf[w_dec_aligned:], self.max_seq, self.b, s) if dev_cache else None
         if self.codec and OpKind.DECODER_DECODE_CPU_ATTN in kinds:
             host = self.backend.alloc(Tier.CPU, cache, "dequantized-cache-host").tensor
@@ -224,6 +233,12 @@ class Engine:
     def _move_hidden(self, op: Op) -> None:
         self.backend.copy(self.bufs[op.dst], self.bufs[op.src], 0, self._hidden_bytes())
 
+    def _recv_hidden(self, op: Op) -> None:
+        self.link.recv(self.bufs[op.dst].tensor[: self._hidden_bytes()], tag=op.batch)
+
+    def _send_hidden(self, op: Op) -> None:
+        self.link.send(self.bufs[op.src].tensor[: self._hidden_bytes()], tag=op.batch)
+
     def _embed(self, op: Op) -> None:
         k, a, t = op.batch, self._start, self._t
         h = kernels.embed(self.spec, self._weights(op), self._ids[k], self._pos[k][:, a:a + t])
@@ -295,6 +310,8 @@ class Engine:
         OpKind.DECODER_PREFILL_HOST_CACHE: _decoder_host_cache,
         OpKind.DECODER_DECODE_CPU_ATTN: _decoder_host_cache,
         OpKind.HEAD: _head,
+        OpKind.RECV_HIDDEN: _recv_hidden,
+        OpKind.SEND_HIDDEN: _send_hidden,
     }
 
     def _run(self, name: str, start: int, t: int) -> None:
@@ -351,7 +368,9 @@ class Engine:
         stopped = torch.zeros(len(seqs), dtype=torch.bool)
         self._run("prefill", 0, p)
         for step in range(self.gen_len):
-            tok = torch.cat(self._next).cpu()  # one host sync per step: EOS and limits are checked here
+            # one host sync per step: EOS and limits are checked here (in a pipeline, by every stage alike)
+            tok = self.link.share_tokens(torch.cat(self._next) if self.link.stage.is_last else None, len(seqs)) \
+                if self.link else torch.cat(self._next).cpu()
             tok = torch.where(done, torch.full_like(tok, pad), tok)
             out[:, step] = tok
             hit_eos = torch.isin(tok, eos) & ~done

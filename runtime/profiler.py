@@ -8,7 +8,8 @@ of the offload folder. Rates: host<->GPU copies (pinned), disk read/write of the
 (O_DIRECT where the filesystem allows, else page-cache evicted reads, said in the notes), matmul
 and attention rates of the compute device and of the CPU, the matmul row count below which
 small batches stop paying off, host memory bandwidth, the per-op dispatch overhead, and the rate
-of 4-bit dequantization on each device.
+of 4-bit dequantization on each device, and the link between pipeline stages as this machine sees it
+(gloo between two local processes; without a second GPU, a GPU's hidden states leave through the host).
 """
 
 from __future__ import annotations
@@ -104,6 +105,41 @@ def copy_rates(device: torch.device) -> tuple[float, float]:
     return h2d, d2h
 
 
+def _link_peer(rank: int, store: str, n: int, result: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        t = torch.zeros(n, dtype=torch.uint8)
+
+        def hop() -> None:
+            dist.send(t, 1) if rank == 0 else dist.recv(t, 0)
+        rate = n / _best_time(hop, repeats=5)
+        if rank == 1:
+            Path(result).write_text(repr(rate))
+    finally:
+        dist.destroy_process_group()
+
+
+def stage_link_rate(device: torch.device) -> tuple[float, str]:
+    """Bytes/s of handing a hidden state to the next pipeline stage, and how it was measured."""
+    n = 8 << 20  # the hidden states of a large gpu batch in prefill are megabytes
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        a = torch.empty(n, dtype=torch.uint8, device="cuda:0")
+        b = torch.empty(n, dtype=torch.uint8, device="cuda:1")
+        return n / _best_time(lambda: b.copy_(a), sync=torch.cuda.synchronize), "a copy cuda:0 -> cuda:1"
+    if device.type == "cuda":
+        return copy_rates(device)[1], "one GPU: hidden states would leave through the host (device -> host rate)"
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "rate")
+        mp.spawn(_link_peer, args=(os.path.join(tmp, "store"), n, result), nprocs=2)
+        return float(Path(result).read_text()), "gloo send/recv between two processes of this machine"
+
+
 def disk_rates(folder: Path) -> tuple[float, float, str]:
     """(read, write) bytes/s of the folder's filesystem, bypassing the page cache where possible."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -148,6 +184,7 @@ def measure(offload_dir: Path, name: str = "measured") -> tuple[HardwareProfile,
         dev = torch.device("cuda")
         rows, peak = min_rows(dev, torch.float16)
         h2d, d2h = copy_rates(dev)
+        link, link_how = stage_link_rate(dev)
         prof = HardwareProfile(
             name=name, has_gpu=True, gpu_bytes=torch.cuda.get_device_properties(dev).total_memory,
             cpu_bytes=int(ram * 0.8), disk_bytes=int(disk_free * 0.8),
@@ -156,10 +193,11 @@ def measure(offload_dir: Path, name: str = "measured") -> tuple[HardwareProfile,
             gpu_attn_flops_per_s=attention_rate(dev, torch.float16), cpu_matmul_flops_per_s=cpu_peak,
             cpu_mem_bytes_per_s=cpu_bw, gpu_mem_bytes_per_s=memory_bandwidth(dev), matmul_min_rows=rows,
             compute_op_overhead_s=op_overhead(dev), gpu_dequant_bytes_per_s=dequant_rate(dev),
-            cpu_dequant_bytes_per_s=dequant_rate(cpu))
+            cpu_dequant_bytes_per_s=dequant_rate(cpu), stage_link_bytes_per_s=link)
         notes.append(f"GPU: {torch.cuda.get_device_name(dev)}, fp16 rates")
     else:
         # no GPU: the "GPU" tier is a third of RAM and "GPU" compute is this CPU (float32)
+        link, link_how = stage_link_rate(cpu)
         copy = memory_bandwidth(cpu) / 2  # a copy reads and writes
         prof = HardwareProfile(
             name=name, has_gpu=False, gpu_bytes=ram // 3, cpu_bytes=ram // 2, disk_bytes=int(disk_free * 0.8),
@@ -168,6 +206,8 @@ def measure(offload_dir: Path, name: str = "measured") -> tuple[HardwareProfile,
             gpu_attn_flops_per_s=attention_rate(cpu, torch.float32), cpu_matmul_flops_per_s=cpu_peak,
             cpu_mem_bytes_per_s=cpu_bw, gpu_mem_bytes_per_s=cpu_bw, matmul_min_rows=cpu_rows,
             compute_op_overhead_s=op_overhead(cpu), gpu_dequant_bytes_per_s=dequant_rate(cpu),
-            cpu_dequant_bytes_per_s=dequant_rate(cpu))
+            cpu_dequant_bytes_per_s=dequant_rate(cpu), stage_link_bytes_per_s=link)
         notes.append("no GPU: the gpu tier is a third of RAM, gpu rates are this CPU's (float32)")
+    notes.append(f"stage link: {link_how}; a link between machines is not seen from here (compile "
+                 "--stage-link-gbps gives it)")
     return prof, notes

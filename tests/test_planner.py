@@ -51,7 +51,7 @@ def toy_profile(gpu: int = 1 << 40, cpu: int = 1 << 40, disk: int = 1 << 40, has
                 disk_from_cpu_bytes_per_s=5e7, gpu_matmul_flops_per_s=1e9, gpu_attn_flops_per_s=1e8,
                 gpu_mem_bytes_per_s=1e15, matmul_min_rows=1, compute_op_overhead_s=0.0,
                 cpu_matmul_flops_per_s=1e8, cpu_mem_bytes_per_s=1e9, gpu_dequant_bytes_per_s=1e10,
-                cpu_dequant_bytes_per_s=1e9)
+                cpu_dequant_bytes_per_s=1e9, stage_link_bytes_per_s=1e9)
     base.update(rates)
     return HardwareProfile(name="toy", has_gpu=has_gpu, gpu_bytes=gpu, cpu_bytes=cpu, disk_bytes=disk, **base)
 

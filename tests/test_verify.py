@@ -156,7 +156,8 @@ def test_simulate_plan_of_a_compiled_catalog_plan():
 
 RATES = ("gpu_from_cpu_bytes_per_s", "cpu_from_gpu_bytes_per_s", "cpu_from_disk_bytes_per_s",
          "disk_from_cpu_bytes_per_s", "gpu_matmul_flops_per_s", "gpu_attn_flops_per_s", "cpu_matmul_flops_per_s",
-         "cpu_mem_bytes_per_s", "gpu_mem_bytes_per_s", "gpu_dequant_bytes_per_s", "cpu_dequant_bytes_per_s")
+         "cpu_mem_bytes_per_s", "gpu_mem_bytes_per_s", "gpu_dequant_bytes_per_s", "cpu_dequant_bytes_per_s",
+         "stage_link_bytes_per_s")
 PLACEMENTS = [GPU, CPU, DISK, Placement(0.5, 0.5, 0.0), Placement(0.0, 0.5, 0.5), Placement(0.3, 0.3, 0.4)]
 SIZES, COUNTS = (1, 2, 4), (1, 2)
 

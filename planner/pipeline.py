@@ -1,0 +1,91 @@
+"""Pipeline parallelism (FlexGen's multi-GPU mode): the layers split into stages, one process each.
+
+Stage i computes gpu batch k while stage i+1 computes batch k-1: a step of the pipeline costs the
+stages' times for one gpu batch, one after the other (the first batch's way through), plus the
+slowest stage's time for each later batch (the pipeline full). So the split balances the stages'
+predicted times, and more gpu batches hide more of the fill.
+
+    >>> split_layers([1, 4, 4, 4, 4, 1], 2, [False, True, True, True, True, False])
+    ((0, 3), (3, 6))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from planner.cost import Predictions, sig
+from planner.hardware import HardwareProfile
+
+
+def split_layers(times: Sequence[float], stages: int, decoder: Sequence[bool]) -> tuple[tuple[int, int], ...]:
+    """Contiguous ranges [first, end) of the graph layers, one per stage, each holding a decoder layer,
+    that minimize the largest sum of `times` over a range (the earliest split among equals)."""
+    n = len(times)
+    if not 1 <= stages <= sum(decoder):
+        raise ValueError(f"{stages} stages for a model of {sum(decoder)} decoder layers: each stage needs one")
+    prefix = [0.0]
+    for t in times:
+        prefix.append(prefix[-1] + t)
+    has_dec = [0]
+    for d in decoder:
+        has_dec.append(has_dec[-1] + bool(d))
+    inf = float("inf")
+    # best[s][i]: the least largest sum splitting layers [0, i) into s stages; cut[s][i]: where the last begins
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[-1] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, stages + 1):
+        for i in range(1, n + 1):
+            for j in range(i):
+                if best[s - 1][j] == inf or has_dec[i] == has_dec[j]:
+                    continue
+                v = max(best[s - 1][j], prefix[i] - prefix[j])
+                if v < best[s][i]:
+                    best[s][i], cut[s][i] = v, j
+    out, i = [], n
+    for s in range(stages, 0, -1):
+        j = cut[s][i]
+        out.append((j, i))
+        i = j
+    return tuple(reversed(out))
+
+
+def step_s(stage_times: Sequence[float], num_gpu_batches: int) -> float:
+    """One step (prefill or a decode step) of the pipeline, from each stage's time for the whole block:
+    the first gpu batch passes every stage, then the slowest stage paces the others."""
+    per_batch = [t / num_gpu_batches for t in stage_times]
+    return sum(per_batch) + (num_gpu_batches - 1) * max(per_batch)
+
+
+def pipeline_predictions(stages: Sequence[Predictions], num_gpu_batches: int, block_size: int,
+                         gen_len: int) -> dict:
+    """The run's times and tokens/s from the stages' own predictions (each with its stage link)."""
+    prefill = step_s([p.prefill_s for p in stages], num_gpu_batches)
+    decode = step_s([p.decode_step_s for p in stages], num_gpu_batches)
+    total = prefill + (gen_len - 1) * decode
+    return {"tokens_per_s": sig(block_size * gen_len / total) if total > 0 else float("inf"),
+            "prefill_s": sig(prefill), "decode_step_s": sig(decode), "total_s": sig(total)}
+
+
+def stage_predictions(own: Predictions, pipeline: dict) -> dict:
+    """A stage plan's predictions: the pipeline's times (what `run` reports), the stage's own peaks and
+    binding term, and its own times under stage_*."""
+    d = own.to_dict()
+    d.update({f"stage_{k}": d[k] for k in ("prefill_s", "decode_step_s")})
+    d.update(pipeline)
+    return d
+
+
+def stage_share(profile: HardwareProfile, stages_per_machine: int) -> HardwareProfile:
+    """What one stage may use when `stages_per_machine` stages share a machine: its GPU (a GPU each), and
+    its share of host memory and disk. Without a GPU, the "GPU" tier is host memory too, so it is shared."""
+    if stages_per_machine < 1:
+        raise ValueError(f"stages per machine must be >= 1, got {stages_per_machine}")
+    if stages_per_machine == 1:
+        return profile
+    n = stages_per_machine
+    caps = dict(cpu_bytes=profile.cpu_bytes // n, disk_bytes=profile.disk_bytes // n)
+    if not profile.has_gpu:
+        caps["gpu_bytes"] = profile.gpu_bytes // n
+    return dataclasses.replace(profile, name=f"{profile.name} (1/{n} per stage)", **caps)

@@ -1,0 +1,34 @@
+"""A torchrun entry point for tests/test_pipeline.py: rank R runs stage R of a pipeline plan file over a
+block of prompts; rank 0 writes the generations (JSON) once every stage is done.
+
+    torchrun --nproc-per-node S tests/pipeline_worker.py PLAN STORE PROMPTS.json OUT.json
+"""
+
+import json
+import os
+import sys
+
+import torch.distributed as dist
+
+from planner import plan as planfile
+from runtime.engine import Engine
+from runtime.stage_link import StageLink
+from runtime.weight_store import WeightStore
+
+plan_path, store_path, prompts_path, out_path = sys.argv[1:5]
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo")
+try:
+    plan = planfile.load_set(plan_path)[rank]
+    prompts = json.loads(open(prompts_path).read())
+    with Engine(plan, WeightStore(store_path), link=StageLink(plan.stage), device="cpu") as engine:
+        gens = engine.generate(prompts)
+        peak = engine.peak_bytes
+    dist.barrier()
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump([list(g.token_ids) for g in gens], f)
+    with open(f"{out_path}.rank{rank}", "w") as f:
+        json.dump({"tokens": [list(g.token_ids) for g in gens], "peak": peak}, f)
+finally:
+    dist.destroy_process_group()
