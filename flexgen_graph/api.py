@@ -109,8 +109,13 @@ def compile_pipeline(spec: ModelSpec, profile: HardwareProfile, workload: Worklo
         raise ValueError("pipeline stages keep their weights on their GPUs: drop --weights-frac")
     fixed["weights"] = Placement.all_on(Tier.GPU)
     share = pipeline.stage_share(profile, stages if stages_per_machine is None else stages_per_machine)
-    ranges = pipeline.split_layers(layer_times(spec, profile, workload), stages,
-                                   [spec.layer_kind(j) is LayerKind.DECODER for j in range(spec.num_graph_layers)])
+    decoder = [spec.layer_kind(j) is LayerKind.DECODER for j in range(spec.num_graph_layers)]
+    wbytes = [spec.layer_bytes(j) for j in range(spec.num_graph_layers)]
+
+    def split(block: Block) -> tuple[tuple[int, int], ...]:
+        return pipeline.split_layers(layer_times(spec, share, workload, block), stages, decoder, wbytes, share.gpu_bytes)
+
+    ranges = split(Block(1, 1))
     plan_stages = [Stage(i, stages, a, b) for i, (a, b) in enumerate(ranges)]
 
     def solve(stage: Stage, b: int | None, n: int | None) -> SearchResult:
@@ -146,6 +151,18 @@ def compile_pipeline(spec: ModelSpec, profile: HardwareProfile, workload: Worklo
     if best is None:
         raise InfeasiblePlanError(f"no block fits every pipeline stage (tried {blocks})")
     pred, results = best
+    # the split was balanced at a probe block; balanced again at the chosen gpu batch size, it may differ
+    b, n = results[0].policy.gpu_batch_size, results[0].policy.num_gpu_batches
+    again = split(Block(b, 1))
+    if again != ranges:
+        other = [Stage(i, stages, a, e) for i, (a, e) in enumerate(again)]
+        try:
+            res = [solve(st, b, n) for st in other]
+            p2 = pipeline.pipeline_predictions([r.predictions for r in res], n, b * n, workload.gen_len)
+            if p2["tokens_per_s"] > pred["tokens_per_s"]:
+                pred, results, plan_stages = p2, res, other
+        except InfeasiblePlanError:
+            pass  # the first split fits: keep it
     return [Plan(spec=spec, profile=share, workload=workload, weights_source=weights_source, policy=r.policy,
                  predictions=pipeline.stage_predictions(r.predictions, pred),
                  programs=_programs(spec, workload, r.policy, st), stage=st)

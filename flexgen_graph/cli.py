@@ -4,6 +4,13 @@
     flexgen-graph inspect opt.fgplan
     flexgen-graph run --plan opt.fgplan --weights dummy --input prompts.jsonl --output out.jsonl
     flexgen-graph run --input examples/sample_prompts.jsonl --show      # embedded SmolLM2, plan compiled for this box
+
+Several GPUs or machines (torchrun; see the README):
+    torchrun --nproc-per-node 2 -m flexgen_graph run --plan opt.fgplan --input in.jsonl --output out.jsonl
+        data parallel: each process runs its shard of the input with the whole plan
+    flexgen-graph compile ... --stages 2 -o pipe.fgplan
+    torchrun --nproc-per-node 2 -m flexgen_graph run --plan pipe.fgplan --input in.jsonl --output out.jsonl
+        pipeline: process i runs stage i (its share of the layers) of every block
 """
 
 from __future__ import annotations
@@ -92,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", help="weights to record in the plan for `run`: dummy, dummy:SEED, a folder or .gguf "
                                      "(default: the model's own)")
     _add_compile_args(c, required=True)
+    c.add_argument("--stages", type=int, default=1,
+                   help="pipeline stages: split the layers over this many processes (one per GPU or machine), "
+                        "one plan per stage in the output file; run it with torchrun, one process per stage")
+    c.add_argument("--stages-per-machine", type=int,
+                   help="with --stages: how many stage processes share one machine's RAM and disk (and, without a "
+                        "GPU, its cores); default: all of them")
+    c.add_argument("--stage-link-gbps", type=float,
+                   help="with --stages: GB/s of the link between stages (default: the profile's, which "
+                        "`flexgen-graph profile` measures between two processes of the machine it runs on)")
     c.add_argument("-o", "--output", required=True, help="plan file to write (.fgplan)")
 
     r = sub.add_parser("run", help="generate for every line of a JSONL file",
@@ -197,13 +213,43 @@ def cmd_compile(args) -> int:
     spec, source = resolve_model(args.model, _dtype(args))
     if args.weights:
         source = weights_source_for(args.weights, source)
-    plans = [_compile(spec, args, Workload(n, args.gen_len), source) for n in args.prompt_len]
+    if args.stages < 1:
+        raise ValueError(f"--stages must be >= 1, got {args.stages}")
+    if args.stages == 1 and (args.stages_per_machine is not None or args.stage_link_gbps is not None):
+        raise ValueError("--stages-per-machine and --stage-link-gbps describe a pipeline: give --stages N (N >= 2)")
+    if args.stages == 1:
+        plans = [_compile(spec, args, Workload(n, args.gen_len), source) for n in args.prompt_len]
+    else:
+        plans = [p for n in args.prompt_len for p in _compile_pipeline(spec, args, Workload(n, args.gen_len), source)]
     planfile.save_set(plans, args.output)
     for plan in plans:
-        print(f"wrote {args.output}: prompt {plan.workload.prompt_len}: {plan.policy.gpu_batch_size} x "
+        where = ""
+        if plan.stage:
+            where = (f" stage {plan.stage.index} (graph layers {plan.stage.first_layer}..{plan.stage.end_layer - 1}, "
+                     f"its own {plan.predictions['stage_decode_step_s'] * 1e3:.1f} ms per decode step):")
+        print(f"wrote {args.output}: prompt {plan.workload.prompt_len}:{where} {plan.policy.gpu_batch_size} x "
               f"{plan.policy.num_gpu_batches} sequences per block, predicted "
               f"{plan.predictions['tokens_per_s']:.1f} tokens/s")
+    if plans[0].stage:
+        print(f"run it with: torchrun --nproc-per-node {args.stages} -m flexgen_graph run --plan {args.output} "
+              "--input IN.jsonl --output OUT.jsonl (several machines: see the README)")
     return 0
+
+
+def _compile_pipeline(spec, args, workload, source: str):
+    import dataclasses
+
+    from flexgen_graph.api import compile_pipeline
+
+    profile = _profile(args.profile)
+    if args.stage_link_gbps is not None:
+        if not args.stage_link_gbps > 0:
+            raise ValueError(f"--stage-link-gbps must be positive, got {args.stage_link_gbps}")
+        profile = dataclasses.replace(profile, stage_link_bytes_per_s=args.stage_link_gbps * 1e9)
+    return compile_pipeline(spec, profile, workload, args.stages, stages_per_machine=args.stages_per_machine,
+                            gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches,
+                            fixed=_fixed(args), weights_source=source, max_block_size=args.max_block_size,
+                            compress=args.compress, group_size=args.group_size, compress_bits=args.compress_bits)
 
 
 def _check_plan_args(plans, args) -> None:
@@ -237,7 +283,17 @@ def _round_up(n: int, m: int) -> int:
 def cmd_run(args) -> int:
     from flexgen_graph import distributed
 
+    from planner import plan as planfile
+
     rank = distributed.from_env(required=args.distributed)  # set under torchrun: one shard of a data-parallel run
+    staged = planfile.load_set(args.plan)[0].stage if args.plan else None
+    if staged is not None:  # a pipeline plan: process i runs stage i of every block
+        pipe = distributed.Pipeline.for_launch(rank, staged.count, args.output)
+        distributed.start(pipe.rank, cuda=args.device != "cpu" and _cuda_visible())
+        try:
+            return _run(args, pipeline=pipe)
+        finally:
+            distributed.stop()
     if rank is None:
         return _run(args)
     shard = distributed.Shard.for_output(args.output, rank)  # a bad --output fails before the rendezvous
@@ -248,7 +304,7 @@ def cmd_run(args) -> int:
         distributed.stop()
 
 
-def _run(args, shard=None) -> int:
+def _run(args, shard=None, pipeline=None) -> int:
     from flexgen_graph import distributed
     from flexgen_graph.ir import Workload
     from flexgen_graph.jobs import OutputFile, load_tokenizer, run_job, scan
@@ -264,7 +320,7 @@ def _run(args, shard=None) -> int:
     if not in_path.is_file():
         raise ValueError(f"--input {in_path}: no such file")
     defaults = Sampling(args.temperature, args.top_p, args.seed)
-    rank = shard.rank if shard else None
+    rank = shard.rank if shard else pipeline.rank if pipeline else None
     talk = rank is None or rank.rank == 0  # one copy of the setup lines, not one per rank
     # every rank compiles the same plan (the scan reads the whole input); cache writes go one at a time
     with distributed.leaders_first(rank):
@@ -291,15 +347,23 @@ def _run(args, shard=None) -> int:
     if plans[0].profile.has_gpu and args.device != "cuda" and not _cuda_visible() and talk:
         print(f"note: the plan targets a GPU ({plans[0].profile.name}) but none is visible: running on the CPU "
               "backend, its GPU tier a budget of host memory", file=sys.stderr)
+    if pipeline:
+        plans = pipeline.my_stages(plans)
     for p in plans if talk else ():
+        st = f", stage 0 of {p.stage.count} (graph layers 0..{p.stage.end_layer - 1})" if p.stage else ""
         print(f"plan: prompt {p.workload.prompt_len}, gen {p.workload.gen_len}, block {p.policy.gpu_batch_size} x "
-              f"{p.policy.num_gpu_batches}, profile {p.profile.name}", file=sys.stderr)
+              f"{p.policy.num_gpu_batches}, profile {p.profile.name}{st}", file=sys.stderr)
     device, offload_dir = args.device, args.offload_dir
+    link = None
     if shard:
         device, offload_dir = distributed.pick_device(rank, plans[0], args.device), shard.offload_dir(offload_dir)
         out = shard.open()
         shard.check_visible()
         mine, done_elsewhere = shard.mine, shard.done_in_output()
+    elif pipeline:
+        device, offload_dir = distributed.pick_device(rank, plans[0], args.device), pipeline.offload_dir(offload_dir)
+        out, done_elsewhere = pipeline.open_output()  # rank 0 writes; the others skip what it holds
+        mine = lambda key: True  # noqa: E731  (every stage runs every line)
     else:
         out = OutputFile(Path(args.output) if args.output else None)
         mine, done_elsewhere = (lambda key: True), frozenset()
@@ -307,9 +371,12 @@ def _run(args, shard=None) -> int:
     previous = {sig: signal.signal(sig, lambda signum, _frame: stop.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        summary = run_job(plans, lambda p: Engine(p, store, offload_dir, device=device), tokenizer,
-                          in_path, out, defaults=defaults, show=args.show or not args.output,
-                          should_stop=lambda: bool(stop), mine=mine, done_elsewhere=done_elsewhere)
+        should_stop = (lambda: pipeline.agree(bool(stop))) if pipeline else (lambda: bool(stop))
+        open_engine = (lambda p: Engine(p, store, offload_dir, device=device, link=pipeline.link(p))) if pipeline \
+            else (lambda p: Engine(p, store, offload_dir, device=device))
+        summary = run_job(plans, open_engine, tokenizer, in_path, out, defaults=defaults,
+                          show=talk and (args.show or not args.output), should_stop=should_stop, mine=mine,
+                          done_elsewhere=done_elsewhere)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise OSError(e.errno, f"the offload folder ran out of space ({e.filename or args.offload_dir or 'temp'}); "
@@ -327,6 +394,8 @@ def _run(args, shard=None) -> int:
               f"blocks are in {shard.path if shard else args.output or 'stdout'}, scratch files removed. Re-run the "
               "same command to resume.", file=sys.stderr)
         return 128 + stop[0]
+    if pipeline and not talk:
+        return 0  # stage 0 reports the run: every stage generated the same tokens
     if shard:
         print(f"rank {rank.rank}/{rank.world_size}: {summary.prompts} prompts, {summary.tokens} tokens in "
               f"{summary.wall_s:.1f} s", file=sys.stderr)

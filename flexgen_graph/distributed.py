@@ -1,6 +1,12 @@
-"""Data-parallel runs on torch.distributed: every rank replays the same plan over its shard of the input.
+"""Runs over several processes on torch.distributed, launched by torchrun.
+
+Data parallel (a plain plan): every rank replays the same plan over its shard of the input.
 
     torchrun --nnodes N --nproc-per-node G -m flexgen_graph run --plan P --input in.jsonl --output out.jsonl
+
+Pipeline (a plan compiled with --stages S; `Pipeline` below): rank i runs stage i of every block, so
+the world size must be S. Every rank reads the whole input; rank 0 writes the output file (with a
+single run's crash safety and resume), the others learn from it which ids are done.
 
 Sharding: an input line belongs to rank sha256(key) mod world size, its key being jobs.line_key (the
 JSON of its id, or "line:N" for a line without a valid id). The hash is stable across processes and
@@ -305,3 +311,47 @@ def finish(shard: Shard, summary: JobSummary) -> tuple[JobSummary, Merged | None
     summaries = gather(summary)
     merged = merge(shard.output, shard.rank.world_size) if shard.rank.rank == 0 else None
     return combine(summaries), merged
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    """This process's part of a pipeline run: stage `rank.rank` of every plan in the file."""
+
+    rank: Rank
+    output: Path | None
+
+    @classmethod
+    def for_launch(cls, rank: Rank | None, stages: int, output: str | None) -> "Pipeline":
+        """Checks the launch before the rendezvous, so a bad one fails at once with what to do."""
+        if rank is None:
+            raise LaunchError(f"the plan is a pipeline of {stages} stages: launch it with torchrun, one process per "
+                              f"stage (torchrun --nproc-per-node {stages} -m flexgen_graph run --plan ...)")
+        if rank.world_size != stages:
+            raise LaunchError(f"the plan is a pipeline of {stages} stages but {rank.world_size} processes were "
+                              f"launched: launch {stages} in all, or compile the plan with --stages {rank.world_size}")
+        path = Path(output) if output else None
+        if path is not None and not path.parent.is_dir():
+            raise ValueError(f"--output {path}: folder {path.parent} does not exist")
+        return cls(rank, path)
+
+    def my_stages(self, plans: list) -> list:
+        return [p for p in plans if p.stage.index == self.rank.rank]
+
+    def link(self, plan):
+        from runtime.stage_link import StageLink
+
+        return StageLink(plan.stage)
+
+    def offload_dir(self, given: str | None) -> str | None:
+        return str(Path(given) / f"stage-{self.rank.rank}") if given else None
+
+    def open_output(self) -> tuple[OutputFile, frozenset[str]]:
+        """Rank 0's output file (others write nothing), and on the others the keys it already holds, so
+        that every stage skips the same lines of a resumed run."""
+        out = OutputFile(self.output if self.rank.rank == 0 else None)
+        done = gather(sorted(out.done) if self.rank.rank == 0 else None)[0]
+        return out, frozenset() if self.rank.rank == 0 else frozenset(done)
+
+    def agree(self, stop: bool) -> bool:
+        """Whether any stage was asked to stop: all stop at the same block boundary, or none."""
+        return any(gather(stop))

@@ -18,18 +18,21 @@ from planner.cost import Predictions, sig
 from planner.hardware import HardwareProfile
 
 
-def split_layers(times: Sequence[float], stages: int, decoder: Sequence[bool]) -> tuple[tuple[int, int], ...]:
-    """Contiguous ranges [first, end) of the graph layers, one per stage, each holding a decoder layer,
-    that minimize the largest sum of `times` over a range (the earliest split among equals)."""
+def split_layers(times: Sequence[float], stages: int, decoder: Sequence[bool],
+                 weight_bytes: Sequence[int] | None = None, capacity: int | None = None) -> tuple[tuple[int, int], ...]:
+    """Contiguous ranges [first, end) of the graph layers, one per stage, each holding a decoder layer
+    (and, given them, weights of at most `capacity` bytes: a stage's weights stay on its GPU), that
+    minimize the largest sum of `times` over a range (the earliest split among equals)."""
     n = len(times)
     if not 1 <= stages <= sum(decoder):
         raise ValueError(f"{stages} stages for a model of {sum(decoder)} decoder layers: each stage needs one")
     prefix = [0.0]
     for t in times:
         prefix.append(prefix[-1] + t)
-    has_dec = [0]
-    for d in decoder:
+    has_dec, wsum = [0], [0]
+    for d, w in zip(decoder, weight_bytes or [0] * n, strict=True):
         has_dec.append(has_dec[-1] + bool(d))
+        wsum.append(wsum[-1] + w)
     inf = float("inf")
     # best[s][i]: the least largest sum splitting layers [0, i) into s stages; cut[s][i]: where the last begins
     best = [[inf] * (n + 1) for _ in range(stages + 1)]
@@ -40,9 +43,14 @@ def split_layers(times: Sequence[float], stages: int, decoder: Sequence[bool]) -
             for j in range(i):
                 if best[s - 1][j] == inf or has_dec[i] == has_dec[j]:
                     continue
+                if capacity is not None and wsum[i] - wsum[j] > capacity:
+                    continue
                 v = max(best[s - 1][j], prefix[i] - prefix[j])
                 if v < best[s][i]:
                     best[s][i], cut[s][i] = v, j
+    if best[stages][n] == inf:
+        raise ValueError(f"no split of the layers into {stages} stages keeps each stage's weights within "
+                         f"{capacity} bytes: more stages, or a profile with more GPU memory")
     out, i = [], n
     for s in range(stages, 0, -1):
         j = cut[s][i]
@@ -79,13 +87,16 @@ def stage_predictions(own: Predictions, pipeline: dict) -> dict:
 
 def stage_share(profile: HardwareProfile, stages_per_machine: int) -> HardwareProfile:
     """What one stage may use when `stages_per_machine` stages share a machine: its GPU (a GPU each), and
-    its share of host memory and disk. Without a GPU, the "GPU" tier is host memory too, so it is shared."""
+    its share of host memory, disk and host compute. Without a GPU the "GPU" tier and the "GPU" compute
+    are the host's too, so they are shared as well."""
     if stages_per_machine < 1:
         raise ValueError(f"stages per machine must be >= 1, got {stages_per_machine}")
     if stages_per_machine == 1:
         return profile
     n = stages_per_machine
-    caps = dict(cpu_bytes=profile.cpu_bytes // n, disk_bytes=profile.disk_bytes // n)
+    shared = ["cpu_bytes", "disk_bytes", "cpu_matmul_flops_per_s", "cpu_mem_bytes_per_s", "cpu_dequant_bytes_per_s"]
     if not profile.has_gpu:
-        caps["gpu_bytes"] = profile.gpu_bytes // n
+        shared += ["gpu_bytes", "gpu_matmul_flops_per_s", "gpu_attn_flops_per_s", "gpu_mem_bytes_per_s",
+                   "gpu_dequant_bytes_per_s"]
+    caps = {f: getattr(profile, f) // n if f.endswith("_bytes") else getattr(profile, f) / n for f in shared}
     return dataclasses.replace(profile, name=f"{profile.name} (1/{n} per stage)", **caps)

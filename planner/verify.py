@@ -169,10 +169,12 @@ class _OpCost:
 
 
 def _op_costs(program: tuple[Op, ...], programs: Programs, g: nx.DiGraph, phase: Phase) -> list[_OpCost | None]:
-    nodes = {key.label(): data["node"] for key, data in g.nodes(data=True) if key.phase is phase}
-    weights = {key.layer: data["node"].bytes for key, data in g.nodes(data=True)
+    first = g.graph.get("first_layer", 0)  # ops name the model's layers; a stage graph counts from its first
+    nodes = {key._replace(layer=first + key.layer).label(): data["node"] for key, data in g.nodes(data=True)
+             if key.phase is phase}
+    weights = {first + key.layer: data["node"].bytes for key, data in g.nodes(data=True)
                if key.phase is Phase.PREFILL and key.kind is NodeKind.LOAD_WEIGHT}
-    cache_per_ctx = {(key.layer, key.batch): data["node"].bytes_per_ctx for key, data in g.nodes(data=True)
+    cache_per_ctx = {(first + key.layer, key.batch): data["node"].bytes_per_ctx for key, data in g.nodes(data=True)
                      if key.phase is Phase.DECODE and key.kind is NodeKind.LOAD_CACHE}
     out: list[_OpCost | None] = []
     for op in program:
@@ -234,5 +236,5 @@ def simulate_plan(plan) -> Simulation:
     from flexgen_graph.lower import lower
 
     pol = plan.policy
-    return simulate(plan.programs, lower(plan.spec, plan.workload, Block(pol.gpu_batch_size, pol.num_gpu_batches)),
-                    pol, pinned_staging=plan.profile.has_gpu)
+    graph = lower(plan.spec, plan.workload, Block(pol.gpu_batch_size, pol.num_gpu_batches), plan.stage)
+    return simulate(plan.programs, graph, pol, pinned_staging=plan.profile.has_gpu)
