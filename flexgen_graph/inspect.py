@@ -64,7 +64,7 @@ def _capacities(plan: Plan) -> dict[Tier, int]:
 
 def _graph(plan: Plan):
     pol = plan.policy
-    return lower(plan.spec, plan.workload, Block(pol.gpu_batch_size, pol.num_gpu_batches))
+    return lower(plan.spec, plan.workload, Block(pol.gpu_batch_size, pol.num_gpu_batches), plan.stage)
 
 
 def step_timeline(plan: Plan, phase: Phase = Phase.DECODE, ctx: int | None = None, graph=None) -> StepTimeline:
@@ -91,8 +91,14 @@ def step_timeline(plan: Plan, phase: Phase = Phase.DECODE, ctx: int | None = Non
             s += nbytes / (hw.cpu_from_disk_bytes_per_s if inbound else hw.disk_from_cpu_bytes_per_s)
         return s
 
+    first = plan.layers.start  # ops name the model's layers, a stage's figures start at its first
+
     def duration(op) -> float:
-        f = lf[op.layer]
+        f = lf[op.layer - first]
+        if op.kind is OpKind.RECV_HIDDEN:
+            return f.hidden_load_bytes / nb / hw.stage_link_bytes_per_s
+        if op.kind is OpKind.SEND_HIDDEN:
+            return f.hidden_store_bytes / nb / hw.stage_link_bytes_per_s
         if op.kind is OpKind.LOAD_WEIGHT:
             return link_s(bufs[op.src].nbytes, bufs[op.src].tier, True)
         if op.kind is OpKind.LOAD_CACHE:
@@ -151,6 +157,10 @@ def describe(plan: Plan, *, with_simulation: bool = True) -> dict:
         "policy": plan.policy.to_dict(), "block_size": plan.block_size, "predictions": pred.to_dict(),
         "binding": pred.binding, "binding_constraint": pred.binding_constraint, "tight": list(pred.tight),
         "tiers": tiers, "buffers": dict(sorted(roles.items())), "ops": ops,
+        "stage": None if plan.stage is None else {
+            "index": plan.stage.index, "count": plan.stage.count, "first_layer": plan.stage.first_layer,
+            "end_layer": plan.stage.end_layer, "prefill_s": plan.predictions.get("stage_prefill_s"),
+            "decode_step_s": plan.predictions.get("stage_decode_step_s")},
     }
     if with_simulation:
         g = _graph(plan)
@@ -188,6 +198,10 @@ def describe_text(plan: Plan, *, with_simulation: bool = True) -> str:
         f"flags     {', '.join(flags) or 'none'}"
         + (f" ({pol['compress_bits']}-bit, groups of {pol['group_size']})"
            if pol["compress_weights"] or pol["compress_cache"] else ""),
+        *([] if d["stage"] is None else [
+            f"stage     {d['stage']['index']} of {d['stage']['count']}: graph layers {d['stage']['first_layer']}.."
+            f"{d['stage']['end_layer'] - 1}; alone it takes prefill {d['stage']['prefill_s']:.4g} s, decode step "
+            f"{d['stage']['decode_step_s']:.4g} s (the pipeline's figures below)"]),
         f"predicted {pred['tokens_per_s']:.4g} tokens/s; prefill {pred['prefill_s']:.4g} s, "
         f"decode step {pred['decode_step_s']:.4g} s, total {pred['total_s']:.4g} s",
         f"binding   {d['binding_constraint']} (slowest term: {d['binding']}; full tiers: {', '.join(d['tight']) or 'none'})",
@@ -204,7 +218,7 @@ def describe_text(plan: Plan, *, with_simulation: bool = True) -> str:
     return "\n".join(lines)
 
 
-COLORS = {"load_weight": "tab:blue", "load_cache": "tab:orange", "load_hidden": "tab:gray",
+COLORS = {"recv_hidden": "tab:purple", "send_hidden": "tab:purple", "load_weight": "tab:blue", "load_cache": "tab:orange", "load_hidden": "tab:gray",
           "store_cache": "tab:orange", "store_hidden": "tab:gray", "embed": "tab:green", "head": "tab:green",
           "decoder_prefill": "tab:green", "decoder_decode": "tab:green", "decoder_decode_cpu_attn": "tab:red"}
 

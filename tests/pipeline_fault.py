@@ -1,0 +1,25 @@
+"""A torchrun entry point for tests/test_pipeline.py: `flexgen-graph run`, except that rank DIE_RANK
+SIGKILLs itself when it starts its program run number DIE_AT (prefill and decode steps counted over
+the whole job): a stage lost in the middle of a block."""
+
+import os
+import signal
+import sys
+
+from flexgen_graph.cli import main
+from runtime.engine import Engine
+
+if os.environ["RANK"] == os.environ["DIE_RANK"]:
+    at = int(os.environ["DIE_AT"])
+    real_run = Engine._run
+    runs = [0]
+
+    def run(self, name: str, start: int, t: int) -> None:
+        runs[0] += 1
+        if runs[0] == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_run(self, name, start, t)
+
+    Engine._run = run
+
+sys.exit(main())
