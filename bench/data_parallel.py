@@ -56,12 +56,8 @@ def compile_plan(plan: Path, args) -> None:
                    cwd=ROOT, check=True, capture_output=True)
 
 
-def run(procs: int, one_core: bool, plan: Path, inp: Path, out: Path,
-        weights: list[str]) -> tuple[float, float, int, str]:
-    """(generation tokens/s, end-to-end tokens/s, tokens, rank lines) of one launch."""
-    out.unlink(missing_ok=True)
-    cmd = (["taskset", "-c", str(min(os.sched_getaffinity(0)))] if one_core else []) + [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), "-m",
-           "flexgen_graph", "run", "--plan", str(plan), "--input", str(inp), "--output", str(out), *weights]
+def launch(cmd: list[str]) -> tuple[re.Match, subprocess.CompletedProcess, float]:
+    """Run a `flexgen-graph run` command line: (its summary line, the process, the whole command's seconds)."""
     t = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -70,6 +66,16 @@ def run(procs: int, one_core: bool, plan: Path, inp: Path, out: Path,
     m = SUMMARY.search(done.stdout)
     if m is None:
         sys.exit(f"no summary line in the output of {' '.join(cmd)}:\n{done.stdout}")
+    return m, done, wall
+
+
+def run(procs: int, one_core: bool, plan: Path, inp: Path, out: Path,
+        weights: list[str]) -> tuple[float, float, int, str]:
+    """(generation tokens/s, end-to-end tokens/s, tokens, rank lines) of one launch."""
+    out.unlink(missing_ok=True)
+    cmd = (["taskset", "-c", str(min(os.sched_getaffinity(0)))] if one_core else []) + [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), "-m",
+           "flexgen_graph", "run", "--plan", str(plan), "--input", str(inp), "--output", str(out), *weights]
+    m, done, wall = launch(cmd)
     tokens = int(m.group(2))
     ranks = "; ".join(re.findall(r"rank \d+/\d+: \d+ prompts, \d+ tokens in [\d.]+ s", done.stderr))
     return float(m.group(4)), tokens / wall, tokens, ranks

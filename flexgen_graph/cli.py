@@ -354,7 +354,6 @@ def _run(args, shard=None, pipeline=None) -> int:
         print(f"plan: prompt {p.workload.prompt_len}, gen {p.workload.gen_len}, block {p.policy.gpu_batch_size} x "
               f"{p.policy.num_gpu_batches}, profile {p.profile.name}{st}", file=sys.stderr)
     device, offload_dir = args.device, args.offload_dir
-    link = None
     if shard:
         device, offload_dir = distributed.pick_device(rank, plans[0], args.device), shard.offload_dir(offload_dir)
         out = shard.open()

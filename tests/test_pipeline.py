@@ -11,14 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexgen_graph.api import compile_pipeline, layer_times
 from flexgen_graph.catalog import catalog_spec
 from flexgen_graph.cli import main
-from flexgen_graph.ir import TIERS, Block, LayerKind, Stage, Tier, Workload
+from flexgen_graph.ir import TIERS, Block, Stage, Tier, Workload
 from planner import pipeline
 from planner import plan as planfile
 from planner.hardware import load_profile
@@ -183,6 +182,11 @@ def test_more_stages_than_decoder_layers_are_refused():
     spec = catalog_spec(SMOL)
     with pytest.raises(ValueError, match="each stage needs one"):
         compile_pipeline(spec, load_profile("cpu-small"), Workload(16, 4), spec.num_layers + 1)
+
+
+def test_compiling_a_pipeline_twice_gives_the_same_bytes():
+    args = (catalog_spec(SMOL), load_profile("cpu-small"), Workload(32, 8), 3)
+    assert planfile.dumps_set(compile_pipeline(*args)) == planfile.dumps_set(compile_pipeline(*args))
 
 
 def test_pipeline_plan_files_round_trip_and_partial_or_edited_ones_are_refused(stage_plans, tmp_path):
