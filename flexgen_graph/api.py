@@ -98,8 +98,8 @@ def compile_pipeline(spec: ModelSpec, profile: HardwareProfile, workload: Worklo
 
     The layers are split to balance the stages' compute; each stage's placement is its own LP, with its
     weights on its GPU (batch-major stage programs cannot stream them, planner.schedule) and the link to
-    its neighbours priced at profile.stage_link_bytes_per_s. The block is the best of the blocks the
-    stages pick alone and their variants with at least 2 x stages gpu batches (what fills a pipeline)."""
+    its neighbours priced at profile.stage_link_bytes_per_s. The block is the best, for the whole pipeline,
+    of the blocks the stages pick alone for each number of gpu batches."""
     check_workload(spec, workload)
     if compress not in ("off", "cache"):
         raise ValueError(f"--compress {compress} with pipeline stages: a stage's weights stay on its GPU and would "
@@ -127,16 +127,20 @@ def compile_pipeline(spec: ModelSpec, profile: HardwareProfile, workload: Worklo
             raise InfeasiblePlanError(f"pipeline stage {stage.index} (graph layers {stage.first_layer}.."
                                       f"{stage.end_layer - 1}, weights on its GPU): {e}") from None
 
+    # candidate blocks: for each number of gpu batches (more of them fill the pipeline better, fewer keep
+    # each batch large), the gpu batch size each stage picks alone; every candidate is then solved on all
+    # stages and the best pipeline wins
     blocks = []
-    for st in plan_stages:  # what each stage would pick alone, and the same with the pipeline filled
-        pol = solve(st, gpu_batch_size, num_gpu_batches).policy
-        b, n = pol.gpu_batch_size, pol.num_gpu_batches
-        fill = next((c for c in NUM_GPU_BATCHES if c >= 2 * stages), NUM_GPU_BATCHES[-1])
-        for cand in ((b, n), (b, max(n, fill)), (max(1, b * n // fill), max(n, fill))):
-            ok = (gpu_batch_size in (None, cand[0]) and num_gpu_batches in (None, cand[1])
-                  and cand[0] in GPU_BATCH_SIZES and (max_block_size is None or cand[0] * cand[1] <= max_block_size))
-            if ok and cand not in blocks:
-                blocks.append(cand)
+    for n in (NUM_GPU_BATCHES if num_gpu_batches is None else (num_gpu_batches,)):
+        for st in plan_stages:
+            try:
+                b = solve(st, gpu_batch_size, n).policy.gpu_batch_size
+            except InfeasiblePlanError:
+                continue
+            if (b, n) not in blocks:
+                blocks.append((b, n))
+    if not blocks:  # the error of the smallest block names the stage and the tier that does not fit
+        solve(plan_stages[0], gpu_batch_size or GPU_BATCH_SIZES[0], num_gpu_batches or NUM_GPU_BATCHES[0])
     best = None
     for b, n in blocks:
         try:
