@@ -51,8 +51,8 @@ def run(stages: int, plan: Path, inp: Path, out: Path, weights: list[str]) -> tu
     return float(m.group(4)), int(m.group(2)), wall
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["default", "dummy"], default="default",
                     help=f"default: {DEFAULT_MODEL} from the embedded GGUF; dummy: random weights of its shape")
     ap.add_argument("--profile", default="cpu-small", help="hardware profile both plans are compiled for")

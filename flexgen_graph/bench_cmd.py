@@ -20,6 +20,7 @@ SCENARIOS = {
     "c2": "the embedded SmolLM2-135M at batch 1/16/64 vs transformers generate (CPU)",
     "g1": "OPT-13B fp16, 16 GB GPU cap, prompt 512, generation 32 (needs a CUDA GPU; prints 'not run' without one)",
     "compression": "4-bit / 8-bit weights and cache through the runtime vs uncompressed: tokens/s and agreement",
+    "pipeline": "the same job as one process and as an S-stage pipeline under torchrun (outputs checked equal)",
 }
 
 

@@ -370,7 +370,7 @@ def _run(args, shard=None, pipeline=None) -> int:
     previous = {sig: signal.signal(sig, lambda signum, _frame: stop.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        should_stop = (lambda: pipeline.agree(bool(stop))) if pipeline else (lambda: bool(stop))
+        should_stop = (lambda: pipeline.agree(stop)) if pipeline else (lambda: bool(stop))
         open_engine = (lambda p: Engine(p, store, offload_dir, device=device, link=pipeline.link(p))) if pipeline \
             else (lambda p: Engine(p, store, offload_dir, device=device))
         summary = run_job(plans, open_engine, tokenizer, in_path, out, defaults=defaults,
@@ -388,10 +388,14 @@ def _run(args, shard=None, pipeline=None) -> int:
             signal.signal(sig, handler)
     if summary.interrupted:
         name = signal.Signals(stop[0]).name
-        # a stopped rank does not wait for the others: torchrun stops them too, and nothing is merged
-        print(f"{f'rank {rank.rank}: ' if rank else ''}stopped by {name} after {summary.tokens} tokens; finished "
-              f"blocks are in {shard.path if shard else args.output or 'stdout'}, scratch files removed. Re-run the "
-              "same command to resume.", file=sys.stderr)
+        # a stopped data-parallel rank does not wait for the others: torchrun stops them too, and nothing is merged
+        if talk or not pipeline:  # pipeline: stage 0 wrote the blocks and says so
+            who = "" if not rank else "pipeline: " if pipeline else f"rank {rank.rank}: "
+            print(f"{who}stopped by {name} after {summary.tokens} tokens; finished blocks are in "
+                  f"{shard.path if shard else args.output or 'stdout'}, scratch files removed. Re-run the same "
+                  "command to resume.", file=sys.stderr)
+        if pipeline:
+            distributed.sync()  # torchrun stops the others at the first exit: not before stage 0 has said it
         return 128 + stop[0]
     if pipeline and not talk:
         return 0  # stage 0 reports the run: every stage generated the same tokens

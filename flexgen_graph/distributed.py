@@ -352,6 +352,10 @@ class Pipeline:
         done = gather(sorted(out.done) if self.rank.rank == 0 else None)[0]
         return out, frozenset() if self.rank.rank == 0 else frozenset(done)
 
-    def agree(self, stop: bool) -> bool:
-        """Whether any stage was asked to stop: all stop at the same block boundary, or none."""
-        return any(gather(stop))
+    def agree(self, stop: list[int]) -> bool:
+        """Whether any stage was asked to stop (`stop`: the signals this one got): all stop at the same block
+        boundary, or none; a stage that got no signal records the first one another stage got."""
+        signals = [sig for sig in gather(stop[0] if stop else 0) if sig]
+        if signals and not stop:
+            stop.append(signals[0])
+        return bool(signals)

@@ -233,7 +233,7 @@ def plot(plan: Plan, path, *, ctx: int | None = None) -> None:
     tl = step_timeline(plan, Phase.DECODE, ctx)
     caps = _capacities(plan)
     used = [t for t in TIERS if t is Tier.GPU or any(m[t] for _, m in tl.memory)]
-    lanes = ["store", "compute", "load"]
+    lanes = ["store", "compute", "load"] + [x for x in ("send", "recv") if any(sp.stream == x for sp in tl.spans)]
     fig = Figure(figsize=(12, 3 + 1.6 * len(used)))
     axes = fig.subplots(1 + len(used), 1, sharex=True, gridspec_kw={"height_ratios": [2] + [1] * len(used)})
     ax = axes[0]
@@ -246,7 +246,9 @@ def plot(plan: Plan, path, *, ctx: int | None = None) -> None:
     pol = plan.policy
     ax.set_title(f"{plan.spec.name} on {plan.profile.name}: decode step at context {tl.ctx}, block "
                  f"{pol.gpu_batch_size} x {pol.num_gpu_batches}; replayed {tl.end_s:.3g} s, cost model "
-                 f"{plan.predictions['decode_step_s']:.3g} s (average context)", fontsize="medium")
+                 f"{plan.predictions['stage_decode_step_s' if plan.stage else 'decode_step_s']:.3g} s (average "
+                 f"context{f'; stage {plan.stage.index} of {plan.stage.count}' if plan.stage else ''})",
+                 fontsize="medium")
     xs = [t for t, _ in tl.memory] + [tl.end_s]  # compute ops run one at a time: events are in time order
     for mem, tier in zip(axes[1:], used):
         ys = [m[tier] / GIB for _, m in tl.memory]

@@ -1,6 +1,6 @@
 """A torchrun entry point for tests/test_pipeline.py: `flexgen-graph run`, except that rank DIE_RANK
-SIGKILLs itself when it starts its program run number DIE_AT (prefill and decode steps counted over
-the whole job): a stage lost in the middle of a block."""
+sends itself signal DIE_SIGNAL (default SIGKILL) when it starts its program run number DIE_AT (prefill
+and decode steps counted over the whole job): a stage lost, or asked to stop, in the middle of a block."""
 
 import os
 import signal
@@ -17,7 +17,7 @@ if os.environ["RANK"] == os.environ["DIE_RANK"]:
     def run(self, name: str, start: int, t: int) -> None:
         runs[0] += 1
         if runs[0] == at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, os.environ.get("DIE_SIGNAL", "SIGKILL")))
         real_run(self, name, start, t)
 
     Engine._run = run

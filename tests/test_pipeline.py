@@ -291,6 +291,19 @@ def test_a_stage_killed_mid_block_then_a_relaunch_leaves_every_id_once(pipe_job,
     assert f"{len(kept)} already done" in again.stdout
 
 
+def test_a_stop_signal_to_one_stage_stops_every_stage_at_the_same_block_boundary(pipe_job, tmp_path):
+    out, cache = tmp_path / "out.jsonl", tmp_path / "cache"
+    stopped = pipe_run(pipe_job, out, cache, entry=(str(ROOT / "tests" / "pipeline_fault.py"),),
+                       env={"DIE_RANK": "1", "DIE_AT": "8", "DIE_SIGNAL": "SIGTERM"})  # in block 2 of 4
+    assert stopped.returncode != 0
+    assert "stopped by SIGTERM" in stopped.stderr  # stage 0 stopped too: it was not signalled
+    kept = by_key(records(out))
+    assert 0 < len(kept) < len(by_key(records(pipe_job[2])))
+    again = pipe_run(pipe_job, out, cache)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert by_key(records(out)) == by_key(records(pipe_job[2]))
+
+
 def test_a_pipeline_plan_needs_one_process_per_stage(pipe_job, tmp_path, capsys):
     plan, inp, _ = pipe_job
     assert main(["run", "--plan", str(plan), "--input", str(inp), "--output", str(tmp_path / "o.jsonl")]) == 2
