@@ -115,8 +115,7 @@ def compile_pipeline(spec: ModelSpec, profile: HardwareProfile, workload: Worklo
     def split(block: Block) -> tuple[tuple[int, int], ...]:
         return pipeline.split_layers(layer_times(spec, share, workload, block), stages, decoder, wbytes, share.gpu_bytes)
 
-    ranges = split(Block(1, 1))
-    plan_stages = [Stage(i, stages, a, b) for i, (a, b) in enumerate(ranges)]
+    plan_stages = [Stage(i, stages, a, b) for i, (a, b) in enumerate(split(Block(1, 1)))]
 
     def solve(stage: Stage, b: int | None, n: int | None) -> SearchResult:
         try:
@@ -127,11 +126,18 @@ def compile_pipeline(spec: ModelSpec, profile: HardwareProfile, workload: Worklo
             raise InfeasiblePlanError(f"pipeline stage {stage.index} (graph layers {stage.first_layer}.."
                                       f"{stage.end_layer - 1}, weights on its GPU): {e}") from None
 
+    def at(sts: list[Stage], b: int, n: int) -> tuple[dict, list[SearchResult]]:
+        """Every stage solved with block b x n, and the pipeline's predictions."""
+        res = [solve(st, b, n) for st in sts]
+        return pipeline.pipeline_predictions([r.predictions for r in res], n, b * n, workload.gen_len), res
+
     # candidate blocks: for each number of gpu batches (more of them fill the pipeline better, fewer keep
-    # each batch large), the gpu batch size each stage picks alone; every candidate is then solved on all
-    # stages and the best pipeline wins
+    # each batch large), the gpu batch size each stage picks alone; the best pipeline of them wins
+    counts = NUM_GPU_BATCHES if num_gpu_batches is None else (num_gpu_batches,)
+    if max_block_size is not None:
+        counts = tuple(n for n in counts if n <= max_block_size) or counts[:1]
     blocks = []
-    for n in (NUM_GPU_BATCHES if num_gpu_batches is None else (num_gpu_batches,)):
+    for n in counts:
         for st in plan_stages:
             try:
                 b = solve(st, gpu_batch_size, n).policy.gpu_batch_size
@@ -140,16 +146,13 @@ def compile_pipeline(spec: ModelSpec, profile: HardwareProfile, workload: Worklo
             if (b, n) not in blocks:
                 blocks.append((b, n))
     if not blocks:  # the error of the smallest block names the stage and the tier that does not fit
-        solve(plan_stages[0], gpu_batch_size or GPU_BATCH_SIZES[0], num_gpu_batches or NUM_GPU_BATCHES[0])
+        solve(plan_stages[0], gpu_batch_size or GPU_BATCH_SIZES[0], counts[0])
     best = None
     for b, n in blocks:
         try:
-            results = [solve(st, b, n) for st in plan_stages]
+            pred, results = at(plan_stages, b, n)
         except InfeasiblePlanError:
-            if len(blocks) == 1:
-                raise
             continue
-        pred = pipeline.pipeline_predictions([r.predictions for r in results], n, b * n, workload.gen_len)
         if best is None or pred["tokens_per_s"] > best[0]["tokens_per_s"]:
             best = (pred, results)
     if best is None:
@@ -157,14 +160,12 @@ def compile_pipeline(spec: ModelSpec, profile: HardwareProfile, workload: Worklo
     pred, results = best
     # the split was balanced at a probe block; balanced again at the chosen gpu batch size, it may differ
     b, n = results[0].policy.gpu_batch_size, results[0].policy.num_gpu_batches
-    again = split(Block(b, 1))
-    if again != ranges:
-        other = [Stage(i, stages, a, e) for i, (a, e) in enumerate(again)]
+    again = [Stage(i, stages, a, e) for i, (a, e) in enumerate(split(Block(b, 1)))]
+    if again != plan_stages:
         try:
-            res = [solve(st, b, n) for st in other]
-            p2 = pipeline.pipeline_predictions([r.predictions for r in res], n, b * n, workload.gen_len)
+            p2, r2 = at(again, b, n)
             if p2["tokens_per_s"] > pred["tokens_per_s"]:
-                pred, results, plan_stages = p2, res, other
+                pred, results, plan_stages = p2, r2, again
         except InfeasiblePlanError:
             pass  # the first split fits: keep it
     return [Plan(spec=spec, profile=share, workload=workload, weights_source=weights_source, policy=r.policy,
