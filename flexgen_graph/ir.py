@@ -47,6 +47,10 @@ class NodeKind(Enum):
     # leaves for the next one (torch.distributed send/recv)
     RECV_HIDDEN = "recv_hidden"
     SEND_HIDDEN = "send_hidden"
+    # pipeline stages: the head's tokens of a gpu batch go from the last stage straight to the first, which
+    # embeds them in the next step while the later batches of this one are still on their way
+    SEND_TOKENS = "send_tokens"
+    RECV_TOKENS = "recv_tokens"
 
 
 NODE_TENSOR: dict[NodeKind, TensorClass | None] = {
@@ -58,6 +62,8 @@ NODE_TENSOR: dict[NodeKind, TensorClass | None] = {
     NodeKind.STORE_HIDDEN: TensorClass.HIDDEN,
     NodeKind.RECV_HIDDEN: TensorClass.HIDDEN,
     NodeKind.SEND_HIDDEN: TensorClass.HIDDEN,
+    NodeKind.SEND_TOKENS: None,
+    NodeKind.RECV_TOKENS: None,
 }
 
 

@@ -6,7 +6,10 @@ the context length (see `Node`). Every node key is a `NodeKey`; the payload is `
 A pipeline stage (`stage=`) is lowered alone, in its own layer numbering: key layer 0 is the stage's
 first graph layer (graph attribute `first_layer` maps back to the model's); its hidden states arrive
 through RECV_HIDDEN nodes (all stages but the first) and leave through SEND_HIDDEN nodes (all but the
-last), so the planner prices the link between stages like any other transfer.
+last), so the planner prices the link between stages like any other transfer. The last stage sends
+each gpu batch's tokens to the first (SEND_TOKENS, in both phases), which receives them before it
+embeds that batch in decode (RECV_TOKENS): the steps of a pipeline overlap, no stage waits for a
+whole step to end.
 
     >>> from flexgen_graph.catalog import catalog_spec
     >>> from flexgen_graph.ir import Workload, Block
@@ -57,8 +60,12 @@ def _add(g: nx.DiGraph, kind: LayerKind, key: NodeKey, **payload: int) -> NodeKe
     return key
 
 
+TOKEN_BYTES = 8  # int64 token ids
+
+
 def _build_phase(g: nx.DiGraph, spec: ModelSpec, wl: Workload, block: Block, phase: Phase, stage: Stage) -> None:
     b, d = block.gpu_batch_size, spec.dtype_bytes
+    ring = stage.count > 1
     tokens = wl.prompt_len if phase is Phase.PREFILL else 1
     hidden_bytes = b * tokens * spec.hidden * d
     kv_tok = b * spec.kv_bytes_per_token()
@@ -71,6 +78,10 @@ def _build_phase(g: nx.DiGraph, spec: ModelSpec, wl: Workload, block: Block, pha
             comp = _add(g, kind, NodeKey(phase, NodeKind.COMPUTE, layer, k),
                         **_compute_cost(spec, kind, phase, b, wl.prompt_len))
             g.add_edge(lw, comp)
+            if kind is LayerKind.EMBED and ring and phase is Phase.DECODE:
+                g.add_edge(_add(g, kind, NodeKey(phase, NodeKind.RECV_TOKENS, layer, k), bytes=b * TOKEN_BYTES), comp)
+            if kind is LayerKind.HEAD and ring:
+                g.add_edge(comp, _add(g, kind, NodeKey(phase, NodeKind.SEND_TOKENS, layer, k), bytes=b * TOKEN_BYTES))
             if kind is not LayerKind.EMBED:
                 lh = _add(g, kind, NodeKey(phase, NodeKind.LOAD_HIDDEN, layer, k), bytes=hidden_bytes)
                 g.add_edge(lh, comp)

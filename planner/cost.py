@@ -232,7 +232,8 @@ def _figures(ls: LayerSums, phase: Phase, at: float, nb: int, moved_w: int, cach
     comp_sums = ls.of(NodeKind.COMPUTE)
     cl, cs = nb * ls.of(NodeKind.LOAD_CACHE).bytes_at(at), nb * ls.of(NodeKind.STORE_CACHE).bytes_at(at)
     hs = nb * ls.of(NodeKind.STORE_HIDDEN).bytes_at(at)
-    link = nb * (ls.of(NodeKind.RECV_HIDDEN).bytes_at(at) + ls.of(NodeKind.SEND_HIDDEN).bytes_at(at))
+    link = nb * sum(ls.of(kind).bytes_at(at) for kind in (NodeKind.RECV_HIDDEN, NodeKind.SEND_HIDDEN,
+                                                           NodeKind.RECV_TOKENS, NodeKind.SEND_TOKENS))
     delegable = phase is Phase.DECODE and ls.kind is LayerKind.DECODER
     return LayerFigures(
         weight_bytes=float(moved_w), cache_load_bytes=cl * cache_ratio, cache_store_bytes=cs * cache_ratio,

@@ -1,9 +1,11 @@
 """Pipeline parallelism (FlexGen's multi-GPU mode): the layers split into stages, one process each.
 
-Stage i computes gpu batch k while stage i+1 computes batch k-1: a step of the pipeline costs the
-stages' times for one gpu batch, one after the other (the first batch's way through), plus the
-slowest stage's time for each later batch (the pipeline full). So the split balances the stages'
-predicted times, and more gpu batches hide more of the fill.
+Stage i computes gpu batch k while stage i+1 computes batch k-1. Prefill costs the stages' times for
+one gpu batch, one after the other (the first batch's way through), plus the slowest stage's time for
+each later batch (the pipeline full). In decode the last stage hands each gpu batch's tokens straight
+to the first, so the steps overlap: a decode step costs the busiest stage's time for the whole block,
+unless one gpu batch's way round all the stages is longer (too few gpu batches to keep them all busy).
+So the split balances the stages' predicted times, and enough gpu batches keep the ring full.
 
     >>> split_layers([1, 4, 4, 4, 4, 1], 2, [False, True, True, True, True, False])
     ((0, 3), (3, 6))
@@ -66,11 +68,17 @@ def step_s(stage_times: Sequence[float], num_gpu_batches: int) -> float:
     return sum(per_batch) + (num_gpu_batches - 1) * max(per_batch)
 
 
+def ring_step_s(stage_times: Sequence[float], num_gpu_batches: int) -> float:
+    """One decode step of the pipeline, from each stage's time for the whole block, when the tokens of
+    each gpu batch go round (last stage to first) without waiting for the step to end."""
+    return max(max(stage_times), sum(t / num_gpu_batches for t in stage_times))
+
+
 def pipeline_predictions(stages: Sequence[Predictions], num_gpu_batches: int, block_size: int,
                          gen_len: int) -> dict:
     """The run's times and tokens/s from the stages' own predictions (each with its stage link)."""
     prefill = step_s([p.prefill_s for p in stages], num_gpu_batches)
-    decode = step_s([p.decode_step_s for p in stages], num_gpu_batches)
+    decode = ring_step_s([p.decode_step_s for p in stages], num_gpu_batches)
     total = prefill + (gen_len - 1) * decode
     return {"tokens_per_s": sig(block_size * gen_len / total) if total > 0 else float("inf"),
             "prefill_s": sig(prefill), "decode_step_s": sig(decode), "total_s": sig(total)}

@@ -45,6 +45,8 @@ class OpKind(Enum):
     HEAD = "head"
     RECV_HIDDEN = "recv_hidden"  # into `dst`, from the previous stage's process
     SEND_HIDDEN = "send_hidden"  # `src`, to the next stage's process
+    SEND_TOKENS = "send_tokens"  # the last stage: the head's tokens of `batch`, to the first stage
+    RECV_TOKENS = "recv_tokens"  # the first stage: the tokens of `batch` it embeds next, from the last
 
 
 OP_STREAM: dict[OpKind, Stream] = {
@@ -61,6 +63,8 @@ OP_STREAM: dict[OpKind, Stream] = {
     OpKind.HEAD: Stream.COMPUTE,
     OpKind.RECV_HIDDEN: Stream.RECV,
     OpKind.SEND_HIDDEN: Stream.SEND,
+    OpKind.SEND_TOKENS: Stream.SEND,
+    OpKind.RECV_TOKENS: Stream.RECV,
 }
 
 COMPUTE_KINDS = frozenset(k for k, s in OP_STREAM.items() if s is Stream.COMPUTE)

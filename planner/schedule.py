@@ -10,7 +10,9 @@ A pipeline stage's programs are batch-major instead (x = k * num_layers + j): gp
 through all the stage's layers and is sent on while batch k + 1 arrives, so the next stage starts
 on batch k while this one computes k + 1. Weights cannot stream through a 2-slot ring in that order
 (each batch would reload every layer): a stage's weights stay on its GPU (planner.pipeline).
-The programs name the model's layers (the stage graph's layer + first_layer).
+The programs name the model's layers (the stage graph's layer + first_layer). The first stage's
+decode embedding of batch k waits for that batch's tokens from the last stage (RECV_TOKENS), which
+sends them right after its head (SEND_TOKENS).
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def _priority(key: NodeKey, nb: int, n_layers: int, batch_major: bool) -> tuple[
     x = _item(key.layer, max(key.batch, 0), nb, n_layers, batch_major)
     if key.kind is NodeKind.COMPUTE:
         p = 3 * x + 1
-    elif key.kind in (NodeKind.STORE_CACHE, NodeKind.STORE_HIDDEN, NodeKind.SEND_HIDDEN):
+    elif key.kind in (NodeKind.STORE_CACHE, NodeKind.STORE_HIDDEN, NodeKind.SEND_HIDDEN, NodeKind.SEND_TOKENS):
         p = 3 * x + 2
     elif key.kind is NodeKind.LOAD_WEIGHT:
         p = 3 * (x - (1 if batch_major else nb)) + 0.4  # before the first compute of the previous layer
@@ -223,6 +225,10 @@ def _emit(g: nx.DiGraph, shape: GraphShape, bp: BufferPlan, policy: Policy, phas
                     dst=bp.hidden_home[k], node=label)
         elif key.kind is NodeKind.RECV_HIDDEN:  # into the home: a slot, if any, is filled by LOAD_HIDDEN after
             op = Op(OpKind.RECV_HIDDEN, gj, k, (), dst=bp.hidden_home[k], node=label)
+        elif key.kind is NodeKind.RECV_TOKENS:
+            op = Op(OpKind.RECV_TOKENS, gj, k, (), node=label)
+        elif key.kind is NodeKind.SEND_TOKENS:
+            op = Op(OpKind.SEND_TOKENS, gj, k, tuple(idx(NodeKind.COMPUTE, j, k)), node=label)
         elif key.kind is NodeKind.SEND_HIDDEN:
             op = Op(OpKind.SEND_HIDDEN, gj, k, tuple(idx(NodeKind.COMPUTE, j, k) + idx(NodeKind.STORE_HIDDEN, j, k)),
                     src=bp.hidden_home[k], node=label)
@@ -231,6 +237,7 @@ def _emit(g: nx.DiGraph, shape: GraphShape, bp: BufferPlan, policy: Policy, phas
             waits = idx(NodeKind.LOAD_WEIGHT, j, -1) + idx(NodeKind.LOAD_CACHE, j, k) + idx(NodeKind.LOAD_HIDDEN, j, k)
             if jk not in h_slot:
                 waits += idx(NodeKind.RECV_HIDDEN, j, k)
+            waits += idx(NodeKind.RECV_TOKENS, j, k)
             if jk in c_slot and not idx(NodeKind.LOAD_CACHE, j, k):
                 waits += freed(c_prev, jk, NodeKind.STORE_CACHE)  # prefill writes the slot without a load
             if jk in h_slot and not idx(NodeKind.LOAD_HIDDEN, j, k):

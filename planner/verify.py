@@ -57,6 +57,8 @@ def accesses(op: Op) -> tuple[list[int], list[int]]:
         return [], [op.dst]  # the weight store, or another process, is the source
     if op.kind is OpKind.SEND_HIDDEN:
         return [op.src], []
+    if op.kind in (OpKind.SEND_TOKENS, OpKind.RECV_TOKENS):
+        return [], []  # the engine's token ids, not a plan buffer
     return [op.src], [op.dst]
 
 

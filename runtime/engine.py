@@ -55,6 +55,10 @@ class Engine:
                              f"(got {link.stage if link else None}): launch a pipeline plan with torchrun, one "
                              "process per stage")
         self.link = link
+        if link is not None:  # token messages: a gpu batch's ids and a stop flag (runtime.stage_link)
+            n = plan.policy.gpu_batch_size + 1
+            self._tok_in = [torch.zeros(n, dtype=torch.long) for _ in range(plan.policy.num_gpu_batches)]
+            self._tok_out = [torch.zeros(n, dtype=torch.long) for _ in range(plan.policy.num_gpu_batches)]
         self.plan, self.store, self.spec = plan, store, plan.spec
         store.check()  # a missing or truncated tensor file is named now, not mid-run
         self.dtype = kernels.TORCH_DTYPES[self.spec.dtype]
@@ -234,10 +238,34 @@ class Engine:
         self.backend.copy(self.bufs[op.dst], self.bufs[op.src], 0, self._hidden_bytes())
 
     def _recv_hidden(self, op: Op) -> None:
-        self.link.recv(self.bufs[op.dst].tensor[: self._hidden_bytes()], tag=op.batch)
+        self.link.recv_hidden(self.bufs[op.dst].tensor[: self._hidden_bytes()], op.batch)
+        if op.batch == self.nb - 1:  # the last gpu batch also brings what the first stage knows of the stop
+            self._flag = self.link.recv_flag()
 
     def _send_hidden(self, op: Op) -> None:
-        self.link.send(self.bufs[op.src].tensor[: self._hidden_bytes()], tag=op.batch)
+        self.link.send_hidden(self.bufs[op.src].tensor[: self._hidden_bytes()], op.batch)
+        if op.batch == self.nb - 1:
+            self.link.send_flag(self._flag)
+
+    def _send_tokens(self, op: Op) -> None:
+        k, msg = op.batch, self._tok_out[op.batch]
+        rows = slice(k * self.b, (k + 1) * self.b)  # a done sequence is fed padding, as in one process
+        msg[: self.b] = torch.where(self._tally.done[rows], self._tally.pad, self._next[k].cpu())
+        msg[self.b] = 0
+        if k == self.nb - 1:  # every head of the step is done (one compute stream): is every sequence?
+            msg[self.b] = int(self._tally.done_with(torch.cat(self._next).cpu(), self._token_index()))
+        self.link.send_tokens(msg, k)
+
+    def _recv_tokens(self, op: Op) -> None:
+        k, msg = op.batch, self._tok_in[op.batch]
+        self.link.recv_tokens(msg, k)
+        self._ids[k] = msg[: self.b].view(self.b, 1).to(self.device)
+        if k == self.nb - 1:
+            self._flag = int(msg[self.b])
+
+    def _token_index(self) -> int:
+        """Which generated token the running program produces (prefill: the first)."""
+        return self._start - self.prompt_len + 1 if self._start else 0
 
     def _embed(self, op: Op) -> None:
         k, a, t = op.batch, self._start, self._t
@@ -312,6 +340,8 @@ class Engine:
         OpKind.HEAD: _head,
         OpKind.RECV_HIDDEN: _recv_hidden,
         OpKind.SEND_HIDDEN: _send_hidden,
+        OpKind.SEND_TOKENS: _send_tokens,
+        OpKind.RECV_TOKENS: _recv_tokens,
     }
 
     def _run(self, name: str, start: int, t: int) -> None:
@@ -363,29 +393,78 @@ class Engine:
         self._ids = [ids[r].to(dev) for r in rows]
         self._next: list[torch.Tensor | None] = [None] * self.nb
 
-        out = torch.full((len(seqs), self.gen_len), pad, dtype=torch.long)
-        done = torch.zeros(len(seqs), dtype=torch.bool)
-        stopped = torch.zeros(len(seqs), dtype=torch.bool)
+        tally = Tally(len(seqs), self.gen_len, limits, eos, pad, self.spec.eos_token_ids)
+        if self.link is not None:
+            return self._generate_stage(tally, n)
         self._run("prefill", 0, p)
         for step in range(self.gen_len):
-            # one host sync per step: EOS and limits are checked here (in a pipeline, by every stage alike)
-            tok = self.link.share_tokens(torch.cat(self._next) if self.link.stage.is_last else None, len(seqs)) \
-                if self.link else torch.cat(self._next).cpu()
-            tok = torch.where(done, torch.full_like(tok, pad), tok)
-            out[:, step] = tok
-            hit_eos = torch.isin(tok, eos) & ~done
-            stopped |= hit_eos
-            done |= hit_eos | (limits <= step + 1)
-            if bool(done.all()) or step + 1 == self.gen_len:
+            tok = torch.cat(self._next).cpu()  # one host sync per step: EOS and limits are checked here
+            tally.add(tok, step)
+            if tally.all_done or step + 1 == self.gen_len:
                 break
-            self._ids = [tok[r].unsqueeze(1).to(dev) for r in rows]
+            fed = tally.out[:, step]  # a done sequence is fed padding
+            self._ids = [fed[r].unsqueeze(1).to(dev) for r in rows]
             self._run("decode", p + step, 1)
+        return tally.results(n)
 
+    def _generate_stage(self, tally: "Tally", n: int) -> list[Generation]:
+        """The step loop of one pipeline stage. No step waits for the others: the tokens of each gpu batch
+        go from the last stage to the first by the plan's SEND_TOKENS / RECV_TOKENS ops, and the last stage
+        tallies them. Whether every sequence is done after step r reaches the first stage with the tokens
+        of step r's last gpu batch, while it runs step r + 1, and travels on with that batch's hidden
+        state: after step r + 1 every stage knows, and all stop together (step r + 1 done for nothing)."""
+        last = self.link.stage.is_last
+        self._tally, self._flag = tally, 0
+        self._run("prefill", 0, self.prompt_len)
+        step = 0
+        while True:
+            if last:
+                tally.add(torch.cat(self._next).cpu(), step)
+            if self._flag or step + 1 == self.gen_len:
+                break
+            self._run("decode", self.prompt_len + step, 1)
+            step += 1
+        if self.link.stage.is_first:  # the last step's tokens were sent all the same: take them
+            for k in range(self.nb):
+                self.link.recv_tokens(self._tok_in[k], k)
+        return self.link.share_results(tally.results(n) if last else None)
+
+
+class Tally:
+    """The generated tokens of a block, step by step: a sequence is done at its stop token or its limit;
+    later tokens of a done sequence are replaced by padding and not reported."""
+
+    def __init__(self, rows: int, gen_len: int, limits: torch.Tensor, eos: torch.Tensor, pad: int,
+                 eos_ids: tuple[int, ...]) -> None:
+        self.out = torch.full((rows, gen_len), pad, dtype=torch.long)
+        self.done = torch.zeros(rows, dtype=torch.bool)
+        self.stopped = torch.zeros(rows, dtype=torch.bool)
+        self.limits, self.eos, self.pad, self.eos_ids = limits, eos, pad, eos_ids
+
+    def _step(self, tok: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tok = torch.where(self.done, torch.full_like(tok, self.pad), tok)
+        hit_eos = torch.isin(tok, self.eos) & ~self.done
+        return tok, hit_eos, self.done | hit_eos | (self.limits <= step + 1)
+
+    def add(self, tok: torch.Tensor, step: int) -> None:
+        tok, hit_eos, self.done = self._step(tok, step)
+        self.out[:, step] = tok
+        self.stopped |= hit_eos
+
+    def done_with(self, tok: torch.Tensor, step: int) -> bool:
+        """Whether every sequence would be done once `tok` is added as token `step` (nothing changes)."""
+        return bool(self._step(tok, step)[2].all())
+
+    @property
+    def all_done(self) -> bool:
+        return bool(self.done.all())
+
+    def results(self, n: int) -> list[Generation]:
         results = []
         for i in range(n):
-            row = out[i].tolist()
-            count = int(limits[i])
-            if bool(stopped[i]):
-                count = next(j for j, x in enumerate(row) if x in self.spec.eos_token_ids) + 1
-            results.append(Generation(tuple(row[:count]), "stop" if bool(stopped[i]) else "length"))
+            row = self.out[i].tolist()
+            count = int(self.limits[i])
+            if bool(self.stopped[i]):
+                count = next(j for j, x in enumerate(row) if x in self.eos_ids) + 1
+            results.append(Generation(tuple(row[:count]), "stop" if bool(self.stopped[i]) else "length"))
         return results

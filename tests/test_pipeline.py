@@ -83,6 +83,11 @@ def test_pipeline_step_is_the_first_batch_through_every_stage_then_the_slowest_p
     assert pipeline.step_s([3.0], 1) == 3.0  # one stage: its own time
 
 
+def test_decode_steps_overlap_so_the_busiest_stage_paces_them_unless_the_ring_is_short_of_batches():
+    assert pipeline.ring_step_s([2.0, 4.0], 4) == 4.0  # the busiest stage, every step
+    assert pipeline.ring_step_s([2.0, 2.0, 2.0, 2.0], 2) == 4.0  # a batch's way round: 4 x 1 s > 2 s
+
+
 def test_stages_sharing_a_machine_share_its_host_and_without_a_gpu_its_gpu_tier_and_cores():
     cpu, gpu = load_profile("cpu-small"), load_profile("t4-flexgen")
     half = pipeline.stage_share(cpu, 2)
@@ -120,9 +125,9 @@ def test_stages_cover_the_model_in_order_with_one_block_and_weights_on_their_gpu
     assert plans[0].policy.num_gpu_batches >= 2  # a pipeline of one gpu batch would never overlap
     assert len({p.predictions["tokens_per_s"] for p in plans}) == 1
     nb = plans[0].policy.num_gpu_batches
-    for key in ("prefill_s", "decode_step_s"):  # the run's step from the stages' own times
-        assert plans[0].predictions[key] == pytest.approx(
-            pipeline.step_s([p.predictions[f"stage_{key}"] for p in plans], nb), rel=1e-5)
+    for key, step in (("prefill_s", pipeline.step_s), ("decode_step_s", pipeline.ring_step_s)):
+        assert plans[0].predictions[key] == pytest.approx(  # the run's step from the stages' own times
+            step([p.predictions[f"stage_{key}"] for p in plans], nb), rel=1e-5)
 
 
 def test_stage_programs_are_batch_major_hand_over_each_gpu_batch_and_fit(stage_plans):
@@ -144,6 +149,11 @@ def test_stage_programs_are_batch_major_hand_over_each_gpu_batch_and_fit(stage_p
             assert send == ([] if p.stage.is_last else list(range(nb)))
             assert all(op.layer == p.stage.first_layer for op in ops if op.kind is OpKind.RECV_HIDDEN)
             assert all(op.layer == p.stage.end_layer - 1 for op in ops if op.kind is OpKind.SEND_HIDDEN)
+            # each gpu batch's tokens go round: from the last stage's head to the first stage's next embedding
+            got = [op.batch for op in ops if op.kind is OpKind.RECV_TOKENS]
+            assert got == (list(range(nb)) if p.stage.is_first and ops is p.programs.decode else [])
+            sent = [op.batch for op in ops if op.kind is OpKind.SEND_TOKENS]
+            assert sent == (list(range(nb)) if p.stage.is_last else [])
 
 
 def test_the_split_balances_predicted_time_not_layer_counts():
@@ -236,6 +246,27 @@ def test_stages_over_gloo_give_transformers_tokens(case, tmp_path):
         rank = json.loads(Path(f"{out}.rank{p.stage.index}").read_text())
         assert rank["tokens"] == json.loads(out.read_text())
         assert all(rank["peak"][t.value] <= p.predictions["peak_bytes"][t.value] for t in TIERS)
+
+
+def test_when_every_sequence_is_done_early_every_stage_stops_after_the_same_step(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "hf")
+    store = import_hf_folder(tmp_path / "hf", tmp_path / "store")
+    prompts = prompts_for(model.config.vocab_size)
+    limits = [2, 3, 1, 3, 2]  # all done after the third token of 8
+    plans = compile_pipeline(store.spec, load_profile("cpu-small"), Workload(PROMPT_LEN, GEN_LEN), 3,
+                             gpu_batch_size=2, num_gpu_batches=3)
+    planfile.save_set(plans, tmp_path / "pipe.fgplan")
+    (tmp_path / "job.json").write_text(json.dumps({"prompts": prompts, "max_new_tokens": limits}))
+    out = tmp_path / "out.json"
+    run = torchrun(3, [str(ROOT / "tests" / "pipeline_worker.py")],
+                   [str(tmp_path / "pipe.fgplan"), str(store.path), str(tmp_path / "job.json"), str(out)])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(out.read_text()) == [t[:m] for t, m in zip(hf_generate(model, prompts), limits)]
+    runs = {json.loads(Path(f"{out}.rank{r}").read_text())["runs"] for r in range(3)}
+    # prefill and 3 decode steps: the stop is known after the third token, and every stage learns it
+    # while it runs the next step
+    assert runs == {4}
 
 
 @pytest.fixture(scope="module")
