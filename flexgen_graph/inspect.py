@@ -99,6 +99,8 @@ def step_timeline(plan: Plan, phase: Phase = Phase.DECODE, ctx: int | None = Non
             return f.hidden_load_bytes / nb / hw.stage_link_bytes_per_s
         if op.kind is OpKind.SEND_HIDDEN:
             return f.hidden_store_bytes / nb / hw.stage_link_bytes_per_s
+        if op.kind in (OpKind.SEND_TOKENS, OpKind.RECV_TOKENS):
+            return 8 * (pol.gpu_batch_size + 1) / hw.stage_link_bytes_per_s  # int64 ids and a flag
         if op.kind is OpKind.LOAD_WEIGHT:
             return link_s(bufs[op.src].nbytes, bufs[op.src].tier, True)
         if op.kind is OpKind.LOAD_CACHE:
@@ -218,7 +220,7 @@ def describe_text(plan: Plan, *, with_simulation: bool = True) -> str:
     return "\n".join(lines)
 
 
-COLORS = {"recv_hidden": "tab:purple", "send_hidden": "tab:purple", "load_weight": "tab:blue", "load_cache": "tab:orange", "load_hidden": "tab:gray",
+COLORS = {"recv_hidden": "tab:purple", "send_hidden": "tab:purple", "recv_tokens": "tab:pink", "send_tokens": "tab:pink", "load_weight": "tab:blue", "load_cache": "tab:orange", "load_hidden": "tab:gray",
           "store_cache": "tab:orange", "store_hidden": "tab:gray", "embed": "tab:green", "head": "tab:green",
           "decoder_prefill": "tab:green", "decoder_decode": "tab:green", "decoder_decode_cpu_attn": "tab:red"}
 
