@@ -86,6 +86,16 @@ def _add_compile_args(p: argparse.ArgumentParser, required: bool) -> None:
     for cls in ("weights", "cache", "hidden"):
         p.add_argument(f"--{cls}-frac", type=_frac3, metavar="G,C,D",
                        help=f"force the {cls} placement over gpu,cpu,disk (fractions summing to 1)")
+    p.add_argument("--stages", type=int, default=1,
+                   help="pipeline stages: split the layers over this many processes (one per GPU or machine), "
+                        "one plan per stage" + (" in the output file" if required else "") + "; run with torchrun, "
+                        "one process per stage")
+    p.add_argument("--stages-per-machine", type=int,
+                   help="with --stages: how many stage processes share one machine's RAM and disk (and, without a "
+                        "GPU, its cores); default: all of them")
+    p.add_argument("--stage-link-gbps", type=float,
+                   help="with --stages: GB/s of the link between stages (default: the profile's, which "
+                        "`flexgen-graph profile` measures between two processes of the machine it runs on)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,15 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", help="weights to record in the plan for `run`: dummy, dummy:SEED, a folder or .gguf "
                                      "(default: the model's own)")
     _add_compile_args(c, required=True)
-    c.add_argument("--stages", type=int, default=1,
-                   help="pipeline stages: split the layers over this many processes (one per GPU or machine), "
-                        "one plan per stage in the output file; run it with torchrun, one process per stage")
-    c.add_argument("--stages-per-machine", type=int,
-                   help="with --stages: how many stage processes share one machine's RAM and disk (and, without a "
-                        "GPU, its cores); default: all of them")
-    c.add_argument("--stage-link-gbps", type=float,
-                   help="with --stages: GB/s of the link between stages (default: the profile's, which "
-                        "`flexgen-graph profile` measures between two processes of the machine it runs on)")
     c.add_argument("-o", "--output", required=True, help="plan file to write (.fgplan)")
 
     r = sub.add_parser("run", help="generate for every line of a JSONL file",
@@ -213,10 +214,7 @@ def cmd_compile(args) -> int:
     spec, source = resolve_model(args.model, _dtype(args))
     if args.weights:
         source = weights_source_for(args.weights, source)
-    if args.stages < 1:
-        raise ValueError(f"--stages must be >= 1, got {args.stages}")
-    if args.stages == 1 and (args.stages_per_machine is not None or args.stage_link_gbps is not None):
-        raise ValueError("--stages-per-machine and --stage-link-gbps describe a pipeline: give --stages N (N >= 2)")
+    _check_stage_args(args)
     if args.stages == 1:
         plans = [_compile(spec, args, Workload(n, args.gen_len), source) for n in args.prompt_len]
     else:
@@ -236,7 +234,14 @@ def cmd_compile(args) -> int:
     return 0
 
 
-def _compile_pipeline(spec, args, workload, source: str):
+def _check_stage_args(args) -> None:
+    if args.stages < 1:
+        raise ValueError(f"--stages must be >= 1, got {args.stages}")
+    if args.stages == 1 and (args.stages_per_machine is not None or args.stage_link_gbps is not None):
+        raise ValueError("--stages-per-machine and --stage-link-gbps describe a pipeline: give --stages N (N >= 2)")
+
+
+def _compile_pipeline(spec, args, workload, source: str, max_block_size: int | None = None):
     import dataclasses
 
     from flexgen_graph.api import compile_pipeline
@@ -248,7 +253,8 @@ def _compile_pipeline(spec, args, workload, source: str):
         profile = dataclasses.replace(profile, stage_link_bytes_per_s=args.stage_link_gbps * 1e9)
     return compile_pipeline(spec, profile, workload, args.stages, stages_per_machine=args.stages_per_machine,
                             gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches,
-                            fixed=_fixed(args), weights_source=source, max_block_size=args.max_block_size,
+                            fixed=_fixed(args), weights_source=source,
+                            max_block_size=args.max_block_size or max_block_size,
                             compress=args.compress, group_size=args.group_size, compress_bits=args.compress_bits)
 
 
@@ -286,9 +292,13 @@ def cmd_run(args) -> int:
     from planner import plan as planfile
 
     rank = distributed.from_env(required=args.distributed)  # set under torchrun: one shard of a data-parallel run
+    _check_stage_args(args)
+    if args.plan and args.stages > 1:
+        raise ValueError("--stages compiles a pipeline plan; a given --plan already says its stages")
     staged = planfile.load_set(args.plan)[0].stage if args.plan else None
-    if staged is not None:  # a pipeline plan: process i runs stage i of every block
-        pipe = distributed.Pipeline.for_launch(rank, staged.count, args.output)
+    stages = staged.count if staged else args.stages
+    if stages > 1:  # a pipeline: process i runs stage i of every block
+        pipe = distributed.Pipeline.for_launch(rank, stages, args.output)
         distributed.start(pipe.rank, cuda=args.device != "cpu" and _cuda_visible())
         try:
             return _run(args, pipeline=pipe)
@@ -343,12 +353,12 @@ def _run(args, shard=None, pipeline=None) -> int:
             count, longest, wanted = scan(in_path, tokenizer, defaults)
             workload = Workload(args.prompt_len or _round_up(longest, 16), args.gen_len or max(wanted, 64))
             # a block larger than the job would only add padding
-            plans = [_cached_plan(spec, args, workload, source, cache_dir, 1 << max(count - 1, 0).bit_length())]
+            plans = _cached_plans(spec, args, workload, source, cache_dir, 1 << max(count - 1, 0).bit_length())
     if plans[0].profile.has_gpu and args.device != "cuda" and not _cuda_visible() and talk:
         print(f"note: the plan targets a GPU ({plans[0].profile.name}) but none is visible: running on the CPU "
               "backend, its GPU tier a budget of host memory", file=sys.stderr)
     if pipeline:
-        plans = pipeline.my_stages(plans)
+        plans = pipeline.my_stages(pipeline.same_plans(plans))
     for p in plans if talk else ():
         st = f", stage 0 of {p.stage.count} (graph layers 0..{p.stage.end_layer - 1})" if p.stage else ""
         print(f"plan: prompt {p.workload.prompt_len}, gen {p.workload.gen_len}, block {p.policy.gpu_batch_size} x "
@@ -418,7 +428,8 @@ def _run(args, shard=None, pipeline=None) -> int:
     return 0
 
 
-def _cached_plan(spec, args, workload, source: str, cache_dir: Path, max_block_size: int):
+def _cached_plans(spec, args, workload, source: str, cache_dir: Path, max_block_size: int):
+    """The plan for this job (a plan per stage with --stages), compiled once and cached."""
     from planner import plan as planfile
 
     profile = _profile(args.profile)
@@ -426,14 +437,18 @@ def _cached_plan(spec, args, workload, source: str, cache_dir: Path, max_block_s
                       args.gpu_batch_size,
                       args.num_gpu_batches, args.max_block_size or max_block_size,
                       [getattr(args, f"{c}_frac") for c in ("weights", "cache", "hidden")], args.compress,
-                      args.group_size, args.compress_bits])
+                      args.group_size, args.compress_bits, args.stages, args.stages_per_machine,
+                      args.stage_link_gbps])
     path = cache_dir / "plans" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".fgplan")
     if path.is_file():
-        return planfile.load(path)
+        return planfile.load_set(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    plan = _compile(spec, args, workload, source, max_block_size)
-    planfile.save(plan, path)
-    return plan
+    if args.stages > 1:
+        plans = _compile_pipeline(spec, args, workload, source, max_block_size)
+    else:
+        plans = [_compile(spec, args, workload, source, max_block_size)]
+    planfile.save_set(plans, path)
+    return plans
 
 
 def cmd_profile(args) -> int:

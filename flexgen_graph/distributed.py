@@ -334,6 +334,14 @@ class Pipeline:
             raise ValueError(f"--output {path}: folder {path.parent} does not exist")
         return cls(rank, path)
 
+    def same_plans(self, plans: list) -> list:
+        """Stage 0's plans on every stage. Each process compiled (or loaded) its own, and compiles can differ
+        (a profile measured on the spot: free disk space moves); stages of two compiles must never meet."""
+        from planner import plan as planfile
+
+        data = gather(planfile.dumps_set(plans) if self.rank.rank == 0 else None)[0]
+        return planfile.loads_set(data, "stage 0's plan")
+
     def my_stages(self, plans: list) -> list:
         return [p for p in plans if p.stage.index == self.rank.rank]
 

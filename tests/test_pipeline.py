@@ -309,6 +309,18 @@ def test_a_pipeline_run_writes_the_single_process_output(pipe_job, tmp_path):
     assert "stage 0 of 2" in run.stderr
 
 
+def test_run_without_a_plan_compiles_and_caches_a_pipeline_for_the_job(pipe_job, checkpoint, tmp_path):  # noqa: F811
+    _, inp, ref = pipe_job
+    out, cache = tmp_path / "out.jsonl", tmp_path / "cache"
+    args = ["run", "--model", str(checkpoint), "--stages", "2", "--prompt-len", "8", "--gen-len", "6", "--input",
+            str(inp), "--output", str(out), "--cache-dir", str(cache)]
+    run = torchrun(2, ["-m", "flexgen_graph"], args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert by_key(records(out)) == by_key(records(ref))
+    cached = list((cache / "plans").glob("*.fgplan"))  # one per process when their profiles differ (free disk)
+    assert cached and all([p.stage.index for p in planfile.load_set(f)] == [0, 1] for f in cached)
+
+
 def test_a_stage_killed_mid_block_then_a_relaunch_leaves_every_id_once(pipe_job, tmp_path):
     out, cache = tmp_path / "out.jsonl", tmp_path / "cache"
     died = pipe_run(pipe_job, out, cache, entry=(str(ROOT / "tests" / "pipeline_fault.py"),),
