@@ -51,8 +51,10 @@ def split_layers(times: Sequence[float], stages: int, decoder: Sequence[bool],
                 if v < best[s][i]:
                     best[s][i], cut[s][i] = v, j
     if best[stages][n] == inf:
-        raise ValueError(f"no split of the layers into {stages} stages keeps each stage's weights within "
-                         f"{capacity} bytes: more stages, or a profile with more GPU memory")
+        gib = 1 << 30
+        raise ValueError(f"the weights ({wsum[n] / gib:.1f} GiB) do not split into {stages} stages of at most "
+                         f"{capacity / gib:.2f} GiB each (a stage keeps its weights on its GPU): use at least "
+                         f"{-(-wsum[n] // capacity)} stages, or a single-process plan, which streams the weights")
     out, i = [], n
     for s in range(stages, 0, -1):
         j = cut[s][i]
