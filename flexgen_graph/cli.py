@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(default: ~/.cache/flexgen-graph)")
     r.add_argument("--distributed", action="store_true",
                    help="data parallel: each process runs its shard of the input, rank 0 merges them into "
-                        "--output; launch with torchrun (under torchrun this is the default)")
+                        "--output; launch with torchrun (under torchrun this is the default, unless the plan or "
+                        "--stages makes it a pipeline)")
     _add_compile_args(r, required=False)
 
     pr = sub.add_parser("profile", help="measure this machine into a hardware profile (under a minute)")
