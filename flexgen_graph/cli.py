@@ -216,10 +216,7 @@ def cmd_compile(args) -> int:
     if args.weights:
         source = weights_source_for(args.weights, source)
     _check_stage_args(args)
-    if args.stages == 1:
-        plans = [_compile(spec, args, Workload(n, args.gen_len), source) for n in args.prompt_len]
-    else:
-        plans = [p for n in args.prompt_len for p in _compile_pipeline(spec, args, Workload(n, args.gen_len), source)]
+    plans = [p for n in args.prompt_len for p in _compile_plans(spec, args, Workload(n, args.gen_len), source)]
     planfile.save_set(plans, args.output)
     for plan in plans:
         where = ""
@@ -240,6 +237,13 @@ def _check_stage_args(args) -> None:
         raise ValueError(f"--stages must be >= 1, got {args.stages}")
     if args.stages == 1 and (args.stages_per_machine is not None or args.stage_link_gbps is not None):
         raise ValueError("--stages-per-machine and --stage-link-gbps describe a pipeline: give --stages N (N >= 2)")
+
+
+def _compile_plans(spec, args, workload, source: str, max_block_size: int | None = None) -> list:
+    """The plan for one workload: one, or one per stage with --stages."""
+    if args.stages > 1:
+        return _compile_pipeline(spec, args, workload, source, max_block_size)
+    return [_compile(spec, args, workload, source, max_block_size)]
 
 
 def _compile_pipeline(spec, args, workload, source: str, max_block_size: int | None = None):
@@ -296,31 +300,31 @@ def cmd_run(args) -> int:
     _check_stage_args(args)
     if args.plan and args.stages > 1:
         raise ValueError("--stages compiles a pipeline plan; a given --plan already says its stages")
-    staged = planfile.load_set(args.plan)[0].stage if args.plan else None
-    stages = staged.count if staged else args.stages
+    given = planfile.load_set(args.plan) if args.plan else None  # a bad plan fails before any rendezvous
+    stages = given[0].stage.count if given and given[0].stage else args.stages
     if stages > 1:  # a pipeline: process i runs stage i of every block
         pipe = distributed.Pipeline.for_launch(rank, stages, args.output)
         distributed.start(pipe.rank, cuda=args.device != "cpu" and _cuda_visible())
         try:
-            return _run(args, pipeline=pipe)
+            return _run(args, given, pipeline=pipe)
         finally:
             distributed.stop()
     if rank is None:
-        return _run(args)
+        return _run(args, given)
     shard = distributed.Shard.for_output(args.output, rank)  # a bad --output fails before the rendezvous
     distributed.start(rank, cuda=args.device != "cpu" and _cuda_visible())
     try:
-        return _run(args, shard)
+        return _run(args, given, shard)
     finally:
         distributed.stop()
 
 
-def _run(args, shard=None, pipeline=None) -> int:
+def _run(args, plans=None, shard=None, pipeline=None) -> int:
+    """plans: those of --plan, loaded by cmd_run (None: compile one for the job)."""
     from flexgen_graph import distributed
     from flexgen_graph.ir import Workload
     from flexgen_graph.jobs import OutputFile, load_tokenizer, run_job, scan
     from flexgen_graph.models import default_cache_dir, open_store, resolve_model, weights_source_for
-    from planner import plan as planfile
     from runtime.engine import Engine
     from runtime.sampling import Sampling
 
@@ -335,7 +339,6 @@ def _run(args, shard=None, pipeline=None) -> int:
     talk = rank is None or rank.rank == 0  # one copy of the setup lines, not one per rank
     # every rank compiles the same plan (the scan reads the whole input); cache writes go one at a time
     with distributed.leaders_first(rank):
-        plans = planfile.load_set(args.plan) if args.plan else None
         if plans is not None:
             _check_plan_args(plans, args)
             spec, source = plans[0].spec, plans[0].weights_source
@@ -444,10 +447,7 @@ def _cached_plans(spec, args, workload, source: str, cache_dir: Path, max_block_
     if path.is_file():
         return planfile.load_set(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if args.stages > 1:
-        plans = _compile_pipeline(spec, args, workload, source, max_block_size)
-    else:
-        plans = [_compile(spec, args, workload, source, max_block_size)]
+    plans = _compile_plans(spec, args, workload, source, max_block_size)
     planfile.save_set(plans, path)
     return plans
 
