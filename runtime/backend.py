@@ -80,6 +80,20 @@ def pread_full(fd: int, into: torch.Tensor, offset: int = 0) -> int:
     return done
 
 
+def read_file_into(fd: int, into: torch.Tensor, what: str, error: type[Exception] = ValueError,
+                   drop_page_cache: bool = False) -> None:
+    """Fill `into` from the start of an open file, then close it; a file that ends first is an `error`
+    naming `what`. drop_page_cache: evict the file's pages, so the next read comes from the disk."""
+    try:
+        done = pread_full(fd, into)  # reads land in into's memory in place, no staging copy
+        if done < into.numel():
+            raise error(f"{what}: file ended after {done} bytes")
+        if drop_page_cache:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def read_disk(src: DiskBuf, into: torch.Tensor, offset: int) -> None:
     """Fill a flat uint8 host tensor with src's bytes from offset, straight into its memory."""
     got = pread_full(src.fd, into, offset)

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from flexgen_graph.spec import ALIGN_BYTES, ModelSpec, quant_dim
-from runtime.backend import pread_full
+from runtime.backend import read_file_into
 from runtime.kernels import TORCH_DTYPES, layer_views
 from runtime.quant import STAT_BYTES, STAT_DTYPE, QTensor, QuantConfig, compressed_nbytes, dequantize, pack_into, \
     quantize, unpack_from
@@ -121,17 +121,10 @@ class CompressedLayers:
                              f"(compressed), got {buf.dtype} {tuple(buf.shape)} on {buf.device}")
         path = self.file(layer)
         fd = os.open(path, os.O_RDONLY)
-        try:
-            if os.fstat(fd).st_size != need:
-                raise ValueError(f"{path}: {os.fstat(fd).st_size} bytes, expected {need}; delete {self.path} "
-                                 "to rebuild the compressed copy")
-            done = pread_full(fd, buf[:need])
-            if done < need:
-                raise ValueError(f"{path}: file ended after {done} bytes")
-            if drop_page_cache:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
+        if (size := os.fstat(fd).st_size) != need:
             os.close(fd)
+            raise ValueError(f"{path}: {size} bytes, expected {need}; delete {self.path} to rebuild the compressed copy")
+        read_file_into(fd, buf[:need], str(path), drop_page_cache=drop_page_cache)
 
     def check(self) -> None:
         for j in range(self.spec.num_graph_layers):

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from flexgen_graph.ir import LayerKind
 from flexgen_graph.spec import ModelSpec, TensorSlot, is_linear, spec_from_config
-from runtime.backend import pread_full
+from runtime.backend import read_file_into
 from runtime.kernels import TORCH_DTYPES, layer_views
 
 FORMAT = "flexgen-graph-weights"
@@ -187,15 +187,8 @@ class WeightStore:
         if buf.numel() < need:
             raise WeightStoreError(f"layer {layer}: buffer holds {buf.numel()} bytes, the layer needs {need}")
         for slot in self.spec.layer_layout(layer):
-            fd = self._open_sized(layer, slot)
-            try:  # reads land in buf's memory in place, no staging copy
-                done = pread_full(fd, buf[slot.offset:slot.offset + slot.nbytes])
-                if done < slot.nbytes:
-                    raise WeightStoreError(f"tensor {_key(layer, slot.name)!r}: file ended after {done} bytes")
-                if drop_page_cache:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            read_file_into(self._open_sized(layer, slot), buf[slot.offset:slot.offset + slot.nbytes],
+                           f"tensor {_key(layer, slot.name)!r}", WeightStoreError, drop_page_cache)
 
     def check(self) -> None:
         """Every tensor file present with its expected size; the first fault is named."""
