@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flexgen_graph.ir import TIERS, Block, Phase, Tier
-from flexgen_graph.lower import lower
+from flexgen_graph.lower import TOKEN_BYTES, lower
 from planner.cost import Flags, Predictions, compute_parts, layer_figures
 from planner.figures import block_figures
 from planner.memory import buffer_bytes, policy_compression, staging_bytes
@@ -100,7 +100,7 @@ def step_timeline(plan: Plan, phase: Phase = Phase.DECODE, ctx: int | None = Non
         if op.kind is OpKind.SEND_HIDDEN:
             return f.hidden_store_bytes / nb / hw.stage_link_bytes_per_s
         if op.kind in (OpKind.SEND_TOKENS, OpKind.RECV_TOKENS):
-            return 8 * (pol.gpu_batch_size + 1) / hw.stage_link_bytes_per_s  # int64 ids and a flag
+            return TOKEN_BYTES * (pol.gpu_batch_size + 1) / hw.stage_link_bytes_per_s  # the ids and a flag
         if op.kind is OpKind.LOAD_WEIGHT:
             return link_s(bufs[op.src].nbytes, bufs[op.src].tier, True)
         if op.kind is OpKind.LOAD_CACHE:

@@ -56,9 +56,9 @@ class Engine:
                              "process per stage")
         self.link = link
         if link is not None:  # token messages: a gpu batch's ids and a stop flag (runtime.stage_link)
-            n = plan.policy.gpu_batch_size + 1
-            self._tok_in = [torch.zeros(n, dtype=torch.long) for _ in range(plan.policy.num_gpu_batches)]
-            self._tok_out = [torch.zeros(n, dtype=torch.long) for _ in range(plan.policy.num_gpu_batches)]
+            n, nb = plan.policy.gpu_batch_size + 1, plan.policy.num_gpu_batches
+            self._tok_in = [torch.zeros(n, dtype=torch.long) for _ in range(nb if link.stage.is_first else 0)]
+            self._tok_out = [torch.zeros(n, dtype=torch.long) for _ in range(nb if link.stage.is_last else 0)]
         self.plan, self.store, self.spec = plan, store, plan.spec
         store.check()  # a missing or truncated tensor file is named now, not mid-run
         self.dtype = kernels.TORCH_DTYPES[self.spec.dtype]

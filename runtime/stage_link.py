@@ -27,24 +27,19 @@ class StageLinkError(ConnectionError):
 
 @dataclass(frozen=True, slots=True)
 class StageLink:
-    stage: Stage
-    rank_offset: int = 0  # rank of stage 0 (0 unless the group runs several pipelines)
+    stage: Stage  # its index is this process's rank
 
     @property
     def prev_rank(self) -> int:
-        return self.rank_offset + self.stage.index - 1
+        return self.stage.index - 1
 
     @property
     def next_rank(self) -> int:
-        return self.rank_offset + self.stage.index + 1
-
-    @property
-    def first_rank(self) -> int:
-        return self.rank_offset
+        return self.stage.index + 1
 
     @property
     def last_rank(self) -> int:
-        return self.rank_offset + self.stage.count - 1
+        return self.stage.count - 1
 
     def send_hidden(self, t: torch.Tensor, batch: int) -> None:
         self._p2p("send", t, self.next_rank, batch)
@@ -61,7 +56,7 @@ class StageLink:
         return int(t[0])
 
     def send_tokens(self, t: torch.Tensor, batch: int) -> None:
-        self._p2p("send", t, self.first_rank, TOKEN_TAG + batch)
+        self._p2p("send", t, 0, TOKEN_TAG + batch)
 
     def recv_tokens(self, t: torch.Tensor, batch: int) -> None:
         self._p2p("recv", t, self.last_rank, TOKEN_TAG + batch)
