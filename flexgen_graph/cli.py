@@ -337,7 +337,8 @@ def _run(args, plans=None, shard=None, pipeline=None) -> int:
     defaults = Sampling(args.temperature, args.top_p, args.seed)
     rank = shard.rank if shard else pipeline.rank if pipeline else None
     talk = rank is None or rank.rank == 0  # one copy of the setup lines, not one per rank
-    # every rank compiles the same plan (the scan reads the whole input); cache writes go one at a time
+    # every data-parallel rank compiles the same plan (the scan reads the whole input), a pipeline's stage 0
+    # compiles for all stages; cache writes go one at a time
     with distributed.leaders_first(rank):
         if plans is not None:
             _check_plan_args(plans, args)
@@ -353,16 +354,16 @@ def _run(args, plans=None, shard=None, pipeline=None) -> int:
                   file=sys.stderr)
         store = open_store(source, spec, cache_dir)
         tokenizer = load_tokenizer(store.path)
-        if plans is None:
+        if plans is None and not (pipeline and rank.rank):
             count, longest, wanted = scan(in_path, tokenizer, defaults)
             workload = Workload(args.prompt_len or _round_up(longest, 16), args.gen_len or max(wanted, 64))
             # a block larger than the job would only add padding
             plans = _cached_plans(spec, args, workload, source, cache_dir, 1 << max(count - 1, 0).bit_length())
+    if pipeline:  # stage 0's plans on every stage
+        plans = pipeline.my_stages(pipeline.same_plans(plans))
     if plans[0].profile.has_gpu and args.device != "cuda" and not _cuda_visible() and talk:
         print(f"note: the plan targets a GPU ({plans[0].profile.name}) but none is visible: running on the CPU "
               "backend, its GPU tier a budget of host memory", file=sys.stderr)
-    if pipeline:
-        plans = pipeline.my_stages(pipeline.same_plans(plans))
     for p in plans if talk else ():
         st = f", stage 0 of {p.stage.count} (graph layers 0..{p.stage.end_layer - 1})" if p.stage else ""
         print(f"plan: prompt {p.workload.prompt_len}, gen {p.workload.gen_len}, block {p.policy.gpu_batch_size} x "

@@ -334,9 +334,10 @@ class Pipeline:
             raise ValueError(f"--output {path}: folder {path.parent} does not exist")
         return cls(rank, path)
 
-    def same_plans(self, plans: list) -> list:
-        """Stage 0's plans on every stage. Each process compiled (or loaded) its own, and compiles can differ
-        (a profile measured on the spot: free disk space moves); stages of two compiles must never meet."""
+    def same_plans(self, plans: list | None) -> list:
+        """Stage 0's plans (given, or compiled by stage 0 alone) on every stage: two loads of one file on two
+        machines, or two compiles (a profile measured on the spot: free disk space moves) could differ, and
+        stages of two plans must never meet."""
         from planner import plan as planfile
 
         data = gather(planfile.dumps_set(plans) if self.rank.rank == 0 else None)[0]

@@ -317,8 +317,8 @@ def test_run_without_a_plan_compiles_and_caches_a_pipeline_for_the_job(pipe_job,
     run = torchrun(2, ["-m", "flexgen_graph"], args)
     assert run.returncode == 0, run.stderr[-3000:]
     assert by_key(records(out)) == by_key(records(ref))
-    cached = list((cache / "plans").glob("*.fgplan"))  # one per process when their profiles differ (free disk)
-    assert cached and all([p.stage.index for p in planfile.load_set(f)] == [0, 1] for f in cached)
+    [cached] = (cache / "plans").glob("*.fgplan")  # stage 0 compiles for both
+    assert [p.stage.index for p in planfile.load_set(cached)] == [0, 1]
 
 
 def test_a_stage_killed_mid_block_then_a_relaunch_leaves_every_id_once(pipe_job, tmp_path):
