@@ -126,7 +126,9 @@ BUILTIN_PROFILES: dict[str, HardwareProfile] = {
         gpu_mem_bytes_per_s=22e9, matmul_min_rows=64, compute_op_overhead_s=1e-4,
         # float32 out (runtime.profiler.dequant_rate: 0.4 GB/s measured with the other core busy)
         gpu_dequant_bytes_per_s=1.2e9, cpu_dequant_bytes_per_s=1.2e9,
-        # gloo send/recv between two processes of this machine: 1.8 GB/s at 1 MiB, 2.7 at 16 MiB
+        # gloo between two processes of this machine: `flexgen-graph profile` measured 2.9 and 4.2 GB/s
+        # (8 MiB messages, two runs, 2026-11-27); a decode step's messages are kilobytes and per-message
+        # latency weighs more there, so a lower figure is assumed
         stage_link_bytes_per_s=2e9,
     ),
 }
