@@ -39,11 +39,11 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from flexgen_graph.api import compile_plan  # noqa: E402
+from flexgen_graph.app.api import compile_plan  # noqa: E402
 from flexgen_graph.catalog import catalog_spec  # noqa: E402
 from flexgen_graph.ir import Workload  # noqa: E402
-from flexgen_graph.models import default_cache_dir, open_store  # noqa: E402
-from planner.policy import Placement  # noqa: E402
+from flexgen_graph.app.models import default_cache_dir, open_store  # noqa: E402
+from flexgen_graph.policy import Placement  # noqa: E402
 
 SYSTEMS = ("ours", "ours-cold", "transformers", "accelerate", "accelerate-cold")
 GIB = 2**30
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     cold_reps = args.reps if args.cold_reps is None else args.cold_reps
     dtype = getattr(torch, args.dtype)
 
-    from flexgen_graph.cli import _profile
+    from flexgen_graph.app.cli import _profile
 
     spec = catalog_spec(args.model, dtype=args.dtype)
     t = time.perf_counter()

@@ -3,7 +3,7 @@
     python bench/compile_time.py              # median of 3 compiles, with the search's share
     python bench/compile_time.py --model facebook/opt-13b --repeat 5
 
-Imports are done before the clock starts; the figure is flexgen_graph.api.compile_plan end to end
+Imports are done before the clock starts; the figure is flexgen_graph.app.api.compile_plan end to end
 (search over blocks and flags with one LP per point, then lowering the chosen block and emitting
 its programs).
 """
@@ -22,11 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from flexgen_graph.api import compile_plan  # noqa: E402
+from flexgen_graph.app.api import compile_plan  # noqa: E402
 from flexgen_graph.catalog import catalog_spec  # noqa: E402
 from flexgen_graph.ir import Workload  # noqa: E402
 from flexgen_graph.lower import lower  # noqa: E402
-from planner.hardware import load_profile  # noqa: E402
+from flexgen_graph.hardware import load_profile  # noqa: E402
 from planner.search import search  # noqa: E402
 
 

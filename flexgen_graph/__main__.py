@@ -1,5 +1,5 @@
 import sys
 
-from flexgen_graph.cli import main
+from flexgen_graph.app.cli import main
 
 sys.exit(main())

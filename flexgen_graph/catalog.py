@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from flexgen_graph.errors import UserError
 from flexgen_graph.spec import ModelSpec, spec_from_config
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -61,7 +62,7 @@ CATALOG: dict[str, dict] = {
 }
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserError):
     pass
 
 

@@ -1,16 +1,12 @@
-"""The errors a user can cause, caught by the CLI and reported as one line with exit code 2."""
+"""The one base of every error a user can cause and fix.
+
+The CLI reports a UserError (and an OSError: a file, folder or disk of the user's) as one line
+with exit code 2; anything else is a bug in flexgen-graph and ends with its traceback, exit 1.
+UserError subclasses ValueError so that callers catching bad values keep catching it.
+"""
 
 from __future__ import annotations
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    # ValueError covers the typed errors below (each subclasses it) and workload checks;
-    # OSError covers unreadable or missing files.
-    from planner.hardware import BadProfileError
-    from planner.plan import BadPlanFileError, PlanMismatchError
-    from runtime.backend import OutOfBudgetError
-
-    return (BadProfileError, BadPlanFileError, PlanMismatchError, ValueError, OSError, OutOfBudgetError)
-
-
-USER_ERRORS = _user_errors()
+class UserError(ValueError):
+    """Bad input, a plan that does not match, an infeasible plan, a bad profile: what the user can fix."""

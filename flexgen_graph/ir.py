@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
 
+from flexgen_graph.errors import UserError
+
 
 class Tier(Enum):
     GPU = "gpu"
@@ -118,11 +120,11 @@ class Workload:
 
     def __post_init__(self) -> None:
         if type(self.prompt_len) is not int or type(self.gen_len) is not int:
-            raise ValueError(f"prompt_len and gen_len must be integers, got {self.prompt_len!r}, {self.gen_len!r}")
+            raise UserError(f"prompt_len and gen_len must be integers, got {self.prompt_len!r}, {self.gen_len!r}")
         if self.prompt_len < 1:
-            raise ValueError(f"prompt_len must be >= 1, got {self.prompt_len}")
+            raise UserError(f"prompt_len must be >= 1, got {self.prompt_len}")
         if self.gen_len < 1:
-            raise ValueError(f"gen_len must be >= 1, got {self.gen_len}")
+            raise UserError(f"gen_len must be >= 1, got {self.gen_len}")
 
     @property
     def max_seq_len(self) -> int:
@@ -141,7 +143,7 @@ class Block:
 
     def __post_init__(self) -> None:
         if self.gpu_batch_size < 1 or self.num_gpu_batches < 1:
-            raise ValueError(f"block sizes must be >= 1, got {self.gpu_batch_size} x {self.num_gpu_batches}")
+            raise UserError(f"block sizes must be >= 1, got {self.gpu_batch_size} x {self.num_gpu_batches}")
 
     @property
     def size(self) -> int:
@@ -161,9 +163,9 @@ class Stage:
     def __post_init__(self) -> None:
         for name in ("index", "count", "first_layer", "end_layer"):
             if type(getattr(self, name)) is not int:
-                raise ValueError(f"stage {name} must be an integer, got {getattr(self, name)!r}")
+                raise UserError(f"stage {name} must be an integer, got {getattr(self, name)!r}")
         if not (0 <= self.index < self.count and 0 <= self.first_layer < self.end_layer):
-            raise ValueError(f"stage {self.index} of {self.count} with layers [{self.first_layer}, "
+            raise UserError(f"stage {self.index} of {self.count} with layers [{self.first_layer}, "
                              f"{self.end_layer}) is not a stage")
 
     @property
@@ -184,5 +186,5 @@ class Stage:
     @classmethod
     def from_list(cls, v: list) -> "Stage":
         if not isinstance(v, list) or len(v) != 4:
-            raise ValueError(f"a stage is [index, count, first_layer, end_layer], got {v!r}")
+            raise UserError(f"a stage is [index, count, first_layer, end_layer], got {v!r}")
         return cls(*v)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import networkx as nx
 
+from flexgen_graph.errors import UserError
 from flexgen_graph.ir import NODE_TENSOR, Block, LayerKind, Node, NodeKey, NodeKind, Phase, Stage, Workload
 from flexgen_graph.spec import ModelSpec
 
@@ -49,10 +50,10 @@ def check_stage(spec: ModelSpec, stage: Stage) -> None:
     hand-off and no work)."""
     n = spec.num_graph_layers
     if stage.end_layer > n or (stage.first_layer == 0) != stage.is_first or (stage.end_layer == n) != stage.is_last:
-        raise ValueError(f"stage {stage.index} of {stage.count} with layers [{stage.first_layer}, {stage.end_layer}) "
+        raise UserError(f"stage {stage.index} of {stage.count} with layers [{stage.first_layer}, {stage.end_layer}) "
                          f"does not fit {spec.name}'s {n} graph layers (stage 0 starts at 0, the last ends at {n})")
     if not any(spec.layer_kind(j) is LayerKind.DECODER for j in range(stage.first_layer, stage.end_layer)):
-        raise ValueError(f"stage {stage.index} (layers [{stage.first_layer}, {stage.end_layer})) holds no decoder layer")
+        raise UserError(f"stage {stage.index} (layers [{stage.first_layer}, {stage.end_layer})) holds no decoder layer")
 
 
 def _add(g: nx.DiGraph, kind: LayerKind, key: NodeKey, **payload: int) -> NodeKey:

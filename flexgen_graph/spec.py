@@ -18,6 +18,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from flexgen_graph.errors import UserError
 from flexgen_graph.ir import LayerKind
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -38,7 +39,7 @@ def quant_dim(name: str) -> int:
     return 0 if is_linear(name) else -1
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError):
     """The config describes an architecture or option flexgen-graph does not implement."""
 
 
@@ -211,23 +212,23 @@ class ModelSpec:
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown ModelSpec fields: {sorted(unknown)}")
+            raise UserError(f"unknown ModelSpec fields: {sorted(unknown)}")
         d = dict(d)
         eos = d.get("eos_token_ids", ())
         if not isinstance(eos, (list, tuple)) or not all(_is_int(e) for e in eos):
-            raise ValueError(f"ModelSpec field eos_token_ids must be a list of integers, got {eos!r}")
+            raise UserError(f"ModelSpec field eos_token_ids must be a list of integers, got {eos!r}")
         d["eos_token_ids"] = tuple(eos)
         for f in fields(cls):
             if f.name in d and f.name != "eos_token_ids" and not _TYPE_CHECKS[f.type](d[f.name]):
-                raise ValueError(f"ModelSpec field {f.name} must be {f.type}, got {d[f.name]!r}")
+                raise UserError(f"ModelSpec field {f.name} must be {f.type}, got {d[f.name]!r}")
         spec = cls(**d)
         if spec.family not in ("opt", "llama") or spec.dtype not in DTYPE_BYTES:
-            raise ValueError(f"ModelSpec: unknown family {spec.family!r} or dtype {spec.dtype!r}")
+            raise UserError(f"ModelSpec: unknown family {spec.family!r} or dtype {spec.dtype!r}")
         for name in ("num_layers", "hidden", "num_heads", "num_kv_heads", "head_dim", "ffn", "vocab", "max_positions"):
             if getattr(spec, name) < 1:
-                raise ValueError(f"ModelSpec field {name} must be >= 1, got {getattr(spec, name)}")
+                raise UserError(f"ModelSpec field {name} must be >= 1, got {getattr(spec, name)}")
         if spec.num_heads % spec.num_kv_heads:
-            raise ValueError(f"ModelSpec: num_heads {spec.num_heads} is not a multiple of num_kv_heads "
+            raise UserError(f"ModelSpec: num_heads {spec.num_heads} is not a multiple of num_kv_heads "
                              f"{spec.num_kv_heads}")
         return spec
 
@@ -240,7 +241,7 @@ class ModelSpec:
 
     def with_dtype(self, dtype: str) -> "ModelSpec":
         if dtype not in DTYPE_BYTES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+            raise UserError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
         d = self.to_dict()
         d["dtype"] = dtype
         return ModelSpec.from_dict(d)

@@ -22,8 +22,8 @@ attention against the cache it reads, plus a fixed cost per op. Flags:
     >>> from flexgen_graph.catalog import catalog_spec
     >>> from flexgen_graph.ir import Block, Tier, Workload
     >>> from flexgen_graph.lower import lower
-    >>> from planner.hardware import load_profile
-    >>> from planner.policy import Placement, Policy
+    >>> from flexgen_graph.hardware import load_profile
+    >>> from flexgen_graph.policy import Placement, Policy
     >>> g = lower(catalog_spec("facebook/opt-125m"), Workload(32, 8), Block(4, 2))
     >>> on_gpu = Placement.all_on(Tier.GPU)
     >>> p = evaluate(g, load_profile("t4-flexgen"), Policy(4, 2, on_gpu, on_gpu, on_gpu))
@@ -41,9 +41,9 @@ import networkx as nx
 from flexgen_graph.ir import TIERS, LayerKind, NodeKind, Phase, Tier
 from flexgen_graph.spec import ModelSpec
 from planner.figures import BlockFigures, LayerSums, figures_of
-from planner.hardware import HardwareProfile
+from flexgen_graph.hardware import HardwareProfile
 from planner.memory import Compression, needs_compression, peaks_of, policy_compression
-from planner.policy import Policy, assign_tiers
+from flexgen_graph.policy import Policy, assign_tiers
 
 CLASSES: tuple[str, ...] = ("weights", "cache", "hidden")  # Policy field names
 FLAG_NAMES: tuple[str, ...] = ("cpu_attention", "compress_weights", "compress_cache")  # Policy flag names

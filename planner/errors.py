@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flexgen_graph.errors import UserError
 from flexgen_graph.ir import Tier
 
 GIB = float(1 << 30)  # for messages
 
 
-class InfeasiblePlanError(ValueError):
+class InfeasiblePlanError(UserError):
     """No policy fits the hardware profile's capacities."""
 
     def __init__(self, message: str, *, tier: Tier | None = None, capacity_bytes: int | None = None,

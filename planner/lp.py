@@ -15,7 +15,7 @@ max_rounds rounds reserves a whole item per class on the CPU and disk tiers, whi
     >>> from flexgen_graph.catalog import catalog_spec
     >>> from flexgen_graph.ir import Block, Workload
     >>> from flexgen_graph.lower import lower
-    >>> from planner.hardware import load_profile
+    >>> from flexgen_graph.hardware import load_profile
     >>> g = lower(catalog_spec("facebook/opt-125m"), Workload(32, 8), Block(4, 2))
     >>> r = solve_block(g, load_profile("t4-flexgen"))
     >>> r.status, r.policy.weights.gpu_frac
@@ -32,16 +32,17 @@ from typing import Mapping
 import networkx as nx
 import pulp
 
+from flexgen_graph.errors import UserError
 from flexgen_graph.ir import TIERS, Tier
 from flexgen_graph.spec import ModelSpec
 from planner.cost import CLASSES, DELEGATED, FLAG_NAMES, FRAC_VARS, STREAMS, TERMS, Flags, Linear, PhaseCosts, \
     Predictions, evaluate, frac_var, phase_costs
 from planner.errors import Fault, InfeasiblePlanError
 from planner.figures import BlockFigures, figures_of
-from planner.hardware import HardwareProfile
+from flexgen_graph.hardware import HardwareProfile
 from planner.memory import GROUP_SIZE, Compression, cache_slots_for_cpu_attention, compression_of, layer_transients, \
     needs_compression, peaks_of
-from planner.policy import Placement, Policy
+from flexgen_graph.policy import Placement, Policy
 from planner.schedule import NUM_SLOTS
 
 __all__ = ["Fault", "InfeasiblePlanError", "LpResult", "MemoryFigures", "diagnose", "memory_figures",
@@ -145,19 +146,19 @@ def parse_fixed(fixed: FixedSpec | None) -> tuple[dict[str, float], dict[str, Pl
         elif key in FRAC_VARS:
             x = float(v)
             if not 0.0 <= x <= 1.0:
-                raise ValueError(f"fixed[{key!r}] must be in [0, 1], got {x}")
+                raise UserError(f"fixed[{key!r}] must be in [0, 1], got {x}")
             fracs[key] = x
         elif key in FLAG_NAMES:
             if not isinstance(v, bool):
                 raise TypeError(f"fixed[{key!r}] must be a bool, got {type(v).__name__}")
             flags[key] = v
         else:
-            raise ValueError(f"unknown fixed key {key!r}: expected one of {CLASSES}, {FRAC_VARS} or {FLAG_NAMES}")
+            raise UserError(f"unknown fixed key {key!r}: expected one of {CLASSES}, {FRAC_VARS} or {FLAG_NAMES}")
     for c in CLASSES:
         if c not in placements and all(frac_var(c, t) in fracs for t in TIERS):
             placements[c] = Placement(*(fracs[frac_var(c, t)] for t in TIERS))
         if c not in placements and sum(fracs.get(frac_var(c, t), 0.0) for t in TIERS) > 1.0 + 1e-9:
-            raise ValueError(f"fixed {c} fractions sum to more than 1")
+            raise UserError(f"fixed {c} fractions sum to more than 1")
     return fracs, placements, flags
 
 

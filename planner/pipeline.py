@@ -16,8 +16,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+from flexgen_graph.errors import UserError
 from planner.cost import Predictions, sig
-from planner.hardware import HardwareProfile
+from flexgen_graph.hardware import HardwareProfile
 
 
 def split_layers(times: Sequence[float], stages: int, decoder: Sequence[bool],
@@ -27,7 +28,7 @@ def split_layers(times: Sequence[float], stages: int, decoder: Sequence[bool],
     minimize the largest sum of `times` over a range (the earliest split among equals)."""
     n = len(times)
     if not 1 <= stages <= sum(decoder):
-        raise ValueError(f"{stages} stages for a model of {sum(decoder)} decoder layers: each stage needs one")
+        raise UserError(f"{stages} stages for a model of {sum(decoder)} decoder layers: each stage needs one")
     prefix = [0.0]
     for t in times:
         prefix.append(prefix[-1] + t)
@@ -52,7 +53,7 @@ def split_layers(times: Sequence[float], stages: int, decoder: Sequence[bool],
                     best[s][i], cut[s][i] = v, j
     if best[stages][n] == inf:
         gib = 1 << 30
-        raise ValueError(f"the weights ({wsum[n] / gib:.1f} GiB) do not split into {stages} stages of at most "
+        raise UserError(f"the weights ({wsum[n] / gib:.1f} GiB) do not split into {stages} stages of at most "
                          f"{capacity / gib:.2f} GiB each (a stage keeps its weights on its GPU): use at least "
                          f"{-(-wsum[n] // capacity)} stages, or a single-process plan, which streams the weights")
     out, i = [], n
@@ -100,7 +101,7 @@ def stage_share(profile: HardwareProfile, stages_per_machine: int) -> HardwarePr
     its share of host memory, disk and host compute. Without a GPU the "GPU" tier and the "GPU" compute
     are the host's too, so they are shared as well."""
     if stages_per_machine < 1:
-        raise ValueError(f"stages per machine must be >= 1, got {stages_per_machine}")
+        raise UserError(f"stages per machine must be >= 1, got {stages_per_machine}")
     if stages_per_machine == 1:
         return profile
     n = stages_per_machine

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import networkx as nx
 
 from flexgen_graph.ir import LayerKind, NodeKey, NodeKind, Phase, Tier
-from planner.policy import Policy, assign_tiers
-from planner.program import Buffer, BufferRole, Op, OpKind, Programs
+from flexgen_graph.policy import Policy, assign_tiers
+from flexgen_graph.program import Buffer, BufferRole, Op, OpKind, Programs
 
 NUM_SLOTS = 2  # double buffering
 

@@ -13,7 +13,7 @@ dimensions as one the LP proved infeasible (with the same flags), are never solv
     >>> from flexgen_graph.catalog import catalog_spec
     >>> from flexgen_graph.ir import Workload
     >>> from flexgen_graph.lower import lower
-    >>> from planner.hardware import load_profile
+    >>> from flexgen_graph.hardware import load_profile
     >>> wl = Workload(64, 32)
     >>> r = search(partial(lower, catalog_spec("HuggingFaceTB/SmolLM2-135M-Instruct"), wl),
     ...            load_profile("cpu-small"), wl)
@@ -35,10 +35,10 @@ from planner.cost import CLASSES, FLAG_NAMES, STREAMS, TERMS, Flags, PhaseCosts,
     phase_costs, sig
 from planner.errors import Fault, InfeasiblePlanError
 from planner.figures import BlockFigures, FigureModel
-from planner.hardware import HardwareProfile
+from flexgen_graph.hardware import HardwareProfile
 from planner.lp import FixedSpec, LpResult, MemoryFigures, diagnose, memory_figures, parse_fixed, solve_figures
 from planner.memory import GROUP_SIZE, compression_of, workspace_bytes
-from planner.policy import Policy
+from flexgen_graph.policy import Policy
 
 __all__ = ["DEFAULT_FLAGS", "GPU_BATCH_SIZES", "NUM_GPU_BATCHES", "InfeasiblePlanError", "Predictions",
            "SearchResult", "search"]

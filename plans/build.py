@@ -19,12 +19,12 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(HERE.parent))
 
-from flexgen_graph.api import compile_pipeline, compile_plan  # noqa: E402
+from flexgen_graph.app.api import compile_pipeline, compile_plan  # noqa: E402
 from flexgen_graph.catalog import catalog_spec  # noqa: E402
 from flexgen_graph.ir import TIERS, Workload  # noqa: E402
-from planner import plan as planfile  # noqa: E402
+from flexgen_graph import planfile  # noqa: E402
 from planner.cost import Predictions  # noqa: E402
-from planner.hardware import load_profile  # noqa: E402
+from flexgen_graph.hardware import load_profile  # noqa: E402
 
 GIB = float(1 << 30)
 
@@ -100,7 +100,7 @@ Placements are fractions of each class's bytes on gpu / cpu / disk; tokens/s is 
 prediction for one block (prefill plus every decode step; a pipeline's rows, one per stage, show the
 whole pipeline's tokens/s and each stage's own peaks and binding term); "binding" names what limits it
 (compute, a link, or the capacity that pushes traffic onto the link). Inspect one with
-`flexgen-graph inspect plans/FILE` (or `flexgen_graph.inspect.describe_text`).
+`flexgen-graph inspect plans/FILE` (or `flexgen_graph.app.inspect.describe_text`).
 
 """
 

@@ -18,11 +18,12 @@ from typing import Callable
 
 import torch
 
+from flexgen_graph.errors import UserError
 from flexgen_graph.ir import TIERS, Tier
-from planner.program import Stream
+from flexgen_graph.program import Stream
 
 
-class OutOfBudgetError(MemoryError):
+class OutOfBudgetError(UserError, MemoryError):
     """An allocation would exceed the plan's capacity for a tier."""
 
 

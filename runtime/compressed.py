@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from flexgen_graph.errors import UserError
 from flexgen_graph.spec import ALIGN_BYTES, ModelSpec, quant_dim
 from runtime.backend import read_file_into
 from runtime.kernels import TORCH_DTYPES, layer_views
@@ -117,20 +118,20 @@ class CompressedLayers:
     def read_layer_into(self, layer: int, buf: torch.Tensor, drop_page_cache: bool = False) -> None:
         need = qlayer_bytes(self.spec, layer, self.cfg)
         if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.device.type != "cpu" or buf.numel() < need:
-            raise ValueError(f"layer {layer}: buffer must be a flat uint8 CPU tensor of at least {need} bytes "
+            raise UserError(f"layer {layer}: buffer must be a flat uint8 CPU tensor of at least {need} bytes "
                              f"(compressed), got {buf.dtype} {tuple(buf.shape)} on {buf.device}")
         path = self.file(layer)
         fd = os.open(path, os.O_RDONLY)
         if (size := os.fstat(fd).st_size) != need:
             os.close(fd)
-            raise ValueError(f"{path}: {size} bytes, expected {need}; delete {self.path} to rebuild the compressed copy")
+            raise UserError(f"{path}: {size} bytes, expected {need}; delete {self.path} to rebuild the compressed copy")
         read_file_into(fd, buf[:need], str(path), drop_page_cache=drop_page_cache)
 
     def check(self) -> None:
         for j in range(self.spec.num_graph_layers):
             size = self.file(j).stat().st_size if self.file(j).is_file() else None
             if size != qlayer_bytes(self.spec, j, self.cfg):
-                raise ValueError(f"{self.file(j)}: {'missing' if size is None else f'{size} bytes'}, expected "
+                raise UserError(f"{self.file(j)}: {'missing' if size is None else f'{size} bytes'}, expected "
                                  f"{qlayer_bytes(self.spec, j, self.cfg)}; delete {self.path} to rebuild it")
 
 

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from flexgen_graph.ir import Tier
-from planner.program import Stream
+from flexgen_graph.program import Stream
 from runtime.backend import Buf, CpuBackend, DiskBuf, HostBuf, copy_range, read_disk, write_disk
 
 

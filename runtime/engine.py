@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+from flexgen_graph.errors import UserError
 from flexgen_graph.ir import TIERS, Tier
 from flexgen_graph.spec import ALIGN_BYTES
-from planner.plan import Plan, check_model
-from planner.program import COMPUTE_KINDS, BufferRole, Op, OpKind
+from flexgen_graph.planfile import Plan, check_model
+from flexgen_graph.program import COMPUTE_KINDS, BufferRole, Op, OpKind
 from runtime import kernels, preflight
 from runtime.compressed import CacheCodec, compressed_layers, decompress_layer, dense_cache_view
 from runtime.quant import QuantConfig
@@ -36,7 +37,7 @@ class Generation:
     finish_reason: str  # "stop" (EOS) or "length"
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(UserError):
     pass
 
 
@@ -51,7 +52,7 @@ class Engine:
         check_model(plan, store.spec)
         if (plan.stage is not None and plan.stage.count > 1) != (link is not None) or \
                 (link is not None and link.stage != plan.stage):
-            raise ValueError(f"plan stage {plan.stage} needs {'a' if plan.stage else 'no'} link to the other stages "
+            raise UserError(f"plan stage {plan.stage} needs {'a' if plan.stage else 'no'} link to the other stages "
                              f"(got {link.stage if link else None}): launch a pipeline plan with torchrun, one "
                              "process per stage")
         self.link = link
@@ -93,7 +94,7 @@ class Engine:
             elif device == "cpu":
                 self.backend = CpuBackend(budget, Path(offload_dir), overlap=overlap)
             else:
-                raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+                raise UserError(f"device must be auto, cpu or cuda, got {device!r}")
             self.device = self.backend.device
             self.bufs: dict[int, Buf | None] = {}
             self._view_memo: dict[tuple, dict[str, torch.Tensor]] = {}  # (buffer, layer) -> typed weight views
@@ -125,7 +126,7 @@ class Engine:
             what = f"{b.role.value}-L{b.layer}-B{b.batch}-S{b.slot}"
             want = self._expected_nbytes(b)
             if want is not None and want != b.nbytes:
-                raise ValueError(f"plan buffer {what} has {b.nbytes} bytes, the runtime needs {want} "
+                raise UserError(f"plan buffer {what} has {b.nbytes} bytes, the runtime needs {want} "
                                  f"(compression: weights {self.plan.policy.compress_weights}, cache "
                                  f"{self.plan.policy.compress_cache}); recompile the plan")
             if b.role is BufferRole.WEIGHT_HOME and b.tier is Tier.DISK:
@@ -362,13 +363,13 @@ class Engine:
         `sampling` gives a temperature for a prompt."""
         n = len(prompts)
         if not 0 < n <= self.b * self.nb:
-            raise ValueError(f"a block holds 1..{self.b * self.nb} prompts, got {n}")
+            raise UserError(f"a block holds 1..{self.b * self.nb} prompts, got {n}")
         limits = list(max_new_tokens or [self.gen_len] * n)
         for i, (p, m) in enumerate(zip(prompts, limits)):
             if not 0 < len(p) <= self.prompt_len:
                 raise PromptTooLongError(f"prompt {i} has {len(p)} tokens; this plan takes 1..{self.prompt_len}")
             if not 0 < m <= self.gen_len:
-                raise ValueError(f"prompt {i}: max_new_tokens {m} outside 1..{self.gen_len} (the plan's gen_len)")
+                raise UserError(f"prompt {i}: max_new_tokens {m} outside 1..{self.gen_len} (the plan's gen_len)")
         filler = [prompts[0][-1:]] * (self.b * self.nb - n)  # pad the block; results discarded
         seqs = list(prompts) + filler
         self._sampling = list(sampling or [GREEDY] * n) + [GREEDY] * len(filler)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flexgen_graph.errors import UserError
 from flexgen_graph.spec import ModelSpec
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -30,10 +31,10 @@ def layer_views(spec: ModelSpec, layer: int, buf: torch.Tensor) -> dict[str, tor
     """Typed views, one per local tensor name, into a flat uint8 layer buffer (no copies)."""
     need = spec.layer_bytes(layer)
     if buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous():
-        raise ValueError(f"layer {layer}: buffer must be a flat contiguous uint8 tensor, "
+        raise UserError(f"layer {layer}: buffer must be a flat contiguous uint8 tensor, "
                          f"got {buf.dtype} of shape {tuple(buf.shape)}")
     if buf.numel() < need:
-        raise ValueError(f"layer {layer}: buffer holds {buf.numel()} bytes, the layer needs {need}")
+        raise UserError(f"layer {layer}: buffer holds {buf.numel()} bytes, the layer needs {need}")
     dtype = TORCH_DTYPES[spec.dtype]
     return {s.name: buf[s.offset:s.offset + s.nbytes].view(dtype).view(s.shape)
             for s in spec.layer_layout(layer)}

@@ -10,13 +10,14 @@ import os
 import tempfile
 from pathlib import Path
 
-from planner.plan import Plan
-from planner.program import BufferRole
+from flexgen_graph.errors import UserError
+from flexgen_graph.planfile import Plan
+from flexgen_graph.program import BufferRole
 
 HINT = "run `flexgen-graph profile` on this machine and recompile the plan, or free the resource"
 
 
-class PreflightError(ValueError):
+class PreflightError(UserError):
     pass
 
 

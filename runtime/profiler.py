@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from planner.hardware import HardwareProfile
+from flexgen_graph.hardware import HardwareProfile
 
 DISK_TEST_BYTES = 256 << 20
 

@@ -39,12 +39,14 @@ from dataclasses import dataclass
 
 import torch
 
+from flexgen_graph.errors import UserError
+
 SUPPORTED_BITS = (4, 8)
 STAT_DTYPE = torch.float16  # per-group scale and minimum
 STAT_BYTES = 2
 
 
-class QuantError(ValueError):
+class QuantError(UserError):
     """A quantization config, shape or buffer a caller supplied does not fit."""
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from flexgen_graph.errors import UserError
 from flexgen_graph.ir import LayerKind
 from flexgen_graph.spec import ModelSpec, TensorSlot, is_linear, spec_from_config
 from runtime.backend import read_file_into
@@ -43,7 +44,7 @@ TOKENIZER_FILES = (
 )
 
 
-class WeightStoreError(ValueError):
+class WeightStoreError(UserError):
     """A store, checkpoint or buffer a user supplied is not what it must be."""
 
 

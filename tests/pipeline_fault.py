@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 
-from flexgen_graph.cli import main
+from flexgen_graph.app.cli import main
 from runtime.engine import Engine
 
 if os.environ["RANK"] == os.environ["DIE_RANK"]:

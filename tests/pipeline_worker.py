@@ -13,7 +13,7 @@ import sys
 
 import torch.distributed as dist
 
-from planner import plan as planfile
+from flexgen_graph import planfile
 from runtime.engine import Engine
 from runtime.stage_link import StageLink
 from runtime.weight_store import WeightStore

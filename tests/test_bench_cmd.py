@@ -5,12 +5,12 @@ import re
 
 import pytest
 
-from flexgen_graph import bench_cmd
+from flexgen_graph.app import bench_cmd
 
 
 def bench_main(argv: list[str]) -> int:
     """`flexgen-graph bench ...` through the CLI's own entry point."""
-    from flexgen_graph.cli import main
+    from flexgen_graph.app.cli import main
 
     try:
         return main(["bench", *argv])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from flexgen_graph.cli import main
+from flexgen_graph.app.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@ import pytest
 import torch
 import transformers.cache_utils as cache_utils
 
-from flexgen_graph.api import compile_plan
+from flexgen_graph.app.api import compile_plan
 from flexgen_graph.catalog import catalog_spec
 from flexgen_graph.ir import Workload
 from flexgen_graph.spec import quant_dim
-from planner.hardware import load_profile
+from flexgen_graph.hardware import load_profile
 from planner.memory import compression_of
-from planner.program import BufferRole
+from flexgen_graph.program import BufferRole
 from runtime.compressed import CacheCodec, compress_layer, compressed_layers, decompress_layer, qlayer_bytes
 from runtime.engine import Engine
 from runtime.kernels import layer_views
@@ -205,7 +205,7 @@ def test_auto_compresses_where_it_pays_and_not_where_it_does_not():
 def test_cli_compile_inspect_run_compressed(tmp_path, capsys):
     import json
 
-    from flexgen_graph.cli import main
+    from flexgen_graph.app.cli import main
 
     model = tiny_model("llama")
     model.save_pretrained(tmp_path / "ckpt")

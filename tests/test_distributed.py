@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexgen_graph.cli import main
-from flexgen_graph.distributed import Rank, merge, pick_device, shard_folder, shard_of, shard_path, usable_cores
-from flexgen_graph.jobs import id_key, line_key, parse_line, record_key
+from flexgen_graph.app.cli import main
+from flexgen_graph.app.distributed import Rank, merge, pick_device, shard_folder, shard_of, shard_path, usable_cores
+from flexgen_graph.app.jobs import id_key, line_key, parse_line, record_key
 from test_cli import checkpoint  # noqa: F401  (a tiny Llama checkpoint folder, imported into the cache on first run)
 from test_jobs import write_lines
 
@@ -157,7 +157,7 @@ def test_shards_of_another_world_size_are_refused_with_what_to_do(tmp_path, monk
 
 
 def test_each_rank_takes_its_share_of_the_cores_or_names_the_missing_gpu(job):
-    from planner import plan as planfile
+    from flexgen_graph import planfile
 
     plan = planfile.load_set(job[0])[0]  # a cpu-small plan
     threads = torch.get_num_threads()

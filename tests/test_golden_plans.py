@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from planner import plan as planfile
+from flexgen_graph import planfile
 from planner.verify import simulate_plan
 
 PLANS = Path(__file__).resolve().parents[1] / "plans"

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from flexgen_graph.api import compile_plan
+from flexgen_graph.app.api import compile_plan
 from flexgen_graph.catalog import catalog_spec
-from flexgen_graph.inspect import describe, describe_text, plot, step_timeline
+from flexgen_graph.app.inspect import describe, describe_text, plot, step_timeline
 from flexgen_graph.ir import Phase, Workload
-from planner.hardware import load_profile
-from planner.policy import Placement
+from flexgen_graph.hardware import load_profile
+from flexgen_graph.policy import Placement
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_plot_without_matplotlib_says_so(plan, tmp_path, monkeypatch):
 
 
 def test_planner_and_inspect_never_import_torch():
-    code = ("import sys, planner.search, planner.verify, planner.plan, flexgen_graph.api, flexgen_graph.inspect; "
+    code = ("import sys, planner.search, planner.verify, flexgen_graph.planfile, flexgen_graph.app.api, flexgen_graph.app.inspect; "
             "print('torch' in sys.modules, 'matplotlib' in sys.modules)")
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)

@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from flexgen_graph.api import compile_plan
+from flexgen_graph.app.api import compile_plan
 from flexgen_graph.ir import Workload
-from planner.hardware import load_profile
-from planner.policy import Placement
+from flexgen_graph.hardware import load_profile
+from flexgen_graph.policy import Placement
 from runtime.engine import Engine
 from runtime.weight_store import import_hf_folder
 
@@ -116,7 +116,7 @@ def test_stops_at_eos_like_transformers(tmp_path):
 
 
 def test_plan_with_another_models_weights_is_refused(model_and_store, tmp_path):
-    from planner.plan import PlanMismatchError
+    from flexgen_graph.planfile import PlanMismatchError
 
     _, store = model_and_store
     other = tiny_model("llama" if store.spec.family == "opt" else "opt")

@@ -14,15 +14,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexgen_graph.api import compile_pipeline, layer_times
+from flexgen_graph.app.api import compile_pipeline, layer_times
 from flexgen_graph.catalog import catalog_spec
-from flexgen_graph.cli import main
+from flexgen_graph.app.cli import main
 from flexgen_graph.ir import TIERS, Block, Stage, Tier, Workload
 from planner import pipeline
-from planner import plan as planfile
-from planner.hardware import load_profile
-from planner.policy import Placement
-from planner.program import OpKind
+from flexgen_graph import planfile
+from flexgen_graph.hardware import load_profile
+from flexgen_graph.policy import Placement
+from flexgen_graph.program import OpKind
 from planner.verify import simulate_plan
 from runtime.weight_store import import_hf_folder
 from test_cli import checkpoint  # noqa: F401  (a tiny Llama checkpoint folder)

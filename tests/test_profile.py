@@ -3,9 +3,9 @@
 import dataclasses
 import json
 
-from flexgen_graph.cli import main
-from planner import plan as planfile
-from planner.hardware import HardwareProfile, load_profile, save_profile
+from flexgen_graph.app.cli import main
+from flexgen_graph import planfile
+from flexgen_graph.hardware import HardwareProfile, load_profile, save_profile
 from runtime.profiler import measure
 
 
@@ -38,7 +38,7 @@ def test_compile_uses_the_profile_files_figures(tmp_path, capsys):
 
 
 def test_auto_remeasures_a_cached_profile_from_another_version(tmp_path, monkeypatch, capsys):
-    from flexgen_graph import cli
+    from flexgen_graph.app import cli
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     old = load_profile("cpu-small").to_dict()

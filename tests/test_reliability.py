@@ -14,16 +14,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flexgen_graph.api import compile_plan
+from flexgen_graph.app.api import compile_plan
 from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec
-from flexgen_graph.cli import main
+from flexgen_graph.app.cli import main
 from flexgen_graph.ir import Workload
-from flexgen_graph.jobs import OutputFile, run_job
-from flexgen_graph.models import store_dir
-from planner import plan as planfile
-from planner.hardware import load_profile
-from planner.plan import BadPlanFileError
-from planner.policy import Placement
+from flexgen_graph.app.jobs import OutputFile, run_job
+from flexgen_graph.app.models import store_dir
+from flexgen_graph import planfile
+from flexgen_graph.hardware import load_profile
+from flexgen_graph.planfile import BadPlanFileError
+from flexgen_graph.policy import Placement
 from planner.verify import verify
 from runtime import preflight
 from runtime.engine import Engine

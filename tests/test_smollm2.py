@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from flexgen_graph.api import compile_plan
+from flexgen_graph.app.api import compile_plan
 from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec
 from flexgen_graph.ir import Workload
-from flexgen_graph.jobs import load_tokenizer
-from planner.hardware import load_profile
-from planner.policy import Placement as P
+from flexgen_graph.app.jobs import load_tokenizer
+from flexgen_graph.hardware import load_profile
+from flexgen_graph.policy import Placement as P
 from runtime.engine import Engine
 
 pytestmark = pytest.mark.real_model

@@ -12,16 +12,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flexgen_graph.api import compile_plan
+from flexgen_graph.app.api import compile_plan
 from flexgen_graph.catalog import catalog_spec
 from flexgen_graph.ir import TIERS, Block, Phase, Tier, Workload
 from flexgen_graph.lower import lower
 from planner.errors import InfeasiblePlanError
-from planner.hardware import load_profile
+from flexgen_graph.hardware import load_profile
 from planner.lp import memory_figures
 from planner.memory import buffer_bytes, compression_of, peak_bytes, sized_buffers
-from planner.policy import Placement, Policy
-from planner.program import BufferRole, OpKind, Programs
+from flexgen_graph.policy import Placement, Policy
+from flexgen_graph.program import BufferRole, OpKind, Programs
 from planner.schedule import emit_programs, graph_shape
 from planner.search import search
 from planner.verify import PlanHazardError, hazards, op_transients, simulate, simulate_plan, verify

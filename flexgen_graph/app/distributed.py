@@ -38,7 +38,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from flexgen_graph.jobs import JobSummary, OutputFile, done_keys, record_key
+from flexgen_graph.app.jobs import JobSummary, OutputFile, done_keys, record_key
+from flexgen_graph.errors import UserError
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # The final barrier waits for the slowest shard, which on a long job can finish hours after the
@@ -48,11 +49,11 @@ SHARD_NAME = re.compile(r"rank-(\d+)-of-(\d+)\.jsonl")
 MERGE_BATCH = 4096  # records appended per fsync while merging
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError):
     """The process was not launched the way a distributed run needs (torchrun's variables)."""
 
 
-class ShardMismatchError(ValueError):
+class ShardMismatchError(UserError):
     """Shards on disk that this launch cannot resume (another world size)."""
 
 
@@ -132,10 +133,10 @@ class Shard:
     def for_output(cls, output: str | None, rank: Rank) -> "Shard":
         """Checks --output and leftover shards before the rendezvous, so a bad launch fails at once."""
         if not output:
-            raise ValueError("a distributed run writes one shard per rank and merges them: pass --output FILE")
+            raise UserError("a distributed run writes one shard per rank and merges them: pass --output FILE")
         path = Path(output)
         if not path.parent.is_dir():
-            raise ValueError(f"--output {path}: folder {path.parent} does not exist")
+            raise UserError(f"--output {path}: folder {path.parent} does not exist")
         check_resumable(path, rank.world_size)
         return cls(path, rank)
 
@@ -167,7 +168,7 @@ class Shard:
                        if not shard_path(self.output, r, self.rank.world_size).exists()]
         missing = gather(missing)[0]
         if missing:
-            raise ValueError(f"rank 0 ({socket.gethostname()}) does not see the shards of rank(s) {missing} under "
+            raise UserError(f"rank 0 ({socket.gethostname()}) does not see the shards of rank(s) {missing} under "
                              f"{shard_folder(self.output)}: with several machines, --output must be on a folder "
                              "they all share")
 
@@ -282,7 +283,7 @@ def merge(output: Path, world_size: int) -> Merged:
             with open(path, encoding="utf-8") as f:
                 for n, line in enumerate(f, 1):
                     if not line.endswith("\n"):
-                        raise ValueError(f"{path} line {n} is cut short although rank {r} finished: the shard "
+                        raise UserError(f"{path} line {n} is cut short although rank {r} finished: the shard "
                                          "was changed by something else; delete it and re-launch to regenerate it")
                     key = record_key(json.loads(line))
                     if key in out.done:
@@ -331,14 +332,14 @@ class Pipeline:
                               f"launched: launch {stages} in all, or compile the plan with --stages {rank.world_size}")
         path = Path(output) if output else None
         if path is not None and not path.parent.is_dir():
-            raise ValueError(f"--output {path}: folder {path.parent} does not exist")
+            raise UserError(f"--output {path}: folder {path.parent} does not exist")
         return cls(rank, path)
 
     def same_plans(self, plans: list | None) -> list:
         """Stage 0's plans (given, or compiled by stage 0 alone) on every stage: two loads of one file on two
         machines, or two compiles (a profile measured on the spot: free disk space moves) could differ, and
         stages of two plans must never meet."""
-        from planner import plan as planfile
+        from flexgen_graph import planfile
 
         data = gather(planfile.dumps_set(plans) if self.rank.rank == 0 else None)[0]
         return planfile.loads_set(data, "stage 0's plan")

@@ -16,11 +16,14 @@ from typing import Any
 
 import msgpack
 
+from flexgen_graph.errors import UserError
+from flexgen_graph.hazards import PlanHazardError, verify
 from flexgen_graph.ir import Stage, Workload
+from flexgen_graph.lower import check_stage
 from flexgen_graph.spec import ModelSpec
-from planner.hardware import BadProfileError, HardwareProfile
-from planner.policy import Policy
-from planner.program import Buffer, Op, Programs
+from flexgen_graph.hardware import BadProfileError, HardwareProfile
+from flexgen_graph.policy import Policy
+from flexgen_graph.program import Buffer, Op, Programs
 
 PLAN_FORMAT = "flexgen-graph-plan"
 PLANSET_FORMAT = "flexgen-graph-planset"  # several plans of one model and profile, one per prompt length
@@ -28,11 +31,11 @@ PLAN_VERSION = 3  # 2: policy.group_size; compressed buffers at their compressed
 MAX_PLAN_BYTES = 256 << 20
 
 
-class BadPlanFileError(ValueError):
+class BadPlanFileError(UserError):
     """The file is not a plan this version can read (truncated, corrupt, wrong format or version)."""
 
 
-class PlanMismatchError(ValueError):
+class PlanMismatchError(UserError):
     """The plan was compiled for another model, profile or workload than the one at hand."""
 
 
@@ -155,10 +158,6 @@ def _check_predictions(pred: dict) -> None:
 def _check_programs(plan: Plan, name: str) -> None:
     """A decoded plan must also make sense: layers and batches in range, buffers and events that
     exist, no hazards (the verifier), so nothing is allocated for a plan that cannot run."""
-    from planner.verify import PlanHazardError, verify
-
-    from flexgen_graph.lower import check_stage
-
     layers, nb = plan.layers, plan.policy.num_gpu_batches
     if plan.stage is not None:
         try:

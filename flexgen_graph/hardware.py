@@ -12,11 +12,13 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from flexgen_graph.errors import UserError
+
 GB = 1 << 30
 TFLOP = 10**12
 
 
-class BadProfileError(ValueError):
+class BadProfileError(UserError):
     """A profile name or file the planner cannot use."""
 
 

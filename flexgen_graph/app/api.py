@@ -1,9 +1,9 @@
 """Public API: compile a plan from a model spec, a hardware profile and a workload.
 
-    >>> from flexgen_graph.api import compile_plan
+    >>> from flexgen_graph.app.api import compile_plan
     >>> from flexgen_graph.catalog import catalog_spec
     >>> from flexgen_graph.ir import Workload
-    >>> from planner.hardware import load_profile
+    >>> from flexgen_graph.hardware import load_profile
     >>> plan = compile_plan(catalog_spec("facebook/opt-1.3b"), load_profile("t4-flexgen"), Workload(128, 32))
     >>> plan.policy.weights.gpu_frac
     1.0
@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 
+from flexgen_graph.errors import UserError
 from flexgen_graph.ir import Block, LayerKind, Stage, Tier, Workload
 from flexgen_graph.lower import lower
 from flexgen_graph.spec import ModelSpec
 from planner import pipeline
 from planner.cost import phase_costs, policy_fracs
 from planner.errors import InfeasiblePlanError
-from planner.hardware import HardwareProfile
+from flexgen_graph.hardware import HardwareProfile
 from planner.memory import GROUP_SIZE, policy_compression, sized_buffers
-from planner.plan import Plan
-from planner.policy import Placement, Policy
+from flexgen_graph.planfile import Plan
+from flexgen_graph.policy import Placement, Policy
 from planner.schedule import emit_programs, graph_shape
 from planner.search import DEFAULT_FLAGS, GPU_BATCH_SIZES, NUM_GPU_BATCHES, SearchResult, search
 
@@ -66,17 +67,17 @@ def _programs(spec: ModelSpec, workload: Workload, pol: Policy, stage: Stage | N
 
 def check_workload(spec: ModelSpec, workload: Workload) -> None:
     if workload.max_seq_len > spec.max_positions:
-        raise ValueError(f"prompt_len + gen_len = {workload.max_seq_len} exceeds {spec.name}'s "
+        raise UserError(f"prompt_len + gen_len = {workload.max_seq_len} exceeds {spec.name}'s "
                          f"max_position_embeddings {spec.max_positions}")
     if spec.sliding_window is not None and workload.max_seq_len > spec.sliding_window:
-        raise ValueError(f"prompt_len + gen_len = {workload.max_seq_len} exceeds {spec.name}'s sliding window "
+        raise UserError(f"prompt_len + gen_len = {workload.max_seq_len} exceeds {spec.name}'s sliding window "
                          f"{spec.sliding_window}, which the runtime does not implement")
 
 
 def _search_flags(fixed: dict | None, cpu_attention: bool | None, compress: str) -> tuple[dict, tuple[str, ...]]:
     """The search's fixed classes and flags, and the flags it may choose, from the user's options."""
     if compress not in COMPRESS_MODES:
-        raise ValueError(f"compress must be one of {', '.join(COMPRESS_MODES)}, got {compress!r}")
+        raise UserError(f"compress must be one of {', '.join(COMPRESS_MODES)}, got {compress!r}")
     fixed = dict(fixed or {})
     if cpu_attention is not None:
         fixed["cpu_attention"] = cpu_attention
@@ -102,11 +103,11 @@ def compile_pipeline(spec: ModelSpec, profile: HardwareProfile, workload: Worklo
     of the blocks the stages pick alone for each number of gpu batches."""
     check_workload(spec, workload)
     if compress not in ("off", "cache"):
-        raise ValueError(f"--compress {compress} with pipeline stages: a stage's weights stay on its GPU and would "
+        raise UserError(f"--compress {compress} with pipeline stages: a stage's weights stay on its GPU and would "
                          "be dequantized again for every gpu batch; use --compress off or cache")
     fixed, allowed = _search_flags(fixed, cpu_attention, compress)
     if "weights" in fixed and fixed["weights"] != Placement.all_on(Tier.GPU):
-        raise ValueError("pipeline stages keep their weights on their GPUs: drop --weights-frac")
+        raise UserError("pipeline stages keep their weights on their GPUs: drop --weights-frac")
     fixed["weights"] = Placement.all_on(Tier.GPU)
     share = pipeline.stage_share(profile, stages if stages_per_machine is None else stages_per_machine)
     decoder = [spec.layer_kind(j) is LayerKind.DECODER for j in range(spec.num_graph_layers)]

@@ -24,6 +24,7 @@ from typing import Any, Callable, TextIO
 
 from tqdm import tqdm
 
+from flexgen_graph.errors import UserError
 from runtime.sampling import Sampling
 
 KNOWN_FIELDS = {"id", "prompt", "messages", "prompt_ids", "max_tokens", "temperature", "top_p", "seed"}
@@ -76,7 +77,7 @@ def _chat_ids(tokenizer, messages: list) -> list[int]:
 def _number(obj: dict, name: str, kind: type, default):
     v = obj.get(name, default)
     if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
-        raise ValueError(f"{name} must be a{'n integer' if kind is int else ' number'}, got {v!r}")
+        raise UserError(f"{name} must be a{'n integer' if kind is int else ' number'}, got {v!r}")
     return kind(v)
 
 
@@ -108,7 +109,7 @@ def parse_line(line: str, lineno: int, tokenizer, defaults: Sampling = Sampling(
     try:
         max_tokens = obj.get("max_tokens")
         if max_tokens is not None and _number(obj, "max_tokens", int, None) < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+            raise UserError(f"max_tokens must be >= 1, got {max_tokens}")
         sampling = Sampling(temperature=_number(obj, "temperature", float, defaults.temperature),
                             top_p=_number(obj, "top_p", float, defaults.top_p),
                             seed=_number(obj, "seed", int, default_seed(defaults.seed, rid)))

@@ -26,8 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from flexgen_graph import bench_cmd
+from flexgen_graph.app import bench_cmd
 from flexgen_graph.catalog import DEFAULT_MODEL
+from flexgen_graph.errors import UserError
 
 EXIT_USAGE = 2
 
@@ -147,14 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _profile(name: str | None, offload_dir: Path | None = None):
-    from planner.hardware import load_profile, save_profile
+    from flexgen_graph.hardware import load_profile, save_profile
 
     name = name or "local"
     if name == "auto":
         # measure once, then reuse: a profile is a property of the machine, not of the job
-        from flexgen_graph.models import default_cache_dir
+        from flexgen_graph.app.models import default_cache_dir
 
-        from planner.hardware import BadProfileError
+        from flexgen_graph.hardware import BadProfileError
 
         cached = default_cache_dir() / "profile.json"
         if cached.is_file():
@@ -170,7 +171,7 @@ def _profile(name: str | None, offload_dir: Path | None = None):
         return load_profile(str(cached))
     if name != "local":
         return load_profile(name)
-    from planner.hardware import BUILTIN_PROFILES
+    from flexgen_graph.hardware import BUILTIN_PROFILES
 
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     disk = shutil.disk_usage(offload_dir or Path.cwd()).free
@@ -182,7 +183,7 @@ def _profile(name: str | None, offload_dir: Path | None = None):
 
 
 def _fixed(args) -> dict | None:
-    from planner.policy import Placement
+    from flexgen_graph.policy import Placement
 
     fixed = {}
     for cls in ("weights", "cache", "hidden"):
@@ -199,7 +200,7 @@ def _dtype(args) -> str:
 
 
 def _compile(spec, args, workload, source: str, max_block_size: int | None = None):
-    from flexgen_graph.api import compile_plan
+    from flexgen_graph.app.api import compile_plan
 
     return compile_plan(spec, _profile(args.profile), workload, gpu_batch_size=args.gpu_batch_size,
                         num_gpu_batches=args.num_gpu_batches, fixed=_fixed(args), weights_source=source,
@@ -209,8 +210,8 @@ def _compile(spec, args, workload, source: str, max_block_size: int | None = Non
 
 def cmd_compile(args) -> int:
     from flexgen_graph.ir import Workload
-    from flexgen_graph.models import resolve_model, weights_source_for
-    from planner import plan as planfile
+    from flexgen_graph.app.models import resolve_model, weights_source_for
+    from flexgen_graph import planfile
 
     spec, source = resolve_model(args.model, _dtype(args))
     if args.weights:
@@ -234,9 +235,9 @@ def cmd_compile(args) -> int:
 
 def _check_stage_args(args) -> None:
     if args.stages < 1:
-        raise ValueError(f"--stages must be >= 1, got {args.stages}")
+        raise UserError(f"--stages must be >= 1, got {args.stages}")
     if args.stages == 1 and (args.stages_per_machine is not None or args.stage_link_gbps is not None):
-        raise ValueError("--stages-per-machine and --stage-link-gbps describe a pipeline: give --stages N (N >= 2)")
+        raise UserError("--stages-per-machine and --stage-link-gbps describe a pipeline: give --stages N (N >= 2)")
 
 
 def _compile_plans(spec, args, workload, source: str, max_block_size: int | None = None) -> list:
@@ -249,12 +250,12 @@ def _compile_plans(spec, args, workload, source: str, max_block_size: int | None
 def _compile_pipeline(spec, args, workload, source: str, max_block_size: int | None = None):
     import dataclasses
 
-    from flexgen_graph.api import compile_pipeline
+    from flexgen_graph.app.api import compile_pipeline
 
     profile = _profile(args.profile)
     if args.stage_link_gbps is not None:
         if not args.stage_link_gbps > 0:
-            raise ValueError(f"--stage-link-gbps must be positive, got {args.stage_link_gbps}")
+            raise UserError(f"--stage-link-gbps must be positive, got {args.stage_link_gbps}")
         profile = dataclasses.replace(profile, stage_link_bytes_per_s=args.stage_link_gbps * 1e9)
     return compile_pipeline(spec, profile, workload, args.stages, stages_per_machine=args.stages_per_machine,
                             gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches,
@@ -265,7 +266,7 @@ def _compile_pipeline(spec, args, workload, source: str, max_block_size: int | N
 
 def _check_plan_args(plans, args) -> None:
     """With --plan, compile options given on the command line must agree with the plan's."""
-    from planner.plan import PlanMismatchError
+    from flexgen_graph.planfile import PlanMismatchError
 
     if args.profile is not None:
         want = _profile(args.profile)
@@ -292,14 +293,14 @@ def _round_up(n: int, m: int) -> int:
 
 
 def cmd_run(args) -> int:
-    from flexgen_graph import distributed
+    from flexgen_graph.app import distributed
 
-    from planner import plan as planfile
+    from flexgen_graph import planfile
 
     rank = distributed.from_env(required=args.distributed)  # set under torchrun: one shard of a data-parallel run
     _check_stage_args(args)
     if args.plan and args.stages > 1:
-        raise ValueError("--stages compiles a pipeline plan; a given --plan already says its stages")
+        raise UserError("--stages compiles a pipeline plan; a given --plan already says its stages")
     given = planfile.load_set(args.plan) if args.plan else None  # a bad plan fails before any rendezvous
     stages = given[0].stage.count if given and given[0].stage else args.stages
     if stages > 1:  # a pipeline: process i runs stage i of every block
@@ -321,19 +322,19 @@ def cmd_run(args) -> int:
 
 def _run(args, plans=None, shard=None, pipeline=None) -> int:
     """plans: those of --plan, loaded by cmd_run (None: compile one for the job)."""
-    from flexgen_graph import distributed
+    from flexgen_graph.app import distributed
     from flexgen_graph.ir import Workload
-    from flexgen_graph.jobs import OutputFile, load_tokenizer, run_job, scan
-    from flexgen_graph.models import default_cache_dir, open_store, resolve_model, weights_source_for
+    from flexgen_graph.app.jobs import OutputFile, load_tokenizer, run_job, scan
+    from flexgen_graph.app.models import default_cache_dir, open_store, resolve_model, weights_source_for
     from runtime.engine import Engine
     from runtime.sampling import Sampling
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     if args.plan and args.model:
-        raise ValueError("give --plan or --model, not both (the plan names its model)")
+        raise UserError("give --plan or --model, not both (the plan names its model)")
     in_path = Path(args.input)
     if not in_path.is_file():
-        raise ValueError(f"--input {in_path}: no such file")
+        raise UserError(f"--input {in_path}: no such file")
     defaults = Sampling(args.temperature, args.top_p, args.seed)
     rank = shard.rank if shard else pipeline.rank if pipeline else None
     talk = rank is None or rank.rank == 0  # one copy of the setup lines, not one per rank
@@ -348,7 +349,7 @@ def _run(args, plans=None, shard=None, pipeline=None) -> int:
         if args.weights:
             source = weights_source_for(args.weights, source)
         if not source:
-            raise ValueError(f"the plan names no weights for {spec.name}: pass --weights")
+            raise UserError(f"the plan names no weights for {spec.name}: pass --weights")
         if talk:
             print(f"model {spec.name} ({spec.num_params() / 1e6:.0f}M parameters, {spec.dtype}), weights {source}",
                   file=sys.stderr)
@@ -435,7 +436,7 @@ def _run(args, plans=None, shard=None, pipeline=None) -> int:
 
 def _cached_plans(spec, args, workload, source: str, cache_dir: Path, max_block_size: int):
     """The plan for this job (a plan per stage with --stages), compiled once and cached."""
-    from planner import plan as planfile
+    from flexgen_graph import planfile
 
     profile = _profile(args.profile)
     key = json.dumps([planfile.PLAN_VERSION, spec.fingerprint(), profile.fingerprint(), workload.to_dict(), source,
@@ -454,7 +455,7 @@ def _cached_plans(spec, args, workload, source: str, cache_dir: Path, max_block_
 
 
 def cmd_profile(args) -> int:
-    from planner.hardware import save_profile
+    from flexgen_graph.hardware import save_profile
     from runtime.profiler import measure
 
     t = time.perf_counter()
@@ -470,8 +471,8 @@ def cmd_profile(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from flexgen_graph.inspect import describe, describe_text, plot
-    from planner import plan as planfile
+    from flexgen_graph.app.inspect import describe, describe_text, plot
+    from flexgen_graph import planfile
 
     plans = planfile.load_set(args.plan)
     if args.plot:
@@ -489,12 +490,10 @@ def cmd_inspect(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from flexgen_graph.errors import USER_ERRORS
-
     try:
         return {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect,
                 "profile": cmd_profile, "bench": bench_cmd.run}[args.cmd](args)
-    except USER_ERRORS as e:
+    except (UserError, OSError) as e:  # anything else is our bug: its traceback, exit 1
         print(f"flexgen-graph {args.cmd}: {e}", file=sys.stderr)
         return EXIT_USAGE
 

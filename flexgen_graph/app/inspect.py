@@ -2,10 +2,10 @@
 memory model and simulated by the verifier), and draw one decode step as a timeline of the
 streams with the memory of each tier over it.
 
-    >>> from flexgen_graph.api import compile_plan
+    >>> from flexgen_graph.app.api import compile_plan
     >>> from flexgen_graph.catalog import catalog_spec
     >>> from flexgen_graph.ir import Workload
-    >>> from planner.hardware import load_profile
+    >>> from flexgen_graph.hardware import load_profile
     >>> plan = compile_plan(catalog_spec("facebook/opt-125m"), load_profile("cpu-small"), Workload(16, 4))
     >>> info = describe(plan)                      # a JSON-able dict
     >>> info["binding_constraint"], info["hazards"]
@@ -28,8 +28,8 @@ from flexgen_graph.lower import TOKEN_BYTES, lower
 from planner.cost import Flags, Predictions, compute_parts, layer_figures
 from planner.figures import block_figures
 from planner.memory import buffer_bytes, policy_compression, staging_bytes
-from planner.plan import Plan
-from planner.program import OpKind
+from flexgen_graph.planfile import Plan
+from flexgen_graph.program import OpKind
 from planner.verify import op_transients, simulate
 
 GIB = float(1 << 30)

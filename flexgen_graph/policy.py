@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flexgen_graph.errors import UserError
 from flexgen_graph.ir import Tier
 
 FRAC_DIGITS = 6  # fractions are rounded so plans are byte-identical across solver runs
@@ -25,10 +26,10 @@ class Placement:
         for name in ("gpu_frac", "cpu_frac", "disk_frac"):
             v = getattr(self, name)
             if type(v) not in (int, float) or not (-FRAC_TOL <= v <= 1 + FRAC_TOL):
-                raise ValueError(f"{name} must be in [0, 1], got {v}")
+                raise UserError(f"{name} must be in [0, 1], got {v}")
         total = self.gpu_frac + self.cpu_frac + self.disk_frac
         if abs(total - 1.0) > 1e-4:
-            raise ValueError(f"placement fractions must sum to 1, got {self.gpu_frac}+{self.cpu_frac}+{self.disk_frac}")
+            raise UserError(f"placement fractions must sum to 1, got {self.gpu_frac}+{self.cpu_frac}+{self.disk_frac}")
 
     @classmethod
     def rounded(cls, gpu: float, cpu: float) -> "Placement":
@@ -60,7 +61,7 @@ class Policy:
     def __post_init__(self) -> None:
         if self.compress_bits not in (4, 8) or type(self.group_size) is not int or self.group_size < 1 \
                 or self.group_size * self.compress_bits % 8:
-            raise ValueError(f"policy compression of {self.compress_bits!r} bits in groups of {self.group_size!r}: "
+            raise UserError(f"policy compression of {self.compress_bits!r} bits in groups of {self.group_size!r}: "
                              "bits must be 4 or 8, the group a positive whole number of bytes")
 
     @property
@@ -86,13 +87,13 @@ class Policy:
         """Strict: plan files are untrusted."""
         for name in ("gpu_batch_size", "num_gpu_batches"):
             if type(d[name]) is not int or d[name] < 1:
-                raise ValueError(f"policy {name} must be a positive integer, got {d[name]!r}")
+                raise UserError(f"policy {name} must be a positive integer, got {d[name]!r}")
         for name in ("cpu_attention", "compress_weights", "compress_cache"):
             if not isinstance(d[name], bool):
-                raise ValueError(f"policy {name} must be true or false, got {d[name]!r}")
+                raise UserError(f"policy {name} must be true or false, got {d[name]!r}")
         for name in ("weights", "cache", "hidden"):
             if not isinstance(d[name], list) or len(d[name]) != 3:
-                raise ValueError(f"policy {name} must be three fractions, got {d[name]!r}")
+                raise UserError(f"policy {name} must be three fractions, got {d[name]!r}")
         return cls(
             gpu_batch_size=d["gpu_batch_size"], num_gpu_batches=d["num_gpu_batches"],
             weights=Placement(*d["weights"]), cache=Placement(*d["cache"]), hidden=Placement(*d["hidden"]),
