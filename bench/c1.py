@@ -40,9 +40,9 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from flexgen_graph.app.api import compile_plan  # noqa: E402
+from flexgen_graph.app.models import default_cache_dir, open_store  # noqa: E402
 from flexgen_graph.catalog import catalog_spec  # noqa: E402
 from flexgen_graph.ir import Workload  # noqa: E402
-from flexgen_graph.app.models import default_cache_dir, open_store  # noqa: E402
 from flexgen_graph.policy import Placement  # noqa: E402
 
 SYSTEMS = ("ours", "ours-cold", "transformers", "accelerate", "accelerate-cold")

@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from flexgen_graph.app.api import compile_plan  # noqa: E402
-from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec  # noqa: E402
 from flexgen_graph.app.cli import _profile  # noqa: E402
-from flexgen_graph.ir import Workload  # noqa: E402
 from flexgen_graph.app.jobs import load_tokenizer  # noqa: E402
 from flexgen_graph.app.models import default_cache_dir, open_store  # noqa: E402
+from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec  # noqa: E402
+from flexgen_graph.ir import Workload  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,9 +24,9 @@ if str(ROOT) not in sys.path:
 
 from flexgen_graph.app.api import compile_plan  # noqa: E402
 from flexgen_graph.catalog import catalog_spec  # noqa: E402
+from flexgen_graph.hardware import load_profile  # noqa: E402
 from flexgen_graph.ir import Workload  # noqa: E402
 from flexgen_graph.lower import lower  # noqa: E402
-from flexgen_graph.hardware import load_profile  # noqa: E402
 from planner.search import search  # noqa: E402
 
 

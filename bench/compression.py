@@ -25,15 +25,15 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.c2 import prompts_for  # noqa: E402  (the sample prompts, chat templated)
 from flexgen_graph.app.api import compile_plan  # noqa: E402
-from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec  # noqa: E402
 from flexgen_graph.app.cli import _profile  # noqa: E402
-from flexgen_graph.ir import Workload  # noqa: E402
 from flexgen_graph.app.jobs import load_tokenizer  # noqa: E402
 from flexgen_graph.app.models import default_cache_dir, open_store  # noqa: E402
+from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec  # noqa: E402
+from flexgen_graph.ir import Workload  # noqa: E402
 from flexgen_graph.policy import Placement  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
-from bench.c2 import prompts_for  # noqa: E402  (the sample prompts, chat templated)
 
 
 def prefix_agreement(a: list[list[int]], b: list[list[int]]) -> float:

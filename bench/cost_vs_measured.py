@@ -26,10 +26,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from flexgen_graph.app.api import compile_plan  # noqa: E402
-from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec  # noqa: E402
-from flexgen_graph.ir import TIERS, Workload  # noqa: E402
 from flexgen_graph.app.models import default_cache_dir, open_store  # noqa: E402
+from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec  # noqa: E402
 from flexgen_graph.hardware import load_profile  # noqa: E402
+from flexgen_graph.ir import TIERS, Workload  # noqa: E402
 from flexgen_graph.policy import Placement  # noqa: E402
 
 GPU, CPU, DISK = (Placement.all_on(t) for t in TIERS)

@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from flexgen_graph.app.api import compile_plan  # noqa: E402
-from flexgen_graph.catalog import catalog_spec  # noqa: E402
-from flexgen_graph.ir import Workload  # noqa: E402
 from flexgen_graph.app.models import open_store  # noqa: E402
+from flexgen_graph.catalog import catalog_spec  # noqa: E402
 from flexgen_graph.hardware import load_profile  # noqa: E402
+from flexgen_graph.ir import Workload  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
 
 

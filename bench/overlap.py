@@ -18,10 +18,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexgen_graph.app.api import compile_plan  # noqa: E402
-from flexgen_graph.catalog import catalog_spec  # noqa: E402
-from flexgen_graph.ir import Workload  # noqa: E402
 from flexgen_graph.app.models import default_cache_dir, open_store  # noqa: E402
+from flexgen_graph.catalog import catalog_spec  # noqa: E402
 from flexgen_graph.hardware import load_profile  # noqa: E402
+from flexgen_graph.ir import Workload  # noqa: E402
 from flexgen_graph.policy import Placement  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
 

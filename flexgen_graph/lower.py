@@ -23,7 +23,17 @@ from __future__ import annotations
 import networkx as nx
 
 from flexgen_graph.errors import UserError
-from flexgen_graph.ir import NODE_TENSOR, Block, LayerKind, Node, NodeKey, NodeKind, Phase, Stage, Workload
+from flexgen_graph.ir import (
+    NODE_TENSOR,
+    Block,
+    LayerKind,
+    Node,
+    NodeKey,
+    NodeKind,
+    Phase,
+    Stage,
+    Workload,
+)
 from flexgen_graph.spec import ModelSpec
 
 

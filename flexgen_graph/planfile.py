@@ -17,13 +17,13 @@ from typing import Any
 import msgpack
 
 from flexgen_graph.errors import UserError
+from flexgen_graph.hardware import BadProfileError, HardwareProfile
 from flexgen_graph.hazards import PlanHazardError, verify
 from flexgen_graph.ir import Stage, Workload
 from flexgen_graph.lower import check_stage
-from flexgen_graph.spec import ModelSpec
-from flexgen_graph.hardware import BadProfileError, HardwareProfile
 from flexgen_graph.policy import Policy
 from flexgen_graph.program import Buffer, Op, Programs
+from flexgen_graph.spec import ModelSpec
 
 PLAN_FORMAT = "flexgen-graph-plan"
 PLANSET_FORMAT = "flexgen-graph-planset"  # several plans of one model and profile, one per prompt length

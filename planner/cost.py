@@ -38,12 +38,12 @@ from typing import Mapping
 
 import networkx as nx
 
+from flexgen_graph.hardware import HardwareProfile
 from flexgen_graph.ir import TIERS, LayerKind, NodeKind, Phase, Tier
+from flexgen_graph.policy import Policy, assign_tiers
 from flexgen_graph.spec import ModelSpec
 from planner.figures import BlockFigures, LayerSums, figures_of
-from flexgen_graph.hardware import HardwareProfile
 from planner.memory import Compression, needs_compression, peaks_of, policy_compression
-from flexgen_graph.policy import Policy, assign_tiers
 
 CLASSES: tuple[str, ...] = ("weights", "cache", "hidden")  # Policy field names
 FLAG_NAMES: tuple[str, ...] = ("cpu_attention", "compress_weights", "compress_cache")  # Policy flag names

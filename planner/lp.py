@@ -33,16 +33,36 @@ import networkx as nx
 import pulp
 
 from flexgen_graph.errors import UserError
+from flexgen_graph.hardware import HardwareProfile
 from flexgen_graph.ir import TIERS, Tier
+from flexgen_graph.policy import Placement, Policy
 from flexgen_graph.spec import ModelSpec
-from planner.cost import CLASSES, DELEGATED, FLAG_NAMES, FRAC_VARS, STREAMS, TERMS, Flags, Linear, PhaseCosts, \
-    Predictions, evaluate, frac_var, phase_costs
+from planner.cost import (
+    CLASSES,
+    DELEGATED,
+    FLAG_NAMES,
+    FRAC_VARS,
+    STREAMS,
+    TERMS,
+    Flags,
+    Linear,
+    PhaseCosts,
+    Predictions,
+    evaluate,
+    frac_var,
+    phase_costs,
+)
 from planner.errors import Fault, InfeasiblePlanError
 from planner.figures import BlockFigures, figures_of
-from flexgen_graph.hardware import HardwareProfile
-from planner.memory import GROUP_SIZE, Compression, cache_slots_for_cpu_attention, compression_of, layer_transients, \
-    needs_compression, peaks_of
-from flexgen_graph.policy import Placement, Policy
+from planner.memory import (
+    GROUP_SIZE,
+    Compression,
+    cache_slots_for_cpu_attention,
+    compression_of,
+    layer_transients,
+    needs_compression,
+    peaks_of,
+)
 from planner.schedule import NUM_SLOTS
 
 __all__ = ["Fault", "InfeasiblePlanError", "LpResult", "MemoryFigures", "diagnose", "memory_figures",

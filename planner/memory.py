@@ -24,12 +24,12 @@ from math import prod
 
 import networkx as nx
 
-from flexgen_graph.ir import TIERS, LayerKind, NodeKind, Phase, Tier
-from flexgen_graph.spec import ALIGN_BYTES, ModelSpec, quant_dim
-from planner.figures import BlockFigures, figures_of
 from flexgen_graph.hardware import HardwareProfile
+from flexgen_graph.ir import TIERS, LayerKind, NodeKind, Phase, Tier
 from flexgen_graph.policy import Placement, Policy
 from flexgen_graph.program import Buffer, BufferRole
+from flexgen_graph.spec import ALIGN_BYTES, ModelSpec, quant_dim
+from planner.figures import BlockFigures, figures_of
 from planner.schedule import BufferPlan, GraphShape, build_buffers
 
 GROUP_SIZE = 64

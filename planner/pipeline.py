@@ -17,8 +17,8 @@ import dataclasses
 from typing import Sequence
 
 from flexgen_graph.errors import UserError
-from planner.cost import Predictions, sig
 from flexgen_graph.hardware import HardwareProfile
+from planner.cost import Predictions, sig
 
 
 def split_layers(times: Sequence[float], stages: int, decoder: Sequence[bool],

@@ -29,16 +29,34 @@ from typing import Callable, Collection, Sequence
 
 import networkx as nx
 
+from flexgen_graph.hardware import HardwareProfile
 from flexgen_graph.ir import TIERS, Block, Tier, Workload
+from flexgen_graph.policy import Policy
 from flexgen_graph.spec import ModelSpec
-from planner.cost import CLASSES, FLAG_NAMES, STREAMS, TERMS, Flags, PhaseCosts, Predictions, frac_var, \
-    phase_costs, sig
+from planner.cost import (
+    CLASSES,
+    FLAG_NAMES,
+    STREAMS,
+    TERMS,
+    Flags,
+    PhaseCosts,
+    Predictions,
+    frac_var,
+    phase_costs,
+    sig,
+)
 from planner.errors import Fault, InfeasiblePlanError
 from planner.figures import BlockFigures, FigureModel
-from flexgen_graph.hardware import HardwareProfile
-from planner.lp import FixedSpec, LpResult, MemoryFigures, diagnose, memory_figures, parse_fixed, solve_figures
+from planner.lp import (
+    FixedSpec,
+    LpResult,
+    MemoryFigures,
+    diagnose,
+    memory_figures,
+    parse_fixed,
+    solve_figures,
+)
 from planner.memory import GROUP_SIZE, compression_of, workspace_bytes
-from flexgen_graph.policy import Policy
 
 __all__ = ["DEFAULT_FLAGS", "GPU_BATCH_SIZES", "NUM_GPU_BATCHES", "InfeasiblePlanError", "Predictions",
            "SearchResult", "search"]

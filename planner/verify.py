@@ -26,16 +26,23 @@ A decode compute that reads a cache buffer on the CPU attends there, so its tran
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import networkx as nx
 
+from flexgen_graph.hazards import (  # noqa: F401  (re-exported)
+    SLOT_ROLES,
+    PlanHazardError,
+    accesses,
+    hazards,
+    verify,
+    verify_program,
+)
 from flexgen_graph.ir import TIERS, Block, NodeKind, Phase, Tier
+from flexgen_graph.policy import Policy
+from flexgen_graph.program import COMPUTE_KINDS, Op, Programs
 from planner.errors import Fault
 from planner.memory import Transient, buffer_bytes, compute_transient, staging_bytes
-from flexgen_graph.policy import Policy
-from flexgen_graph.hazards import PlanHazardError, SLOT_ROLES, accesses, hazards, verify, verify_program  # noqa: F401  (re-exported)
-from flexgen_graph.program import COMPUTE_KINDS, BufferRole, Op, OpKind, Programs
 
 NO_TRANSIENT = Transient(0, 0)
 

@@ -19,12 +19,12 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(HERE.parent))
 
+from flexgen_graph import planfile  # noqa: E402
 from flexgen_graph.app.api import compile_pipeline, compile_plan  # noqa: E402
 from flexgen_graph.catalog import catalog_spec  # noqa: E402
-from flexgen_graph.ir import TIERS, Workload  # noqa: E402
-from flexgen_graph import planfile  # noqa: E402
-from planner.cost import Predictions  # noqa: E402
 from flexgen_graph.hardware import load_profile  # noqa: E402
+from flexgen_graph.ir import TIERS, Workload  # noqa: E402
+from planner.cost import Predictions  # noqa: E402
 
 GIB = float(1 << 30)
 

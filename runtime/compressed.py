@@ -35,8 +35,17 @@ from flexgen_graph.errors import UserError
 from flexgen_graph.spec import ALIGN_BYTES, ModelSpec, quant_dim
 from runtime.backend import read_file_into
 from runtime.kernels import TORCH_DTYPES, layer_views
-from runtime.quant import STAT_BYTES, STAT_DTYPE, QTensor, QuantConfig, compressed_nbytes, dequantize, pack_into, \
-    quantize, unpack_from
+from runtime.quant import (
+    STAT_BYTES,
+    STAT_DTYPE,
+    QTensor,
+    QuantConfig,
+    compressed_nbytes,
+    dequantize,
+    pack_into,
+    quantize,
+    unpack_from,
+)
 
 
 def _align(n: int) -> int:

@@ -19,7 +19,15 @@ import torch
 
 from flexgen_graph.ir import Tier
 from flexgen_graph.program import Stream
-from runtime.backend import Buf, CpuBackend, DiskBuf, HostBuf, copy_range, read_disk, write_disk
+from runtime.backend import (
+    Buf,
+    CpuBackend,
+    DiskBuf,
+    HostBuf,
+    copy_range,
+    read_disk,
+    write_disk,
+)
 
 
 class OpEvent:

@@ -19,14 +19,19 @@ import torch
 
 from flexgen_graph.errors import UserError
 from flexgen_graph.ir import TIERS, Tier
-from flexgen_graph.spec import ALIGN_BYTES
 from flexgen_graph.planfile import Plan, check_model
 from flexgen_graph.program import COMPUTE_KINDS, BufferRole, Op, OpKind
+from flexgen_graph.spec import ALIGN_BYTES
 from runtime import kernels, preflight
-from runtime.compressed import CacheCodec, compressed_layers, decompress_layer, dense_cache_view
+from runtime.backend import Buf, CpuBackend
+from runtime.compressed import (
+    CacheCodec,
+    compressed_layers,
+    decompress_layer,
+    dense_cache_view,
+)
 from runtime.quant import QuantConfig
 from runtime.sampling import GREEDY, Sampling, generators, pick
-from runtime.backend import Buf, CpuBackend
 from runtime.stage_link import StageLink
 from runtime.weight_store import WeightStore
 

@@ -16,7 +16,6 @@ import torch
 
 from flexgen_graph.ir import Stage
 
-
 FLAG_TAG = 1 << 20  # tags: a gpu batch's hidden state uses its index, these stay clear of them
 TOKEN_TAG = 1 << 21
 

@@ -7,20 +7,33 @@ import os
 import pytest
 import torch
 import transformers.cache_utils as cache_utils
+from test_numerics import (
+    GEN_LEN,
+    POLICIES,
+    PROMPT_LEN,
+    hf_generate,
+    prompts_for,
+    tiny_model,
+)
 
 from flexgen_graph.app.api import compile_plan
 from flexgen_graph.catalog import catalog_spec
-from flexgen_graph.ir import Workload
-from flexgen_graph.spec import quant_dim
 from flexgen_graph.hardware import load_profile
-from planner.memory import compression_of
+from flexgen_graph.ir import Workload
 from flexgen_graph.program import BufferRole
-from runtime.compressed import CacheCodec, compress_layer, compressed_layers, decompress_layer, qlayer_bytes
+from flexgen_graph.spec import quant_dim
+from planner.memory import compression_of
+from runtime.compressed import (
+    CacheCodec,
+    compress_layer,
+    compressed_layers,
+    decompress_layer,
+    qlayer_bytes,
+)
 from runtime.engine import Engine
 from runtime.kernels import layer_views
 from runtime.quant import QuantConfig, fake_quantize
 from runtime.weight_store import import_hf_folder, make_dummy
-from test_numerics import GEN_LEN, POLICIES, PROMPT_LEN, hf_generate, prompts_for, tiny_model
 
 MODES = ("weights", "cache", "both")
 

@@ -4,12 +4,18 @@ import pytest
 import torch
 
 from flexgen_graph.app.api import compile_plan
-from flexgen_graph.ir import Workload
 from flexgen_graph.hardware import load_profile
+from flexgen_graph.ir import Workload
 from flexgen_graph.policy import Placement as P
 from runtime.engine import Engine
 from runtime.weight_store import import_hf_folder
-from tests.test_numerics import GEN_LEN, PROMPT_LEN, hf_generate, prompts_for, tiny_model
+from tests.test_numerics import (
+    GEN_LEN,
+    PROMPT_LEN,
+    hf_generate,
+    prompts_for,
+    tiny_model,
+)
 
 pytestmark = pytest.mark.gpu
 

@@ -9,12 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from flexgen_graph.app.cli import main
-from flexgen_graph.app.distributed import Rank, merge, pick_device, shard_folder, shard_of, shard_path, usable_cores
-from flexgen_graph.app.jobs import id_key, line_key, parse_line, record_key
 from test_cli import checkpoint  # noqa: F401  (a tiny Llama checkpoint folder, imported into the cache on first run)
 from test_jobs import write_lines
+
+from flexgen_graph.app.cli import main
+from flexgen_graph.app.distributed import (
+    Rank,
+    merge,
+    pick_device,
+    shard_folder,
+    shard_of,
+    shard_path,
+    usable_cores,
+)
+from flexgen_graph.app.jobs import id_key, line_key, parse_line, record_key
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from flexgen_graph.app.api import compile_plan
-from flexgen_graph.catalog import catalog_spec
 from flexgen_graph.app.inspect import describe, describe_text, plot, step_timeline
-from flexgen_graph.ir import Phase, Workload
+from flexgen_graph.catalog import catalog_spec
 from flexgen_graph.hardware import load_profile
+from flexgen_graph.ir import Phase, Workload
 from flexgen_graph.policy import Placement
 
 

@@ -14,13 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexgen_graph.app.api import compile_plan
-from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec
-from flexgen_graph.ir import Workload
 from flexgen_graph.app.jobs import OutputFile, run_job
 from flexgen_graph.app.models import store_dir
-from flexgen_graph.spec import spec_from_config
+from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec
 from flexgen_graph.hardware import load_profile
+from flexgen_graph.ir import Workload
 from flexgen_graph.policy import Placement
+from flexgen_graph.spec import spec_from_config
 from runtime.engine import Engine
 from runtime.sampling import Sampling
 from runtime.weight_store import make_dummy

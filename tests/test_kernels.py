@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
-from runtime.kernels import TORCH_DTYPES, decoder, embed, head, layer_views, positions_from_mask
+from runtime.kernels import (
+    TORCH_DTYPES,
+    decoder,
+    embed,
+    head,
+    layer_views,
+    positions_from_mask,
+)
 from runtime.weight_store import import_hf_folder
 
 PROMPT_LENS = (5, 9, 12)

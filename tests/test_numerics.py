@@ -2,11 +2,18 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from flexgen_graph.app.api import compile_plan
-from flexgen_graph.ir import Workload
 from flexgen_graph.hardware import load_profile
+from flexgen_graph.ir import Workload
 from flexgen_graph.policy import Placement
 from runtime.engine import Engine
 from runtime.weight_store import import_hf_folder

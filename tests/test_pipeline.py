@@ -13,22 +13,22 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from flexgen_graph.app.api import compile_pipeline, layer_times
-from flexgen_graph.catalog import catalog_spec
-from flexgen_graph.app.cli import main
-from flexgen_graph.ir import TIERS, Block, Stage, Tier, Workload
-from planner import pipeline
-from flexgen_graph import planfile
-from flexgen_graph.hardware import load_profile
-from flexgen_graph.policy import Placement
-from flexgen_graph.program import OpKind
-from planner.verify import simulate_plan
-from runtime.weight_store import import_hf_folder
 from test_cli import checkpoint  # noqa: F401  (a tiny Llama checkpoint folder)
 from test_distributed import by_key, records
 from test_jobs import write_lines
 from test_numerics import GEN_LEN, PROMPT_LEN, hf_generate, prompts_for, tiny_model
+
+from flexgen_graph import planfile
+from flexgen_graph.app.api import compile_pipeline, layer_times
+from flexgen_graph.app.cli import main
+from flexgen_graph.catalog import catalog_spec
+from flexgen_graph.hardware import load_profile
+from flexgen_graph.ir import TIERS, Block, Stage, Tier, Workload
+from flexgen_graph.policy import Placement
+from flexgen_graph.program import OpKind
+from planner import pipeline
+from planner.verify import simulate_plan
+from runtime.weight_store import import_hf_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 P = Placement

@@ -3,11 +3,11 @@
 import msgpack
 import pytest
 
+from flexgen_graph import planfile
 from flexgen_graph.app.api import compile_plan
 from flexgen_graph.catalog import catalog_spec
-from flexgen_graph.ir import Workload
-from flexgen_graph import planfile
 from flexgen_graph.hardware import load_profile
+from flexgen_graph.ir import Workload
 from flexgen_graph.planfile import BadPlanFileError, PlanMismatchError, check_model
 from planner.verify import verify
 

@@ -12,17 +12,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flexgen_graph.catalog import catalog_spec
+from flexgen_graph.hardware import HardwareProfile, load_profile
 from flexgen_graph.ir import TIERS, Block, NodeKind, Phase, Tier, Workload
 from flexgen_graph.lower import lower
+from flexgen_graph.policy import Placement, Policy, assign_tiers
 from flexgen_graph.spec import spec_from_config
 from planner.cost import TERMS, Flags, Predictions, decode_ctx, evaluate, phase_costs
 from planner.errors import InfeasiblePlanError
 from planner.figures import FigureModel, block_figures
-from flexgen_graph.hardware import HardwareProfile, load_profile
 from planner.lp import memory_figures, solve_block
-from planner.memory import compressed_bytes, compressed_layer_bytes, compressed_tensor_bytes, compression_of, \
-    peak_bytes
-from flexgen_graph.policy import Placement, Policy, assign_tiers
+from planner.memory import (
+    compressed_bytes,
+    compressed_layer_bytes,
+    compressed_tensor_bytes,
+    compression_of,
+    peak_bytes,
+)
 from planner.schedule import build_buffers, graph_shape
 from planner.search import SearchResult, search
 

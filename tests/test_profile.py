@@ -3,8 +3,8 @@
 import dataclasses
 import json
 
-from flexgen_graph.app.cli import main
 from flexgen_graph import planfile
+from flexgen_graph.app.cli import main
 from flexgen_graph.hardware import HardwareProfile, load_profile, save_profile
 from runtime.profiler import measure
 

@@ -18,8 +18,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.quant import (QTensor, QuantConfig, QuantError, compressed_nbytes, dequantize, fake_quantize, pack_into,
-                           quantize, unpack_from)
+from runtime.quant import (
+    QTensor,
+    QuantConfig,
+    QuantError,
+    compressed_nbytes,
+    dequantize,
+    fake_quantize,
+    pack_into,
+    quantize,
+    unpack_from,
+)
 
 EPS32 = 2.0 ** -23
 

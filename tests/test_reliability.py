@@ -14,14 +14,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flexgen_graph import planfile
 from flexgen_graph.app.api import compile_plan
-from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec
 from flexgen_graph.app.cli import main
-from flexgen_graph.ir import Workload
 from flexgen_graph.app.jobs import OutputFile, run_job
 from flexgen_graph.app.models import store_dir
-from flexgen_graph import planfile
+from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec
 from flexgen_graph.hardware import load_profile
+from flexgen_graph.ir import Workload
 from flexgen_graph.planfile import BadPlanFileError
 from flexgen_graph.policy import Placement
 from planner.verify import verify

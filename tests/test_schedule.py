@@ -7,9 +7,9 @@ import pytest
 from flexgen_graph.catalog import catalog_spec
 from flexgen_graph.ir import Block, Phase, Tier, Workload
 from flexgen_graph.lower import lower
-from planner.memory import buffer_bytes, peak_bytes, workspace_bytes
 from flexgen_graph.policy import Placement, Policy, assign_tiers
 from flexgen_graph.program import BufferRole, OpKind, Programs
+from planner.memory import buffer_bytes, peak_bytes, workspace_bytes
 from planner.schedule import build_buffers, emit_programs, graph_shape
 from planner.verify import PlanHazardError, verify
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from flexgen_graph.app.api import compile_plan
-from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec
-from flexgen_graph.ir import Workload
 from flexgen_graph.app.jobs import load_tokenizer
+from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec
 from flexgen_graph.hardware import load_profile
+from flexgen_graph.ir import Workload
 from flexgen_graph.policy import Placement as P
 from runtime.engine import Engine
 

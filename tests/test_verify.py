@@ -11,21 +11,29 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_planner import tiny_spec, toy_profile
 
 from flexgen_graph.app.api import compile_plan
 from flexgen_graph.catalog import catalog_spec
+from flexgen_graph.hardware import load_profile
 from flexgen_graph.ir import TIERS, Block, Phase, Tier, Workload
 from flexgen_graph.lower import lower
-from planner.errors import InfeasiblePlanError
-from flexgen_graph.hardware import load_profile
-from planner.lp import memory_figures
-from planner.memory import buffer_bytes, compression_of, peak_bytes, sized_buffers
 from flexgen_graph.policy import Placement, Policy
 from flexgen_graph.program import BufferRole, OpKind, Programs
-from planner.schedule import emit_programs, graph_shape
+from planner.compile import programs_for
+from planner.errors import InfeasiblePlanError
+from planner.lp import memory_figures
+from planner.memory import buffer_bytes, peak_bytes
+from planner.schedule import emit_programs
 from planner.search import search
-from planner.verify import PlanHazardError, hazards, op_transients, simulate, simulate_plan, verify
-from test_planner import tiny_spec, toy_profile
+from planner.verify import (
+    PlanHazardError,
+    hazards,
+    op_transients,
+    simulate,
+    simulate_plan,
+    verify,
+)
 
 GPU, CPU, DISK = (Placement.all_on(t) for t in TIERS)
 WL = Workload(8, 4)
@@ -126,10 +134,10 @@ def test_cpu_attended_ops_hold_their_transients_on_the_cpu():
 
 def compressed_programs(g, pol: Policy, spec) -> Programs:
     """The programs of a compressed policy, with the buffer table at compressed sizes (same ids)."""
-    programs = emit_programs(g, pol)
-    sized = sized_buffers(graph_shape(g), pol, compression_of(spec)).buffers
-    assert [(b.id, b.role, b.tier) for b in sized] == [(b.id, b.role, b.tier) for b in programs.buffers]
-    return Programs(sized, programs.prefill, programs.decode)
+    programs = programs_for(spec, WL, pol)
+    dense = emit_programs(g, pol)
+    assert [(b.id, b.role, b.tier) for b in programs.buffers] == [(b.id, b.role, b.tier) for b in dense.buffers]
+    return programs
 
 
 def test_compressed_plans_hold_dequantized_copies_while_computing():

@@ -8,12 +8,24 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from flexgen_graph.catalog import catalog_spec
 from runtime.kernels import layer_views
-from runtime.weight_store import (WeightStore, WeightStoreError, hf_state_dict, import_hf_folder,
-                                  make_dummy)
+from runtime.weight_store import (
+    WeightStore,
+    WeightStoreError,
+    hf_state_dict,
+    import_hf_folder,
+    make_dummy,
+)
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000,
              max_position_embeddings=128)

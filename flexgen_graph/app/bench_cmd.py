@@ -13,7 +13,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 SCENARIOS = {
     "c1": "OPT-1.3B with at most 1 GiB of weights in RAM vs transformers (all in RAM) and accelerate's disk "
           "offload (CPU)",

@@ -154,7 +154,6 @@ def _profile(name: str | None, offload_dir: Path | None = None):
     if name == "auto":
         # measure once, then reuse: a profile is a property of the machine, not of the job
         from flexgen_graph.app.models import default_cache_dir
-
         from flexgen_graph.hardware import BadProfileError
 
         cached = default_cache_dir() / "profile.json"
@@ -182,7 +181,7 @@ def _profile(name: str | None, offload_dir: Path | None = None):
     return replace(base, name="local", gpu_bytes=ram // 3, cpu_bytes=ram // 2, disk_bytes=int(disk * 0.8))
 
 
-def _fixed(args) -> dict | None:
+def _fixed(args) -> dict:
     from flexgen_graph.policy import Placement
 
     fixed = {}
@@ -190,7 +189,7 @@ def _fixed(args) -> dict | None:
         v = getattr(args, f"{cls}_frac")
         if v is not None:
             fixed[cls] = Placement(*v)
-    return fixed or None
+    return fixed
 
 
 def _dtype(args) -> str:
@@ -199,25 +198,32 @@ def _dtype(args) -> str:
     return "float16" if _profile(args.profile).has_gpu else "float32"
 
 
-def _compile(spec, args, workload, source: str, max_block_size: int | None = None):
-    from flexgen_graph.app.api import compile_plan
+def compile_options(args, source: str = "", max_block_size: int | None = None):
+    """The compile options the command line gives, built once (planner.compile's CompileOptions)."""
+    from planner.compile import CompileOptions
 
-    return compile_plan(spec, _profile(args.profile), workload, gpu_batch_size=args.gpu_batch_size,
-                        num_gpu_batches=args.num_gpu_batches, fixed=_fixed(args), weights_source=source,
-                        max_block_size=args.max_block_size or max_block_size, compress=args.compress,
-                        group_size=args.group_size, compress_bits=args.compress_bits)
+    link = args.stage_link_gbps
+    if link is not None and not link > 0:
+        raise UserError(f"--stage-link-gbps must be positive, got {link}")
+    return CompileOptions(
+        gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches,
+        max_block_size=args.max_block_size or max_block_size, fixed=tuple(sorted(_fixed(args).items())),
+        compress=args.compress, group_size=args.group_size, compress_bits=args.compress_bits, stages=args.stages,
+        stages_per_machine=args.stages_per_machine, stage_link_bytes_per_s=None if link is None else link * 1e9,
+        weights_source=source)
 
 
 def cmd_compile(args) -> int:
-    from flexgen_graph.ir import Workload
-    from flexgen_graph.app.models import resolve_model, weights_source_for
+    import planner
     from flexgen_graph import planfile
+    from flexgen_graph.app.models import resolve_model, weights_source_for
+    from flexgen_graph.ir import Workload
 
     spec, source = resolve_model(args.model, _dtype(args))
     if args.weights:
         source = weights_source_for(args.weights, source)
-    _check_stage_args(args)
-    plans = [p for n in args.prompt_len for p in _compile_plans(spec, args, Workload(n, args.gen_len), source)]
+    options = compile_options(args, source)
+    plans = planner.compile(spec, _profile(args.profile), [Workload(n, args.gen_len) for n in args.prompt_len], options)
     planfile.save_set(plans, args.output)
     for plan in plans:
         where = ""
@@ -231,37 +237,6 @@ def cmd_compile(args) -> int:
         print(f"run it with: torchrun --nproc-per-node {args.stages} -m flexgen_graph run --plan {args.output} "
               "--input IN.jsonl --output OUT.jsonl (several machines: see the README)")
     return 0
-
-
-def _check_stage_args(args) -> None:
-    if args.stages < 1:
-        raise UserError(f"--stages must be >= 1, got {args.stages}")
-    if args.stages == 1 and (args.stages_per_machine is not None or args.stage_link_gbps is not None):
-        raise UserError("--stages-per-machine and --stage-link-gbps describe a pipeline: give --stages N (N >= 2)")
-
-
-def _compile_plans(spec, args, workload, source: str, max_block_size: int | None = None) -> list:
-    """The plan for one workload: one, or one per stage with --stages."""
-    if args.stages > 1:
-        return _compile_pipeline(spec, args, workload, source, max_block_size)
-    return [_compile(spec, args, workload, source, max_block_size)]
-
-
-def _compile_pipeline(spec, args, workload, source: str, max_block_size: int | None = None):
-    import dataclasses
-
-    from flexgen_graph.app.api import compile_pipeline
-
-    profile = _profile(args.profile)
-    if args.stage_link_gbps is not None:
-        if not args.stage_link_gbps > 0:
-            raise UserError(f"--stage-link-gbps must be positive, got {args.stage_link_gbps}")
-        profile = dataclasses.replace(profile, stage_link_bytes_per_s=args.stage_link_gbps * 1e9)
-    return compile_pipeline(spec, profile, workload, args.stages, stages_per_machine=args.stages_per_machine,
-                            gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches,
-                            fixed=_fixed(args), weights_source=source,
-                            max_block_size=args.max_block_size or max_block_size,
-                            compress=args.compress, group_size=args.group_size, compress_bits=args.compress_bits)
 
 
 def _check_plan_args(plans, args) -> None:
@@ -293,12 +268,11 @@ def _round_up(n: int, m: int) -> int:
 
 
 def cmd_run(args) -> int:
+    from flexgen_graph import planfile
     from flexgen_graph.app import distributed
 
-    from flexgen_graph import planfile
-
     rank = distributed.from_env(required=args.distributed)  # set under torchrun: one shard of a data-parallel run
-    _check_stage_args(args)
+    compile_options(args)  # bad compile options fail before any rendezvous
     if args.plan and args.stages > 1:
         raise UserError("--stages compiles a pipeline plan; a given --plan already says its stages")
     given = planfile.load_set(args.plan) if args.plan else None  # a bad plan fails before any rendezvous
@@ -323,9 +297,14 @@ def cmd_run(args) -> int:
 def _run(args, plans=None, shard=None, pipeline=None) -> int:
     """plans: those of --plan, loaded by cmd_run (None: compile one for the job)."""
     from flexgen_graph.app import distributed
-    from flexgen_graph.ir import Workload
     from flexgen_graph.app.jobs import OutputFile, load_tokenizer, run_job, scan
-    from flexgen_graph.app.models import default_cache_dir, open_store, resolve_model, weights_source_for
+    from flexgen_graph.app.models import (
+        default_cache_dir,
+        open_store,
+        resolve_model,
+        weights_source_for,
+    )
+    from flexgen_graph.ir import Workload
     from runtime.engine import Engine
     from runtime.sampling import Sampling
 
@@ -436,20 +415,18 @@ def _run(args, plans=None, shard=None, pipeline=None) -> int:
 
 def _cached_plans(spec, args, workload, source: str, cache_dir: Path, max_block_size: int):
     """The plan for this job (a plan per stage with --stages), compiled once and cached."""
+    import planner
     from flexgen_graph import planfile
 
     profile = _profile(args.profile)
-    key = json.dumps([planfile.PLAN_VERSION, spec.fingerprint(), profile.fingerprint(), workload.to_dict(), source,
-                      args.gpu_batch_size,
-                      args.num_gpu_batches, args.max_block_size or max_block_size,
-                      [getattr(args, f"{c}_frac") for c in ("weights", "cache", "hidden")], args.compress,
-                      args.group_size, args.compress_bits, args.stages, args.stages_per_machine,
-                      args.stage_link_gbps])
+    options = compile_options(args, source, max_block_size)
+    key = json.dumps([planfile.PLAN_VERSION, spec.fingerprint(), profile.fingerprint(), workload.to_dict(),
+                      options.key()])
     path = cache_dir / "plans" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".fgplan")
     if path.is_file():
         return planfile.load_set(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    plans = _compile_plans(spec, args, workload, source, max_block_size)
+    plans = planner.compile(spec, profile, [workload], options)
     planfile.save_set(plans, path)
     return plans
 
@@ -471,8 +448,8 @@ def cmd_profile(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from flexgen_graph.app.inspect import describe, describe_text, plot
     from flexgen_graph import planfile
+    from flexgen_graph.app.inspect import describe, describe_text, plot
 
     plans = planfile.load_set(args.plan)
     if args.plot:

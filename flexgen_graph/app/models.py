@@ -73,7 +73,9 @@ def resolve_model(model: str, dtype: str = "float32") -> tuple[ModelSpec, str]:
 
 def store_dir(source: str, spec: ModelSpec, cache_dir: Path) -> Path:
     """Where the imported store of a weights source lives in the cache."""
-    from runtime.weight_store import VERSION  # a new store layout is a new import, not a refusal
+    from runtime.weight_store import (
+        VERSION,  # a new store layout is a new import, not a refusal
+    )
 
     key = hashlib.sha256(f"{source}|{spec.dtype}|{spec.fingerprint()}|v{VERSION}".encode()).hexdigest()[:16]
     return cache_dir / "weights" / key
