@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from flexgen_graph.ir import TIERS, Tier
 from flexgen_graph.planfile import Plan, check_model
 from flexgen_graph.program import COMPUTE_KINDS, BufferRole, Op, OpKind
 from flexgen_graph.spec import ALIGN_BYTES
-from runtime import kernels, preflight
+from runtime import driver, kernels, preflight
 from runtime.backend import Buf, CpuBackend
 from runtime.compressed import (
     CacheCodec,
@@ -30,20 +29,11 @@ from runtime.compressed import (
     decompress_layer,
     dense_cache_view,
 )
+from runtime.driver import BlockState, Generation
 from runtime.quant import QuantConfig
-from runtime.sampling import GREEDY, Sampling, generators, pick
+from runtime.sampling import Sampling, pick
 from runtime.stage_link import StageLink
 from runtime.weight_store import WeightStore
-
-
-@dataclass(frozen=True, slots=True)
-class Generation:
-    token_ids: tuple[int, ...]  # generated tokens, the stop token included when there is one
-    finish_reason: str  # "stop" (EOS) or "length"
-
-
-class PromptTooLongError(UserError):
-    pass
 
 
 class Engine:
@@ -108,6 +98,7 @@ class Engine:
         except BaseException:
             self.close()  # nothing half-built stays behind: scratch files and temp folders go
             raise
+        self.state: BlockState | None = None  # the running block's token ids, masks and tally (runtime.driver)
         self.step_times: list[tuple[str, float]] = []  # (program, wall seconds) of every program run
         self._events = {name: self.backend.new_events(len(ops))
                         for name, ops in (("prefill", plan.programs.prefill), ("decode", plan.programs.decode))}
@@ -246,28 +237,33 @@ class Engine:
     def _recv_hidden(self, op: Op) -> None:
         self.link.recv_hidden(self.bufs[op.dst].tensor[: self._hidden_bytes()], op.batch)
         if op.batch == self.nb - 1:  # the last gpu batch also brings what the first stage knows of the stop
-            self._flag = self.link.recv_flag()
+            self.state.flag = self.link.recv_flag()
 
     def _send_hidden(self, op: Op) -> None:
         self.link.send_hidden(self.bufs[op.src].tensor[: self._hidden_bytes()], op.batch)
         if op.batch == self.nb - 1:
-            self.link.send_flag(self._flag)
+            self.link.send_flag(self.state.flag)
 
     def _send_tokens(self, op: Op) -> None:
         k, msg = op.batch, self._tok_out[op.batch]
         rows = slice(k * self.b, (k + 1) * self.b)  # a done sequence is fed padding, as in one process
-        msg[: self.b] = torch.where(self._tally.done[rows], self._tally.pad, self._next[k].cpu())
+        msg[: self.b] = torch.where(self.state.tally.done[rows], self.state.tally.pad, self.state.next[k].cpu())
         msg[self.b] = 0
         if k == self.nb - 1:  # every head of the step is done (one compute stream): is every sequence?
-            msg[self.b] = int(self._tally.done_with(torch.cat(self._next).cpu(), self._token_index()))
+            msg[self.b] = int(self.state.tally.done_with(torch.cat(self.state.next).cpu(), self._token_index()))
         self.link.send_tokens(msg, k)
 
     def _recv_tokens(self, op: Op) -> None:
         k, msg = op.batch, self._tok_in[op.batch]
         self.link.recv_tokens(msg, k)
-        self._ids[k] = msg[: self.b].view(self.b, 1).to(self.device)
+        self.state.ids[k] = msg[: self.b].view(self.b, 1).to(self.device)
         if k == self.nb - 1:
-            self._flag = int(msg[self.b])
+            self.state.flag = int(msg[self.b])
+
+    def take_sent_tokens(self) -> None:
+        """The first stage, after the last step: that step's token messages were sent all the same."""
+        for k in range(self.nb):
+            self.link.recv_tokens(self._tok_in[k], k)
 
     def _token_index(self) -> int:
         """Which generated token the running program produces (prefill: the first)."""
@@ -275,13 +271,13 @@ class Engine:
 
     def _embed(self, op: Op) -> None:
         k, a, t = op.batch, self._start, self._t
-        h = kernels.embed(self.spec, self._weights(op), self._ids[k], self._pos[k][:, a:a + t])
+        h = kernels.embed(self.spec, self._weights(op), self.state.ids[k], self.state.pos[k][:, a:a + t])
         self._hidden_view(op.hidden).copy_(h)
 
     def _decoder(self, op: Op) -> None:
         k, a, t = op.batch, self._start, self._t
         hv, w = self._hidden_view(op.hidden), self._weights(op)
-        pos, mask = self._pos[k][:, a:a + t], self._mask[k][:, : a + t]
+        pos, mask = self.state.pos[k][:, a:a + t], self.state.mask[k][:, : a + t]
         if self.codec is None:
             out = kernels.decoder(self.spec, w, hv, self._cache_view(op.cache), a, pos, mask)
         else:
@@ -304,8 +300,8 @@ class Engine:
         k, a, t = op.batch, self._start, self._t
         hv, cbuf = self._hidden_view(op.hidden), self.bufs[op.cache].tensor
         w = self._weights(op)
-        mask = self._mask[k][:, : a + t]
-        q, kk, v = kernels.attention_inputs(self.spec, w, hv, self._pos[k][:, a:a + t])
+        mask = self.state.mask[k][:, : a + t]
+        q, kk, v = kernels.attention_inputs(self.spec, w, hv, self.state.pos[k][:, a:a + t])
         if op.kind is OpKind.DECODER_DECODE_CPU_ATTN:
             host = cbuf.device
             q, kk, v, mask = q.to(host), kk.to(host), v.to(host), mask.to(host)
@@ -326,11 +322,11 @@ class Engine:
     def _head(self, op: Op) -> None:
         logits = kernels.head(self.spec, self._weights(op), self._hidden_view(op.hidden))
         k = op.batch
-        if self._all_greedy:
-            self._next[k] = logits.argmax(dim=-1)
+        if self.state.all_greedy:
+            self.state.next[k] = logits.argmax(dim=-1)
         else:
             rows = slice(k * self.b, (k + 1) * self.b)
-            self._next[k] = pick(logits, self._sampling[rows], self._gens[rows])
+            self.state.next[k] = pick(logits, self.state.sampling[rows], self.state.gens[rows])
 
     HANDLERS = {
         OpKind.LOAD_WEIGHT: _load_weight,
@@ -350,7 +346,8 @@ class Engine:
         OpKind.RECV_TOKENS: _recv_tokens,
     }
 
-    def _run(self, name: str, start: int, t: int) -> None:
+    def run_program(self, name: str, start: int, t: int) -> None:
+        """One run of the prefill or decode program, tokens [start, start + t) of every sequence of the block."""
         t0 = time.perf_counter()
         self._start, self._t = start, t
         events = self._events[name]
@@ -361,116 +358,7 @@ class Engine:
         self.backend.drain(events)
         self.step_times.append((name, time.perf_counter() - t0))
 
-    # -- generation ----------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: list[int] | None = None,
                  sampling: list[Sampling] | None = None, ignore_eos: bool = False) -> list[Generation]:
-        """Generation for up to one block of prompts (shorter blocks are padded); greedy unless
-        `sampling` gives a temperature for a prompt."""
-        n = len(prompts)
-        if not 0 < n <= self.b * self.nb:
-            raise UserError(f"a block holds 1..{self.b * self.nb} prompts, got {n}")
-        limits = list(max_new_tokens or [self.gen_len] * n)
-        for i, (p, m) in enumerate(zip(prompts, limits)):
-            if not 0 < len(p) <= self.prompt_len:
-                raise PromptTooLongError(f"prompt {i} has {len(p)} tokens; this plan takes 1..{self.prompt_len}")
-            if not 0 < m <= self.gen_len:
-                raise UserError(f"prompt {i}: max_new_tokens {m} outside 1..{self.gen_len} (the plan's gen_len)")
-        filler = [prompts[0][-1:]] * (self.b * self.nb - n)  # pad the block; results discarded
-        seqs = list(prompts) + filler
-        self._sampling = list(sampling or [GREEDY] * n) + [GREEDY] * len(filler)
-        self._all_greedy = all(p.greedy for p in self._sampling)
-        self._gens = generators(self._sampling, self.device)
-        limits = torch.tensor(limits + [1] * len(filler))
-        pad = self.spec.pad_token_id if self.spec.pad_token_id is not None else 0
-        eos = torch.tensor((-1,) if ignore_eos or not self.spec.eos_token_ids else self.spec.eos_token_ids)
-
-        p = self.prompt_len
-        ids = torch.full((len(seqs), p), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), self.max_seq), dtype=torch.bool)
-        for i, s in enumerate(seqs):
-            ids[i, p - len(s):] = torch.tensor(s)
-            mask[i, p - len(s):] = True  # left padding; generated positions are always attended
-        mask[:, p:] = True
-        pos = kernels.positions_from_mask(mask)
-        rows = [slice(k * self.b, (k + 1) * self.b) for k in range(self.nb)]
-        dev = self.device
-        self._mask = [mask[r].to(dev) for r in rows]
-        self._pos = [pos[r].to(dev) for r in rows]
-        self._ids = [ids[r].to(dev) for r in rows]
-        self._next: list[torch.Tensor | None] = [None] * self.nb
-
-        tally = Tally(len(seqs), self.gen_len, limits, eos, pad, self.spec.eos_token_ids)
-        if self.link is not None:
-            return self._generate_stage(tally, n)
-        self._run("prefill", 0, p)
-        for step in range(self.gen_len):
-            tok = torch.cat(self._next).cpu()  # one host sync per step: EOS and limits are checked here
-            tally.add(tok, step)
-            if tally.all_done or step + 1 == self.gen_len:
-                break
-            fed = tally.out[:, step]  # a done sequence is fed padding
-            self._ids = [fed[r].unsqueeze(1).to(dev) for r in rows]
-            self._run("decode", p + step, 1)
-        return tally.results(n)
-
-    def _generate_stage(self, tally: "Tally", n: int) -> list[Generation]:
-        """The step loop of one pipeline stage. No step waits for the others: the tokens of each gpu batch
-        go from the last stage to the first by the plan's SEND_TOKENS / RECV_TOKENS ops, and the last stage
-        tallies them. Whether every sequence is done after step r reaches the first stage with the tokens
-        of step r's last gpu batch, while it runs step r + 1, and travels on with that batch's hidden
-        state: after step r + 1 every stage knows, and all stop together (step r + 1 done for nothing)."""
-        last = self.link.stage.is_last
-        self._tally, self._flag = tally, 0
-        self._run("prefill", 0, self.prompt_len)
-        step = 0
-        while True:
-            if last:
-                tally.add(torch.cat(self._next).cpu(), step)
-            if self._flag or step + 1 == self.gen_len:
-                break
-            self._run("decode", self.prompt_len + step, 1)
-            step += 1
-        if self.link.stage.is_first:  # the last step's tokens were sent all the same: take them
-            for k in range(self.nb):
-                self.link.recv_tokens(self._tok_in[k], k)
-        return self.link.share_results(tally.results(n) if last else None)
-
-
-class Tally:
-    """The generated tokens of a block, step by step: a sequence is done at its stop token or its limit;
-    later tokens of a done sequence are replaced by padding and not reported."""
-
-    def __init__(self, rows: int, gen_len: int, limits: torch.Tensor, eos: torch.Tensor, pad: int,
-                 eos_ids: tuple[int, ...]) -> None:
-        self.out = torch.full((rows, gen_len), pad, dtype=torch.long)
-        self.done = torch.zeros(rows, dtype=torch.bool)
-        self.stopped = torch.zeros(rows, dtype=torch.bool)
-        self.limits, self.eos, self.pad, self.eos_ids = limits, eos, pad, eos_ids
-
-    def _step(self, tok: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tok = torch.where(self.done, torch.full_like(tok, self.pad), tok)
-        hit_eos = torch.isin(tok, self.eos) & ~self.done
-        return tok, hit_eos, self.done | hit_eos | (self.limits <= step + 1)
-
-    def add(self, tok: torch.Tensor, step: int) -> None:
-        tok, hit_eos, self.done = self._step(tok, step)
-        self.out[:, step] = tok
-        self.stopped |= hit_eos
-
-    def done_with(self, tok: torch.Tensor, step: int) -> bool:
-        """Whether every sequence would be done once `tok` is added as token `step` (nothing changes)."""
-        return bool(self._step(tok, step)[2].all())
-
-    @property
-    def all_done(self) -> bool:
-        return bool(self.done.all())
-
-    def results(self, n: int) -> list[Generation]:
-        results = []
-        for i in range(n):
-            row = self.out[i].tolist()
-            count = int(self.limits[i])
-            if bool(self.stopped[i]):
-                count = next(j for j, x in enumerate(row) if x in self.eos_ids) + 1
-            results.append(Generation(tuple(row[:count]), "stop" if bool(self.stopped[i]) else "length"))
-        return results
+        """Generation for up to one block of prompts (runtime.driver)."""
+        return driver.generate(self, prompts, max_new_tokens, sampling, ignore_eos)

@@ -11,7 +11,7 @@ from runtime.engine import Engine
 
 if os.environ["RANK"] == os.environ["DIE_RANK"]:
     at = int(os.environ["DIE_AT"])
-    real_run = Engine._run
+    real_run = Engine.run_program
     runs = [0]
 
     def run(self, name: str, start: int, t: int) -> None:
@@ -20,6 +20,6 @@ if os.environ["RANK"] == os.environ["DIE_RANK"]:
             os.kill(os.getpid(), getattr(signal, os.environ.get("DIE_SIGNAL", "SIGKILL")))
         real_run(self, name, start, t)
 
-    Engine._run = run
+    Engine.run_program = run
 
 sys.exit(main())
