@@ -9,6 +9,7 @@ stopping sequences at their stop token or limit (runtime.engine interprets the p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -45,9 +46,12 @@ class BlockState:
 
 
 def generate(eng, prompts: list[list[int]], max_new_tokens: list[int] | None = None,
-         sampling: list[Sampling] | None = None, ignore_eos: bool = False) -> list[Generation]:
+         sampling: list[Sampling] | None = None, ignore_eos: bool = False,
+         on_step: Callable[[int | None], None] | None = None) -> list[Generation]:
     """Generation for up to one block of prompts (shorter blocks are padded); greedy unless
-    `sampling` gives a temperature for a prompt."""
+    `sampling` gives a temperature for a prompt. on_step, when given, is called after each step with
+    how many of the prompts made a token in it (None on a pipeline stage that does not tally them);
+    it reads the tokens the step's one host sync already brought over, so it costs no sync of its own."""
     n = len(prompts)
     if not 0 < n <= eng.b * eng.nb:
         raise UserError(f"a block holds 1..{eng.b * eng.nb} prompts, got {n}")
@@ -79,11 +83,14 @@ def generate(eng, prompts: list[list[int]], max_new_tokens: list[int] | None = N
                                 pos=[pos[r].to(dev) for r in rows], next=[None] * eng.nb, sampling=picks,
                                 gens=generators(picks, dev), all_greedy=all(x.greedy for x in picks), tally=tally)
     if eng.link is not None:
-        return _generate_stage(eng, st, n)
+        return _generate_stage(eng, st, n, on_step)
     eng.run_program("prefill", 0, p)
     for step in range(eng.gen_len):
         tok = torch.cat(st.next).cpu()  # one host sync per step: EOS and limits are checked here
+        before = tally.done  # host tensors: counting them syncs nothing
         tally.add(tok, step)
+        if on_step is not None:
+            on_step(n - int(before[:n].sum()))
         if tally.all_done or step + 1 == eng.gen_len:
             break
         fed = tally.out[:, step]  # a done sequence is fed padding
@@ -92,7 +99,7 @@ def generate(eng, prompts: list[list[int]], max_new_tokens: list[int] | None = N
     return tally.results(n)
 
 
-def _generate_stage(eng, st: BlockState, n: int) -> list[Generation]:
+def _generate_stage(eng, st: BlockState, n: int, on_step=None) -> list[Generation]:
     """The step loop of one pipeline stage. No step waits for the others: the tokens of each gpu batch
     go from the last stage to the first by the plan's SEND_TOKENS / RECV_TOKENS ops, and the last stage
     tallies them. Whether every sequence is done after step r reaches the first stage with the tokens
@@ -102,8 +109,11 @@ def _generate_stage(eng, st: BlockState, n: int) -> list[Generation]:
     eng.run_program("prefill", 0, eng.prompt_len)
     step = 0
     while True:
+        before = st.tally.done
         if last:
             st.tally.add(torch.cat(st.next).cpu(), step)
+        if on_step is not None:
+            on_step(n - int(before[:n].sum()) if last else None)
         if st.flag or step + 1 == eng.gen_len:
             break
         eng.run_program("decode", eng.prompt_len + step, 1)

@@ -4,6 +4,7 @@
     flexgen-graph inspect opt.fgplan
     flexgen-graph run --plan opt.fgplan --weights dummy --input prompts.jsonl --output out.jsonl
     flexgen-graph run --input examples/sample_prompts.jsonl --show      # embedded SmolLM2, plan compiled for this box
+    flexgen-graph run --input examples/openai_batch.jsonl --output out.jsonl   # an OpenAI Batch API file, unchanged
 
 Several GPUs or machines (torchrun; see the README):
     torchrun --nproc-per-node 2 -m flexgen_graph run --plan opt.fgplan --input in.jsonl --output out.jsonl
@@ -26,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from flexgen_graph.app import bench_cmd
+from flexgen_graph.app import bench_cmd, openai_batch
 from flexgen_graph.catalog import DEFAULT_MODEL
 from flexgen_graph.errors import UserError
 
@@ -34,10 +35,39 @@ EXIT_USAGE = 2
 
 EPILOG = """\
 models: a catalog id (e.g. facebook/opt-13b, meta-llama/Llama-2-7b-hf, HuggingFaceTB/SmolLM2-135M-Instruct),
-        a local Hugging Face checkpoint folder, or a .gguf file.
-profiles: t4-flexgen, h100-pcie5, cpu-small, local (cpu-small's rates with this machine's RAM and disk),
-          auto (this machine, measured once by `flexgen-graph profile` and cached), or a JSON profile file.
+        a Hugging Face id already in the local hub cache (HF_HUB_CACHE / HF_HOME), a local Hugging Face
+        checkpoint folder, or a .gguf file.
+profiles: local (the default: cpu-small's rates with this machine's RAM and disk), t4-flexgen, h100-pcie5,
+          cpu-small, auto (this machine, measured once by `flexgen-graph profile` and cached), or a JSON file.
 """
+INPUT_HELP = (
+    "JSONL, one request a line. Native: {\"id\": string or integer, one of \"prompt\": text | \"messages\": "
+    "[{\"role\", \"content\"}, ...] (the chat template is applied) | \"prompt_ids\": [token ids], and optional "
+    "\"max_tokens\", \"temperature\", \"top_p\", \"seed\"}. Or OpenAI Batch API lines {\"custom_id\", \"method\": "
+    "\"POST\", \"url\": \"/v1/chat/completions\" or \"/v1/completions\", \"body\": {\"model\", \"messages\" or "
+    "\"prompt\", \"max_tokens\" / \"max_completion_tokens\", \"temperature\", \"top_p\", \"seed\", \"stop\", "
+    "\"n\": 1}} (see --format)")
+OUTPUT_HELP = (
+    "JSONL answers, appended as each block ends (re-running resumes). Native: {\"id\", \"text\", \"token_ids\", "
+    "\"finish_reason\": \"stop\" or \"length\"}; a line that cannot run: {\"id\", \"error\"}, or {\"line\": its "
+    "line number, \"error\"} when it has no usable id or repeats one. OpenAI lines are answered in OpenAI's batch "
+    "output shape {\"id\", \"custom_id\", \"response\", \"error\"}. Default: print the answers")
+
+
+def _positive(s: str) -> int:
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _version() -> str:
+    from flexgen_graph import __version__
+
+    return f"flexgen-graph {__version__}"
 
 
 def _frac3(s: str) -> tuple[float, float, float]:
@@ -61,14 +91,17 @@ def _lengths(s: str) -> list[int]:
 
 
 def _add_compile_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--profile", default=None if not required else "cpu-small",
-                   help="hardware profile name or JSON file (default: " + ("cpu-small" if required else
-                        "local when compiling; with --plan, checked against the plan's") + ")")
-    p.add_argument("--prompt-len", type=_lengths if required else int, required=required,
+    p.add_argument("--profile", default=None,
+                   help="hardware profile name or JSON file (default: local, cpu-small's rates with this machine's "
+                        "RAM and disk" + ("" if required else "; with --plan, checked against the plan's") + ")")
+    p.add_argument("--prompt-len", type=_lengths if required else _positive, required=required,
                    help="tokens every prompt is padded to" + ("; several (128,512,2048) compile a plan set whose "
                                                                "plans `run` picks from by prompt length" if required
-                                                               else ""))
-    p.add_argument("--gen-len", type=int, required=required, help="tokens generated per prompt (at most)")
+                                                               else " (default: the job's longest prompt, rounded "
+                                                               "up to 16)"))
+    p.add_argument("--gen-len", type=_positive, required=required,
+                   help="tokens generated per prompt (at most)" + ("" if required else "; default: the largest "
+                                                                   "max_tokens of the job, at least 64"))
     p.add_argument("--compress", choices=["off", "auto", "weights", "cache", "both"], default="off",
                    help="4-bit group-wise compression of the weights and/or the KV cache: 'off' (default) keeps "
                         "the output identical to transformers; 'auto' lets the planner compress where that is "
@@ -102,6 +135,7 @@ def _add_compile_args(p: argparse.ArgumentParser, required: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flexgen-graph", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    ap.add_argument("--version", action="version", version=_version(), help="print the version and exit")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     c = sub.add_parser("compile", help="compile a plan for (model, hardware profile, workload)",
@@ -117,8 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plan", help="a compiled .fgplan (default: compile one for this machine and cache it)")
     r.add_argument("--model", help=f"model when no plan is given (default: {DEFAULT_MODEL}, embedded)")
     r.add_argument("--weights", help="dummy, dummy:SEED, a checkpoint folder or .gguf (default: the plan's)")
-    r.add_argument("--input", required=True, help="JSONL: {\"id\", \"prompt\"|\"messages\"|\"prompt_ids\"[, \"max_tokens\"]}")
-    r.add_argument("--output", help="JSONL results {\"id\", \"text\", \"token_ids\", \"finish_reason\"}")
+    r.add_argument("--input", required=True, help=INPUT_HELP)
+    r.add_argument("--format", choices=openai_batch.FORMATS, default="auto",
+                   help="how --input's lines are read: native, openai (OpenAI's Batch API), or auto (the default: "
+                        "by the file's first JSON object)")
+    r.add_argument("--output", help=OUTPUT_HELP)
+    r.add_argument("--tokenizer", metavar="FOLDER",
+                   help="a Hugging Face tokenizer (a folder, or a model id in the hub cache) for weights that come "
+                        "without one (dummy), so lines may give text; it must fit the model's vocabulary")
     r.add_argument("--show", action="store_true", help="print each answer as its block finishes")
     r.add_argument("--temperature", type=float, default=0.0, help="default for lines without one (0: greedy)")
     r.add_argument("--top-p", type=float, default=1.0, help="default nucleus mass for lines without one")
@@ -139,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--offload-dir", default=".", help="folder whose disk is measured (default: here)")
 
     i = sub.add_parser("inspect", help="show a plan's policy, predictions and memory peaks")
-    i.add_argument("plan")
+    i.add_argument("plan", help="a compiled .fgplan file")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--plot", metavar="FILE.png", help="draw one decode step: the streams over time and the memory "
                                                       "of each tier (needs matplotlib: pip install 'flexgen-graph[plot]')")
@@ -273,6 +313,7 @@ def cmd_run(args) -> int:
 
     rank = distributed.from_env(required=args.distributed)  # set under torchrun: one shard of a data-parallel run
     compile_options(args)  # bad compile options fail before any rendezvous
+    _check_files(args)
     if args.plan and args.stages > 1:
         raise UserError("--stages compiles a pipeline plan; a given --plan already says its stages")
     given = planfile.load_set(args.plan) if args.plan else None  # a bad plan fails before any rendezvous
@@ -294,10 +335,57 @@ def cmd_run(args) -> int:
         distributed.stop()
 
 
+def _check_files(args) -> None:
+    """--input is a file, --output can be written (its folder exists and takes files, it is not the input),
+    --format fits the file: found before anything is loaded, so no work is lost to them."""
+    in_path = Path(args.input)
+    if not in_path.is_file():
+        raise UserError(f"--input {in_path}: no such file")
+    if args.output:
+        out = Path(args.output)
+        folder = out.parent
+        if not folder.is_dir():
+            raise UserError(f"--output {out}: no such folder {folder}")
+        if out.is_dir():
+            raise UserError(f"--output {out} is a folder: give a file name")
+        if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+            raise UserError(f"--output {out}: {'the file' if out.exists() else f'the folder {folder}'} is not writable")
+        if out.exists() and out.samefile(in_path):
+            raise UserError(f"--output {out} is the input file: answers go to another file")
+    args.format = openai_batch.resolve_format(args.format, in_path)
+
+
+def _check_tokenizer(args, source: str) -> None:
+    """Lines that need a tokenizer, with weights that bring none: said before the weights are imported."""
+    from flexgen_graph.app.models import has_tokenizer
+
+    if args.tokenizer or has_tokenizer(source):
+        return
+    need = openai_batch.needs_tokenizer(Path(args.input), args.format)
+    if need:
+        raise UserError(f"the weights {source} come without a tokenizer, but line {need[0]} of {args.input} gives "
+                        f"{need[1]}: give \"prompt_ids\" (native lines), or a tokenizer with --tokenizer FOLDER")
+
+
+def _tokenizer(args, spec, store):
+    """The job's tokenizer: --tokenizer's, else the one the weights bring (None without one)."""
+    from flexgen_graph.app.jobs import load_tokenizer
+    from flexgen_graph.app.models import tokenizer_folder
+
+    if not args.tokenizer:
+        return load_tokenizer(store.path)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder(args.tokenizer))
+    if len(tok) > spec.vocab_size:
+        raise UserError(f"--tokenizer {args.tokenizer} has {len(tok)} tokens but {spec.name} only {spec.vocab_size}")
+    return tok
+
+
 def _run(args, plans=None, shard=None, pipeline=None) -> int:
     """plans: those of --plan, loaded by cmd_run (None: compile one for the job)."""
     from flexgen_graph.app import distributed
-    from flexgen_graph.app.jobs import OutputFile, load_tokenizer, run_job, scan
+    from flexgen_graph.app.jobs import OutputFile, run_job, scan
     from flexgen_graph.app.models import (
         default_cache_dir,
         open_store,
@@ -312,8 +400,6 @@ def _run(args, plans=None, shard=None, pipeline=None) -> int:
     if args.plan and args.model:
         raise UserError("give --plan or --model, not both (the plan names its model)")
     in_path = Path(args.input)
-    if not in_path.is_file():
-        raise UserError(f"--input {in_path}: no such file")
     defaults = Sampling(args.temperature, args.top_p, args.seed)
     rank = shard.rank if shard else pipeline.rank if pipeline else None
     talk = rank is None or rank.rank == 0  # one copy of the setup lines, not one per rank
@@ -332,10 +418,12 @@ def _run(args, plans=None, shard=None, pipeline=None) -> int:
         if talk:
             print(f"model {spec.name} ({spec.num_params() / 1e6:.0f}M parameters, {spec.dtype}), weights {source}",
                   file=sys.stderr)
+        _check_tokenizer(args, source)
         store = open_store(source, spec, cache_dir)
-        tokenizer = load_tokenizer(store.path)
+        tokenizer = _tokenizer(args, spec, store)
+        fmt = openai_batch.for_run(args.format, spec.name, tokenizer)
         if plans is None and not (pipeline and rank.rank):
-            count, longest, wanted = scan(in_path, tokenizer, defaults)
+            count, longest, wanted = scan(in_path, tokenizer, defaults, fmt)
             workload = Workload(args.prompt_len or _round_up(longest, 16), args.gen_len or max(wanted, 64))
             # a block larger than the job would only add padding
             plans = _cached_plans(spec, args, workload, source, cache_dir, 1 << max(count - 1, 0).bit_length())
@@ -370,7 +458,7 @@ def _run(args, plans=None, shard=None, pipeline=None) -> int:
             else (lambda p: Engine(p, store, offload_dir, device=device))
         summary = run_job(plans, open_engine, tokenizer, in_path, out, defaults=defaults,
                           show=talk and (args.show or not args.output), should_stop=should_stop, mine=mine,
-                          done_elsewhere=done_elsewhere)
+                          done_elsewhere=done_elsewhere, fmt=fmt)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise OSError(e.errno, f"the offload folder ran out of space ({e.filename or args.offload_dir or 'temp'}); "
@@ -451,6 +539,11 @@ def cmd_inspect(args) -> int:
     from flexgen_graph import planfile
     from flexgen_graph.app.inspect import describe, describe_text, plot
 
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (only to say what is missing before the plan is read)
+        except ImportError:
+            raise UserError("--plot needs matplotlib: pip install 'flexgen-graph[plot]'") from None
     plans = planfile.load_set(args.plan)
     if args.plot:
         for i, p in enumerate(plans):
@@ -466,7 +559,12 @@ def cmd_inspect(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv:  # a bare command asks what this is
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
     try:
         return {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect,
                 "profile": cmd_profile, "bench": bench_cmd.run}[args.cmd](args)

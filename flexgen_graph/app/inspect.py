@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from flexgen_graph.ir import TIERS, Phase, Tier
 from flexgen_graph.planfile import Plan
+from flexgen_graph.program import OpKind
 from planner.cost import Predictions
 from planner.timeline import Span, StepTimeline, plan_graph, step_timeline  # noqa: F401  (re-exported)
 from planner.verify import simulate
@@ -115,14 +116,18 @@ def describe_text(plan: Plan, *, with_simulation: bool = True) -> str:
     return "\n".join(lines)
 
 
-COLORS = {"recv_hidden": "tab:purple", "send_hidden": "tab:purple", "recv_tokens": "tab:pink", "send_tokens": "tab:pink", "load_weight": "tab:blue", "load_cache": "tab:orange", "load_hidden": "tab:gray",
-          "store_cache": "tab:orange", "store_hidden": "tab:gray", "embed": "tab:green", "head": "tab:green",
-          "decoder_prefill": "tab:green", "decoder_decode": "tab:green", "decoder_decode_cpu_attn": "tab:red"}
+# one colour per op kind: matplotlib's tab20 palette, its ten strong colours first (neighbouring kinds differ)
+_TAB20 = ("#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#2ca02c", "#98df8a", "#d62728", "#ff9896", "#9467bd",
+          "#c5b0d5", "#8c564b", "#c49c94", "#e377c2", "#f7b6d2", "#7f7f7f", "#c7c7c7", "#bcbd22", "#dbdb8d",
+          "#17becf", "#9edae5")
+COLORS = {k.value: (_TAB20[0::2] + _TAB20[1::2])[i] for i, k in enumerate(OpKind)}
 
 
-def plot(plan: Plan, path, *, ctx: int | None = None) -> None:
+def plot(plan: Plan, path, *, ctx: int | None = None):
     """Draw one decode step (context ctx, the last step by default): the ops of the load, compute and
-    store streams over time, and the bytes each tier holds, against its capacity."""
+    store streams over time (one colour per op kind, the legend beside the lanes), and the bytes each
+    tier holds, against its capacity and the peak `inspect` prints (the verifier's, over the whole
+    run). Returns the matplotlib Figure it saved."""
     try:
         from matplotlib.figure import Figure  # imported here: plotting is optional
     except ImportError:
@@ -137,9 +142,9 @@ def plot(plan: Plan, path, *, ctx: int | None = None) -> None:
     for y, lane in enumerate(lanes):
         for kind in sorted({s.kind for s in tl.spans if s.stream == lane}):
             bars = [(s.start_s, s.end_s - s.start_s) for s in tl.spans if s.stream == lane and s.kind == kind]
-            ax.broken_barh(bars, (y - 0.35, 0.7), color=COLORS.get(kind, "tab:purple"), label=kind)
+            ax.broken_barh(bars, (y - 0.35, 0.7), color=COLORS.get(kind, "black"), label=kind)
     ax.set_yticks(range(len(lanes)), lanes)
-    ax.legend(loc="upper right", fontsize="small", ncols=3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", title="op", frameon=False)
     pol = plan.policy
     ax.set_title(f"{plan.spec.name} on {plan.profile.name}: decode step at context {tl.ctx}, block "
                  f"{pol.gpu_batch_size} x {pol.num_gpu_batches}; replayed {tl.end_s:.3g} s, cost model "
@@ -147,16 +152,19 @@ def plot(plan: Plan, path, *, ctx: int | None = None) -> None:
                  f"context{f'; stage {plan.stage.index} of {plan.stage.count}' if plan.stage else ''})",
                  fontsize="medium")
     xs = [t for t, _ in tl.memory] + [tl.end_s]  # compute ops run one at a time: events are in time order
+    peaks = simulate(plan.programs, plan_graph(plan), plan.policy, pinned_staging=plan.profile.has_gpu).peaks
     for mem, tier in zip(axes[1:], used):
         ys = [m[tier] / GIB for _, m in tl.memory]
-        cap = caps[tier] / GIB
+        cap, peak = caps[tier] / GIB, peaks[tier] / GIB
         mem.step(xs, ys + ys[-1:], where="post", color="tab:blue", label=f"{tier.value} held")
         mem.axhline(cap, color="tab:red", linestyle="--", linewidth=0.8, label=f"{tier.value} capacity")
-        lo, hi = min(ys), max(max(ys), cap)
+        mem.axhline(peak, color="black", linestyle=":", linewidth=1.0, label=f"peak {_gib(peaks[tier])} (inspect)")
+        lo, hi = min(min(ys), peak), max(max(ys), cap, peak)
         pad = 0.08 * (hi - lo) or 0.05 * hi
         mem.set_ylim(max(0.0, lo - pad), hi + pad)
         mem.set_ylabel(f"{tier.value} GiB")
-        mem.legend(loc="lower right", fontsize="small", ncols=2)
+        mem.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     axes[-1].set_xlabel("seconds into the step")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legends stand beside the axes: keep them in
+    return fig

@@ -24,6 +24,7 @@ from typing import Any, Callable, TextIO
 
 from tqdm import tqdm
 
+from flexgen_graph.app import openai_batch
 from flexgen_graph.errors import UserError
 from runtime.sampling import Sampling
 
@@ -36,6 +37,7 @@ class Request:
     prompt_ids: tuple[int, ...]
     max_tokens: int | None
     sampling: Sampling
+    meta: Any = None  # what the input format's answer shape needs (openai_batch.Meta)
 
 
 @dataclass
@@ -94,6 +96,10 @@ def parse_line(line: str, lineno: int, tokenizer, defaults: Sampling = Sampling(
         return {"line": lineno, "error": f"line {lineno}: invalid JSON ({e.msg})"}
     if not isinstance(obj, dict):
         return {"line": lineno, "error": f"line {lineno}: expected a JSON object"}
+    if openai_batch.is_openai(obj):  # recorded under its custom_id, as line_key keys it
+        rid, msg = obj.get("custom_id"), "an OpenAI batch request in a native file: run with --format openai or auto"
+        ok = isinstance(rid, (str, int)) and not isinstance(rid, bool)
+        return {"id": rid, "error": msg} if ok else {"line": lineno, "error": f"line {lineno}: {msg}"}
     if "id" not in obj:
         return {"line": lineno, "error": f"line {lineno}: missing \"id\""}
     rid = obj["id"]
@@ -143,6 +149,8 @@ def parse_line(line: str, lineno: int, tokenizer, defaults: Sampling = Sampling(
 def record_key(rec: dict) -> str:
     """The key an output record is done under: its input line's when it names one (an error record
     without a usable id, or a duplicate id's), else its id's."""
+    if "custom_id" in rec:  # an OpenAI batch output line
+        rec = openai_batch.record_keys(rec)
     return f"line:{rec.get('line')}" if "line" in rec or "id" not in rec else id_key(rec["id"])
 
 
@@ -166,7 +174,7 @@ def line_key(text: str, lineno: int) -> str:
         obj = json.loads(text)
     except json.JSONDecodeError:
         return f"line:{lineno}"
-    rid = obj.get("id") if isinstance(obj, dict) else None
+    rid = openai_batch.line_id(obj) if isinstance(obj, dict) else None
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
         return f"line:{lineno}"
     return id_key(rid)
@@ -228,11 +236,12 @@ def _lines(path: Path):
             offset += len(raw)
 
 
-def scan(in_path: Path, tokenizer, defaults: Sampling = Sampling()) -> tuple[int, int, int]:
+def scan(in_path: Path, tokenizer, defaults: Sampling = Sampling(), fmt=None) -> tuple[int, int, int]:
     """(valid prompts, longest prompt, largest max_tokens) of a job, to size a plan for it."""
     count, longest, most = 0, 1, 0
+    parse = fmt.parse if fmt else parse_line
     for _, lineno, text in _lines(in_path):
-        r = parse_line(text, lineno, tokenizer, defaults)
+        r = parse(text, lineno, tokenizer, defaults)
         if isinstance(r, Request):
             count, longest, most = count + 1, max(longest, len(r.prompt_ids)), max(most, r.max_tokens or 0)
     return count, longest, most
@@ -248,11 +257,12 @@ def route(plans, req: Request) -> int | None:
 
 def plan_requests(in_path: Path, plans, tokenizer, out: OutputFile, defaults: Sampling,
                   summary: JobSummary, mine: Callable[[str], bool] = lambda key: True,
-                  done_elsewhere: frozenset[str] = frozenset()) -> list[list[tuple[int, int]]]:
+                  done_elsewhere: frozenset[str] = frozenset(), fmt=None) -> list[list[tuple[int, int]]]:
     """Pass 1: validate every line, write error records, route the rest: per plan, (offset, lineno).
 
     Only lines whose key `mine` accepts are this job's (a shard of a data-parallel run); keys in
-    out or in done_elsewhere (records another output already holds) are skipped."""
+    out or in done_elsewhere (records another output already holds) are skipped. fmt: the input
+    format (None: native lines; else an openai_batch.OpenAIBatch, which parses and shapes records)."""
     routed: list[list[tuple[int, int]]] = [[] for _ in plans]
     seen: set[str] = set()
     longest = max(p.workload.prompt_len for p in plans)
@@ -263,7 +273,7 @@ def plan_requests(in_path: Path, plans, tokenizer, out: OutputFile, defaults: Sa
         if key in out.done or key in done_elsewhere:
             summary.skipped += 1
             continue
-        r = parse_line(text, lineno, tokenizer, defaults)
+        r = (fmt.parse if fmt else parse_line)(text, lineno, tokenizer, defaults)
         if key in seen and isinstance(r, Request):
             # recorded under its line, not its id: the id's own record is still to come (or resumed)
             r = {"id": r.id, "line": lineno, "error": f"line {lineno}: duplicate id"}
@@ -282,24 +292,62 @@ def plan_requests(in_path: Path, plans, tokenizer, out: OutputFile, defaults: Sa
             r = {"id": r.id, "error": f"prompt has {len(r.prompt_ids)} tokens and max_tokens {r.max_tokens}; "
                                      f"the plans take at most {longest} prompt tokens and {big} new tokens"}
         summary.errors += 1
-        out.write(r)
+        out.write(fmt.error(r) if fmt else r)
     return routed
+
+
+class Progress:
+    """The job's progress bar, moved at every decode step: a block's prompts count in as its steps go
+    (its longest limit being the most steps it takes), with the tokens so far, tokens/s and the ETA
+    of the job. Only drawn on a terminal."""
+
+    def __init__(self, total: int) -> None:
+        self.bar = tqdm(total=total, disable=not sys.stderr.isatty(), desc="generating",
+                        bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]")
+        self.total, self.done, self.tokens, self.t0 = total, 0, 0, time.perf_counter()
+        self._size, self._share, self._moved = 0, 0.0, 0.0
+
+    def block(self, size: int, steps: int) -> None:
+        self._size, self._share, self._moved = size, size / max(steps, 1), 0.0
+
+    def step(self, live: int | None) -> None:
+        """runtime.driver's on_step: live is how many of the block's sequences made a token this step
+        (None: this pipeline stage does not see the tokens)."""
+        self.tokens += live or 0
+        move = min(self._share, self._size - self._moved)
+        self._moved += move
+        self.bar.set_postfix_str(self._postfix(), refresh=False)
+        self.bar.update(move)
+
+    def end_block(self) -> None:
+        self.done += self._size
+        self.bar.set_postfix_str(self._postfix(), refresh=False)
+        self.bar.update(self._size - self._moved)
+        self._size, self._moved = 0, 0.0
+
+    def _postfix(self) -> str:
+        rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+        return f"{self.done}/{self.total} prompts, {self.tokens} tokens, {rate:.1f} tokens/s"
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def run_job(plans, open_engine: Callable, tokenizer, in_path: Path, out: OutputFile, *,
             defaults: Sampling = Sampling(), show: bool = False,
             should_stop: Callable[[], bool] = lambda: False, mine: Callable[[str], bool] = lambda key: True,
-            done_elsewhere: frozenset[str] = frozenset()) -> JobSummary:
+            done_elsewhere: frozenset[str] = frozenset(), fmt=None) -> JobSummary:
     """Run every line of in_path; `open_engine(plan)` gives a context-managed Engine for a plan.
 
     should_stop is polled between blocks: when it says so, the job returns with the finished
     blocks written (summary.interrupted set), and the engine's scratch files are removed.
-    mine and done_elsewhere narrow the job to a shard (see plan_requests)."""
+    mine and done_elsewhere narrow the job to a shard (see plan_requests); fmt is the input format."""
     summary = JobSummary()
-    routed = plan_requests(in_path, plans, tokenizer, out, defaults, summary, mine, done_elsewhere)
+    routed = plan_requests(in_path, plans, tokenizer, out, defaults, summary, mine, done_elsewhere, fmt)
     total = sum(len(r) for r in routed)
     t0 = time.perf_counter()
-    bar = tqdm(total=total, unit="prompt", disable=not sys.stderr.isatty(), desc="generating")
+    bar = Progress(total)
+    parse = fmt.parse if fmt else parse_line
     with open(in_path, "rb") as f:
         for plan, items in zip(plans, routed):
             if not items or summary.interrupted:
@@ -313,20 +361,21 @@ def run_job(plans, open_engine: Callable, tokenizer, in_path: Path, out: OutputF
                     chunk = []
                     for offset, lineno in items[start:start + plan.block_size]:
                         f.seek(offset)
-                        chunk.append(parse_line(f.readline().decode("utf-8", errors="replace"), lineno,
-                                                tokenizer, defaults))
-                    gens = engine.generate([list(r.prompt_ids) for r in chunk],
-                                           [r.max_tokens or plan.workload.gen_len for r in chunk],
-                                           [r.sampling for r in chunk])
+                        chunk.append(parse(f.readline().decode("utf-8", errors="replace"), lineno,
+                                           tokenizer, defaults))
+                    limits = [r.max_tokens or plan.workload.gen_len for r in chunk]
+                    bar.block(len(chunk), max(limits))
+                    gens = engine.generate([list(r.prompt_ids) for r in chunk], limits, [r.sampling for r in chunk],
+                                           on_step=bar.step)
                     for r, gen in zip(chunk, gens):
                         text = tokenizer.decode(list(gen.token_ids), skip_special_tokens=True) if tokenizer else None
-                        out.write({"id": r.id, "text": text, "token_ids": list(gen.token_ids),
-                                   "finish_reason": gen.finish_reason})
+                        rec = {"id": r.id, "text": text, "token_ids": list(gen.token_ids),
+                               "finish_reason": gen.finish_reason}
+                        out.write(fmt.answer(r, gen, rec) if fmt else rec)
                         summary.tokens += len(gen.token_ids)
                         if show:
                             tqdm.write(f"[{r.id}] {text if text is not None else list(gen.token_ids)}")
-                    bar.update(len(chunk))
-                    bar.set_postfix(tok_s=f"{summary.tokens / (time.perf_counter() - t0):.1f}")
+                    bar.end_block()
                 for tier, n in engine.peak_bytes.items():
                     summary.peak_bytes[tier] = max(summary.peak_bytes.get(tier, 0), n)
     bar.close()

@@ -1,9 +1,14 @@
 """Resolve a --model argument to a ModelSpec and a weights source; open (importing once) its weight store.
 
+A --model is a checkpoint folder or .gguf file, a Hugging Face id already in the local hub cache
+(HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub: where transformers keeps what it
+downloaded, resolved offline as transformers does: refs/main names the snapshot), or a catalog id
+(plans compile without weights).
+
 Weight sources are strings recorded in plans: "default" (the embedded SmolLM2 GGUF),
-"gguf:PATH", "hf:PATH" (a local checkpoint folder), "dummy:SEED" (seeded random weights).
-Imported stores are cached under the cache folder, keyed by source and dtype, so the slow
-GGUF dequantization happens once.
+"gguf:PATH", "hf:PATH" (a local checkpoint folder, a hub-cache snapshot included), "dummy:SEED"
+(seeded random weights). Imported stores are cached under the cache folder, keyed by source and
+dtype, so the slow GGUF dequantization happens once.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 from flexgen_graph.catalog import CATALOG, DEFAULT_MODEL, catalog_spec
@@ -23,6 +29,31 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ModelNotFoundError(UserError):
     pass
+
+
+# a Hugging Face model id: "org/name" or a bare legacy "name"; anything else is read as a path
+REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, found from the environment as huggingface_hub finds it."""
+    env = os.environ
+    hub = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
+    if hub:
+        return Path(hub).expanduser()
+    home = env.get("HF_HOME") or Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def hub_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot folder of a Hugging Face model id whose config is in the hub cache, or None.
+    Offline: what transformers' from_pretrained reads with HF_HUB_OFFLINE=1 (refs/main's snapshot)."""
+    if not REPO_ID.fullmatch(repo_id) or not hub_cache_dir().is_dir():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json", cache_dir=hub_cache_dir())
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def default_cache_dir() -> Path:
@@ -55,9 +86,15 @@ def resolve_model(model: str, dtype: str = "float32") -> tuple[ModelSpec, str]:
     """(spec, weights source) for a catalog id, a checkpoint folder or a .gguf file."""
     if model == DEFAULT_MODEL:
         return catalog_spec(model, dtype), "default"
+    path = Path(model)
+    snapshot = None if path.exists() else hub_snapshot(model)
+    if snapshot is not None:  # weights the user already has beat a catalog entry without any
+        from transformers import AutoConfig
+
+        return (spec_from_config(AutoConfig.from_pretrained(snapshot), name=model, dtype=dtype),
+                f"hf:{snapshot.resolve()}")
     if model in CATALOG:
         return catalog_spec(model, dtype), f"catalog:{model}"
-    path = Path(model)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} is a folder without config.json (not a Hugging Face checkpoint)")
@@ -68,7 +105,39 @@ def resolve_model(model: str, dtype: str = "float32") -> tuple[ModelSpec, str]:
         return spec_from_config(gguf_config(path), name=path.stem, dtype=dtype), f"gguf:{path.resolve()}"
     if path.exists():
         raise ModelNotFoundError(f"{model}: not a checkpoint folder or a .gguf file")
-    return catalog_spec(model, dtype), ""  # raises UnknownModelError with suggestions
+    if not REPO_ID.fullmatch(model) or path.suffix == ".gguf":
+        raise ModelNotFoundError(f"--model {model}: no such file or folder")
+    try:
+        return catalog_spec(model, dtype), ""  # raises UnknownModelError with suggestions
+    except UserError as e:
+        raise type(e)(f"{e}; not a file or folder either, nor in the Hugging Face cache ({hub_cache_dir()})") \
+            from None
+
+
+def _holds_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file()  # as jobs reads it
+
+
+def has_tokenizer(source: str) -> bool:
+    """Whether a weights source brings a tokenizer (known before it is imported)."""
+    if source.startswith("dummy:"):
+        return False
+    if source.startswith("hf:"):
+        return _holds_tokenizer(Path(source.partition(":")[2]))
+    return True  # GGUF files carry theirs; a catalog entry without weights fails when opened
+
+
+def tokenizer_folder(arg: str) -> Path:
+    """--tokenizer: a folder with a Hugging Face tokenizer, or a model id whose snapshot is in the hub cache."""
+    path = Path(arg)
+    folder = path if path.is_dir() else hub_snapshot(arg)
+    if folder is None:
+        raise ModelNotFoundError(f"--tokenizer {arg}: no such folder, nor a model in the Hugging Face cache "
+                                 f"({hub_cache_dir()})")
+    if not _holds_tokenizer(folder):
+        raise ModelNotFoundError(f"--tokenizer {arg}: {folder} holds no tokenizer (tokenizer.json or "
+                                 "tokenizer_config.json)")
+    return folder
 
 
 def store_dir(source: str, spec: ModelSpec, cache_dir: Path) -> Path:
@@ -116,4 +185,8 @@ def weights_source_for(arg: str, spec_source: str) -> str:
         return f"hf:{path.resolve()}"
     if path.is_file() and path.suffix == ".gguf":
         return f"gguf:{path.resolve()}"
-    raise ModelNotFoundError(f"--weights {arg!r}: expected dummy, dummy:SEED, a checkpoint folder or a .gguf file")
+    snapshot = None if path.exists() else hub_snapshot(arg)
+    if snapshot is not None:
+        return f"hf:{snapshot.resolve()}"
+    raise ModelNotFoundError(f"--weights {arg!r}: expected dummy, dummy:SEED, a checkpoint folder, a .gguf file "
+                             "or a model id in the Hugging Face cache")

@@ -1,0 +1,228 @@
+"""OpenAI Batch API files run unchanged: requests become the engine's, answers leave in OpenAI's batch
+output shape (checked with the openai package's own types) carrying what transformers generates."""
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from flexgen_graph.app import openai_batch
+from flexgen_graph.app.cli import main
+from flexgen_graph.app.jobs import Request, line_key, parse_line, record_key
+from runtime.driver import Generation
+from runtime.sampling import Sampling
+
+MODEL = "tiny-chat"  # the checkpoint folder's name: body.model may give it
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (one token per byte, three specials) with a chat template: any text round-trips."""
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def write_chat_checkpoint(folder, layers: int = 2):
+    """A tiny Llama checkpoint with a tokenizer and a chat template, as a Hugging Face folder."""
+    torch.manual_seed(0)
+    tok = byte_tokenizer()
+    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, vocab_size=len(tok), max_position_embeddings=128, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory):
+    return write_chat_checkpoint(tmp_path_factory.mktemp("ckpt") / MODEL)
+
+
+def hf_answer(folder, ids: list[int], max_new: int) -> list[int]:
+    """transformers' greedy tokens for a prompt, its stop token included (as the engine reports them)."""
+    model = LlamaForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=max_new, do_sample=False, pad_token_id=0, eos_token_id=2)
+    return out[0, len(ids):].tolist()
+
+
+CHAT = [{"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Name a colour."}, {"type": "text", "text": "One."}]}]
+
+
+def batch_line(custom_id, url="/v1/chat/completions", **body):
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": {"model": MODEL, **body}}
+
+
+LINES = [
+    batch_line("chat", messages=CHAT, max_completion_tokens=5, temperature=0, top_p=1, n=1, seed=3, user="u1"),
+    batch_line("text", url="/v1/completions", prompt="Once upon a time", max_tokens=4, stop=None),
+    batch_line("ids", url="/v1/completions", prompt=[5, 6, 7, 8], max_tokens=3),
+    batch_line("other-model", messages=CHAT, max_tokens=2) | {"body": {"model": "gpt-4o-mini", "messages": CHAT}},
+    batch_line("n2", messages=CHAT, n=2),
+    batch_line("tools", messages=CHAT, tools=[]),
+    batch_line("embed", url="/v1/embeddings", input="x"),
+    {"method": "POST", "url": "/v1/chat/completions", "body": {"model": MODEL, "messages": CHAT}},
+]
+
+
+def check_envelope(rec: dict) -> None:
+    """OpenAI's documented batch output line: id, custom_id, response (status_code, request_id, body) or error."""
+    assert set(rec) == {"id", "custom_id", "response", "error"} and rec["id"].startswith("batch_req_")
+    if rec["error"] is None:
+        resp = rec["response"]
+        assert resp["status_code"] == 200 and isinstance(resp["request_id"], str) and isinstance(resp["body"], dict)
+    else:
+        assert rec["response"] is None and isinstance(rec["error"]["message"], str) and rec["error"]["code"]
+
+
+@pytest.fixture(scope="module")
+def answered(chat_checkpoint, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("job")
+    inp, out = tmp / "batch.jsonl", tmp / "out.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in LINES))
+    argv = ["run", "--model", str(chat_checkpoint), "--input", str(inp), "--output", str(out),
+            "--cache-dir", str(tmp / "cache")]
+    assert main(argv) == 0  # --format auto: the first line says OpenAI
+    first = out.read_text()
+    assert main(argv) == 0  # the same command again: every line is done already
+    return [json.loads(x) for x in first.splitlines()], out.read_text(), first
+
+
+def by_custom_id(records):
+    return {r["custom_id"]: r for r in records}
+
+
+def test_answers_are_transformers_tokens_in_openai_shapes_that_the_openai_types_accept(answered, chat_checkpoint):
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+
+    records, _, _ = answered
+    for r in records:
+        check_envelope(r)
+    got = by_custom_id(records)
+    tok = PreTrainedTokenizerFast.from_pretrained(chat_checkpoint)
+    flat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour.\nOne."}]
+    chat_ids = list(tok.apply_chat_template(flat, add_generation_prompt=True, tokenize=True, return_dict=False))
+    cases = {"chat": (chat_ids, 5), "text": (tok("Once upon a time")["input_ids"], 4), "ids": ([5, 6, 7, 8], 3)}
+    for cid, (ids, limit) in cases.items():
+        body = got[cid]["response"]["body"]
+        parsed = (ChatCompletion if cid == "chat" else Completion).model_validate(body)
+        want = hf_answer(chat_checkpoint, ids, limit)
+        choice = parsed.choices[0]
+        text = choice.message.content if cid == "chat" else choice.text
+        assert text == tok.decode(want, skip_special_tokens=True)
+        assert choice.finish_reason == ("stop" if want[-1] == 2 else "length")
+        assert parsed.usage.prompt_tokens == len(ids) and parsed.usage.completion_tokens == len(want)
+        assert parsed.usage.total_tokens == len(ids) + len(want) and parsed.model == str(chat_checkpoint)
+        assert parsed.object == ("chat.completion" if cid == "chat" else "text_completion")
+
+
+def test_lines_that_cannot_run_are_error_lines_naming_the_field_and_the_rest_runs(answered):
+    from openai.types import BatchError
+
+    records, _, _ = answered
+    got = by_custom_id(records)
+    errors = {cid: BatchError.model_validate(r["error"]) for cid, r in got.items() if r["error"] is not None}
+    assert "gpt-4o-mini" in errors["other-model"].message and errors["other-model"].code == "model_not_found"
+    assert "body.n" in errors["n2"].message
+    assert "'tools'" in errors["tools"].message
+    assert "/v1/embeddings" in errors["embed"].message
+    assert errors[None].line == 8 and "custom_id" in errors[None].message  # no custom_id: known by its line
+    assert {"chat", "text", "ids"} <= {cid for cid, r in got.items() if r["error"] is None}
+
+
+def test_a_rerun_answers_nothing_twice(answered):
+    records, after, first = answered
+    again = [json.loads(x) for x in after.splitlines()]
+    answers = [r["custom_id"] for r in again if r["error"] is None]
+    assert sorted(answers) == ["chat", "ids", "text"]  # each once, whatever else the rerun wrote
+    assert after.startswith(first)
+
+
+def tiny_format(tokenizer=None):
+    return openai_batch.OpenAIBatch("org/Tiny-Chat", tokenizer or byte_tokenizer())
+
+
+def test_body_model_may_be_the_full_name_or_its_last_part_in_any_case_but_nothing_else():
+    fmt = tiny_format()
+    for name, ok in (("org/Tiny-Chat", True), ("tiny-chat", True), ("TINY-CHAT", True), ("org/other", False),
+                     ("gpt-4o-mini", False)):
+        r = fmt.parse(json.dumps(batch_line("a", messages=CHAT) | {"body": {"model": name, "messages": CHAT}}), 1,
+                      fmt.tokenizer)
+        assert isinstance(r, Request) is ok, (name, r)
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"max_tokens": 0}, "body.max_tokens"), ({"max_tokens": 3, "max_completion_tokens": 4}, "differ"),
+    ({"temperature": "hot"}, "body.temperature"), ({"seed": 1.5}, "body.seed"), ({"stop": ["a"] * 5}, "body.stop"),
+    ({"frequency_penalty": 0.5}, "body.frequency_penalty"), ({"stream": True}, "body.stream"),
+    ({"logprobs": True}, "body.logprobs"), ({"messages": [{"role": "tool", "content": "x"}]}, "role 'tool'"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "text parts"),
+    ({"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "'name'"),
+])
+def test_what_the_engine_would_not_honour_is_refused_by_name(body, field):
+    fmt = tiny_format()
+    r = fmt.parse(json.dumps(batch_line("a", messages=CHAT) | {"body": {"model": "tiny-chat", "messages": CHAT,
+                                                                         **body}}), 1, fmt.tokenizer)
+    assert isinstance(r, dict) and field in r["error"], r
+
+
+def test_body_fields_map_onto_the_request_and_unset_ones_take_the_run_defaults():
+    fmt = tiny_format()
+    defaults = Sampling(temperature=0.5, top_p=0.9, seed=11)
+    line = batch_line("a", messages=[{"role": "user", "content": "hi"}], max_completion_tokens=7, top_p=0.5,
+                      seed=4, stop="\n")
+    r = fmt.parse(json.dumps(line | {"body": line["body"] | {"model": "tiny-chat"}}), 1, fmt.tokenizer, defaults)
+    assert r.id == "a" and r.max_tokens == 7 and r.sampling == Sampling(0.5, 0.5, 4) and r.meta.stop == ("\n",)
+    assert list(r.prompt_ids) == fmt.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
+                                                                   add_generation_prompt=True, tokenize=True,
+                                                                   return_dict=False)
+    bare = batch_line("b", url="/v1/completions", prompt="hi")
+    r = fmt.parse(json.dumps(bare | {"body": bare["body"] | {"model": "tiny-chat"}}), 1, fmt.tokenizer, defaults)
+    assert r.max_tokens is None and (r.sampling.temperature, r.sampling.top_p) == (0.5, 0.9)
+    assert r.sampling.seed == parse_line(json.dumps({"id": "b", "prompt": "hi"}), 1, fmt.tokenizer, defaults).sampling.seed
+
+
+def test_a_stop_string_ends_the_answer_before_it_with_the_tokens_up_to_it():
+    fmt = tiny_format()
+    tok = fmt.tokenizer
+    ids = tok("hello world. bye. end")["input_ids"]
+    req = Request("a", (5, 6), None, Sampling(), meta=openai_batch.Meta("text", (". ", "zzz")))
+    rec = {"text": tok.decode(ids), "token_ids": ids, "finish_reason": "length"}
+    out = fmt.answer(req, Generation(tuple(ids), "length"), rec)
+    choice = out["response"]["body"]["choices"][0]
+    assert choice["text"] == "hello world" and choice["finish_reason"] == "stop"
+    assert out["response"]["body"]["usage"]["completion_tokens"] == len(tok("hello world. ")["input_ids"])
+    plain = fmt.answer(Request("b", (5,), None, Sampling(), meta=openai_batch.Meta("text")),
+                       Generation(tuple(ids), "length"), rec)["response"]["body"]
+    assert plain["choices"][0]["text"] == "hello world. bye. end" and plain["usage"]["completion_tokens"] == len(ids)
+
+
+def test_the_format_is_told_by_the_first_json_object_and_a_line_of_the_other_kind_is_an_error(tmp_path):
+    f = tmp_path / "a.jsonl"
+    f.write_text("\n{not json\n" + json.dumps(batch_line("a", messages=CHAT)) + "\n")
+    assert openai_batch.detect(f) == "openai" and openai_batch.resolve_format("native", f) == "native"
+    f.write_text(json.dumps({"id": 1, "prompt_ids": [3]}) + "\n")
+    assert openai_batch.detect(f) == "native"
+    native = parse_line(json.dumps(batch_line("a", messages=CHAT)), 4, None)
+    assert native["id"] == "a" and "--format openai" in native["error"]
+    stray = tiny_format().parse(json.dumps({"id": 7, "prompt": "x"}), 2, None)
+    assert stray["id"] == 7 and "--format native" in stray["error"]
+    # resuming keys: an input line and its answer or error line are known by the same key
+    assert line_key(json.dumps(batch_line("a")), 1) == record_key({"custom_id": "a", "error": None})
+    assert line_key("{oops", 9) == record_key(tiny_format().error({"line": 9, "error": "x"}))
