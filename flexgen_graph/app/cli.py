@@ -2,7 +2,7 @@
 
     flexgen-graph compile --model facebook/opt-1.3b --profile t4-flexgen --prompt-len 512 --gen-len 32 -o opt.fgplan
     flexgen-graph inspect opt.fgplan
-    flexgen-graph run --plan opt.fgplan --weights dummy --input prompts.jsonl --output out.jsonl
+    flexgen-graph run --plan opt.fgplan --weights dummy --input examples/sample_prompt_ids.jsonl --output out.jsonl
     flexgen-graph run --input examples/sample_prompts.jsonl --show      # embedded SmolLM2, plan compiled for this box
     flexgen-graph run --input examples/openai_batch.jsonl --output out.jsonl   # an OpenAI Batch API file, unchanged
 
@@ -86,7 +86,7 @@ def _lengths(s: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected lengths like 512 or 128,512,2048, got {s!r}") from None
     if not out or out[0] < 1:
-        raise argparse.ArgumentTypeError(f"lengths must be positive, got {s!r}")
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {s}")
     return out
 
 
@@ -355,37 +355,29 @@ def _check_files(args) -> None:
     args.format = openai_batch.resolve_format(args.format, in_path)
 
 
-def _check_tokenizer(args, source: str) -> None:
-    """Lines that need a tokenizer, with weights that bring none: said before the weights are imported."""
-    from flexgen_graph.app.models import has_tokenizer
+def _given_tokenizer(args, spec, source: str):
+    """--tokenizer's tokenizer (None without one), and lines that need a tokenizer with weights that bring
+    none: both before the weights are imported."""
+    from flexgen_graph.app.models import has_tokenizer, tokenizer_folder
 
-    if args.tokenizer or has_tokenizer(source):
-        return
-    need = openai_batch.needs_tokenizer(Path(args.input), args.format)
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer_folder(args.tokenizer))
+        if len(tok) > spec.vocab:
+            raise UserError(f"--tokenizer {args.tokenizer} has {len(tok)} tokens but {spec.name} only {spec.vocab}")
+        return tok
+    need = None if has_tokenizer(source) else openai_batch.needs_tokenizer(Path(args.input), args.format)
     if need:
         raise UserError(f"the weights {source} come without a tokenizer, but line {need[0]} of {args.input} gives "
                         f"{need[1]}: give \"prompt_ids\" (native lines), or a tokenizer with --tokenizer FOLDER")
-
-
-def _tokenizer(args, spec, store):
-    """The job's tokenizer: --tokenizer's, else the one the weights bring (None without one)."""
-    from flexgen_graph.app.jobs import load_tokenizer
-    from flexgen_graph.app.models import tokenizer_folder
-
-    if not args.tokenizer:
-        return load_tokenizer(store.path)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_folder(args.tokenizer))
-    if len(tok) > spec.vocab_size:
-        raise UserError(f"--tokenizer {args.tokenizer} has {len(tok)} tokens but {spec.name} only {spec.vocab_size}")
-    return tok
+    return None
 
 
 def _run(args, plans=None, shard=None, pipeline=None) -> int:
     """plans: those of --plan, loaded by cmd_run (None: compile one for the job)."""
     from flexgen_graph.app import distributed
-    from flexgen_graph.app.jobs import OutputFile, run_job, scan
+    from flexgen_graph.app.jobs import OutputFile, load_tokenizer, run_job, scan
     from flexgen_graph.app.models import (
         default_cache_dir,
         open_store,
@@ -415,12 +407,12 @@ def _run(args, plans=None, shard=None, pipeline=None) -> int:
             source = weights_source_for(args.weights, source)
         if not source:
             raise UserError(f"the plan names no weights for {spec.name}: pass --weights")
+        given_tokenizer = _given_tokenizer(args, spec, source)
         if talk:
             print(f"model {spec.name} ({spec.num_params() / 1e6:.0f}M parameters, {spec.dtype}), weights {source}",
                   file=sys.stderr)
-        _check_tokenizer(args, source)
         store = open_store(source, spec, cache_dir)
-        tokenizer = _tokenizer(args, spec, store)
+        tokenizer = given_tokenizer if given_tokenizer is not None else load_tokenizer(store.path)
         fmt = openai_batch.for_run(args.format, spec.name, tokenizer)
         if plans is None and not (pipeline and rank.rank):
             count, longest, wanted = scan(in_path, tokenizer, defaults, fmt)
