@@ -345,7 +345,7 @@ def _check_files(args) -> None:
         out = Path(args.output)
         folder = out.parent
         if not folder.is_dir():
-            raise UserError(f"--output {out}: no such folder {folder}")
+            raise UserError(f"--output {out}: folder {folder} does not exist")
         if out.is_dir():
             raise UserError(f"--output {out} is a folder: give a file name")
         if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):

@@ -45,7 +45,8 @@ NO_EFFECT = {"n": 1, "best_of": 1, "stream": False, "logprobs": False, "echo": F
              "frequency_penalty": 0, "presence_penalty": 0}
 # bookkeeping that does not change an answer
 IGNORED = {"user", "metadata", "store", "service_tier"}
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # developer: a system turn
+# a developer turn is OpenAI's newer name for a system turn
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 class InputFormatError(UserError):
