@@ -145,8 +145,8 @@ def write_hub_cache(root: Path, repo_id: str, folder: Path, old: Path) -> Path:
     return repo / "snapshots" / ("a1" * 20)
 
 
-def test_a_model_id_in_the_hugging_face_cache_runs_offline_from_its_main_snapshot(  # noqa: F811
-        chat_checkpoint, tmp_path, monkeypatch):
+def test_a_model_id_in_the_hugging_face_cache_runs_offline_from_its_main_snapshot(
+        chat_checkpoint, tmp_path, monkeypatch):  # noqa: F811
     old = write_chat_checkpoint(tmp_path / "old", layers=1)  # an older snapshot refs/main no longer names
     hub = tmp_path / "hub"
     snap = write_hub_cache(hub, "tiny-org/tiny-chat", chat_checkpoint, old)
