@@ -31,6 +31,7 @@ import networkx as nx
 
 from flexgen_graph.hardware import HardwareProfile
 from flexgen_graph.ir import TIERS, Block, Tier, Workload
+from flexgen_graph.layout import DEFAULT_BITS, DEFAULT_GROUP_SIZE
 from flexgen_graph.policy import Policy
 from flexgen_graph.spec import ModelSpec
 from planner.cost import (
@@ -56,7 +57,7 @@ from planner.lp import (
     parse_fixed,
     solve_figures,
 )
-from planner.memory import GROUP_SIZE, compression_of, workspace_bytes
+from planner.memory import compression_of, workspace_bytes
 
 __all__ = ["DEFAULT_FLAGS", "GPU_BATCH_SIZES", "NUM_GPU_BATCHES", "InfeasiblePlanError", "Predictions",
            "SearchResult", "search"]
@@ -154,7 +155,7 @@ def search(lower_fn: Callable[[Block], nx.DiGraph], profile: HardwareProfile, wo
            gpu_batch_size: int | Sequence[int] | None = None, num_gpu_batches: int | Sequence[int] | None = None,
            fixed: FixedSpec | None = None, max_block_size: int | None = None,
            allowed_flags: Collection[str] = DEFAULT_FLAGS, spec: ModelSpec | None = None,
-           group_size: int = GROUP_SIZE, bits: int = 4) -> SearchResult:
+           group_size: int = DEFAULT_GROUP_SIZE, bits: int = DEFAULT_BITS) -> SearchResult:
     """Best policy over gpu batch sizes 1..512 (powers of two), 1..32 gpu batches and the allowed
     flags, unless given (an int or a sequence of options).
 
