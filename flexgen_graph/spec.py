@@ -38,6 +38,10 @@ __all__ = ["ALIGN_BYTES", "DTYPE_BYTES", "ModelSpec", "TensorSlot", "TensorSpec"
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
+def _trait(name: str) -> property:
+    return property(lambda spec: getattr(spec.traits, name), doc=f"The family's {name} (Family.{name}).")
+
+
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
     name: str
@@ -67,29 +71,13 @@ class ModelSpec:
         """The family's traits: the kernels and the lowering select behaviour by the properties below."""
         return families.get(self.family)
 
-    @property
-    def norm(self) -> str:
-        return self.traits.norm
-
-    @property
-    def activation(self) -> str:
-        return self.traits.activation
-
-    @property
-    def mlp(self) -> str:
-        return self.traits.mlp
-
-    @property
-    def positions(self) -> str:
-        return self.traits.positions
-
-    @property
-    def position_offset(self) -> int:
-        return self.traits.position_offset
-
-    @property
-    def query_prescaled(self) -> bool:
-        return self.traits.query_prescaled
+    # the family's traits, read as spec fields (flexgen_graph.families.base.Family says what each means)
+    norm = _trait("norm")
+    activation = _trait("activation")
+    mlp = _trait("mlp")
+    positions = _trait("positions")
+    position_offset = _trait("position_offset")
+    query_prescaled = _trait("query_prescaled")
 
     @property
     def dtype_bytes(self) -> int:
