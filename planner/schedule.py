@@ -221,7 +221,9 @@ class _Emitter:
     def _load_weight(self, j: int, k: int, gj: int, label: str) -> Op | None:
         if self.bp.weight_tier[j] is Tier.GPU:
             return None
-        waits = self.idx(NodeKind.COMPUTE, self.r.w_prev[j], self.shape.num_gpu_batches - 1) if j in self.r.w_prev else []
+        waits = []
+        if j in self.r.w_prev:  # the slot's previous layer is done when its last gpu batch's compute is
+            waits = self.idx(NodeKind.COMPUTE, self.r.w_prev[j], self.shape.num_gpu_batches - 1)
         return Op(OpKind.LOAD_WEIGHT, gj, -1, tuple(waits), src=self.bp.weight_home[j],
                   dst=self.bp.weight_slots[self.r.w_slot[j]], node=label)
 
@@ -258,8 +260,8 @@ class _Emitter:
         return Op(OpKind.RECV_HIDDEN, gj, k, (), dst=self.bp.hidden_home[k], node=label)
 
     def _send_hidden(self, j: int, k: int, gj: int, label: str) -> Op:
-        return Op(OpKind.SEND_HIDDEN, gj, k, tuple(self.idx(NodeKind.COMPUTE, j, k) + self.idx(NodeKind.STORE_HIDDEN, j, k)),
-                  src=self.bp.hidden_home[k], node=label)
+        waits = self.idx(NodeKind.COMPUTE, j, k) + self.idx(NodeKind.STORE_HIDDEN, j, k)
+        return Op(OpKind.SEND_HIDDEN, gj, k, tuple(waits), src=self.bp.hidden_home[k], node=label)
 
     def _recv_tokens(self, j: int, k: int, gj: int, label: str) -> Op:
         return Op(OpKind.RECV_TOKENS, gj, k, (), node=label)

@@ -84,6 +84,7 @@ class CudaBackend:
         if budget[Tier.GPU] < total:  # last: nothing after it can fail and leave the cap set
             # the plan's GPU capacity, enforced by the caching allocator: behave as the smaller card
             self._fraction_before = memory_fraction(self.device)
+            torch.cuda.empty_cache()  # the cap counts reserved bytes: free blocks cached earlier would eat the budget
             torch.cuda.set_per_process_memory_fraction(budget[Tier.GPU] / total, self.device)
 
     def alloc(self, tier: Tier, nbytes: int, what: str) -> Buf:

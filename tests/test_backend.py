@@ -65,6 +65,7 @@ class FakeCuda:
         m.setattr(torch.cuda, "current_device", lambda: 0)
         m.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=total))
         m.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: None)
+        m.setattr(torch.cuda, "empty_cache", lambda: self.calls.append("empty_cache"))
         m.setattr(torch.cuda, "Stream", lambda d: object())
         m.setattr(torch.cuda, "set_per_process_memory_fraction", self.set)
         if fraction is None:  # torch before 2.7: no getter
@@ -82,13 +83,14 @@ class FakeCuda:
 def test_cuda_memory_fraction_is_the_plans_until_close(monkeypatch, tmp_path, before):
     cuda = FakeCuda(monkeypatch, total=80 * GIB, fraction=before)
     b = CudaBackend({Tier.GPU: 16 * GIB, Tier.CPU: GIB, Tier.DISK: GIB}, tmp_path)
-    assert cuda.calls == [0.2]  # a 16 GB plan on an 80 GB card behaves as the 16 GB card
+    # a 16 GB plan on an 80 GB card behaves as the 16 GB card (cached free blocks released first: they count)
+    assert cuda.calls == ["empty_cache", 0.2]
     threads = [t for t in threading.enumerate() if t.name.startswith("stream-")]
     b.close()
-    assert cuda.calls == [0.2, 1.0 if before is None else before]  # the process gets the card back
+    assert cuda.calls == ["empty_cache", 0.2, 1.0 if before is None else before]  # the process gets the card back
     assert not any(t.is_alive() for t in threads)
     b.close()  # twice: nothing more to undo
-    assert len(cuda.calls) == 2
+    assert len(cuda.calls) == 3
 
 
 def test_a_plan_as_large_as_the_card_sets_no_cap(monkeypatch, tmp_path):

@@ -56,7 +56,7 @@ class Family:
     def __post_init__(self) -> None:
         for field, value, allowed in (("norm", self.norm, NORMS), ("activation", self.activation, ACTIVATIONS),
                                       ("mlp", self.mlp, MLPS), ("positions", self.positions, POSITIONS)):
-            assert value in allowed, f"family {self.name}: {field} {value!r} is none of {allowed} (the kernels' choices)"
+            assert value in allowed, f"family {self.name}: {field} {value!r} is none of the kernels' {allowed}"
 
 
 def eos_tuple(eos: Any) -> tuple[int, ...]:
@@ -70,5 +70,5 @@ def eos_tuple(eos: Any) -> tuple[int, ...]:
 
 def token_fields(c: Any) -> dict[str, Any]:
     """The special token ids every family reads alike."""
-    return dict(bos_token_id=getattr(c, "bos_token_id", None), eos_token_ids=eos_tuple(getattr(c, "eos_token_id", None)),
-                pad_token_id=getattr(c, "pad_token_id", None))
+    return dict(bos_token_id=getattr(c, "bos_token_id", None), pad_token_id=getattr(c, "pad_token_id", None),
+                eos_token_ids=eos_tuple(getattr(c, "eos_token_id", None)))

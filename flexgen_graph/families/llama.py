@@ -53,7 +53,8 @@ def tensors(s: "ModelSpec", kind: LayerKind, i: int) -> tuple[Weight, ...]:
     if kind is LayerKind.EMBED:
         return (Weight("embed_tokens", (s.vocab, h), "model.embed_tokens.weight"),)
     if kind is LayerKind.HEAD:
-        return (Weight("norm_w", (h,), "model.norm.weight"), Weight("lm_head", (s.vocab, h), "lm_head.weight", linear=True))
+        return (Weight("norm_w", (h,), "model.norm.weight"),
+                Weight("lm_head", (s.vocab, h), "lm_head.weight", linear=True))
     p = f"model.layers.{i}."
     t = [Weight("ln1_w", (h,), p + "input_layernorm.weight")]
     for x, out in (("q", q_out), ("k", kv_out), ("v", kv_out)):

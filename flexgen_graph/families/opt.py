@@ -40,21 +40,30 @@ def tensors(s: "ModelSpec", kind: LayerKind, i: int) -> tuple[Weight, ...]:
     h, q_out, kv_out = s.hidden, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
     if kind is LayerKind.EMBED:
         return (Weight("embed_tokens", (s.vocab, h), "model.decoder.embed_tokens.weight"),
-                Weight("embed_positions", (s.max_positions + POSITION_OFFSET, h), "model.decoder.embed_positions.weight"))
+                Weight("embed_positions", (s.max_positions + POSITION_OFFSET, h),
+                       "model.decoder.embed_positions.weight"))
     if kind is LayerKind.HEAD:
         return (Weight("norm_w", (h,), "model.decoder.final_layer_norm.weight"),
                 Weight("norm_b", (h,), "model.decoder.final_layer_norm.bias"),
                 Weight("lm_head", (s.vocab, h), "lm_head.weight", linear=True))
     p = f"model.decoder.layers.{i}."
     return (
-        Weight("ln1_w", (h,), p + "self_attn_layer_norm.weight"), Weight("ln1_b", (h,), p + "self_attn_layer_norm.bias"),
-        Weight("q_w", (q_out, h), p + "self_attn.q_proj.weight", True), Weight("q_b", (q_out,), p + "self_attn.q_proj.bias"),
-        Weight("k_w", (kv_out, h), p + "self_attn.k_proj.weight", True), Weight("k_b", (kv_out,), p + "self_attn.k_proj.bias"),
-        Weight("v_w", (kv_out, h), p + "self_attn.v_proj.weight", True), Weight("v_b", (kv_out,), p + "self_attn.v_proj.bias"),
-        Weight("o_w", (h, q_out), p + "self_attn.out_proj.weight", True), Weight("o_b", (h,), p + "self_attn.out_proj.bias"),
-        Weight("ln2_w", (h,), p + "final_layer_norm.weight"), Weight("ln2_b", (h,), p + "final_layer_norm.bias"),
-        Weight("fc1_w", (s.ffn, h), p + "fc1.weight", True), Weight("fc1_b", (s.ffn,), p + "fc1.bias"),
-        Weight("fc2_w", (h, s.ffn), p + "fc2.weight", True), Weight("fc2_b", (h,), p + "fc2.bias"),
+        Weight("ln1_w", (h,), p + "self_attn_layer_norm.weight"),
+        Weight("ln1_b", (h,), p + "self_attn_layer_norm.bias"),
+        Weight("q_w", (q_out, h), p + "self_attn.q_proj.weight", True),
+        Weight("q_b", (q_out,), p + "self_attn.q_proj.bias"),
+        Weight("k_w", (kv_out, h), p + "self_attn.k_proj.weight", True),
+        Weight("k_b", (kv_out,), p + "self_attn.k_proj.bias"),
+        Weight("v_w", (kv_out, h), p + "self_attn.v_proj.weight", True),
+        Weight("v_b", (kv_out,), p + "self_attn.v_proj.bias"),
+        Weight("o_w", (h, q_out), p + "self_attn.out_proj.weight", True),
+        Weight("o_b", (h,), p + "self_attn.out_proj.bias"),
+        Weight("ln2_w", (h,), p + "final_layer_norm.weight"),
+        Weight("ln2_b", (h,), p + "final_layer_norm.bias"),
+        Weight("fc1_w", (s.ffn, h), p + "fc1.weight", True),
+        Weight("fc1_b", (s.ffn,), p + "fc1.bias"),
+        Weight("fc2_w", (h, s.ffn), p + "fc2.weight", True),
+        Weight("fc2_b", (h,), p + "fc2.bias"),
     )
 
 
