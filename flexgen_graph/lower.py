@@ -124,10 +124,9 @@ def _compute_cost(spec: ModelSpec, kind: LayerKind, phase: Phase, b: int, prompt
         return dict(flops=2 * b * h * spec.vocab, work_bytes=b * spec.vocab * 4)
     t = prompt_len if phase is Phase.PREFILL else 1
     q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    n_mats = 2 if spec.family == "opt" else 3
-    dense = 2 * b * t * (h * (q_out + 2 * kv_out) + q_out * h + n_mats * h * spec.ffn)
+    dense = 2 * b * t * spec.linear_params(1)  # decoder layers are alike
     attn_per_ctx = 4 * b * spec.num_heads * t * spec.head_dim  # q.k and p.v, per attended token
-    mlp_work = b * t * spec.ffn * d * (n_mats - 1)
+    mlp_work = b * t * spec.ffn * d * (2 if spec.mlp == "gated" else 1)  # a gated MLP holds gate and up outputs
     qkv_work = b * t * (q_out + 2 * kv_out) * d
     scores_per_ctx = b * spec.num_heads * t * 4  # softmax in float32
     if phase is Phase.PREFILL:

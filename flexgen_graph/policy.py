@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from flexgen_graph.errors import UserError
 from flexgen_graph.ir import Tier
+from flexgen_graph.layout import DEFAULT_BITS, DEFAULT_GROUP_SIZE, QuantConfig, QuantError
 
 FRAC_DIGITS = 6  # fractions are rounded so plans are byte-identical across solver runs
 FRAC_TOL = 1e-6
@@ -55,14 +56,19 @@ class Policy:
     cpu_attention: bool = False
     compress_weights: bool = False
     compress_cache: bool = False
-    group_size: int = 64  # elements per group when a compress flag is on (planner.memory)
-    compress_bits: int = 4  # 4 (FlexGen's) or 8
+    group_size: int = DEFAULT_GROUP_SIZE  # elements per group when a compress flag is on (flexgen_graph.layout)
+    compress_bits: int = DEFAULT_BITS  # 4 (FlexGen's) or 8
 
     def __post_init__(self) -> None:
-        if self.compress_bits not in (4, 8) or type(self.group_size) is not int or self.group_size < 1 \
-                or self.group_size * self.compress_bits % 8:
-            raise UserError(f"policy compression of {self.compress_bits!r} bits in groups of {self.group_size!r}: "
-                             "bits must be 4 or 8, the group a positive whole number of bytes")
+        try:
+            self.quant_config
+        except QuantError as e:
+            raise UserError(f"policy compression: {e}") from None
+
+    @property
+    def quant_config(self) -> QuantConfig:
+        """The compression of compressed tensors (used only when a compress flag is on)."""
+        return QuantConfig(self.compress_bits, self.group_size)
 
     @property
     def compresses(self) -> bool:

@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 from flexgen_graph.errors import UserError
 from flexgen_graph.hardware import HardwareProfile
 from flexgen_graph.ir import Block, LayerKind, Stage, Tier, Workload
+from flexgen_graph.layout import DEFAULT_BITS, DEFAULT_GROUP_SIZE
 from flexgen_graph.lower import lower
 from flexgen_graph.planfile import Plan
 from flexgen_graph.policy import Placement, Policy
@@ -30,7 +31,7 @@ from planner import pipeline
 from planner.cost import phase_costs, policy_fracs
 from planner.errors import InfeasiblePlanError
 from planner.lp import parse_fixed
-from planner.memory import GROUP_SIZE, policy_compression, sized_buffers
+from planner.memory import policy_compression, sized_buffers
 from planner.schedule import emit_programs, graph_shape
 from planner.search import (
     DEFAULT_FLAGS,
@@ -67,8 +68,8 @@ class CompileOptions:
     fixed: tuple[tuple[str, Placement | float | bool], ...] = ()
     cpu_attention: bool | None = None
     compress: str = "off"
-    group_size: int = GROUP_SIZE
-    compress_bits: int = 4
+    group_size: int = DEFAULT_GROUP_SIZE
+    compress_bits: int = DEFAULT_BITS
     stages: int = 1
     stages_per_machine: int | None = None
     stage_link_bytes_per_s: float | None = None

@@ -35,6 +35,7 @@ import pulp
 from flexgen_graph.errors import UserError
 from flexgen_graph.hardware import HardwareProfile
 from flexgen_graph.ir import TIERS, Tier
+from flexgen_graph.layout import DEFAULT_BITS, DEFAULT_GROUP_SIZE
 from flexgen_graph.policy import Placement, Policy
 from flexgen_graph.spec import ModelSpec
 from planner.cost import (
@@ -55,7 +56,6 @@ from planner.cost import (
 from planner.errors import Fault, InfeasiblePlanError
 from planner.figures import BlockFigures, figures_of
 from planner.memory import (
-    GROUP_SIZE,
     Compression,
     cache_slots_for_cpu_attention,
     compression_of,
@@ -120,7 +120,7 @@ class MemoryFigures:
 def _quant(comp: Compression | None) -> dict[str, int]:
     """The policy fields of a compression (the defaults when nothing is compressed)."""
     return {"group_size": comp.group_size, "compress_bits": comp.bits} if comp is not None else \
-        {"group_size": GROUP_SIZE, "compress_bits": 4}
+        {"group_size": DEFAULT_GROUP_SIZE, "compress_bits": DEFAULT_BITS}
 
 
 def _flag_policy(figs: BlockFigures, flags: Flags, comp: Compression | None = None) -> Policy:

@@ -6,67 +6,31 @@ compression), so this model and the runtime cannot drift apart. Transients are t
 compute op at the longest context: attention scores and MLP intermediates of one gpu batch, the
 logits (the graph's work bytes), plus the dequantized copy of compressed weights / cache it reads.
 
-4-bit (or 8-bit) compression (FlexGen's scheme): group-wise asymmetric min-max, groups of `group_size`
-elements along the grouped dimension (a linear weight's input dimension, an embedding's hidden
-dimension, the cache's head dimension; spec.quant_dim),
-two 4-bit values per byte and per group a float16 scale and a float16 minimum. A dimension that is
-not a multiple of the group size is padded to one.
+4-bit (or 8-bit) compression (FlexGen's scheme): the compressed sizes are flexgen_graph.layout's,
+the one definition the runtime's buffers follow too (weights along a linear map's input dimension or
+an embedding's hidden dimension, the cache along its head dimension).
 
-    >>> compressed_bytes(4096)  # 4096 / 2 + 4 * 4096 / 64
-    2304
+    >>> from flexgen_graph.catalog import catalog_spec
+    >>> comp = compression_of(catalog_spec("facebook/opt-125m"))
+    >>> comp.cache_row_compressed  # a 64-element head row: 64 / 2 code bytes + a float16 scale and minimum
+    36
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from math import prod
 
 import networkx as nx
 
 from flexgen_graph.hardware import HardwareProfile
 from flexgen_graph.ir import TIERS, LayerKind, NodeKind, Phase, Tier
+from flexgen_graph.layout import DEFAULT_BITS, DEFAULT_GROUP_SIZE, QuantConfig, compressed_nbytes
 from flexgen_graph.policy import Placement, Policy
 from flexgen_graph.program import Buffer, BufferRole
-from flexgen_graph.spec import ALIGN_BYTES, ModelSpec, quant_dim
+from flexgen_graph.spec import ModelSpec
 from planner.figures import BlockFigures, figures_of
 from planner.schedule import BufferPlan, GraphShape, build_buffers
-
-GROUP_SIZE = 64
-GROUP_META_BYTES = 4  # a float16 scale and a float16 minimum per group
-
-
-def check_quant(bits: int, group_size: int) -> None:
-    if bits not in (4, 8) or type(group_size) is not int or group_size < 1 or group_size * bits % 8:
-        raise ValueError(f"compression of {bits!r} bits in groups of {group_size!r}: bits must be 4 or 8 and the "
-                         "group a positive whole number of bytes (an even size at 4 bits)")
-
-
-def compressed_bytes(n_elements: int, group_size: int = GROUP_SIZE, bits: int = 4) -> int:
-    """Bytes of n elements compressed as one run along the grouped dimension (padded to whole groups)."""
-    check_quant(bits, group_size)
-    if n_elements < 0:
-        raise ValueError(f"compressed_bytes: n_elements {n_elements} must be >= 0")
-    groups = -(-n_elements // group_size)
-    return groups * (group_size * bits // 8 + GROUP_META_BYTES)
-
-
-def compressed_tensor_bytes(shape: tuple[int, ...], group_size: int = GROUP_SIZE, dim: int = -1, bits: int = 4) -> int:
-    """A tensor grouped along `dim`, one run per position of the other dims."""
-    d = dim % len(shape)
-    return prod(shape[:d] + shape[d + 1:]) * compressed_bytes(shape[d], group_size, bits)
-
-
-def compressed_layer_bytes(spec: ModelSpec, layer: int, group_size: int = GROUP_SIZE, bits: int = 4) -> int:
-    """A layer's flat buffer with its matrices compressed: vectors (norms, biases) stay in the model
-    dtype, as in FlexGen; every tensor starts ALIGN_BYTES-aligned, as in spec.layer_layout."""
-    off = 0
-    for ts in spec.layer_tensors(layer):
-        n = compressed_tensor_bytes(ts.shape, group_size, quant_dim(ts.name), bits) if len(ts.shape) >= 2 \
-            else ts.numel * spec.dtype_bytes
-        off += -(-n // ALIGN_BYTES) * ALIGN_BYTES
-    return off
-
 
 @dataclass(frozen=True, slots=True)
 class Compression:
@@ -84,10 +48,11 @@ class Compression:
         return nbytes // self.cache_row_bytes * self.cache_row_compressed
 
 
-def compression_of(spec: ModelSpec, group_size: int = GROUP_SIZE, bits: int = 4) -> Compression:
-    layers = tuple(compressed_layer_bytes(spec, j, group_size, bits) for j in range(spec.num_graph_layers))
+def compression_of(spec: ModelSpec, group_size: int = DEFAULT_GROUP_SIZE, bits: int = DEFAULT_BITS) -> Compression:
+    cfg = QuantConfig(bits, group_size)
+    layers = tuple(spec.compressed_layer_bytes(j, cfg) for j in range(spec.num_graph_layers))
     return Compression(group_size, bits, layers, spec.head_dim * spec.dtype_bytes,
-                       compressed_bytes(spec.head_dim, group_size, bits))
+                       compressed_nbytes((spec.head_dim,), 0, cfg))
 
 
 def policy_compression(spec: ModelSpec, policy: Policy) -> Compression:

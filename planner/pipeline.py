@@ -18,6 +18,7 @@ from typing import Sequence
 
 from flexgen_graph.errors import UserError
 from flexgen_graph.hardware import HardwareProfile
+from flexgen_graph.layout import ceil_div
 from planner.cost import Predictions, sig
 
 
@@ -55,7 +56,7 @@ def split_layers(times: Sequence[float], stages: int, decoder: Sequence[bool],
         gib = 1 << 30
         raise UserError(f"the weights ({wsum[n] / gib:.1f} GiB) do not split into {stages} stages of at most "
                          f"{capacity / gib:.2f} GiB each (a stage keeps its weights on its GPU): use at least "
-                         f"{-(-wsum[n] // capacity)} stages, or a single-process plan, which streams the weights")
+                         f"{ceil_div(wsum[n], capacity)} stages, or a single-process plan, which streams the weights")
     out, i = [], n
     for s in range(stages, 0, -1):
         j = cut[s][i]

@@ -160,7 +160,20 @@ def _compute_kind(kind: LayerKind, phase: Phase, host_cache: bool) -> OpKind:
     return OpKind.DECODER_DECODE_CPU_ATTN if host_cache else OpKind.DECODER_DECODE
 
 
-def _emit(g: nx.DiGraph, shape: GraphShape, bp: BufferPlan, policy: Policy, phase: Phase) -> tuple[Op, ...]:
+@dataclass(frozen=True, slots=True)
+class _Rings:
+    """Which items of a phase pass through each 2-slot ring: their slot, and the item that held it before."""
+
+    w_slot: dict[int, int]  # layer -> weight slot index
+    w_prev: dict[int, int]
+    c_slot: dict[tuple[int, int], int]  # (layer, batch) -> cache slot index
+    c_prev: dict[tuple[int, int], tuple[int, int]]
+    h_slot: dict[tuple[int, int], int]  # (layer, batch) -> hidden slot index
+    h_prev: dict[tuple[int, int], tuple[int, int]]
+    host_cache: frozenset[tuple[int, int]]  # cache used in place off the GPU (CPU attention)
+
+
+def _rings(shape: GraphShape, bp: BufferPlan, policy: Policy) -> _Rings:
     nb, first = shape.num_gpu_batches, shape.first_layer
     items = sorted(((j, k) for j in range(shape.num_graph_layers) for k in range(nb)),
                    key=lambda jk: _item(*jk, nb, shape.num_graph_layers, shape.batch_major))  # program order
@@ -169,88 +182,130 @@ def _emit(g: nx.DiGraph, shape: GraphShape, bp: BufferPlan, policy: Policy, phas
         raise ValueError("a pipeline stage keeps its weights on its GPU: batch-major programs cannot stream "
                          f"weights through a 2-slot ring (layers {[first + j for j in w_stream]} are off the GPU)")
     c_stream = [jk for jk in items if streams_cache(bp.cache_tier.get(jk, Tier.GPU), policy)]
-    host_cache = {jk for jk, t in bp.cache_tier.items() if t is not Tier.GPU and not streams_cache(t, policy)}
+    host_cache = frozenset(jk for jk, t in bp.cache_tier.items() if t is not Tier.GPU and not streams_cache(t, policy))
     h_stream = [jk for jk in items if bp.hidden_tier[jk[1]] is not Tier.GPU]
-    w_slot, w_prev = _ring(w_stream)
-    c_slot, c_prev = _ring(c_stream)
-    h_slot, h_prev = _ring(h_stream)
+    return _Rings(*_ring(w_stream), *_ring(c_stream), *_ring(h_stream), host_cache)
 
-    ops: list[Op] = []
-    index: dict[tuple[NodeKind, int, int], int] = {}  # (kind, layer, batch) -> op index
 
-    def idx(kind: NodeKind, layer: int, batch: int) -> list[int]:
-        i = index.get((kind, layer, batch))
+class _Emitter:
+    """Builds one phase's ops in node order; each op waits on the earlier ops it depends on, found by
+    (node kind, layer, batch) in the ops emitted so far."""
+
+    def __init__(self, shape: GraphShape, bp: BufferPlan, rings: _Rings, phase: Phase) -> None:
+        self.shape, self.bp, self.r, self.phase = shape, bp, rings, phase
+        self.ops: list[Op] = []
+        self._index: dict[tuple[NodeKind, int, int], int] = {}  # (kind, layer, batch) -> op index
+
+    def idx(self, kind: NodeKind, layer: int, batch: int) -> list[int]:
+        i = self._index.get((kind, layer, batch))
         return [] if i is None else [i]
 
-    def freed(prev: dict, jk: tuple[int, int], *kinds: NodeKind) -> list[int]:
+    def freed(self, prev: dict, jk: tuple[int, int], *kinds: NodeKind) -> list[int]:
         """Ops that read the slot's previous occupant (a new writer must wait for them)."""
         if jk not in prev:
             return []
         pj, pk = prev[jk]
-        return [i for kind in kinds for i in idx(kind, pj, pk)]
+        return [i for kind in kinds for i in self.idx(kind, pj, pk)]
 
-    for key in node_order(g, phase):
-        j, k = key.layer, key.batch
-        jk, gj, label = (j, k), first + j, key._replace(layer=first + j).label()
-        if key.kind is NodeKind.LOAD_WEIGHT:
-            if bp.weight_tier[j] is Tier.GPU:
-                continue
-            waits = []
-            if j in w_prev:
-                waits = idx(NodeKind.COMPUTE, w_prev[j], nb - 1)
-            op = Op(OpKind.LOAD_WEIGHT, gj, -1, tuple(waits), src=bp.weight_home[j],
-                    dst=bp.weight_slots[w_slot[j]], node=label)
-        elif key.kind is NodeKind.LOAD_CACHE:
-            if jk not in c_slot:
-                continue
-            waits = freed(c_prev, jk, NodeKind.COMPUTE, NodeKind.STORE_CACHE)
-            op = Op(OpKind.LOAD_CACHE, gj, k, tuple(waits), src=bp.cache_home[jk], dst=bp.cache_slots[c_slot[jk]],
-                    node=label)
-        elif key.kind is NodeKind.LOAD_HIDDEN:
-            if jk not in h_slot:
-                continue
-            waits = idx(NodeKind.STORE_HIDDEN, j - 1, k) + idx(NodeKind.RECV_HIDDEN, j, k) \
-                + freed(h_prev, jk, NodeKind.COMPUTE, NodeKind.STORE_HIDDEN)
-            op = Op(OpKind.LOAD_HIDDEN, gj, k, tuple(waits), src=bp.hidden_home[k], dst=bp.hidden_slots[h_slot[jk]],
-                    node=label)
-        elif key.kind is NodeKind.STORE_CACHE:
-            if jk not in c_slot:
-                continue
-            op = Op(OpKind.STORE_CACHE, gj, k, tuple(idx(NodeKind.COMPUTE, j, k)), src=bp.cache_slots[c_slot[jk]],
-                    dst=bp.cache_home[jk], node=label)
-        elif key.kind is NodeKind.STORE_HIDDEN:
-            if jk not in h_slot:
-                continue
-            op = Op(OpKind.STORE_HIDDEN, gj, k, tuple(idx(NodeKind.COMPUTE, j, k)), src=bp.hidden_slots[h_slot[jk]],
-                    dst=bp.hidden_home[k], node=label)
-        elif key.kind is NodeKind.RECV_HIDDEN:  # into the home: a slot, if any, is filled by LOAD_HIDDEN after
-            op = Op(OpKind.RECV_HIDDEN, gj, k, (), dst=bp.hidden_home[k], node=label)
-        elif key.kind is NodeKind.RECV_TOKENS:
-            op = Op(OpKind.RECV_TOKENS, gj, k, (), node=label)
-        elif key.kind is NodeKind.SEND_TOKENS:
-            op = Op(OpKind.SEND_TOKENS, gj, k, tuple(idx(NodeKind.COMPUTE, j, k)), node=label)
-        elif key.kind is NodeKind.SEND_HIDDEN:
-            op = Op(OpKind.SEND_HIDDEN, gj, k, tuple(idx(NodeKind.COMPUTE, j, k) + idx(NodeKind.STORE_HIDDEN, j, k)),
-                    src=bp.hidden_home[k], node=label)
-        else:
-            lkind = shape.layer_kinds[j]
-            waits = idx(NodeKind.LOAD_WEIGHT, j, -1) + idx(NodeKind.LOAD_CACHE, j, k) + idx(NodeKind.LOAD_HIDDEN, j, k)
-            if jk not in h_slot:
-                waits += idx(NodeKind.RECV_HIDDEN, j, k)
-            waits += idx(NodeKind.RECV_TOKENS, j, k)
-            if jk in c_slot and not idx(NodeKind.LOAD_CACHE, j, k):
-                waits += freed(c_prev, jk, NodeKind.STORE_CACHE)  # prefill writes the slot without a load
-            if jk in h_slot and not idx(NodeKind.LOAD_HIDDEN, j, k):
-                waits += freed(h_prev, jk, NodeKind.STORE_HIDDEN)  # the embedding writes the slot without a load
-            weight = bp.weight_slots[w_slot[j]] if j in w_slot else bp.weight_home[j]
-            cache = -1
-            if lkind is LayerKind.DECODER:
-                cache = bp.cache_slots[c_slot[jk]] if jk in c_slot else bp.cache_home[jk]
-            hidden = bp.hidden_slots[h_slot[jk]] if jk in h_slot else bp.hidden_home[k]
-            op = Op(_compute_kind(lkind, phase, jk in host_cache), gj, k, tuple(sorted(waits)), weight=weight, cache=cache,
-                    hidden=hidden, node=label)
+    def emit(self, key: NodeKey) -> None:
+        gj = self.shape.first_layer + key.layer  # programs name the model's layers
+        op = self.BUILD[key.kind](self, key.layer, key.batch, gj, key._replace(layer=gj).label())
+        if op is None:  # the tensor stays where it is used: no op
+            return
         for w in op.waits:
-            assert w < len(ops), f"{op.node} waits on op {w} that is not earlier in program order"
-        index[(key.kind, j, k)] = len(ops)
-        ops.append(op)
-    return tuple(ops)
+            assert w < len(self.ops), f"{op.node} waits on op {w} that is not earlier in program order"
+        self._index[(key.kind, key.layer, key.batch)] = len(self.ops)
+        self.ops.append(op)
+
+    # -- transfers between a home and its slot ---------------------------------------------------
+    def _load_weight(self, j: int, k: int, gj: int, label: str) -> Op | None:
+        if self.bp.weight_tier[j] is Tier.GPU:
+            return None
+        waits = []
+        if j in self.r.w_prev:  # the slot's previous layer is done when its last gpu batch's compute is
+            waits = self.idx(NodeKind.COMPUTE, self.r.w_prev[j], self.shape.num_gpu_batches - 1)
+        return Op(OpKind.LOAD_WEIGHT, gj, -1, tuple(waits), src=self.bp.weight_home[j],
+                  dst=self.bp.weight_slots[self.r.w_slot[j]], node=label)
+
+    def _load_cache(self, j: int, k: int, gj: int, label: str) -> Op | None:
+        if (j, k) not in self.r.c_slot:
+            return None
+        waits = self.freed(self.r.c_prev, (j, k), NodeKind.COMPUTE, NodeKind.STORE_CACHE)
+        return Op(OpKind.LOAD_CACHE, gj, k, tuple(waits), src=self.bp.cache_home[(j, k)],
+                  dst=self.bp.cache_slots[self.r.c_slot[(j, k)]], node=label)
+
+    def _load_hidden(self, j: int, k: int, gj: int, label: str) -> Op | None:
+        if (j, k) not in self.r.h_slot:
+            return None
+        waits = self.idx(NodeKind.STORE_HIDDEN, j - 1, k) + self.idx(NodeKind.RECV_HIDDEN, j, k) \
+            + self.freed(self.r.h_prev, (j, k), NodeKind.COMPUTE, NodeKind.STORE_HIDDEN)
+        return Op(OpKind.LOAD_HIDDEN, gj, k, tuple(waits), src=self.bp.hidden_home[k],
+                  dst=self.bp.hidden_slots[self.r.h_slot[(j, k)]], node=label)
+
+    def _store_cache(self, j: int, k: int, gj: int, label: str) -> Op | None:
+        if (j, k) not in self.r.c_slot:
+            return None
+        return Op(OpKind.STORE_CACHE, gj, k, tuple(self.idx(NodeKind.COMPUTE, j, k)),
+                  src=self.bp.cache_slots[self.r.c_slot[(j, k)]], dst=self.bp.cache_home[(j, k)], node=label)
+
+    def _store_hidden(self, j: int, k: int, gj: int, label: str) -> Op | None:
+        if (j, k) not in self.r.h_slot:
+            return None
+        return Op(OpKind.STORE_HIDDEN, gj, k, tuple(self.idx(NodeKind.COMPUTE, j, k)),
+                  src=self.bp.hidden_slots[self.r.h_slot[(j, k)]], dst=self.bp.hidden_home[k], node=label)
+
+    # -- the link between pipeline stages ------------------------------------------------------------
+    def _recv_hidden(self, j: int, k: int, gj: int, label: str) -> Op:
+        # into the home: a slot, if any, is filled by LOAD_HIDDEN after
+        return Op(OpKind.RECV_HIDDEN, gj, k, (), dst=self.bp.hidden_home[k], node=label)
+
+    def _send_hidden(self, j: int, k: int, gj: int, label: str) -> Op:
+        waits = self.idx(NodeKind.COMPUTE, j, k) + self.idx(NodeKind.STORE_HIDDEN, j, k)
+        return Op(OpKind.SEND_HIDDEN, gj, k, tuple(waits), src=self.bp.hidden_home[k], node=label)
+
+    def _recv_tokens(self, j: int, k: int, gj: int, label: str) -> Op:
+        return Op(OpKind.RECV_TOKENS, gj, k, (), node=label)
+
+    def _send_tokens(self, j: int, k: int, gj: int, label: str) -> Op:
+        return Op(OpKind.SEND_TOKENS, gj, k, tuple(self.idx(NodeKind.COMPUTE, j, k)), node=label)
+
+    # -- compute ---------------------------------------------------------------------------------------
+    def _compute(self, j: int, k: int, gj: int, label: str) -> Op:
+        jk, r, bp = (j, k), self.r, self.bp
+        waits = self.idx(NodeKind.LOAD_WEIGHT, j, -1) + self.idx(NodeKind.LOAD_CACHE, j, k) \
+            + self.idx(NodeKind.LOAD_HIDDEN, j, k)
+        if jk not in r.h_slot:
+            waits += self.idx(NodeKind.RECV_HIDDEN, j, k)
+        waits += self.idx(NodeKind.RECV_TOKENS, j, k)
+        if jk in r.c_slot and not self.idx(NodeKind.LOAD_CACHE, j, k):
+            waits += self.freed(r.c_prev, jk, NodeKind.STORE_CACHE)  # prefill writes the slot without a load
+        if jk in r.h_slot and not self.idx(NodeKind.LOAD_HIDDEN, j, k):
+            waits += self.freed(r.h_prev, jk, NodeKind.STORE_HIDDEN)  # the embedding writes the slot without a load
+        lkind = self.shape.layer_kinds[j]
+        weight = bp.weight_slots[r.w_slot[j]] if j in r.w_slot else bp.weight_home[j]
+        cache = -1
+        if lkind is LayerKind.DECODER:
+            cache = bp.cache_slots[r.c_slot[jk]] if jk in r.c_slot else bp.cache_home[jk]
+        hidden = bp.hidden_slots[r.h_slot[jk]] if jk in r.h_slot else bp.hidden_home[k]
+        return Op(_compute_kind(lkind, self.phase, jk in r.host_cache), gj, k, tuple(sorted(waits)), weight=weight,
+                  cache=cache, hidden=hidden, node=label)
+
+    BUILD = {
+        NodeKind.LOAD_WEIGHT: _load_weight,
+        NodeKind.LOAD_CACHE: _load_cache,
+        NodeKind.LOAD_HIDDEN: _load_hidden,
+        NodeKind.STORE_CACHE: _store_cache,
+        NodeKind.STORE_HIDDEN: _store_hidden,
+        NodeKind.RECV_HIDDEN: _recv_hidden,
+        NodeKind.SEND_HIDDEN: _send_hidden,
+        NodeKind.RECV_TOKENS: _recv_tokens,
+        NodeKind.SEND_TOKENS: _send_tokens,
+        NodeKind.COMPUTE: _compute,
+    }
+
+
+def _emit(g: nx.DiGraph, shape: GraphShape, bp: BufferPlan, policy: Policy, phase: Phase) -> tuple[Op, ...]:
+    e = _Emitter(shape, bp, _rings(shape, bp, policy), phase)
+    for key in node_order(g, phase):
+        e.emit(key)
+    return tuple(e.ops)

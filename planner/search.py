@@ -31,6 +31,7 @@ import networkx as nx
 
 from flexgen_graph.hardware import HardwareProfile
 from flexgen_graph.ir import TIERS, Block, Tier, Workload
+from flexgen_graph.layout import DEFAULT_BITS, DEFAULT_GROUP_SIZE
 from flexgen_graph.policy import Policy
 from flexgen_graph.spec import ModelSpec
 from planner.cost import (
@@ -56,7 +57,7 @@ from planner.lp import (
     parse_fixed,
     solve_figures,
 )
-from planner.memory import GROUP_SIZE, compression_of, workspace_bytes
+from planner.memory import Compression, compression_of, workspace_bytes
 
 __all__ = ["DEFAULT_FLAGS", "GPU_BATCH_SIZES", "NUM_GPU_BATCHES", "InfeasiblePlanError", "Predictions",
            "SearchResult", "search"]
@@ -150,11 +151,14 @@ def flag_sets(allowed: Collection[str], forced: dict[str, bool]) -> list[Flags]:
     return sorted(out, key=lambda f: (len(f.on()), f.on()))
 
 
+_Fail = tuple[Block, BlockFigures, Flags, Fault | None]  # a point that did not fit, and why when known
+
+
 def search(lower_fn: Callable[[Block], nx.DiGraph], profile: HardwareProfile, workload: Workload, *,
            gpu_batch_size: int | Sequence[int] | None = None, num_gpu_batches: int | Sequence[int] | None = None,
            fixed: FixedSpec | None = None, max_block_size: int | None = None,
            allowed_flags: Collection[str] = DEFAULT_FLAGS, spec: ModelSpec | None = None,
-           group_size: int = GROUP_SIZE, bits: int = 4) -> SearchResult:
+           group_size: int = DEFAULT_GROUP_SIZE, bits: int = DEFAULT_BITS) -> SearchResult:
     """Best policy over gpu batch sizes 1..512 (powers of two), 1..32 gpu batches and the allowed
     flags, unless given (an int or a sequence of options).
 
@@ -179,16 +183,28 @@ def search(lower_fn: Callable[[Block], nx.DiGraph], profile: HardwareProfile, wo
     if (model.one.prompt_len, model.one.gen_len) != (workload.prompt_len, workload.gen_len):
         raise ValueError(f"lower_fn lowered for prompt/gen {model.one.prompt_len}/{model.one.gen_len}, "
                          f"not the workload's {workload.prompt_len}/{workload.gen_len}")
-    capacity = profile.gpu_bytes + profile.cpu_bytes + profile.disk_bytes
+    blocks = [Block(b, n) for b, n in itertools.product(sizes, counts)
+              if max_block_size is None or b * n <= max_block_size or (b, n) == (sizes[0], counts[0])]
+    figures = {block: model.at(block) for block in blocks}
+    points, fails = _points(blocks, figures, combos, profile, comp)
+    best, tried, unsolved = _branch_and_bound(points, figures, profile, fracs, placements, comp)
+    if best is None:
+        fails += unsolved
+        if not fails:
+            raise InfeasiblePlanError(f"no block to try on {profile.name} (sizes {sizes}, counts {counts})")
+        raise _no_fit(fails, profile, {**placements, **fracs}, comp, tried)
+    return SearchResult(best.policy, best.predictions, tried)
 
+
+def _points(blocks: list[Block], figures: dict[Block, BlockFigures], combos: list[Flags], profile: HardwareProfile,
+            comp: Compression | None) -> tuple[list[_Point], list[_Fail]]:
+    """Every (block, flags) worth an LP, with its bound; and those whose transients or homes cannot fit
+    whatever the placement."""
+    capacity = profile.gpu_bytes + profile.cpu_bytes + profile.disk_bytes
     points: list[_Point] = []
-    fails: list[tuple[Block, BlockFigures, Flags, Fault | None]] = []
-    figures: dict[Block, BlockFigures] = {}
-    for b, n in itertools.product(sizes, counts):
-        if max_block_size is not None and b * n > max_block_size and (b, n) != (sizes[0], counts[0]):
-            continue
-        block = Block(b, n)
-        figs = figures[block] = model.at(block)
+    fails: list[_Fail] = []
+    for block in blocks:
+        figs = figures[block]
         ws = workspace_bytes(figs)  # every placement and flag holds at least this on the GPU
         for flags in combos:
             mem = memory_figures(figs, flags, comp, pinned_staging=profile.has_gpu)
@@ -200,8 +216,16 @@ def search(lower_fn: Callable[[Block], nx.DiGraph], profile: HardwareProfile, wo
             least_s = time_bound_s(costs, mem, profile, ws)
             bound = sig(costs.block_size * costs.gen_len / least_s) if least_s > 0 else float("inf")
             points.append(_Point(block, flags, bound, costs, mem))
+    return points, fails
 
+
+def _branch_and_bound(points: list[_Point], figures: dict[Block, BlockFigures], profile: HardwareProfile,
+                      fracs: dict, placements: dict, comp: Compression | None
+                      ) -> tuple[LpResult | None, int, list[_Fail]]:
+    """The best LP result over the points (tried in decreasing order of their bound), the number of LPs
+    solved, and the points the LP found no placement for."""
     ruled_out: list[tuple[Flags, int, int]] = []  # proven infeasible: larger blocks are too
+    fails: list[_Fail] = []
     best: LpResult | None = None
     tried = 0
     for p in sorted(points, key=_Point.order):
@@ -221,14 +245,16 @@ def search(lower_fn: Callable[[Block], nx.DiGraph], profile: HardwareProfile, wo
             continue
         if best is None or _rank(r) < _rank(best):
             best = r
-    if best is None:
-        if not fails:
-            raise InfeasiblePlanError(f"no block to try on {profile.name} (sizes {sizes}, counts {counts})")
-        block, figs, flags, fault = min(fails, key=lambda f: (f[0].size, f[0].gpu_batch_size, len(f[2].on())))
-        fault = fault or diagnose(figs, profile, {**placements, **fracs, **flags.as_dict()}, comp=comp)
-        where = f"smallest block tried: gpu batch {block.gpu_batch_size} x {block.num_gpu_batches}" \
-                f"{', flags ' + '+'.join(flags.on()) if flags.on() else ''}, {tried} points solved on {profile.name}"
-        if fault is None:
-            raise InfeasiblePlanError(f"no plan fits on {profile.name}: the solver found no placement ({where})")
-        raise fault.error(where)
-    return SearchResult(best.policy, best.predictions, tried)
+    return best, tried, fails
+
+
+def _no_fit(fails: list[_Fail], profile: HardwareProfile, fixed: dict, comp: Compression | None,
+            tried: int) -> InfeasiblePlanError:
+    """The error for a search where nothing fits, named at its smallest point."""
+    block, figs, flags, fault = min(fails, key=lambda f: (f[0].size, f[0].gpu_batch_size, len(f[2].on())))
+    fault = fault or diagnose(figs, profile, {**fixed, **flags.as_dict()}, comp=comp)
+    where = f"smallest block tried: gpu batch {block.gpu_batch_size} x {block.num_gpu_batches}" \
+            f"{', flags ' + '+'.join(flags.on()) if flags.on() else ''}, {tried} points solved on {profile.name}"
+    if fault is None:
+        return InfeasiblePlanError(f"no plan fits on {profile.name}: the solver found no placement ({where})")
+    return fault.error(where)

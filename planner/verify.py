@@ -1,12 +1,6 @@
 """Program verifier: hazards (flexgen_graph.hazards), and a simulation of memory over the prefill and every decode step.
 
-Hazards. Ops on one stream run in program order; ops on different streams are ordered only through
-waits. From that, a happens-before relation; then for every buffer access:
-- a wait names an earlier op (an event something records before);
-- a read is ordered after the buffer's last writer (a slot must have one in the program);
-- a write is ordered after the previous writer and every read since (no load overwrites a
-  slot that a pending op still reads).
-A program run ends with a drain, so steps do not overlap and each program is checked once.
+Hazards: the check loading a plan makes, defined in flexgen_graph.hazards (re-exported here).
 
 Memory. What a tier holds is the plan's buffer table (allocated once) plus the transients of the
 compute op that runs (one at a time: the compute stream is serial): the graph's work bytes at the

@@ -1,9 +1,10 @@
-"""Backends: where buffers live and how streams run.
+"""Backends: where buffers live and how streams run, behind one declared interface, `Backend`.
 
 CpuBackend (this module): the GPU tier is host memory counted against the plan's GPU budget,
 the CPU tier is host memory, the disk tier is real files in an offload folder; one worker
-thread per stream, with threading.Event for the plan's events. A CUDA backend implements the
-same methods with CUDA streams, events and pinned host memory.
+thread per stream, with threading.Event for the plan's events. CudaBackend (runtime.cuda_backend)
+implements the same protocol with CUDA streams, events and pinned host memory. Neither inherits the
+other: what they share is here as parts (MemoryTracker, ScratchFiles, StreamWorkers) and functions.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -141,6 +142,26 @@ def open_scratch(path: Path, nbytes: int) -> DiskBuf:
     return DiskBuf(path, fd, nbytes)
 
 
+class ScratchFiles:
+    """The disk tier: one preallocated scratch file per buffer in the offload folder, removed on close."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._files: list[DiskBuf] = []
+
+    def open(self, what: str, nbytes: int) -> DiskBuf:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        buf = open_scratch(self.folder / f"{what}.bin", nbytes)
+        self._files.append(buf)
+        return buf
+
+    def close(self) -> None:
+        for f in self._files:
+            os.close(f.fd)
+            f.path.unlink(missing_ok=True)
+        self._files.clear()
+
+
 class _Worker:
     """One stream: runs submitted thunks in order, each after its wait events are set."""
 
@@ -150,7 +171,7 @@ class _Worker:
         self._thread = threading.Thread(target=self._loop, name=f"stream-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[], None], waits: list[threading.Event], done: threading.Event) -> None:
+    def submit(self, fn: Callable[[], None], waits: Sequence[threading.Event], done: threading.Event) -> None:
         self._q.put((fn, waits, done))
 
     def _loop(self) -> None:
@@ -164,7 +185,7 @@ class _Worker:
                     ev.wait()
                 if not self._errors:  # after a failure, skip work but keep releasing waiters
                     fn()
-            except BaseException as e:  # surfaced to the caller by CpuBackend.drain
+            except BaseException as e:  # surfaced to the caller by StreamWorkers.raise_first_error
                 self._errors.append(e)
             finally:
                 done.set()
@@ -172,6 +193,99 @@ class _Worker:
     def close(self) -> None:
         self._q.put(None)
         self._thread.join()
+
+
+class StreamWorkers:
+    """The plan's streams as host threads, one per stream running its thunks in submission order, each
+    after its wait events are set; or, with overlap off, every thunk inline on the caller, in program
+    order. After a failure the rest is skipped (waiters still released); the first error is kept."""
+
+    def __init__(self, overlap: bool) -> None:
+        self.errors: list[BaseException] = []
+        self._workers = {s: _Worker(s.value, self.errors) for s in Stream} if overlap else {}
+
+    def submit(self, stream: Stream, fn: Callable[[], None], waits: Sequence[Any], done: Any) -> None:
+        if self._workers:
+            self._workers[stream].submit(fn, waits, done)
+            return
+        try:
+            if not self.errors:
+                fn()
+        except BaseException as e:  # raised by raise_first_error, as with workers
+            self.errors.append(e)
+        done.set()
+
+    def raise_first_error(self) -> None:
+        if self.errors:
+            err = self.errors[0]
+            self.errors.clear()
+            raise err
+
+    def close(self) -> None:
+        for w in self._workers.values():
+            w.close()
+        self._workers = {}
+
+
+class LayerSource(Protocol):
+    """A weight store, or its compressed copy: whole layers read into a host buffer."""
+
+    def layer_nbytes(self, layer: int) -> int: ...
+
+    def read_layer_into(self, layer: int, buf: torch.Tensor, drop_page_cache: bool = False) -> None: ...
+
+
+class Backend(Protocol):
+    """What the interpreter (runtime.engine) asks of a backend. Events are the backend's own: `new_events`
+    makes them, ops `submit`ted to a stream wait on some and set one, `drain` waits for the given ones
+    and raises the first error any op raised."""
+
+    name: str
+    device: torch.device
+    memory: MemoryTracker
+
+    def alloc(self, tier: Tier, nbytes: int, what: str) -> Buf:
+        """A buffer of nbytes on tier, counted against the tier's budget (OutOfBudgetError past it)."""
+        ...
+
+    def account(self, tier: Tier, nbytes: int, what: str) -> None:
+        """Count bytes that live outside the backend's allocations (weights left in the weight store)."""
+        ...
+
+    def copy(self, dst: Buf, src: Buf, offset: int, nbytes: int) -> None:
+        """Bytes [offset, offset + nbytes) of src into the same range of dst (inside a stream's thunk)."""
+        ...
+
+    def read_layer(self, store: LayerSource, layer: int, dst: Buf, drop_page_cache: bool = False) -> None:
+        ...
+
+    def new_events(self, n: int) -> list[Any]:
+        ...
+
+    def submit(self, stream: Stream, fn: Callable[[], None], waits: Sequence[Any], done: Any) -> None:
+        ...
+
+    def drain(self, events: Sequence[Any]) -> None:
+        ...
+
+    def device_peak_bytes(self) -> int | None:
+        """The device's own peak, where it measures one (None: the tracker's accounting is the measurement)."""
+        ...
+
+    def close(self) -> None:
+        """Stop the streams, remove scratch files, undo any process-wide setting; safe to call twice."""
+        ...
+
+
+def open_backend(device: str, budget: dict[Tier, int], offload_dir: Path, overlap: bool = True) -> Backend:
+    """The backend for device "cpu" or "cuda" (runtime.cuda_backend, imported only then)."""
+    if device == "cuda":
+        from runtime.cuda_backend import CudaBackend
+
+        return CudaBackend(budget, offload_dir, overlap=overlap)
+    if device == "cpu":
+        return CpuBackend(budget, offload_dir, overlap=overlap)
+    raise UserError(f"device must be auto, cpu or cuda, got {device!r}")
 
 
 class CpuBackend:
@@ -183,32 +297,22 @@ class CpuBackend:
 
     def __init__(self, budget: dict[Tier, int], offload_dir: Path, overlap: bool = True) -> None:
         self.memory = MemoryTracker(budget)
-        self.offload_dir = offload_dir
-        self.overlap = overlap
-        self._errors: list[BaseException] = []
-        self._workers = {s: _Worker(s.value, self._errors) for s in Stream} if overlap else {}
-        self._files: list[DiskBuf] = []
+        self._scratch = ScratchFiles(offload_dir)
+        self._streams = StreamWorkers(overlap)
 
     def alloc(self, tier: Tier, nbytes: int, what: str) -> Buf:
         self.memory.take(tier, nbytes, what)
         if tier is Tier.DISK:
-            self.offload_dir.mkdir(parents=True, exist_ok=True)
-            buf = open_scratch(self.offload_dir / f"{what}.bin", nbytes)
-            self._files.append(buf)
-            return buf
-        return HostBuf(tier, self._host_tensor(tier, nbytes))
-
-    def _host_tensor(self, tier: Tier, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8)
+            return self._scratch.open(what, nbytes)
+        return HostBuf(tier, torch.empty(nbytes, dtype=torch.uint8))
 
     def account(self, tier: Tier, nbytes: int, what: str) -> None:
-        """Count bytes that live outside our allocations (weights left in the weight store)."""
         self.memory.take(tier, nbytes, what)
 
     def copy(self, dst: Buf, src: Buf, offset: int, nbytes: int) -> None:
         copy_range(dst, src, offset, nbytes)
 
-    def read_layer(self, store, layer: int, dst: Buf, drop_page_cache: bool = False) -> None:
+    def read_layer(self, store: LayerSource, layer: int, dst: Buf, drop_page_cache: bool = False) -> None:
         store.read_layer_into(layer, dst.tensor, drop_page_cache=drop_page_cache)
 
     def new_events(self, n: int) -> list[threading.Event]:
@@ -217,34 +321,15 @@ class CpuBackend:
     def device_peak_bytes(self) -> int | None:
         return None  # the tracker's accounting is the measurement on a CPU-only machine
 
-    def submit(self, stream: Stream, fn: Callable[[], None], waits: list[threading.Event],
+    def submit(self, stream: Stream, fn: Callable[[], None], waits: Sequence[threading.Event],
                done: threading.Event) -> None:
-        if not self.overlap:
-            try:
-                if not self._errors:
-                    fn()
-            except BaseException as e:  # surfaced by drain, as with workers
-                self._errors.append(e)
-            done.set()
-            return
-        self._workers[stream].submit(fn, waits, done)
+        self._streams.submit(stream, fn, waits, done)
 
-    def _synchronize(self) -> None:
-        """Wait for queued device work (none on the CPU: a finished op is done)."""
-
-    def drain(self, events: list) -> None:
+    def drain(self, events: Sequence[threading.Event]) -> None:
         for ev in events:
             ev.wait()
-        self._synchronize()
-        if self._errors:
-            err = self._errors[0]
-            self._errors.clear()
-            raise err
+        self._streams.raise_first_error()
 
     def close(self) -> None:
-        for w in self._workers.values():
-            w.close()
-        for f in self._files:
-            os.close(f.fd)
-            f.path.unlink(missing_ok=True)
-        self._files.clear()
+        self._streams.close()
+        self._scratch.close()

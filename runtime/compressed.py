@@ -3,16 +3,16 @@ the codecs that fill and read them (runtime.quant does the arithmetic).
 
     >>> cfg = QuantConfig(4, 64)
     >>> layers = compressed_layers(store, cfg)        # built once beside the store, then reused
-    >>> layers.read_layer_into(1, buf)                # buf: qlayer_bytes(spec, 1, cfg) bytes
+    >>> layers.read_layer_into(1, buf)                # buf: spec.compressed_layer_bytes(1, cfg) bytes
     >>> decompress_layer(spec, 1, buf, cfg, dense)    # dense: spec.layer_bytes(1), kernels.layer_views(...)
     >>> codec = CacheCodec(spec, gpu_batch_size, cfg)
     >>> k, v = codec.store_new(cbuf, k, v, start)     # new tokens' rows compressed; k, v as they read back
     >>> codec.load(cbuf, dense_cache, n)              # rows [0, n) restored
 
-Compressed layer layout: the tensors of spec.layer_layout in the same order, each starting
-ALIGN_BYTES-aligned; a matrix is one runtime.quant buffer grouped along spec.quant_dim (a linear map's
-input dim, an embedding's hidden dim), a vector stays in the model dtype. Its size is what
-planner.memory.compressed_layer_bytes predicts (tests/test_compressed.py holds them equal).
+Compressed layer layout: spec.compressed_layer_layout (flexgen_graph.layout, the definition the planner
+sizes buffers by): the tensors of spec.layer_layout in the same order, each starting ALIGN_BYTES-aligned;
+a matrix is one runtime.quant buffer grouped along its quant_dim (a linear map's input dim, an
+embedding's hidden dim), a vector stays in the model dtype.
 
 Compressed cache layout: token-major records, one per cache row s (the [2, B, KV, D] keys and values
 of one token): the runtime.quant buffer of that row grouped along D. A token range is then one byte
@@ -25,18 +25,17 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from flexgen_graph.errors import UserError
-from flexgen_graph.spec import ALIGN_BYTES, ModelSpec, quant_dim
+from flexgen_graph.layout import STAT_BYTES, ceil_div
+from flexgen_graph.spec import ModelSpec
 from runtime.backend import read_file_into
 from runtime.kernels import TORCH_DTYPES, layer_views
 from runtime.quant import (
-    STAT_BYTES,
     STAT_DTYPE,
     QTensor,
     QuantConfig,
@@ -48,43 +47,10 @@ from runtime.quant import (
 )
 
 
-def _align(n: int) -> int:
-    return -(-n // ALIGN_BYTES) * ALIGN_BYTES
-
-
-@dataclass(frozen=True, slots=True)
-class QSlot:
-    """Where one tensor sits in a compressed layer buffer; dim is None for a tensor kept dense."""
-
-    name: str
-    shape: tuple[int, ...]
-    dim: int | None
-    offset: int
-    nbytes: int
-
-
-def qlayer_layout(spec: ModelSpec, layer: int, cfg: QuantConfig) -> tuple[QSlot, ...]:
-    out, off = [], 0
-    for s in spec.layer_layout(layer):
-        if len(s.shape) >= 2:
-            d = quant_dim(s.name) % len(s.shape)
-            n = compressed_nbytes(s.shape, d, cfg)
-        else:
-            d, n = None, s.nbytes
-        out.append(QSlot(s.name, s.shape, d, off, n))
-        off += _align(n)
-    return tuple(out)
-
-
-def qlayer_bytes(spec: ModelSpec, layer: int, cfg: QuantConfig) -> int:
-    last = qlayer_layout(spec, layer, cfg)[-1]
-    return _align(last.offset + last.nbytes)
-
-
 def compress_layer(spec: ModelSpec, layer: int, dense: torch.Tensor, cfg: QuantConfig, out: torch.Tensor) -> None:
     """dense: the layer's flat buffer (spec.layer_layout) -> out: its compressed flat buffer."""
     views = layer_views(spec, layer, dense)
-    for q in qlayer_layout(spec, layer, cfg):
+    for q in spec.compressed_layer_layout(layer, cfg):
         dst = out[q.offset:q.offset + q.nbytes]
         if q.dim is None:
             dst.copy_(views[q.name].reshape(-1).view(torch.uint8))
@@ -96,7 +62,7 @@ def decompress_layer(spec: ModelSpec, layer: int, buf: torch.Tensor, cfg: QuantC
     """buf: a compressed layer buffer -> dense: the layer's flat buffer, ready for kernels.layer_views
     (dequantized on dense's device, in the model dtype)."""
     views = layer_views(spec, layer, dense)
-    for q in qlayer_layout(spec, layer, cfg):
+    for q in spec.compressed_layer_layout(layer, cfg):
         src = buf[q.offset:q.offset + q.nbytes]
         if q.dim is None:
             views[q.name].reshape(-1).view(torch.uint8).copy_(src)
@@ -119,13 +85,13 @@ class CompressedLayers:
         self.path, self.spec, self.cfg = path, spec, cfg
 
     def layer_nbytes(self, layer: int) -> int:
-        return qlayer_bytes(self.spec, layer, self.cfg)
+        return self.spec.compressed_layer_bytes(layer, self.cfg)
 
     def file(self, layer: int) -> Path:
         return self.path / f"{layer}.bin"
 
     def read_layer_into(self, layer: int, buf: torch.Tensor, drop_page_cache: bool = False) -> None:
-        need = qlayer_bytes(self.spec, layer, self.cfg)
+        need = self.spec.compressed_layer_bytes(layer, self.cfg)
         if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.device.type != "cpu" or buf.numel() < need:
             raise UserError(f"layer {layer}: buffer must be a flat uint8 CPU tensor of at least {need} bytes "
                              f"(compressed), got {buf.dtype} {tuple(buf.shape)} on {buf.device}")
@@ -139,9 +105,9 @@ class CompressedLayers:
     def check(self) -> None:
         for j in range(self.spec.num_graph_layers):
             size = self.file(j).stat().st_size if self.file(j).is_file() else None
-            if size != qlayer_bytes(self.spec, j, self.cfg):
+            if size != self.spec.compressed_layer_bytes(j, self.cfg):
                 raise UserError(f"{self.file(j)}: {'missing' if size is None else f'{size} bytes'}, expected "
-                                 f"{qlayer_bytes(self.spec, j, self.cfg)}; delete {self.path} to rebuild it")
+                                 f"{self.spec.compressed_layer_bytes(j, self.cfg)}; delete {self.path} to rebuild it")
 
 
 def compressed_layers(store, cfg: QuantConfig) -> CompressedLayers:
@@ -169,7 +135,7 @@ def compressed_layers(store, cfg: QuantConfig) -> CompressedLayers:
         for j in range(n):
             dense = torch.empty(spec.layer_bytes(j), dtype=torch.uint8)
             store.read_layer_into(j, dense)
-            out = torch.zeros(qlayer_bytes(spec, j, cfg), dtype=torch.uint8)
+            out = torch.zeros(spec.compressed_layer_bytes(j, cfg), dtype=torch.uint8)
             compress_layer(spec, j, dense, cfg, out)
             out.numpy().tofile(layers.file(j))
             bar.update()
@@ -189,7 +155,7 @@ class CacheCodec:
         self.spec, self.cfg = spec, cfg
         self.row_shape = (2, gpu_batch_size, spec.num_kv_heads, spec.head_dim)  # one token's keys and values
         rows = 2 * gpu_batch_size * spec.num_kv_heads
-        self.groups = -(-spec.head_dim // cfg.group_size)
+        self.groups = ceil_div(spec.head_dim, cfg.group_size)
         self._stat = rows * self.groups * STAT_BYTES  # bytes of one token's scales (and of its minimums)
         self.row_bytes = compressed_nbytes(self.row_shape, -1, cfg)
         assert self.row_bytes % STAT_BYTES == 0, "a record must keep the next one's float16 stats aligned"

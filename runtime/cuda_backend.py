@@ -1,19 +1,24 @@
 """CUDA backend: the plan's three streams as CUDA streams, its events as CUDA events.
 
-Each stream keeps a host worker thread (as on the CPU backend) that enqueues its ops in program
-order: before an op it makes its CUDA stream wait on the CUDA events of the ops it depends on
-(the host only waits until those ops were *enqueued*), so layer j+1's weights copy on the load
-stream while layer j computes. Host-tier buffers are pinned so copies are asynchronous; disk
-reads land in a pinned staging buffer of the load worker and then cross PCIe. The plan's GPU
-capacity is enforced on the card (set_per_process_memory_fraction), so a 16 GB plan on an 80 GB
-card fails where a 16 GB card would.
+Each stream keeps a host worker thread (runtime.backend.StreamWorkers, as on the CPU backend) that
+enqueues its ops in program order: before an op it makes its CUDA stream wait on the CUDA events of
+the ops it depends on (the host only waits until those ops were *enqueued*), so layer j+1's weights
+copy on the load stream while layer j computes. Host-tier buffers are pinned so copies are
+asynchronous; disk reads land in a pinned staging buffer of the load worker and then cross PCIe.
+
+The plan's GPU capacity is enforced on the card: torch.cuda.set_per_process_memory_fraction caps the
+caching allocator of this process on this device at fraction x total memory (an allocation past it
+raises torch.OutOfMemoryError), so a 16 GB plan on an 80 GB card fails where a 16 GB card would. The
+cap is process-wide and outlives the backend unless undone: close() sets back the fraction found at
+construction (1.0, no cap, unless someone set another), so later work in the process, another
+engine or the caller's own, gets the card back. One CUDA backend per device at a time.
 """
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -21,9 +26,12 @@ from flexgen_graph.ir import Tier
 from flexgen_graph.program import Stream
 from runtime.backend import (
     Buf,
-    CpuBackend,
     DiskBuf,
     HostBuf,
+    LayerSource,
+    MemoryTracker,
+    ScratchFiles,
+    StreamWorkers,
     copy_range,
     read_disk,
     write_disk,
@@ -47,9 +55,16 @@ class OpEvent:
         self.enqueued.wait()
 
 
-class CudaBackend(CpuBackend):
-    """The CPU backend's structure (memory tracker, disk scratch files, one host worker per stream,
-    error propagation) with device buffers, pinned host buffers and CUDA streams and events."""
+def memory_fraction(device: torch.device) -> float:
+    """The process's cap on the device's caching allocator (1.0 where torch cannot report it: before 2.7
+    there is no getter, and a process that never set a cap has 1.0)."""
+    get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    return float(get(device)) if get is not None else 1.0
+
+
+class CudaBackend:
+    """runtime.backend.Backend on a CUDA device: device buffers for the GPU tier, pinned host buffers for
+    the CPU tier, scratch files for the disk tier; ops enqueued on CUDA streams by host workers."""
 
     name = "cuda"
 
@@ -57,20 +72,31 @@ class CudaBackend(CpuBackend):
                  device: torch.device | None = None) -> None:
         if not torch.cuda.is_available():
             raise RuntimeError("the CUDA backend needs a CUDA device; none is visible")
-        super().__init__(budget, offload_dir, overlap=overlap)
         self.device = device or torch.device("cuda", torch.cuda.current_device())
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        if budget[Tier.GPU] < total:
-            # the plan's GPU capacity, enforced by the caching allocator: behave as the smaller card
-            torch.cuda.set_per_process_memory_fraction(budget[Tier.GPU] / total, self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self._streams = {s: torch.cuda.Stream(self.device) for s in Stream}
+        self.memory = MemoryTracker(budget)
+        self._scratch = ScratchFiles(offload_dir)
+        self._cuda_streams = {s: torch.cuda.Stream(self.device) for s in Stream}
         self._staging: dict[int, torch.Tensor] = {}  # per worker thread: pinned bytes for disk <-> GPU
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._streams = StreamWorkers(overlap)
+        self._fraction_before: float | None = None
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        if budget[Tier.GPU] < total:  # last: nothing after it can fail and leave the cap set
+            # the plan's GPU capacity, enforced by the caching allocator: behave as the smaller card
+            self._fraction_before = memory_fraction(self.device)
+            torch.cuda.empty_cache()  # the cap counts reserved bytes: free blocks cached earlier would eat the budget
+            torch.cuda.set_per_process_memory_fraction(budget[Tier.GPU] / total, self.device)
 
-    def _host_tensor(self, tier: Tier, nbytes: int) -> torch.Tensor:
+    def alloc(self, tier: Tier, nbytes: int, what: str) -> Buf:
+        self.memory.take(tier, nbytes, what)
+        if tier is Tier.DISK:
+            return self._scratch.open(what, nbytes)
         if tier is Tier.GPU:
-            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # async copies need pinned pages
+            return HostBuf(tier, torch.empty(nbytes, dtype=torch.uint8, device=self.device))
+        return HostBuf(tier, torch.empty(nbytes, dtype=torch.uint8, pin_memory=True))  # async copies need pinned pages
+
+    def account(self, tier: Tier, nbytes: int, what: str) -> None:
+        self.memory.take(tier, nbytes, what)
 
     def _stage(self, nbytes: int) -> torch.Tensor:
         key = threading.get_ident()
@@ -106,7 +132,7 @@ class CudaBackend(CpuBackend):
         else:
             copy_range(dst, src, offset, nbytes)  # disk <-> pinned host: plain reads and writes
 
-    def read_layer(self, store, layer: int, dst: Buf, drop_page_cache: bool = False) -> None:
+    def read_layer(self, store: LayerSource, layer: int, dst: Buf, drop_page_cache: bool = False) -> None:
         if isinstance(dst, HostBuf) and dst.tensor.is_cuda:
             stage = self._stage(store.layer_nbytes(layer))
             store.read_layer_into(layer, stage, drop_page_cache=drop_page_cache)
@@ -119,8 +145,8 @@ class CudaBackend(CpuBackend):
     def new_events(self, n: int) -> list[OpEvent]:
         return [OpEvent() for _ in range(n)]
 
-    def submit(self, stream: Stream, fn: Callable[[], None], waits: list[OpEvent], done: OpEvent) -> None:
-        cuda_stream = self._streams[stream]
+    def submit(self, stream: Stream, fn: Callable[[], None], waits: Sequence[OpEvent], done: OpEvent) -> None:
+        cuda_stream = self._cuda_streams[stream]
 
         def run() -> None:
             with torch.cuda.stream(cuda_stream):
@@ -129,16 +155,20 @@ class CudaBackend(CpuBackend):
                 fn()
                 done.done.record(cuda_stream)
 
-        if not self.overlap:
-            super().submit(stream, run, waits, done)
-            return
-        # the worker waits (host side) until each dependency was enqueued, then runs `run`
-        self._workers[stream].submit(run, [ev.enqueued for ev in waits], done.enqueued)
+        # a worker waits (host side) until each dependency was enqueued, then runs `run`; inline, the
+        # program order is that order already
+        self._streams.submit(stream, run, [ev.enqueued for ev in waits], done.enqueued)
 
-    def _synchronize(self) -> None:
+    def drain(self, events: Sequence[OpEvent]) -> None:
+        for ev in events:
+            ev.wait()
         torch.cuda.synchronize(self.device)  # the head's tokens are read on the host next
+        self._streams.raise_first_error()
 
     def close(self) -> None:
-        super().close()
+        self._streams.close()
+        self._scratch.close()
         self._staging.clear()
-
+        if self._fraction_before is not None:  # the cap is the process's: give the card back
+            torch.cuda.set_per_process_memory_fraction(self._fraction_before, self.device)
+            self._fraction_before = None

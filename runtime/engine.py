@@ -22,7 +22,7 @@ from flexgen_graph.planfile import Plan, check_model
 from flexgen_graph.program import COMPUTE_KINDS, BufferRole, Op, OpKind
 from flexgen_graph.spec import ALIGN_BYTES
 from runtime import driver, kernels, preflight
-from runtime.backend import Buf, CpuBackend
+from runtime.backend import Backend, Buf, open_backend
 from runtime.compressed import (
     CacheCodec,
     compressed_layers,
@@ -82,14 +82,7 @@ class Engine:
             overlap = False
         try:
             preflight.check(plan, Path(offload_dir), device)
-            if device == "cuda":
-                from runtime.cuda_backend import CudaBackend
-
-                self.backend = CudaBackend(budget, Path(offload_dir), overlap=overlap)
-            elif device == "cpu":
-                self.backend = CpuBackend(budget, Path(offload_dir), overlap=overlap)
-            else:
-                raise UserError(f"device must be auto, cpu or cuda, got {device!r}")
+            self.backend: Backend = open_backend(device, budget, Path(offload_dir), overlap)
             self.device = self.backend.device
             self.bufs: dict[int, Buf | None] = {}
             self._view_memo: dict[tuple, dict[str, torch.Tensor]] = {}  # (buffer, layer) -> typed weight views

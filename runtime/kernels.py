@@ -12,7 +12,10 @@ modeling_llama.py op for op, so greedy tokens equal `generate` in float32.
 
 Position convention (that of transformers' `generate`): a real token's position is the number of
 real tokens before it (`cumsum(mask) - 1`); padding gets position 0, a valid index whose output
-is never attended to. OPT adds its learned-embedding offset of 2 inside `embed`.
+is never attended to. A learned position table's offset (OPT's 2) is added inside `embed`.
+
+Behaviour follows the spec's fields and its family's traits (norm, activation, mlp, positions,
+query_prescaled, the biases a layer has), never a family's name.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from flexgen_graph.errors import UserError
 from flexgen_graph.spec import ModelSpec
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-OPT_POSITION_OFFSET = 2  # fairseq legacy: OPT's learned position table starts at index 2
+ACTIVATIONS = {"relu": F.relu, "silu": F.silu}
 
 
 def layer_views(spec: ModelSpec, layer: int, buf: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -55,13 +58,13 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 def embed(spec: ModelSpec, w: dict[str, torch.Tensor], tokens: torch.Tensor,
           positions: torch.Tensor) -> torch.Tensor:
     h = F.embedding(tokens, w["embed_tokens"])  # h: [B, T, H]
-    if spec.family == "opt":
-        h = h + F.embedding(positions + OPT_POSITION_OFFSET, w["embed_positions"])
+    if spec.positions == "learned":
+        h = h + F.embedding(positions + spec.position_offset, w["embed_positions"])
     return h
 
 
 def _norm(spec: ModelSpec, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if spec.family == "opt":
+    if spec.norm == "layernorm":
         return F.layer_norm(x, (x.shape[-1],), weight, bias, spec.norm_eps)
     # RMSNorm as HF computes it: statistics in float32, scale applied after casting back
     xf = x.float()
@@ -102,13 +105,13 @@ def _attention_mask(spec: ModelSpec, key_mask: torch.Tensor, start: int, t: int)
 
 def attention_inputs(spec: ModelSpec, w: dict[str, torch.Tensor], h: torch.Tensor,
                      positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q: [B, T, NH, D], k and v: [B, T, KV, D] of T new tokens (RoPE applied for llama)."""
+    """q: [B, T, NH, D], k and v: [B, T, KV, D] of T new tokens (RoPE applied when the spec's positions are)."""
     B, T, _ = h.shape
     NH, KV, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
     x = _norm(spec, h, w["ln1_w"], w.get("ln1_b"))
     q = _linear(x, w["q_w"], w.get("q_b"))
-    if spec.family == "opt":
-        q = q * D ** -0.5  # OPT scales q before q @ k^T (not inside the softmax), as HF does
+    if spec.query_prescaled:
+        q = q * D ** -0.5  # scaled before q @ k^T (not inside the softmax), as HF's OPT does
     q = q.view(B, T, NH, D)
     k = _linear(x, w["k_w"], w.get("k_b")).view(B, T, KV, D)
     v = _linear(x, w["v_w"], w.get("v_b")).view(B, T, KV, D)
@@ -146,7 +149,7 @@ def attend(spec: ModelSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     q = q.permute(0, 2, 1, 3).reshape(B, KV, G * T, D)  # q: [B, KV, G*T, D]
     allowed = _attention_mask(spec, key_mask, start, T)  # [B, 1, T, L]
     allowed = allowed[:, :, None].expand(B, 1, G, T, L).reshape(B, 1, G * T, L)
-    scale = 1.0 if spec.family == "opt" else D ** -0.5
+    scale = 1.0 if spec.query_prescaled else D ** -0.5
     a = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=scale)  # a: [B, KV, G*T, D]
     return a.view(B, NH, T, D).transpose(1, 2).reshape(B, T, NH * D)
 
@@ -156,10 +159,11 @@ def attention_output_and_mlp(spec: ModelSpec, w: dict[str, torch.Tensor], h: tor
     """The rest of the layer after attention: o_proj + residual, then the MLP + residual."""
     h = h + _linear(a, w["o_w"], w.get("o_b"))
     x = _norm(spec, h, w["ln2_w"], w.get("ln2_b"))
-    if spec.family == "opt":
-        x = _linear(F.relu(_linear(x, w["fc1_w"], w["fc1_b"])), w["fc2_w"], w["fc2_b"])
+    act = ACTIVATIONS[spec.activation]
+    if spec.mlp == "gated":
+        x = _linear(act(_linear(x, w["gate_w"])) * _linear(x, w["up_w"]), w["down_w"])
     else:
-        x = _linear(F.silu(_linear(x, w["gate_w"])) * _linear(x, w["up_w"]), w["down_w"])
+        x = _linear(act(_linear(x, w["fc1_w"], w.get("fc1_b"))), w["fc2_w"], w.get("fc2_b"))
     return h + x
 
 

@@ -20,7 +20,7 @@ Padding. When the size of `dim` is not a multiple of `group_size`, the last grou
 copies of its last real value (never widening that group's range, unlike zeros); the padded codes
 are stored and dropped again on dequantization, so a round trip returns the original shape.
 
-Layout: groups stay where `dim` is. With shape = (*pre, n, *post), G = ceil(n / group_size) groups
+Layout (sizes: flexgen_graph.layout, which the planner reads too): groups stay where `dim` is. With shape = (*pre, n, *post), G = ceil(n / group_size) groups
 and R = numel / n, one quantized tensor is one flat uint8 buffer:
     [0, 2RG)            scale  float16 [*pre, G, *post]
     [2RG, 4RG)          mn     float16 [*pre, G, *post]
@@ -39,42 +39,18 @@ from dataclasses import dataclass
 
 import torch
 
-from flexgen_graph.errors import UserError
+from flexgen_graph.layout import (  # the layout and its sizes: one definition, shared with the planner
+    STAT_BYTES,
+    QuantConfig,
+    QuantError,
+    compressed_nbytes,
+    quant_geometry,
+)
 
-SUPPORTED_BITS = (4, 8)
-STAT_DTYPE = torch.float16  # per-group scale and minimum
-STAT_BYTES = 2
+__all__ = ["QTensor", "QuantConfig", "QuantError", "compressed_nbytes", "dequantize", "fake_quantize", "pack_into",
+           "quantize", "unpack_from"]
 
-
-class QuantError(UserError):
-    """A quantization config, shape or buffer a caller supplied does not fit."""
-
-
-@dataclass(frozen=True, slots=True)
-class QuantConfig:
-    bits: int = 4
-    group_size: int = 64
-
-    def __post_init__(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
-            raise QuantError(f"QuantConfig.bits is {self.bits}, supported: {SUPPORTED_BITS}")
-        if self.group_size < 1 or self.group_size % self.codes_per_byte:
-            raise QuantError(f"QuantConfig.group_size is {self.group_size}: must be a positive multiple of "
-                             f"{self.codes_per_byte} (codes per byte at {self.bits} bits)")
-
-    @property
-    def codes_per_byte(self) -> int:
-        return 8 // self.bits
-
-    @property
-    def levels(self) -> int:
-        """The largest code (2**bits - 1)."""
-        return (1 << self.bits) - 1
-
-    @property
-    def group_bytes(self) -> int:
-        """Bytes of packed codes per group."""
-        return self.group_size // self.codes_per_byte
+STAT_DTYPE = torch.float16  # per-group scale and minimum (STAT_BYTES each)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -89,25 +65,6 @@ class QTensor:
     @property
     def nbytes(self) -> int:
         return compressed_nbytes(self.shape, self.dim, self.cfg)
-
-
-def _geometry(shape: tuple[int, ...], dim: int, cfg: QuantConfig) -> tuple[int, tuple[int, ...], int, int]:
-    """(dim made non-negative, rows = shape without dim, size of dim, groups per row)."""
-    shape = tuple(int(s) for s in shape)
-    if not shape:
-        raise QuantError("cannot quantize a 0-dim tensor: it has no dim to group along")
-    if not -len(shape) <= dim < len(shape):
-        raise QuantError(f"dim {dim} is out of range for shape {shape}")
-    d = dim % len(shape)
-    n = shape[d]
-    return d, shape[:d] + shape[d + 1:], n, -(-n // cfg.group_size)
-
-
-def compressed_nbytes(shape: tuple[int, ...] | torch.Size, dim: int, cfg: QuantConfig) -> int:
-    """Exact bytes of a quantized tensor in its flat layout (scales + minimums + packed codes)."""
-    _, rows, _, groups = _geometry(tuple(shape), dim, cfg)
-    n_groups = math.prod(rows) * groups
-    return n_groups * (2 * STAT_BYTES + cfg.group_bytes)
 
 
 def _round_half_down(x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +89,7 @@ def _unpack(data: torch.Tensor, cfg: QuantConfig, axis: int) -> torch.Tensor:
 
 def quantize(x: torch.Tensor, dim: int, cfg: QuantConfig) -> QTensor:
     """Quantize x in groups of cfg.group_size along dim, on x's device."""
-    d, rows, n, groups = _geometry(tuple(x.shape), dim, cfg)
+    d, rows, n, groups = quant_geometry(tuple(x.shape), dim, cfg)
     g, levels = cfg.group_size, cfg.levels
     xf = x.float()  # xf: [*pre, n, *post]
     pad = groups * g - n
@@ -157,7 +114,7 @@ def quantize(x: torch.Tensor, dim: int, cfg: QuantConfig) -> QTensor:
 def dequantize(q: QTensor, out: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The tensor q stands for, of shape q.shape: written into `out` when given (its dtype wins over
     `dtype`), else a new contiguous tensor of `dtype` on q's device. Arithmetic is float32."""
-    d, rows, n, groups = _geometry(q.shape, q.dim, q.cfg)
+    d, rows, n, groups = quant_geometry(q.shape, q.dim, q.cfg)
     if out is not None and tuple(out.shape) != q.shape:
         raise QuantError(f"dequantize: out has shape {tuple(out.shape)}, the quantized tensor is {q.shape}")
     codes = _unpack(q.data, q.cfg, d + 1)  # codes: [*pre, G, g, *post] uint8
@@ -198,7 +155,7 @@ def pack_into(q: QTensor, buf: torch.Tensor) -> None:
 
 def unpack_from(buf: torch.Tensor, shape: tuple[int, ...] | torch.Size, dim: int, cfg: QuantConfig) -> QTensor:
     """A QTensor whose fields are views into buf (no copies), as pack_into laid it out."""
-    d, rows, _, groups = _geometry(tuple(shape), dim, cfg)
+    d, rows, _, groups = quant_geometry(tuple(shape), dim, cfg)
     _check_buf(buf, compressed_nbytes(shape, dim, cfg), "unpack_from")
     ng = math.prod(rows) * groups
     pre, post = tuple(shape[:d]), tuple(shape[d + 1:])

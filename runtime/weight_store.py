@@ -28,8 +28,7 @@ import torch
 from tqdm import tqdm
 
 from flexgen_graph.errors import UserError
-from flexgen_graph.ir import LayerKind
-from flexgen_graph.spec import ModelSpec, TensorSlot, is_linear, spec_from_config
+from flexgen_graph.spec import ModelSpec, TensorSlot, spec_from_config
 from runtime.backend import read_file_into
 from runtime.kernels import TORCH_DTYPES, layer_views
 
@@ -56,46 +55,10 @@ def _is_tied_head(spec: ModelSpec, layer: int, name: str) -> bool:
     return spec.tie_embeddings and layer == spec.num_layers + 1 and name == "lm_head"
 
 
-# local name -> HF parameter suffix, per family; decoder names sit under the layer's prefix
-_OPT_DECODER = {
-    "ln1_w": "self_attn_layer_norm.weight", "ln1_b": "self_attn_layer_norm.bias",
-    "q_w": "self_attn.q_proj.weight", "q_b": "self_attn.q_proj.bias",
-    "k_w": "self_attn.k_proj.weight", "k_b": "self_attn.k_proj.bias",
-    "v_w": "self_attn.v_proj.weight", "v_b": "self_attn.v_proj.bias",
-    "o_w": "self_attn.out_proj.weight", "o_b": "self_attn.out_proj.bias",
-    "ln2_w": "final_layer_norm.weight", "ln2_b": "final_layer_norm.bias",
-    "fc1_w": "fc1.weight", "fc1_b": "fc1.bias", "fc2_w": "fc2.weight", "fc2_b": "fc2.bias",
-}
-_LLAMA_DECODER = {
-    "ln1_w": "input_layernorm.weight",
-    "q_w": "self_attn.q_proj.weight", "q_b": "self_attn.q_proj.bias",
-    "k_w": "self_attn.k_proj.weight", "k_b": "self_attn.k_proj.bias",
-    "v_w": "self_attn.v_proj.weight", "v_b": "self_attn.v_proj.bias",
-    "o_w": "self_attn.o_proj.weight", "o_b": "self_attn.o_proj.bias",
-    "ln2_w": "post_attention_layernorm.weight",
-    "gate_w": "mlp.gate_proj.weight", "up_w": "mlp.up_proj.weight", "down_w": "mlp.down_proj.weight",
-}
-_OPT_OUTER = {"embed_tokens": "model.decoder.embed_tokens.weight",
-              "embed_positions": "model.decoder.embed_positions.weight",
-              "norm_w": "model.decoder.final_layer_norm.weight", "norm_b": "model.decoder.final_layer_norm.bias",
-              "lm_head": "lm_head.weight"}
-_LLAMA_OUTER = {"embed_tokens": "model.embed_tokens.weight", "norm_w": "model.norm.weight",
-                "lm_head": "lm_head.weight"}
-
-
 def hf_names(spec: ModelSpec) -> dict[tuple[int, str], str]:
-    """(layer, local name) -> the HF parameter name, as the *ForCausalLM state_dict spells it."""
-    opt = spec.family == "opt"
-    decoder, outer = (_OPT_DECODER, _OPT_OUTER) if opt else (_LLAMA_DECODER, _LLAMA_OUTER)
-    prefix = "model.decoder.layers" if opt else "model.layers"
-    out = {}
-    for layer in range(spec.num_graph_layers):
-        for t in spec.layer_tensors(layer):
-            if spec.layer_kind(layer) is LayerKind.DECODER:
-                out[(layer, t.name)] = f"{prefix}.{layer - 1}.{decoder[t.name]}"
-            else:
-                out[(layer, t.name)] = outer[t.name]
-    return out
+    """(layer, local name) -> the HF parameter name, as the *ForCausalLM state_dict spells it (the
+    family's table, flexgen_graph.families)."""
+    return {(layer, w.name): w.hf for layer in range(spec.num_graph_layers) for w in spec.checkpoint_tensors(layer)}
 
 
 def _canonical(key: str) -> str:
@@ -213,7 +176,8 @@ def write_store(spec: ModelSpec, dest: str | os.PathLike, source: str,
     dtype = TORCH_DTYPES[spec.dtype]
     entries: dict[str, dict] = {}
     tied_embed = None
-    total = sum(len(spec.layer_tensors(j)) for j in range(spec.num_graph_layers))
+    linear = {(j, t.name): t.linear for j in range(spec.num_graph_layers) for t in spec.layer_tensors(j)}
+    total = len(linear)
     with tqdm(total=total, desc=f"writing {spec.name}", unit="tensor", disable=not sys.stderr.isatty()) as bar:
         for layer in range(spec.num_graph_layers):
             for slot in spec.layer_layout(layer):
@@ -230,7 +194,7 @@ def write_store(spec: ModelSpec, dest: str | os.PathLike, source: str,
                 if slot.name == "embed_tokens" and spec.tie_embeddings:
                     tied_embed = torch.cat(list(chunks))  # kept until the head (the last layer) is written
                     chunks = iter([tied_embed])
-                if is_linear(slot.name):  # sources give HF's [out, in]: store [in, out] (whole tensor)
+                if linear[(layer, slot.name)]:  # sources give HF's [out, in]: store [in, out] (whole tensor)
                     full = torch.cat(list(chunks))
                     if full.dim() != 2 or tuple(full.shape[::-1]) != slot.shape:
                         raise WeightStoreError(f"{spec.name}: tensor {key!r} has shape {list(full.shape)} in "
@@ -364,10 +328,11 @@ def hf_state_dict(store: WeightStore) -> dict[str, torch.Tensor]:
     """HF parameter name -> tensor for every weight of the store (a tied lm_head included), so a
     transformers *ForCausalLM can load_state_dict(strict=True) the same weights."""
     spec = store.spec
-    names, out = hf_names(spec), {}
+    out = {}
     for layer in range(spec.num_graph_layers):
         buf = torch.empty(spec.layer_bytes(layer), dtype=torch.uint8)
         store.read_layer_into(layer, buf)
-        out.update({names[(layer, k)]: v.t().contiguous() if is_linear(k) else v  # back to HF's [out, in]
-                    for k, v in layer_views(spec, layer, buf).items()})
+        views = layer_views(spec, layer, buf)
+        out.update({w.hf: views[w.name].t().contiguous() if w.linear else views[w.name]  # back to HF's [out, in]
+                    for w in spec.checkpoint_tensors(layer)})
     return out

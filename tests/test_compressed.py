@@ -21,14 +21,12 @@ from flexgen_graph.catalog import catalog_spec
 from flexgen_graph.hardware import load_profile
 from flexgen_graph.ir import Workload
 from flexgen_graph.program import BufferRole
-from flexgen_graph.spec import quant_dim
 from planner.memory import compression_of
 from runtime.compressed import (
     CacheCodec,
     compress_layer,
     compressed_layers,
     decompress_layer,
-    qlayer_bytes,
 )
 from runtime.engine import Engine
 from runtime.kernels import layer_views
@@ -44,7 +42,7 @@ MODES = ("weights", "cache", "both")
 def test_planner_sizes_equal_runtime_layouts(model, group):
     spec = catalog_spec(model)
     comp, cfg = compression_of(spec, group), QuantConfig(4, group)
-    assert comp.weight_bytes == tuple(qlayer_bytes(spec, j, cfg) for j in range(spec.num_graph_layers))
+    assert comp.weight_bytes == tuple(spec.compressed_layer_bytes(j, cfg) for j in range(spec.num_graph_layers))
     for b in (1, 3, 8):
         codec = CacheCodec(spec, b, cfg)
         dense_row = b * spec.kv_bytes_per_token()
@@ -60,7 +58,7 @@ def test_compressed_plan_buffers_are_compressed_sizes():
     assert (p.policy.compress_weights, p.policy.compress_cache, p.policy.group_size) == (True, True, 32)
     for b in p.programs.buffers:
         if b.role is BufferRole.WEIGHT_HOME:
-            assert b.nbytes == qlayer_bytes(spec, b.layer, cfg)
+            assert b.nbytes == spec.compressed_layer_bytes(b.layer, cfg)
         if b.role is BufferRole.CACHE_HOME:
             assert b.nbytes == codec.row_bytes * 20
 
@@ -72,13 +70,14 @@ def test_compress_layer_round_trip_is_fake_quantization(tmp_path):
     for j in range(spec.num_graph_layers):
         dense = torch.empty(spec.layer_bytes(j), dtype=torch.uint8)
         store.read_layer_into(j, dense)
-        packed = torch.zeros(qlayer_bytes(spec, j, cfg), dtype=torch.uint8)
+        packed = torch.zeros(spec.compressed_layer_bytes(j, cfg), dtype=torch.uint8)
         compress_layer(spec, j, dense, cfg, packed)
         back = torch.zeros_like(dense)
         decompress_layer(spec, j, packed, cfg, back)
         got, want = layer_views(spec, j, back), layer_views(spec, j, dense)
+        dims = {t.name: t.quant_dim for t in spec.layer_tensors(j)}
         for name, w in want.items():
-            expect = fake_quantize(w, quant_dim(name), cfg) if w.dim() >= 2 else w
+            expect = fake_quantize(w, dims[name], cfg) if w.dim() >= 2 else w
             assert torch.equal(got[name], expect), f"layer {j} {name}"
 
 
@@ -246,7 +245,7 @@ def test_eight_bit_compression_through_the_same_code(tmp_path):
     spec = catalog_spec("HuggingFaceTB/SmolLM2-135M-Instruct")
     cfg8 = QuantConfig(8, 64)
     comp = compression_of(spec, 64, 8)
-    assert comp.weight_bytes == tuple(qlayer_bytes(spec, j, cfg8) for j in range(spec.num_graph_layers))
+    assert comp.weight_bytes == tuple(spec.compressed_layer_bytes(j, cfg8) for j in range(spec.num_graph_layers))
     assert comp.weight_bytes[1] > compression_of(spec, 64, 4).weight_bytes[1] * 1.5
     store = tiny_store(tmp_path, "llama")
     prompts = prompts_for(store.model.config.vocab_size)

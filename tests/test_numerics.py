@@ -83,11 +83,16 @@ def hf_generate(model, prompts, gen_len=GEN_LEN, prompt_len=PROMPT_LEN) -> list[
     return result
 
 
-def run_engine(store, prompts, policy, gbs, nb, tmp_path, gen_len=GEN_LEN, cpu_attention=False):
+def plan_for(spec, policy, gbs, nb, gen_len=GEN_LEN, cpu_attention=False):
+    """The plan run_engine replays (tests/test_op_kinds.py reads the op kinds of these plans)."""
     w, c, h = policy
-    plan = compile_plan(store.spec, load_profile("cpu-small"), Workload(PROMPT_LEN, gen_len), gpu_batch_size=gbs,
+    return compile_plan(spec, load_profile("cpu-small"), Workload(PROMPT_LEN, gen_len), gpu_batch_size=gbs,
                         num_gpu_batches=nb, fixed={"weights": w, "cache": c, "hidden": h},
                         cpu_attention=cpu_attention)
+
+
+def run_engine(store, prompts, policy, gbs, nb, tmp_path, gen_len=GEN_LEN, cpu_attention=False):
+    plan = plan_for(store.spec, policy, gbs, nb, gen_len, cpu_attention)
     out = []
     with Engine(plan, store, tmp_path / "offload") as engine:
         for start in range(0, len(prompts), plan.block_size):

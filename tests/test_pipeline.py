@@ -224,6 +224,13 @@ ENGINE_CASES = {  # family, stages, cache placement, CPU attention
 }
 
 
+def case_plans(spec, case: str) -> list:
+    """The stage plans a case of ENGINE_CASES replays (tests/test_op_kinds.py reads their op kinds)."""
+    _, stages, cache, cpu_attention = ENGINE_CASES[case]
+    return compile_pipeline(spec, load_profile("cpu-small"), Workload(PROMPT_LEN, GEN_LEN), stages,
+                            gpu_batch_size=2, num_gpu_batches=3, fixed={"cache": cache}, cpu_attention=cpu_attention)
+
+
 @pytest.mark.parametrize("case", list(ENGINE_CASES))
 def test_stages_over_gloo_give_transformers_tokens(case, tmp_path):
     family, stages, cache, cpu_attention = ENGINE_CASES[case]
@@ -231,9 +238,7 @@ def test_stages_over_gloo_give_transformers_tokens(case, tmp_path):
     model.save_pretrained(tmp_path / "hf")
     store = import_hf_folder(tmp_path / "hf", tmp_path / "store")
     prompts = prompts_for(model.config.vocab_size)
-    plans = compile_pipeline(store.spec, load_profile("cpu-small"), Workload(PROMPT_LEN, GEN_LEN), stages,
-                             gpu_batch_size=2, num_gpu_batches=3, fixed={"cache": cache},
-                             cpu_attention=cpu_attention)
+    plans = case_plans(store.spec, case)
     assert all(p.policy.cache == cache and p.policy.cpu_attention == cpu_attention for p in plans)
     planfile.save_set(plans, tmp_path / "pipe.fgplan")
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from flexgen_graph.catalog import catalog_spec
 from flexgen_graph.hardware import HardwareProfile, load_profile
 from flexgen_graph.ir import TIERS, Block, NodeKind, Phase, Tier, Workload
+from flexgen_graph.layout import QuantConfig, compressed_nbytes
 from flexgen_graph.lower import lower
 from flexgen_graph.policy import Placement, Policy, assign_tiers
 from flexgen_graph.spec import spec_from_config
@@ -21,13 +22,7 @@ from planner.cost import TERMS, Flags, Predictions, decode_ctx, evaluate, phase_
 from planner.errors import InfeasiblePlanError
 from planner.figures import FigureModel, block_figures
 from planner.lp import memory_figures, solve_block
-from planner.memory import (
-    compressed_bytes,
-    compressed_layer_bytes,
-    compressed_tensor_bytes,
-    compression_of,
-    peak_bytes,
-)
+from planner.memory import compression_of, peak_bytes
 from planner.schedule import build_buffers, graph_shape
 from planner.search import SearchResult, search
 
@@ -449,13 +444,16 @@ def test_slow_gpu_attention_is_delegated_by_the_search():
     assert not no_flag.policy.cpu_attention
 
 
-def test_compressed_sizes_match_the_runtime_layout():
-    from runtime.quant import QuantConfig, compressed_nbytes
-
-    assert compressed_bytes(4096) == 4096 // 2 + 4 * 4096 // 64
+def test_compressed_sizes_by_hand():
+    # one definition (flexgen_graph.layout) sizes the planner's buffers and the runtime's codecs
+    assert compressed_nbytes((4096,), 0, QuantConfig()) == 4096 // 2 + 4 * 4096 // 64
     for shape in [(64, 64), (10, 100), (3, 7, 65), (128,), (5, 1)]:
-        assert compressed_tensor_bytes(shape) == compressed_nbytes(shape, -1, QuantConfig(4, 64)), shape
-        assert compressed_tensor_bytes(shape, 32) == compressed_nbytes(shape, -1, QuantConfig(4, 32)), shape
+        rows = 1
+        for d in shape[:-1]:
+            rows *= d
+        for g in (64, 32):
+            groups = (shape[-1] + g - 1) // g  # a partial group is padded to a whole one
+            assert compressed_nbytes(shape, -1, QuantConfig(4, g)) == rows * groups * (g // 2 + 4), (shape, g)
 
 
 def test_compressed_layer_keeps_vectors_and_aligns_tensors():
@@ -464,7 +462,7 @@ def test_compressed_layer_keeps_vectors_and_aligns_tensors():
     for ts in spec.layer_tensors(1):
         n = len(ts.shape) == 2 and ts.shape[0] * (ts.shape[1] // 2 + 4 * ts.shape[1] // 64) or ts.numel * 2
         by_hand += -(-n // 64) * 64
-    assert compressed_layer_bytes(spec, 1) == by_hand < spec.layer_bytes(1) / 3
+    assert spec.compressed_layer_bytes(1, QuantConfig()) == by_hand < spec.layer_bytes(1) / 3
 
 
 def test_compressed_policies_count_compressed_homes_and_links():

@@ -134,7 +134,7 @@ def test_cpu_attended_ops_hold_their_transients_on_the_cpu():
 
 def compressed_programs(g, pol: Policy, spec) -> Programs:
     """The programs of a compressed policy, with the buffer table at compressed sizes (same ids)."""
-    programs = programs_for(spec, WL, pol)
+    programs = programs_for(spec, Workload(g.graph["prompt_len"], g.graph["gen_len"]), pol)  # g's workload
     dense = emit_programs(g, pol)
     assert [(b.id, b.role, b.tier) for b in programs.buffers] == [(b.id, b.role, b.tier) for b in dense.buffers]
     return programs

@@ -30,6 +30,7 @@ from pathlib import Path
 from flexgen_graph.app import bench_cmd, openai_batch
 from flexgen_graph.catalog import DEFAULT_MODEL
 from flexgen_graph.errors import UserError
+from flexgen_graph.layout import align_up
 
 EXIT_USAGE = 2
 
@@ -303,10 +304,6 @@ def _cuda_visible() -> bool:
     return torch.cuda.is_available()
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
 def cmd_run(args) -> int:
     from flexgen_graph import planfile
     from flexgen_graph.app import distributed
@@ -416,7 +413,7 @@ def _run(args, plans=None, shard=None, pipeline=None) -> int:
         fmt = openai_batch.for_run(args.format, spec.name, tokenizer)
         if plans is None and not (pipeline and rank.rank):
             count, longest, wanted = scan(in_path, tokenizer, defaults, fmt)
-            workload = Workload(args.prompt_len or _round_up(longest, 16), args.gen_len or max(wanted, 64))
+            workload = Workload(args.prompt_len or align_up(longest, 16), args.gen_len or max(wanted, 64))
             # a block larger than the job would only add padding
             plans = _cached_plans(spec, args, workload, source, cache_dir, 1 << max(count - 1, 0).bit_length())
     if pipeline:  # stage 0's plans on every stage

@@ -1,0 +1,147 @@
+"""Tensor layouts, dense and compressed: where each tensor of a layer sits in the layer's flat byte
+buffer, and how many bytes a group-wise compressed tensor takes. One definition, torch-free: the
+planner sizes the plan's buffers with it, the runtime views and fills those buffers with it.
+
+    >>> t = (TensorSpec("w", (128, 96), linear=True), TensorSpec("b", (96,)))
+    >>> [(s.name, s.offset, s.nbytes) for s in dense_layout(t, 2)]
+    [('w', 0, 24576), ('b', 24576, 192)]
+    >>> [(s.name, s.offset, s.nbytes, s.dim) for s in compressed_layout(t, 2, QuantConfig(4, 64))]  # 96 x 2 groups x 36
+    [('w', 0, 6912, 0), ('b', 6912, 192, None)]
+
+Every tensor starts ALIGN_BYTES-aligned. Compression (FlexGen's scheme, arithmetic in runtime.quant):
+a matrix is grouped along its `quant_dim` in groups of `group_size` elements (a dim that is not a
+multiple is padded to one), each group stored as float16 scale and minimum plus packed codes; vectors
+(norms, biases) stay in the model dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+from typing import Iterable
+
+from flexgen_graph.errors import UserError
+
+ALIGN_BYTES = 64  # tensor offsets inside a flat layer buffer are aligned for vectorized kernels
+STAT_BYTES = 2  # a compressed group's scale and its minimum are float16 each
+SUPPORTED_BITS = (4, 8)
+DEFAULT_BITS = 4  # FlexGen's
+DEFAULT_GROUP_SIZE = 64
+
+
+def ceil_div(n: int, m: int) -> int:
+    """n / m rounded up, for non-negative n and positive m."""
+    return -(-n // m)
+
+
+def align_up(n: int, m: int = ALIGN_BYTES) -> int:
+    """The least multiple of m that is >= n."""
+    return ceil_div(n, m) * m
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    linear: bool = False  # used as a linear map: stored input-major, [in, out] (spec.ModelSpec.layer_tensors)
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+    @property
+    def quant_dim(self) -> int:
+        """The dim compression groups along: a linear map's input dim (dim 0 of [in, out], as FlexGen
+        groups), an embedding's hidden dim (its last). Only matrices are compressed."""
+        return 0 if self.linear else -1
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSlot:
+    """Where one tensor of a layer sits in the layer's flat byte buffer; dim: the grouped dim of a
+    compressed tensor (non-negative), None for a tensor kept in the model dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    dim: int | None = None
+
+
+class QuantError(UserError):
+    """A quantization config, shape or buffer a caller supplied does not fit."""
+
+
+@dataclass(frozen=True, slots=True)
+class QuantConfig:
+    bits: int = DEFAULT_BITS
+    group_size: int = DEFAULT_GROUP_SIZE
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise QuantError(f"QuantConfig.bits is {self.bits!r}, supported: {SUPPORTED_BITS}")
+        if type(self.group_size) is not int or self.group_size < 1 or self.group_size % self.codes_per_byte:
+            raise QuantError(f"QuantConfig.group_size is {self.group_size!r}: must be a positive multiple of "
+                             f"{self.codes_per_byte} (codes per byte at {self.bits} bits)")
+
+    @property
+    def codes_per_byte(self) -> int:
+        return 8 // self.bits
+
+    @property
+    def levels(self) -> int:
+        """The largest code (2**bits - 1)."""
+        return (1 << self.bits) - 1
+
+    @property
+    def group_bytes(self) -> int:
+        """Bytes of packed codes per group."""
+        return self.group_size // self.codes_per_byte
+
+
+def quant_geometry(shape: tuple[int, ...], dim: int, cfg: QuantConfig) -> tuple[int, tuple[int, ...], int, int]:
+    """(dim made non-negative, rows = shape without dim, size of dim, groups per row)."""
+    shape = tuple(int(s) for s in shape)
+    if not shape:
+        raise QuantError("cannot quantize a 0-dim tensor: it has no dim to group along")
+    if not -len(shape) <= dim < len(shape):
+        raise QuantError(f"dim {dim} is out of range for shape {shape}")
+    d = dim % len(shape)
+    n = shape[d]
+    return d, shape[:d] + shape[d + 1:], n, ceil_div(n, cfg.group_size)
+
+
+def compressed_nbytes(shape: tuple[int, ...], dim: int, cfg: QuantConfig) -> int:
+    """Exact bytes of a tensor compressed along dim in its flat layout (scales + minimums + packed codes)."""
+    _, rows, _, groups = quant_geometry(tuple(shape), dim, cfg)
+    return prod(rows) * groups * (2 * STAT_BYTES + cfg.group_bytes)
+
+
+def _pack(entries: Iterable[tuple[str, tuple[int, ...], int, int | None]]) -> tuple[TensorSlot, ...]:
+    out, off = [], 0
+    for name, shape, nbytes, dim in entries:
+        out.append(TensorSlot(name, shape, off, nbytes, dim))
+        off += align_up(nbytes)
+    return tuple(out)
+
+
+def dense_layout(tensors: Iterable[TensorSpec], dtype_bytes: int) -> tuple[TensorSlot, ...]:
+    """The tensors in order, each in the model dtype."""
+    return _pack((t.name, t.shape, t.numel * dtype_bytes, None) for t in tensors)
+
+
+def compressed_layout(tensors: Iterable[TensorSpec], dtype_bytes: int, cfg: QuantConfig) -> tuple[TensorSlot, ...]:
+    """The tensors in the same order, matrices compressed along their quant_dim, vectors in the model dtype."""
+    def entry(t: TensorSpec) -> tuple[str, tuple[int, ...], int, int | None]:
+        if len(t.shape) < 2:
+            return t.name, t.shape, t.numel * dtype_bytes, None
+        d = t.quant_dim % len(t.shape)
+        return t.name, t.shape, compressed_nbytes(t.shape, d, cfg), d
+
+    return _pack(entry(t) for t in tensors)
+
+
+def layout_bytes(slots: tuple[TensorSlot, ...]) -> int:
+    """Bytes of the flat buffer a layout fills (aligned): what a buffer holding it must hold."""
+    last = slots[-1]
+    return align_up(last.offset + last.nbytes)

@@ -1,0 +1,41 @@
+"""Every op kind is replayed on the CPU against transformers somewhere in the suite: the plans of the
+replay tests' cases (test_numerics' placement policies, test_pipeline's stages over gloo), compiled by
+the same helpers those tests replay, together hold every OpKind. A new op kind fails here until some
+replay test runs it."""
+
+from __future__ import annotations
+
+import pytest
+
+from flexgen_graph.program import OpKind
+from flexgen_graph.spec import spec_from_config
+from runtime.engine import Engine
+from tests.test_numerics import POLICIES, plan_for, tiny_model
+from tests.test_pipeline import ENGINE_CASES, case_plans
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return spec_from_config(tiny_model("llama").config)
+
+
+def kinds(plan) -> set[OpKind]:
+    return {op.kind for op in plan.programs.prefill + plan.programs.decode}
+
+
+def test_every_op_kind_has_a_handler():
+    assert set(Engine.HANDLERS) == set(OpKind)
+
+
+def test_the_replay_tests_plans_hold_every_op_kind(spec):
+    seen: dict[OpKind, str] = {}
+    for name, policy in POLICIES.items():  # replayed for each family, nb in (1, 3), both attentions
+        for cpu_attention in (False, True):
+            for k in kinds(plan_for(spec, policy, 2, 1, cpu_attention=cpu_attention)):
+                seen.setdefault(k, f"test_numerics {name} cpu_attention={cpu_attention}")
+    for case in ENGINE_CASES:
+        for plan in case_plans(spec, case):
+            for k in kinds(plan):
+                seen.setdefault(k, f"test_pipeline {case}")
+    missing = sorted(k.value for k in set(OpKind) - set(seen))
+    assert not missing, f"op kinds no replay test runs: {missing}"
