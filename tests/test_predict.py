@@ -138,3 +138,20 @@ def test_run_summary_reports_the_prediction_for_the_blocks_run_per_plan(checkpoi
         assert f"predicted {want.tokens_per_s:.1f}; full blocks" in runs[0]
         assert f"full-length generations: {plan.predictions['tokens_per_s']:.1f}" in runs[0]
     assert "(predicted: cost model on the blocks run" in text
+
+
+def test_data_parallel_summaries_combine_per_plan():
+    """Ranks run their blocks at once: a plan's tokens add up, its measured and predicted seconds are the
+    slowest rank's; a plan only one rank ran is kept."""
+    from flexgen_graph.app.distributed import combine
+    from flexgen_graph.app.jobs import JobSummary, PlanRun
+
+    a = JobSummary(tokens=30, plans=[PlanRun(8, 6, 100.0, [BlockRun(2, 5, 10)], 10, 2.0, 1.0),
+                                     PlanRun(16, 6, 50.0, [BlockRun(2, 5, 20)], 20, 3.0, 2.0)])
+    b = JobSummary(tokens=12, plans=[PlanRun(8, 6, 100.0, [BlockRun(2, 5, 12)], 12, 1.5, 1.5)])
+    total = combine([a, b])
+    short, long = total.plans
+    assert (short.tokens, short.block_s, short.predicted_s, len(short.blocks)) == (22, 2.0, 1.5, 2)
+    assert (long.tokens, long.block_s, long.predicted_s) == (20, 3.0, 2.0)
+    assert len(a.plans[0].blocks) == 1  # the ranks' own summaries are left as they were
+    assert any("plan prompt 16, gen 6: 1 block, 2 sequences, 5 decode steps" in x for x in total.lines())
