@@ -44,6 +44,7 @@ from flexgen_graph.app.models import default_cache_dir, open_store  # noqa: E402
 from flexgen_graph.catalog import catalog_spec  # noqa: E402
 from flexgen_graph.ir import Workload  # noqa: E402
 from flexgen_graph.policy import Placement  # noqa: E402
+from planner.predict import BlockRun, predict_plan  # noqa: E402
 
 SYSTEMS = ("ours", "ours-cold", "transformers", "accelerate", "accelerate-cold")
 GIB = 2**30
@@ -301,6 +302,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
               f"{args.weights_ram_gib}", file=sys.stderr)
         return 2
     pol, pred = plan.policy, plan.predictions
+    # the job's blocks as they run (every sequence to full length): planner.predict's figure for that work
+    size, steps = plan.block_size, args.gen_len - 1
+    job = [BlockRun(min(size, args.prompts - s), steps) for s in range(0, args.prompts, size)]
+    job_pred = predict_plan(plan, job).tokens_per_s
     print(f"plan: block {pol.gpu_batch_size} x {pol.num_gpu_batches}, weights on disk ({w_ram / GIB:.2f} GiB of "
           f"weight slots in RAM), cache {pol.cache.as_tuple()}, cpu attention {pol.cpu_attention}; predicted "
           f"{pred['tokens_per_s']:.2f} tokens/s (prefill {pred['prefill_s']:.1f} s, decode step "
@@ -372,8 +377,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         acc_key = "accelerate-cold" if s.endswith("-cold") else "accelerate"
         vs_acc = f"{v / med[acc_key]:.2f}x" if acc_key in med else "-"
         if s.startswith("ours"):
-            p = f"{pred['tokens_per_s']:.2f}"
-            mp = f"{v / pred['tokens_per_s']:.2f}"
+            p = f"{job_pred:.2f}"
+            mp = f"{v / job_pred:.2f}"
             ram = f"{w_ram / GIB:.2f} GiB"
         else:
             p = mp = "-"

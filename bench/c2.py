@@ -29,6 +29,7 @@ from flexgen_graph.app.jobs import load_tokenizer  # noqa: E402
 from flexgen_graph.app.models import default_cache_dir, open_store  # noqa: E402
 from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec  # noqa: E402
 from flexgen_graph.ir import Workload  # noqa: E402
+from planner.predict import BlockRun, predict_plan  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 ours.append(run_ours(engine, prompts, args.gen_len))
                 theirs.append(run_hf(model, prompts, p_len, args.gen_len))
         o, h = statistics.median(ours), statistics.median(theirs)
-        pred = plan.predictions["tokens_per_s"]
+        pred = predict_plan(plan, [BlockRun(len(prompts), args.gen_len - 1)]).tokens_per_s  # the work run
         rows.append((b, p_len, o, h, o / h, pred, o / pred))
         print(f"batch {b}: ours {o:.1f} tokens/s, transformers {h:.1f} ({o / h:.2f}x), predicted {pred:.1f}")
     print(f"\nSmolLM2-135M float32, prompt ~{rows[0][1]}-{rows[-1][1]} tokens, {args.gen_len} new tokens, "

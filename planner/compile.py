@@ -60,7 +60,8 @@ class CompileOptions:
     compress: a COMPRESS_MODES key; "off" keeps the output identical to transformers, the others
     trade accuracy for memory (compress_bits-bit groups of group_size elements). stages > 1 compiles
     a pipeline: one plan per stage, stages_per_machine of them sharing a machine's RAM and disk,
-    stage_link_bytes_per_s (None: the profile's) between them."""
+    stage_link_bytes_per_s (None: the profile's) between them. job_prompts: compile for a job of that
+    many prompts (no block larger; the policy with the job's best predicted time, planner.search)."""
 
     gpu_batch_size: int | None = None
     num_gpu_batches: int | None = None
@@ -74,9 +75,10 @@ class CompileOptions:
     stages_per_machine: int | None = None
     stage_link_bytes_per_s: float | None = None
     weights_source: str = ""
+    job_prompts: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("gpu_batch_size", "num_gpu_batches", "max_block_size", "stages_per_machine"):
+        for name in ("gpu_batch_size", "num_gpu_batches", "max_block_size", "stages_per_machine", "job_prompts"):
             v = getattr(self, name)
             if v is not None and (type(v) is not int or v < 1):
                 raise UserError(f"{name.replace('_', '-')} must be a whole number >= 1, got {v!r}")
@@ -154,7 +156,7 @@ def _search(spec: ModelSpec, profile: HardwareProfile, workload: Workload, o: Co
                   gpu_batch_size=gpu_batch_size or o.gpu_batch_size,
                   num_gpu_batches=num_gpu_batches or o.num_gpu_batches, fixed=fixed,
                   max_block_size=o.max_block_size, spec=spec, allowed_flags=allowed, group_size=o.group_size,
-                  bits=o.compress_bits)
+                  bits=o.compress_bits, job_prompts=o.job_prompts)
 
 
 def _single(spec: ModelSpec, profile: HardwareProfile, workload: Workload, o: CompileOptions) -> Plan:
@@ -234,8 +236,9 @@ def _candidate_blocks(stages: Sequence[Stage], solve, o: CompileOptions) -> list
     """For each number of gpu batches (more of them fill the pipeline better, fewer keep each batch large),
     the gpu batch size each stage picks alone."""
     counts = NUM_GPU_BATCHES if o.num_gpu_batches is None else (o.num_gpu_batches,)
-    if o.max_block_size is not None:
-        counts = tuple(n for n in counts if n <= o.max_block_size) or counts[:1]
+    caps = [c for c in (o.max_block_size, o.job_prompts) if c is not None]
+    if caps:
+        counts = tuple(n for n in counts if n <= min(caps)) or counts[:1]
     blocks: list[tuple[int, int]] = []
     for n in counts:
         for st in stages:

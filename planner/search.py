@@ -9,6 +9,11 @@ first bound that does not beat the best found (such a point could at most tie). 
 transients or homes cannot fit whatever the placement, and points at least as large in both block
 dimensions as one the LP proved infeasible (with the same flags), are never solved.
 
+For a job of N prompts (job_prompts) no block is larger than N, the gpu batch sizes N // n (n gpu
+batches) join the powers of two, and points rank by the job's predicted tokens/s: its full blocks
+and a last one partly filled (planner.predict), which the bound still bounds (a block's throughput
+never grows as it empties).
+
     >>> from functools import partial
     >>> from flexgen_graph.catalog import catalog_spec
     >>> from flexgen_graph.ir import Workload
@@ -58,6 +63,7 @@ from planner.lp import (
     solve_figures,
 )
 from planner.memory import Compression, compression_of, workspace_bytes
+from planner.predict import Evaluator
 
 __all__ = ["DEFAULT_FLAGS", "GPU_BATCH_SIZES", "NUM_GPU_BATCHES", "InfeasiblePlanError", "Predictions",
            "SearchResult", "search"]
@@ -129,10 +135,23 @@ def time_bound_s(costs: PhaseCosts, mem: MemoryFigures, profile: HardwareProfile
     return pre + (costs.gen_len - 1) * max(dec)
 
 
-def _rank(r: LpResult) -> tuple:
+def _rank(r: LpResult, tps: float) -> tuple:
     p, pol = r.predictions, r.policy
-    return (-p.tokens_per_s, *(p.peak_bytes[t.value] for t in TIERS), pol.gpu_batch_size * pol.num_gpu_batches,
+    return (-tps, *(p.peak_bytes[t.value] for t in TIERS), pol.gpu_batch_size * pol.num_gpu_batches,
             pol.gpu_batch_size, len(Flags.of(pol).on()), Flags.of(pol).on())
+
+
+def job_tokens_per_s(r: LpResult, model: FigureModel, profile: HardwareProfile, comp, prompts: int | None) -> float:
+    """Predicted tokens/s of a job of `prompts` full-length generations under a solved point's policy: its
+    full blocks, then one with the rest (a plan's own figure when prompts is None)."""
+    if prompts is None:
+        return r.predictions.tokens_per_s
+    pol, gen = r.policy, model.one.gen_len
+    full, rest = divmod(prompts, pol.gpu_batch_size * pol.num_gpu_batches)
+    total = full * r.predictions.total_s
+    if rest:
+        total += sum(Evaluator(model, profile, pol, comp if pol.compresses else None).block_s(rest, gen - 1))
+    return prompts * gen / total if total > 0 else float("inf")
 
 
 def _options(v: int | Sequence[int] | None, default: tuple[int, ...]) -> tuple[int, ...]:
@@ -158,12 +177,13 @@ def search(lower_fn: Callable[[Block], nx.DiGraph], profile: HardwareProfile, wo
            gpu_batch_size: int | Sequence[int] | None = None, num_gpu_batches: int | Sequence[int] | None = None,
            fixed: FixedSpec | None = None, max_block_size: int | None = None,
            allowed_flags: Collection[str] = DEFAULT_FLAGS, spec: ModelSpec | None = None,
-           group_size: int = DEFAULT_GROUP_SIZE, bits: int = DEFAULT_BITS) -> SearchResult:
+           group_size: int = DEFAULT_GROUP_SIZE, bits: int = DEFAULT_BITS, job_prompts: int | None = None
+           ) -> SearchResult:
     """Best policy over gpu batch sizes 1..512 (powers of two), 1..32 gpu batches and the allowed
     flags, unless given (an int or a sequence of options).
 
-    max_block_size caps gpu batch size x number of gpu batches (a job of 40 prompts gains nothing
-    from blocks of 512: the rest would be padding); the smallest block is always tried.
+    max_block_size caps gpu batch size x number of gpu batches; the smallest block is always tried.
+    job_prompts: the job's number of prompts (see above): the best policy for that job.
 
     lower_fn(block) must lower the model for `workload`. fixed: see planner.lp.solve_block; a flag
     in `fixed` is forced whether allowed or not; with every class fixed, each point is only
@@ -172,6 +192,10 @@ def search(lower_fn: Callable[[Block], nx.DiGraph], profile: HardwareProfile, wo
     InfeasiblePlanError naming the tier, its capacity and the smallest peak found when no point fits.
     """
     sizes, counts = _options(gpu_batch_size, GPU_BATCH_SIZES), _options(num_gpu_batches, NUM_GPU_BATCHES)
+    if job_prompts is not None:
+        if gpu_batch_size is None:  # blocks that hold the job exactly (or its whole blocks)
+            sizes = tuple(sorted(set(sizes) | {job_prompts // n for n in counts if n <= job_prompts}))
+        max_block_size = min(max_block_size or job_prompts, job_prompts)
     fracs, placements, forced = parse_fixed(fixed)
     combos = flag_sets(allowed_flags, forced)
     comp = None
@@ -187,7 +211,8 @@ def search(lower_fn: Callable[[Block], nx.DiGraph], profile: HardwareProfile, wo
               if max_block_size is None or b * n <= max_block_size or (b, n) == (sizes[0], counts[0])]
     figures = {block: model.at(block) for block in blocks}
     points, fails = _points(blocks, figures, combos, profile, comp)
-    best, tried, unsolved = _branch_and_bound(points, figures, profile, fracs, placements, comp)
+    job = lambda r: job_tokens_per_s(r, model, profile, comp, job_prompts)  # noqa: E731
+    best, tried, unsolved = _branch_and_bound(points, figures, profile, fracs, placements, comp, job)
     if best is None:
         fails += unsolved
         if not fails:
@@ -220,16 +245,17 @@ def _points(blocks: list[Block], figures: dict[Block, BlockFigures], combos: lis
 
 
 def _branch_and_bound(points: list[_Point], figures: dict[Block, BlockFigures], profile: HardwareProfile,
-                      fracs: dict, placements: dict, comp: Compression | None
-                      ) -> tuple[LpResult | None, int, list[_Fail]]:
-    """The best LP result over the points (tried in decreasing order of their bound), the number of LPs
-    solved, and the points the LP found no placement for."""
+                      fracs: dict, placements: dict, comp: Compression | None,
+                      job: Callable[[LpResult], float]) -> tuple[LpResult | None, int, list[_Fail]]:
+    """The best LP result over the points (tried in decreasing order of their bound) by the job's
+    tokens/s (`job`), the number of LPs solved, and the points the LP found no placement for."""
     ruled_out: list[tuple[Flags, int, int]] = []  # proven infeasible: larger blocks are too
     fails: list[_Fail] = []
     best: LpResult | None = None
+    best_tps = 0.0
     tried = 0
     for p in sorted(points, key=_Point.order):
-        if best is not None and p.bound_tps <= best.predictions.tokens_per_s:
+        if best is not None and p.bound_tps <= best_tps:
             break  # sorted by bound: no later point can beat the best
         b, n = p.block.gpu_batch_size, p.block.num_gpu_batches
         if any(f == p.flags and b >= b0 and n >= n0 for f, b0, n0 in ruled_out):
@@ -243,8 +269,9 @@ def _branch_and_bound(points: list[_Point], figures: dict[Block, BlockFigures], 
                 ruled_out.append((p.flags, b, n))
             fails.append((p.block, figs, p.flags, r.fault))
             continue
-        if best is None or _rank(r) < _rank(best):
-            best = r
+        tps = job(r)
+        if best is None or _rank(r, tps) < _rank(best, best_tps):
+            best, best_tps = r, tps
     return best, tried, fails
 
 

@@ -160,21 +160,23 @@ class CacheCodec:
         self.row_bytes = compressed_nbytes(self.row_shape, -1, cfg)
         assert self.row_bytes % STAT_BYTES == 0, "a record must keep the next one's float16 stats aligned"
 
-    def _records(self, buf: torch.Tensor, start: int, n: int) -> QTensor:
-        """Views of records [start, start + n) of a flat compressed cache buffer, as one QTensor."""
+    def _records(self, buf: torch.Tensor, start: int, n: int, batch: int) -> QTensor:
+        """Views of records [start, start + n) of a flat compressed cache buffer, as one QTensor, narrowed to
+        the first `batch` sequences of the gpu batch (strided then: a record holds all B)."""
         r = buf[start * self.row_bytes:(start + n) * self.row_bytes].view(n, self.row_bytes)
         g, s = self.groups, self._stat
         lead = self.row_shape[:-1]
-        scale = r[:, :s].view(STAT_DTYPE).view(n, *lead, g)
-        mn = r[:, s:2 * s].view(STAT_DTYPE).view(n, *lead, g)
-        data = r[:, 2 * s:].view(n, *lead, g, self.cfg.group_bytes)
-        return QTensor(data, scale, mn, (n,) + self.row_shape, len(self.row_shape), self.cfg)
+        scale = r[:, :s].view(STAT_DTYPE).view(n, *lead, g)[:, :, :batch]
+        mn = r[:, s:2 * s].view(STAT_DTYPE).view(n, *lead, g)[:, :, :batch]
+        data = r[:, 2 * s:].view(n, *lead, g, self.cfg.group_bytes)[:, :, :batch]
+        shape = (n, 2, batch) + self.row_shape[2:]
+        return QTensor(data, scale, mn, shape, len(self.row_shape), self.cfg)
 
     def store(self, buf: torch.Tensor, rows: torch.Tensor, start: int) -> QTensor:
-        """Compress rows ([n, 2, B, KV, D], any device) into buf's records [start, start + n); returns
-        them quantized."""
+        """Compress rows ([n, 2, b, KV, D], b <= B sequences, any device) into buf's records [start, start + n);
+        returns them quantized."""
         q = quantize(rows, -1, self.cfg)
-        rec = self._records(buf, start, rows.shape[0])
+        rec = self._records(buf, start, rows.shape[0], rows.shape[2])
         rec.scale.copy_(q.scale)
         rec.mn.copy_(q.mn)
         rec.data.copy_(q.data)
@@ -189,10 +191,11 @@ class CacheCodec:
         return back[:, 0].transpose(0, 1), back[:, 1].transpose(0, 1)
 
     def load(self, buf: torch.Tensor, dense: torch.Tensor, n: int) -> None:
-        """Restore rows [0, n) of dense from buf's records, on dense's device."""
+        """Restore rows [0, n) of dense ([S, 2, b, KV, D], its first b <= B sequences) from buf's records, on
+        dense's device."""
         if n <= 0:
             return
-        rec = self._records(buf, 0, n)
+        rec = self._records(buf, 0, n, dense.shape[2])
         if rec.data.device != dense.device:
             rec = QTensor(rec.data.to(dense.device), rec.scale.to(dense.device), rec.mn.to(dense.device),
                           rec.shape, rec.dim, rec.cfg)

@@ -30,10 +30,13 @@ class PromptTooLongError(UserError):
 
 @dataclass(slots=True)
 class BlockState:
-    """What the ops of the running block read and write besides the plan's buffers, per gpu batch: the
-    token ids to embed, the attention mask and positions, the head's next tokens; and how tokens are
-    picked and tallied. Mutable: the driver sets it per block, the handlers update ids / next / flag."""
+    """What the ops of the running block read and write besides the plan's buffers, per filled gpu batch:
+    the token ids to embed, the attention mask and positions, the head's next tokens; and how tokens are
+    picked and tallied. Mutable: the driver sets it per block, the handlers update ids / next / flag.
+    A block holds its prompts in order, so the filled gpu batches come first and only the last of them
+    may be partly filled; the interpreter runs the ops of the others as no-ops (runtime.engine)."""
 
+    rows: tuple[int, ...]  # filled rows of every gpu batch of the plan: 0 for a batch past the prompts
     ids: list[torch.Tensor]
     mask: list[torch.Tensor]
     pos: list[torch.Tensor]
@@ -48,10 +51,11 @@ class BlockState:
 def generate(eng, prompts: list[list[int]], max_new_tokens: list[int] | None = None,
          sampling: list[Sampling] | None = None, ignore_eos: bool = False,
          on_step: Callable[[int | None], None] | None = None) -> list[Generation]:
-    """Generation for up to one block of prompts (shorter blocks are padded); greedy unless
-    `sampling` gives a temperature for a prompt. on_step, when given, is called after each step with
-    how many of the prompts made a token in it (None on a pipeline stage that does not tally them);
-    it reads the tokens the step's one host sync already brought over, so it costs no sync of its own."""
+    """Generation for up to one block of prompts; greedy unless `sampling` gives a temperature for a
+    prompt. A block that is not full runs its filled gpu batches only, the last at its filled rows.
+    on_step, when given, is called after each step with how many of the prompts made a token in it
+    (None on a pipeline stage that does not tally them); it reads the tokens the step's one host sync
+    already brought over, so it costs no sync of its own."""
     n = len(prompts)
     if not 0 < n <= eng.b * eng.nb:
         raise UserError(f"a block holds 1..{eng.b * eng.nb} prompts, got {n}")
@@ -61,10 +65,9 @@ def generate(eng, prompts: list[list[int]], max_new_tokens: list[int] | None = N
             raise PromptTooLongError(f"prompt {i} has {len(p)} tokens; this plan takes 1..{eng.prompt_len}")
         if not 0 < m <= eng.gen_len:
             raise UserError(f"prompt {i}: max_new_tokens {m} outside 1..{eng.gen_len} (the plan's gen_len)")
-    filler = [prompts[0][-1:]] * (eng.b * eng.nb - n)  # pad the block; results discarded
-    seqs = list(prompts) + filler
-    picks = list(sampling or [GREEDY] * n) + [GREEDY] * len(filler)
-    limits = torch.tensor(limits + [1] * len(filler))
+    seqs = list(prompts)
+    picks = list(sampling or [GREEDY] * n)
+    limits = torch.tensor(limits)
     pad = eng.spec.pad_token_id if eng.spec.pad_token_id is not None else 0
     eos = torch.tensor((-1,) if ignore_eos or not eng.spec.eos_token_ids else eng.spec.eos_token_ids)
 
@@ -76,11 +79,13 @@ def generate(eng, prompts: list[list[int]], max_new_tokens: list[int] | None = N
         mask[i, p - len(s):] = True  # left padding; generated positions are always attended
     mask[:, p:] = True
     pos = kernels.positions_from_mask(mask)
-    rows = [slice(k * eng.b, (k + 1) * eng.b) for k in range(eng.nb)]
+    filled = tuple(max(0, min(eng.b, n - k * eng.b)) for k in range(eng.nb))
+    rows = [slice(k * eng.b, k * eng.b + r) for k, r in enumerate(filled) if r]
     dev = eng.device
     tally = Tally(len(seqs), eng.gen_len, limits, eos, pad, eng.spec.eos_token_ids)
-    st = eng.state = BlockState(ids=[ids[r].to(dev) for r in rows], mask=[mask[r].to(dev) for r in rows],
-                                pos=[pos[r].to(dev) for r in rows], next=[None] * eng.nb, sampling=picks,
+    st = eng.state = BlockState(rows=filled, ids=[ids[r].to(dev) for r in rows],
+                                mask=[mask[r].to(dev) for r in rows], pos=[pos[r].to(dev) for r in rows],
+                                next=[None] * len(rows), sampling=picks,
                                 gens=generators(picks, dev), all_greedy=all(x.greedy for x in picks), tally=tally)
     if eng.link is not None:
         return _generate_stage(eng, st, n, on_step)

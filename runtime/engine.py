@@ -4,7 +4,10 @@
         results = engine.generate([[1, 2, 3], [4, 5]])   # token ids in, greedy generations out
 
 `for op in program: HANDLERS[op.kind](self, op)` dispatches each op to its stream; a program
-run ends with one drain (the head's tokens feed the next step's embedding).
+run ends with one drain (the head's tokens feed the next step's embedding). A block that is not
+full (runtime.driver.BlockState.rows) costs what it holds: the ops of its unfilled gpu batches
+record their events and do nothing (so every wait stays valid), and compute runs on the filled
+rows of its buffers' views; transfers move the plan's bytes (a cache record holds every row).
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ from runtime.quant import QuantConfig
 from runtime.sampling import Sampling, pick
 from runtime.stage_link import StageLink
 from runtime.weight_store import WeightStore
+
+
+def _idle() -> None:
+    """An op of a gpu batch the block does not fill."""
 
 
 class Engine:
@@ -92,14 +99,13 @@ class Engine:
             self.close()  # nothing half-built stays behind: scratch files and temp folders go
             raise
         self.state: BlockState | None = None  # the running block's token ids, masks and tally (runtime.driver)
+        self._filled = self.nb  # gpu batches the running block fills
         self.step_times: list[tuple[str, float]] = []  # (program, wall seconds) of every program run
         self._events = {name: self.backend.new_events(len(ops))
                         for name, ops in (("prefill", plan.programs.prefill), ("decode", plan.programs.decode))}
-        # what each op submits, built once: the step loop only clears events and submits
-        self._dispatch = {
-            name: [(op.stream, functools.partial(self.HANDLERS[op.kind], self, op),
-                    [self._events[name][w] for w in op.waits], self._events[name][i]) for i, op in enumerate(ops)]
-            for name, ops in (("prefill", plan.programs.prefill), ("decode", plan.programs.decode))}
+        # what each op submits, built once per number of filled gpu batches: the step loop only clears
+        # events and submits
+        self._dispatch: dict[tuple[str, int], list] = {}
 
     # -- setup ---------------------------------------------------------------------------------
     def _expected_nbytes(self, b) -> int | None:
@@ -178,11 +184,16 @@ class Engine:
         t = self.bufs[buf_id].tensor
         return t[: n * self.spec.dtype_bytes].view(self.dtype).view(shape)
 
-    def _cache_view(self, buf_id: int) -> torch.Tensor:
-        return dense_cache_view(self.bufs[buf_id].tensor, self.max_seq, self.b, self.spec)  # [S, 2, B, KV, D]
+    def _cache_view(self, buf_id: int, rows: int) -> torch.Tensor:
+        """The cache of a gpu batch's first `rows` sequences: [S, 2, rows, KV, D] (strided when rows < B)."""
+        return dense_cache_view(self.bufs[buf_id].tensor, self.max_seq, self.b, self.spec)[:, :, :rows]
 
-    def _hidden_view(self, buf_id: int) -> torch.Tensor:
-        return self._typed(buf_id, (self.b, self._t, self.spec.hidden))  # [B, T, H]
+    def _hidden_view(self, buf_id: int, rows: int) -> torch.Tensor:
+        return self._typed(buf_id, (rows, self._t, self.spec.hidden))  # [rows, T, H]: batch-major, a prefix
+
+    def _rows(self, op: Op) -> int:
+        """Filled rows of the op's gpu batch (its ops run only when there are some)."""
+        return self.state.rows[op.batch]
 
     def _views(self, key: tuple, layer: int, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         """A buffer's typed views for a layer, made once: views follow the buffer, whatever it holds, and
@@ -221,41 +232,45 @@ class Engine:
         rb = self._row_bytes()
         self.backend.copy(self.bufs[op.dst], self.bufs[op.src], self._start * rb, self._t * rb)
 
-    def _hidden_bytes(self) -> int:
-        return self.b * self._t * self.spec.hidden * self.spec.dtype_bytes
+    def _hidden_bytes(self, rows: int) -> int:
+        return rows * self._t * self.spec.hidden * self.spec.dtype_bytes
 
     def _move_hidden(self, op: Op) -> None:
-        self.backend.copy(self.bufs[op.dst], self.bufs[op.src], 0, self._hidden_bytes())
+        self.backend.copy(self.bufs[op.dst], self.bufs[op.src], 0, self._hidden_bytes(self._rows(op)))
+
+    def _last_filled(self, op: Op) -> bool:
+        """The block's last filled gpu batch: its messages carry the stop flag (every stage knows the block)."""
+        return op.batch == self._filled - 1
 
     def _recv_hidden(self, op: Op) -> None:
-        self.link.recv_hidden(self.bufs[op.dst].tensor[: self._hidden_bytes()], op.batch)
-        if op.batch == self.nb - 1:  # the last gpu batch also brings what the first stage knows of the stop
+        self.link.recv_hidden(self.bufs[op.dst].tensor[: self._hidden_bytes(self._rows(op))], op.batch)
+        if self._last_filled(op):  # the last gpu batch also brings what the first stage knows of the stop
             self.state.flag = self.link.recv_flag()
 
     def _send_hidden(self, op: Op) -> None:
-        self.link.send_hidden(self.bufs[op.src].tensor[: self._hidden_bytes()], op.batch)
-        if op.batch == self.nb - 1:
+        self.link.send_hidden(self.bufs[op.src].tensor[: self._hidden_bytes(self._rows(op))], op.batch)
+        if self._last_filled(op):
             self.link.send_flag(self.state.flag)
 
     def _send_tokens(self, op: Op) -> None:
-        k, msg = op.batch, self._tok_out[op.batch]
-        rows = slice(k * self.b, (k + 1) * self.b)  # a done sequence is fed padding, as in one process
-        msg[: self.b] = torch.where(self.state.tally.done[rows], self.state.tally.pad, self.state.next[k].cpu())
+        k, msg, r = op.batch, self._tok_out[op.batch], self._rows(op)
+        rows = slice(k * self.b, k * self.b + r)  # a done sequence is fed padding, as in one process
+        msg[:r] = torch.where(self.state.tally.done[rows], self.state.tally.pad, self.state.next[k].cpu())
         msg[self.b] = 0
-        if k == self.nb - 1:  # every head of the step is done (one compute stream): is every sequence?
+        if self._last_filled(op):  # every head of the step is done (one compute stream): is every sequence?
             msg[self.b] = int(self.state.tally.done_with(torch.cat(self.state.next).cpu(), self._token_index()))
         self.link.send_tokens(msg, k)
 
     def _recv_tokens(self, op: Op) -> None:
-        k, msg = op.batch, self._tok_in[op.batch]
+        k, msg, r = op.batch, self._tok_in[op.batch], self._rows(op)
         self.link.recv_tokens(msg, k)
-        self.state.ids[k] = msg[: self.b].view(self.b, 1).to(self.device)
-        if k == self.nb - 1:
+        self.state.ids[k] = msg[:r].view(r, 1).to(self.device)
+        if self._last_filled(op):
             self.state.flag = int(msg[self.b])
 
     def take_sent_tokens(self) -> None:
         """The first stage, after the last step: that step's token messages were sent all the same."""
-        for k in range(self.nb):
+        for k in range(self._filled):
             self.link.recv_tokens(self._tok_in[k], k)
 
     def _token_index(self) -> int:
@@ -265,17 +280,17 @@ class Engine:
     def _embed(self, op: Op) -> None:
         k, a, t = op.batch, self._start, self._t
         h = kernels.embed(self.spec, self._weights(op), self.state.ids[k], self.state.pos[k][:, a:a + t])
-        self._hidden_view(op.hidden).copy_(h)
+        self._hidden_view(op.hidden, self._rows(op)).copy_(h)
 
     def _decoder(self, op: Op) -> None:
-        k, a, t = op.batch, self._start, self._t
-        hv, w = self._hidden_view(op.hidden), self._weights(op)
+        k, a, t, r = op.batch, self._start, self._t, self._rows(op)
+        hv, w = self._hidden_view(op.hidden, r), self._weights(op)
         pos, mask = self.state.pos[k][:, a:a + t], self.state.mask[k][:, : a + t]
         if self.codec is None:
-            out = kernels.decoder(self.spec, w, hv, self._cache_view(op.cache), a, pos, mask)
+            out = kernels.decoder(self.spec, w, hv, self._cache_view(op.cache, r), a, pos, mask)
         else:
             q, kk, v = kernels.attention_inputs(self.spec, w, hv, pos)
-            att = self._attend_compressed(q, kk, v, self.bufs[op.cache].tensor, self._cdense, a, mask)
+            att = self._attend_compressed(q, kk, v, self.bufs[op.cache].tensor, self._cdense[:, :, :r], a, mask)
             out = kernels.attention_output_and_mlp(self.spec, w, hv, att)
         hv.copy_(out)
 
@@ -290,8 +305,8 @@ class Engine:
     def _decoder_host_cache(self, op: Op) -> None:
         """The cache stays in host memory: decode attends there (q, k, v cross, the cache never does);
         prefill attends on the compute device over the new tokens, then writes their k, v home."""
-        k, a, t = op.batch, self._start, self._t
-        hv, cbuf = self._hidden_view(op.hidden), self.bufs[op.cache].tensor
+        k, a, t, r = op.batch, self._start, self._t, self._rows(op)
+        hv, cbuf = self._hidden_view(op.hidden, r), self.bufs[op.cache].tensor
         w = self._weights(op)
         mask = self.state.mask[k][:, : a + t]
         q, kk, v = kernels.attention_inputs(self.spec, w, hv, self.state.pos[k][:, a:a + t])
@@ -299,26 +314,26 @@ class Engine:
             host = cbuf.device
             q, kk, v, mask = q.to(host), kk.to(host), v.to(host), mask.to(host)
             if self.codec is None:
-                att = kernels.attend(self.spec, q, kk, v, self._cache_view(op.cache), a, mask)
+                att = kernels.attend(self.spec, q, kk, v, self._cache_view(op.cache, r), a, mask)
             else:
-                att = self._attend_compressed(q, kk, v, cbuf, self._cdense_host, a, mask)
+                att = self._attend_compressed(q, kk, v, cbuf, self._cdense_host[:, :, :r], a, mask)
         else:
             s = self.spec
-            tmp = torch.empty((t, 2, self.b, s.num_kv_heads, s.head_dim), dtype=self.dtype, device=hv.device)
+            tmp = torch.empty((t, 2, r, s.num_kv_heads, s.head_dim), dtype=self.dtype, device=hv.device)
             if self.codec is not None:
                 kk, v = self.codec.store_new(cbuf, kk, v, 0)
             att = kernels.attend(self.spec, q, kk, v, tmp, 0, mask)
             if self.codec is None:
-                self._cache_view(op.cache)[:t].copy_(tmp)
+                self._cache_view(op.cache, r)[:t].copy_(tmp)
         hv.copy_(kernels.attention_output_and_mlp(self.spec, w, hv, att.to(hv.device)))
 
     def _head(self, op: Op) -> None:
-        logits = kernels.head(self.spec, self._weights(op), self._hidden_view(op.hidden))
-        k = op.batch
+        k, r = op.batch, self._rows(op)
+        logits = kernels.head(self.spec, self._weights(op), self._hidden_view(op.hidden, r))
         if self.state.all_greedy:
             self.state.next[k] = logits.argmax(dim=-1)
         else:
-            rows = slice(k * self.b, (k + 1) * self.b)
+            rows = slice(k * self.b, k * self.b + r)
             self.state.next[k] = pick(logits, self.state.sampling[rows], self.state.gens[rows])
 
     HANDLERS = {
@@ -343,13 +358,25 @@ class Engine:
         """One run of the prefill or decode program, tokens [start, start + t) of every sequence of the block."""
         t0 = time.perf_counter()
         self._start, self._t = start, t
+        self._filled = sum(1 for r in self.state.rows if r)
         events = self._events[name]
         for ev in events:
             ev.clear()
-        for stream, thunk, waits, done in self._dispatch[name]:
+        for stream, thunk, waits, done in self._dispatch_for(name, self._filled):
             self.backend.submit(stream, thunk, waits, done)
         self.backend.drain(events)
         self.step_times.append((name, time.perf_counter() - t0))
+
+    def _dispatch_for(self, name: str, filled: int) -> list:
+        """What each op of a program submits when the block fills `filled` gpu batches: the ops of the
+        others (and only those: weight loads serve every batch) submit nothing to do, with their waits."""
+        d = self._dispatch.get((name, filled))
+        if d is None:
+            ops, events = getattr(self.plan.programs, name), self._events[name]
+            d = self._dispatch[(name, filled)] = [
+                (op.stream, functools.partial(self.HANDLERS[op.kind], self, op) if op.batch < filled else _idle,
+                 [events[w] for w in op.waits], events[i]) for i, op in enumerate(ops)]
+        return d
 
     def generate(self, prompts: list[list[int]], max_new_tokens: list[int] | None = None,
                  sampling: list[Sampling] | None = None, ignore_eos: bool = False,

@@ -51,7 +51,7 @@ def test_compile_inspect_run(checkpoint, tmp_path, capsys):
     errors = [r for r in records if "line" in r]
     assert {r["line"] for r in errors} == {6, 8}  # bad JSON and the line without an id
     summary = capsys.readouterr().out
-    assert "tokens/s (plan predicted" in summary and "peak bytes" in summary
+    assert "plan prompt 8, gen 4: 2 blocks, 5 sequences" in summary and "peak bytes" in summary
 
 
 def test_errors_are_one_line_with_exit_code_2(checkpoint, tmp_path, capsys):

@@ -239,8 +239,9 @@ def _dtype(args) -> str:
     return "float16" if _profile(args.profile).has_gpu else "float32"
 
 
-def compile_options(args, source: str = "", max_block_size: int | None = None):
-    """The compile options the command line gives, built once (planner.compile's CompileOptions)."""
+def compile_options(args, source: str = "", job_prompts: int | None = None):
+    """The compile options the command line gives, built once (planner.compile's CompileOptions);
+    job_prompts: `run` compiles for its job's number of prompts."""
     from planner.compile import CompileOptions
 
     link = args.stage_link_gbps
@@ -248,10 +249,10 @@ def compile_options(args, source: str = "", max_block_size: int | None = None):
         raise UserError(f"--stage-link-gbps must be positive, got {link}")
     return CompileOptions(
         gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches,
-        max_block_size=args.max_block_size or max_block_size, fixed=tuple(sorted(_fixed(args).items())),
+        max_block_size=args.max_block_size, fixed=tuple(sorted(_fixed(args).items())),
         compress=args.compress, group_size=args.group_size, compress_bits=args.compress_bits, stages=args.stages,
         stages_per_machine=args.stages_per_machine, stage_link_bytes_per_s=None if link is None else link * 1e9,
-        weights_source=source)
+        weights_source=source, job_prompts=job_prompts)
 
 
 def cmd_compile(args) -> int:
@@ -414,8 +415,8 @@ def _run(args, plans=None, shard=None, pipeline=None) -> int:
         if plans is None and not (pipeline and rank.rank):
             count, longest, wanted = scan(in_path, tokenizer, defaults, fmt)
             workload = Workload(args.prompt_len or align_up(longest, 16), args.gen_len or max(wanted, 64))
-            # a block larger than the job would only add padding
-            plans = _cached_plans(spec, args, workload, source, cache_dir, 1 << max(count - 1, 0).bit_length())
+            # no block larger than the job; blocks sized to it where that is predicted faster
+            plans = _cached_plans(spec, args, workload, source, cache_dir, max(count, 1))
     if pipeline:  # stage 0's plans on every stage
         plans = pipeline.my_stages(pipeline.same_plans(plans))
     if plans[0].profile.has_gpu and args.device != "cuda" and not _cuda_visible() and talk:
@@ -479,10 +480,7 @@ def _run(args, plans=None, shard=None, pipeline=None) -> int:
             return 0  # rank 0 reports the run
         print(f"merged {rank.world_size} shards into {args.output}: {merged.appended} records"
               + (f" ({merged.already} were there already)" if merged.already else ""), file=sys.stderr)
-    pred = ", ".join(f"{x:.1f}" for x in summary.predicted_tokens_per_s) or "-"
-    resumed = f", {summary.skipped} already done" if summary.skipped else ""
-    print(f"{summary.prompts} prompts ({summary.errors} errors{resumed}), {summary.tokens} tokens in "
-          f"{summary.wall_s:.1f} s: {summary.tokens_per_s:.1f} tokens/s (plan predicted {pred})")
+    print("\n".join(summary.lines()))
     if summary.peak_bytes:
         caps = {t: max(p.predictions["peak_bytes"][t] for p in plans) for t in ("gpu", "cpu", "disk")}
         print("peak bytes " + ", ".join(f"{t}: {summary.peak_bytes[t] / 2**20:.0f} MiB (plan {caps[t] / 2**20:.0f})"
@@ -490,13 +488,13 @@ def _run(args, plans=None, shard=None, pipeline=None) -> int:
     return 0
 
 
-def _cached_plans(spec, args, workload, source: str, cache_dir: Path, max_block_size: int):
-    """The plan for this job (a plan per stage with --stages), compiled once and cached."""
+def _cached_plans(spec, args, workload, source: str, cache_dir: Path, job_prompts: int):
+    """The plan for this job of `job_prompts` prompts (a plan per stage with --stages), compiled once and cached."""
     import planner
     from flexgen_graph import planfile
 
     profile = _profile(args.profile)
-    options = compile_options(args, source, max_block_size)
+    options = compile_options(args, source, job_prompts)
     key = json.dumps([planfile.PLAN_VERSION, spec.fingerprint(), profile.fingerprint(), workload.to_dict(),
                       options.key()])
     path = cache_dir / "plans" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".fgplan")

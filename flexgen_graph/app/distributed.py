@@ -27,6 +27,7 @@ be on a folder they all share: rank 0 checks that it sees every rank's shard bef
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -260,6 +261,15 @@ def combine(summaries: list[JobSummary]) -> JobSummary:
                 total.predicted_tokens_per_s.append(x)
         for tier, n in s.peak_bytes.items():
             total.peak_bytes[tier] = max(total.peak_bytes.get(tier, 0), n)
+        for r in s.plans:  # the ranks ran their blocks at once: a plan's time is its slowest rank's
+            mine = next((x for x in total.plans if (x.prompt_len, x.gen_len) == (r.prompt_len, r.gen_len)), None)
+            if mine is None:
+                total.plans.append(dataclasses.replace(r, blocks=list(r.blocks)))
+                continue
+            mine.blocks += r.blocks
+            mine.tokens += r.tokens
+            mine.block_s, mine.predicted_s = max(mine.block_s, r.block_s), max(mine.predicted_s, r.predicted_s)
+    total.plans.sort(key=lambda x: (x.prompt_len, x.gen_len))
     return total
 
 

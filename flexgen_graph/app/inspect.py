@@ -22,6 +22,7 @@ from flexgen_graph.ir import TIERS, Phase, Tier
 from flexgen_graph.planfile import Plan
 from flexgen_graph.program import OpKind
 from planner.cost import Predictions
+from planner.predict import BlockRun, full_block, predict_plan
 from planner.timeline import Span, StepTimeline, plan_graph, step_timeline  # noqa: F401  (re-exported)
 from planner.verify import simulate
 
@@ -54,7 +55,7 @@ def describe(plan: Plan, *, with_simulation: bool = True) -> dict:
         "workload": plan.workload.to_dict(), "weights_source": plan.weights_source,
         "policy": plan.policy.to_dict(), "block_size": plan.block_size, "predictions": pred.to_dict(),
         "binding": pred.binding, "binding_constraint": pred.binding_constraint, "tight": list(pred.tight),
-        "tiers": tiers, "buffers": dict(sorted(roles.items())), "ops": ops,
+        "tiers": tiers, "buffers": dict(sorted(roles.items())), "ops": ops, "blocks": block_predictions(plan),
         "stage": None if plan.stage is None else {
             "index": plan.stage.index, "count": plan.stage.count, "first_layer": plan.stage.first_layer,
             "end_layer": plan.stage.end_layer, "prefill_s": plan.predictions.get("stage_prefill_s"),
@@ -69,6 +70,17 @@ def describe(plan: Plan, *, with_simulation: bool = True) -> dict:
         out["hazards"] = list(sim.hazards)
         out["decode_step_replayed_s"] = step_timeline(plan, Phase.DECODE, plan.workload.prompt_len
                                                       + plan.workload.gen_len // 2, graph=g).end_s
+    return out
+
+
+def block_predictions(plan: Plan) -> list[dict]:
+    """Predicted seconds of one block of full-length generations, full and with fewer sequences (a block
+    that is not full runs only its filled rows): planner.predict, as `run` reports it."""
+    sizes = sorted({plan.block_size, plan.policy.gpu_batch_size, 1}, reverse=True)
+    out = []
+    for n in sizes:
+        w = predict_plan(plan, [full_block(plan) if n == plan.block_size else BlockRun(n, plan.workload.gen_len - 1)])
+        out.append({"sequences": n, "seconds": w.seconds, "tokens_per_s": w.tokens_per_s})
     return out
 
 
@@ -103,6 +115,9 @@ def describe_text(plan: Plan, *, with_simulation: bool = True) -> str:
         f"predicted {pred['tokens_per_s']:.4g} tokens/s; prefill {pred['prefill_s']:.4g} s, "
         f"decode step {pred['decode_step_s']:.4g} s, total {pred['total_s']:.4g} s",
         f"binding   {d['binding_constraint']} (slowest term: {d['binding']}; full tiers: {', '.join(d['tight']) or 'none'})",
+        "blocks    " + "; ".join(f"{b['sequences']} sequence{'s' * (b['sequences'] != 1)} {b['seconds']:.4g} s "
+                                 f"({b['tokens_per_s']:.4g} tokens/s)" for b in d["blocks"])
+        + " (predicted per block; one not full runs its filled rows)",
         "memory    tier   capacity      predicted peak" + ("   simulated peak" if with_simulation else ""),
     ]
     for t, v in d["tiers"].items():

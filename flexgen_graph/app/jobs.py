@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from flexgen_graph.app import openai_batch
 from flexgen_graph.errors import UserError
+from planner.predict import HOW, BlockRun, predict_plan
 from runtime.sampling import Sampling
 
 KNOWN_FIELDS = {"id", "prompt", "messages", "prompt_ids", "max_tokens", "temperature", "top_p", "seed"}
@@ -41,6 +42,28 @@ class Request:
 
 
 @dataclass
+class PlanRun:
+    """One plan's part of a job: its blocks as they ran (planner.predict.BlockRun), their tokens and wall
+    seconds (engine setup excluded), and the cost model's seconds for those very blocks."""
+
+    prompt_len: int
+    gen_len: int
+    plan_tokens_per_s: float  # the plan's own prediction: full blocks of full-length generations
+    blocks: list = field(default_factory=list)
+    tokens: int = 0
+    block_s: float = 0.0
+    predicted_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.block_s if self.block_s > 0 else 0.0
+
+    @property
+    def predicted_tokens_per_s(self) -> float:
+        return self.tokens / self.predicted_s if self.predicted_s > 0 else 0.0
+
+
+@dataclass
 class JobSummary:
     prompts: int = 0
     errors: int = 0
@@ -49,11 +72,32 @@ class JobSummary:
     wall_s: float = 0.0
     predicted_tokens_per_s: list[float] = field(default_factory=list)
     peak_bytes: dict[str, int] = field(default_factory=dict)  # measured, max over the plans run
+    plans: list[PlanRun] = field(default_factory=list)  # per plan run, in plan order
     interrupted: bool = False  # stopped at a block boundary on request (SIGINT / SIGTERM)
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        """The run's summary: measured tokens/s, next to the prediction for the work run, per plan."""
+        resumed = f", {self.skipped} already done" if self.skipped else ""
+        head = (f"{self.prompts} prompts ({self.errors} errors{resumed}), {self.tokens} tokens in "
+                f"{self.wall_s:.1f} s: {self.tokens_per_s:.1f} tokens/s")
+        block_s, pred_s = sum(r.block_s for r in self.plans), sum(r.predicted_s for r in self.plans)
+        if pred_s <= 0 or block_s <= 0:
+            return [head]
+        out = [f"{head}; in its blocks {self.tokens / block_s:.1f} measured, {self.tokens / pred_s:.1f} predicted "
+               f"(measured / predicted {pred_s / block_s:.2f})"]
+        for r in self.plans:
+            steps = sum(b.decode_steps for b in r.blocks)
+            seqs = sum(b.sequences for b in r.blocks)
+            out.append(f"  plan prompt {r.prompt_len}, gen {r.gen_len}: {len(r.blocks)} block"
+                       f"{'s' * (len(r.blocks) != 1)}, {seqs} sequences, {steps} decode steps: measured "
+                       f"{r.tokens_per_s:.1f} tokens/s, predicted {r.predicted_tokens_per_s:.1f}; full blocks of "
+                       f"full-length generations: {r.plan_tokens_per_s:.1f}")
+        out.append(f"  (predicted: {HOW})")
+        return out
 
 
 def load_tokenizer(store_path: Path):
@@ -333,6 +377,14 @@ class Progress:
         self.bar.close()
 
 
+def _add_block(run: PlanRun, gens, seconds: float) -> None:
+    """A block ran until its longest generation stopped: that many decode steps after the prefill."""
+    tokens = sum(len(g.token_ids) for g in gens)
+    run.blocks.append(BlockRun(len(gens), max(len(g.token_ids) for g in gens) - 1, tokens))
+    run.tokens += tokens
+    run.block_s += seconds
+
+
 def run_job(plans, open_engine: Callable, tokenizer, in_path: Path, out: OutputFile, *,
             defaults: Sampling = Sampling(), show: bool = False,
             should_stop: Callable[[], bool] = lambda: False, mine: Callable[[str], bool] = lambda key: True,
@@ -353,6 +405,8 @@ def run_job(plans, open_engine: Callable, tokenizer, in_path: Path, out: OutputF
             if not items or summary.interrupted:
                 continue
             summary.predicted_tokens_per_s.append(plan.predictions["tokens_per_s"])
+            run = PlanRun(plan.workload.prompt_len, plan.workload.gen_len, plan.predictions["tokens_per_s"])
+            summary.plans.append(run)
             with open_engine(plan) as engine:
                 for start in range(0, len(items), plan.block_size):
                     if should_stop():
@@ -365,8 +419,10 @@ def run_job(plans, open_engine: Callable, tokenizer, in_path: Path, out: OutputF
                                            tokenizer, defaults))
                     limits = [r.max_tokens or plan.workload.gen_len for r in chunk]
                     bar.block(len(chunk), max(limits))
+                    t_block = time.perf_counter()
                     gens = engine.generate([list(r.prompt_ids) for r in chunk], limits, [r.sampling for r in chunk],
                                            on_step=bar.step)
+                    _add_block(run, gens, time.perf_counter() - t_block)
                     for r, gen in zip(chunk, gens):
                         text = tokenizer.decode(list(gen.token_ids), skip_special_tokens=True) if tokenizer else None
                         rec = {"id": r.id, "text": text, "token_ids": list(gen.token_ids),
@@ -378,6 +434,7 @@ def run_job(plans, open_engine: Callable, tokenizer, in_path: Path, out: OutputF
                     bar.end_block()
                 for tier, n in engine.peak_bytes.items():
                     summary.peak_bytes[tier] = max(summary.peak_bytes.get(tier, 0), n)
+            run.predicted_s = predict_plan(plan, run.blocks).seconds
     bar.close()
     summary.wall_s = time.perf_counter() - t0
     return summary
