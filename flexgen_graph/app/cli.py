@@ -31,6 +31,7 @@ from flexgen_graph.catalog import DEFAULT_MODEL
 from flexgen_graph.errors import UserError
 
 EXIT_USAGE = 2
+EXIT_LINE_ERRORS = 3  # run: the job ran, but some lines are in the errors file (OUT.errors.jsonl)
 
 EPILOG = """\
 models: a catalog id (e.g. facebook/opt-13b, meta-llama/Llama-2-7b-hf, HuggingFaceTB/SmolLM2-135M-Instruct),
@@ -118,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", help=f"model when no plan is given (default: {DEFAULT_MODEL}, embedded)")
     r.add_argument("--weights", help="dummy, dummy:SEED, a checkpoint folder or .gguf (default: the plan's)")
     r.add_argument("--input", required=True, help="JSONL: {\"id\", \"prompt\"|\"messages\"|\"prompt_ids\"[, \"max_tokens\"]}")
-    r.add_argument("--output", help="JSONL results {\"id\", \"text\", \"token_ids\", \"finish_reason\"}")
+    r.add_argument("--output", help="JSONL answers {\"id\", \"text\", \"token_ids\", \"finish_reason\"}; lines that get "
+                                    "none are in OUT.errors.jsonl beside it (exit status 3)")
     r.add_argument("--show", action="store_true", help="print each answer as its block finishes")
     r.add_argument("--temperature", type=float, default=0.0, help="default for lines without one (0: greedy)")
     r.add_argument("--top-p", type=float, default=1.0, help="default nucleus mass for lines without one")
@@ -263,41 +265,47 @@ def _cuda_visible() -> bool:
     return torch.cuda.is_available()
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
 def cmd_run(args) -> int:
+    from contextlib import ExitStack
+
     from flexgen_graph import planfile
     from flexgen_graph.app import distributed
+    from flexgen_graph.app.jobs import OutputLock, refuse_input_as_output
 
     rank = distributed.from_env(required=args.distributed)  # set under torchrun: one shard of a data-parallel run
     compile_options(args)  # bad compile options fail before any rendezvous
     if args.plan and args.stages > 1:
         raise UserError("--stages compiles a pipeline plan; a given --plan already says its stages")
+    refuse_input_as_output(Path(args.input), Path(args.output) if args.output else None)
     given = planfile.load_set(args.plan) if args.plan else None  # a bad plan fails before any rendezvous
     stages = given[0].stage.count if given and given[0].stage else args.stages
-    if stages > 1:  # a pipeline: process i runs stage i of every block
-        pipe = distributed.Pipeline.for_launch(rank, stages, args.output)
-        distributed.start(pipe.rank, cuda=args.device != "cpu" and _cuda_visible())
+    # the output is this job's from before any work to the end (rank 0 writes it; each rank owns its shard)
+    with ExitStack() as owned:
+        if args.output and (rank is None or rank.rank == 0):
+            owned.enter_context(OutputLock(Path(args.output)))
+        if stages > 1:  # a pipeline: process i runs stage i of every block
+            pipe = distributed.Pipeline.for_launch(rank, stages, args.output)
+            distributed.start(pipe.rank, cuda=args.device != "cpu" and _cuda_visible())
+            try:
+                return _run(args, given, pipeline=pipe)
+            finally:
+                distributed.stop()
+        if rank is None:
+            return _run(args, given)
+        shard = distributed.Shard.for_output(args.output, rank)  # a bad --output fails before the rendezvous
+        shard_lock = owned.enter_context(shard.lock())
+        distributed.start(rank, cuda=args.device != "cpu" and _cuda_visible())
         try:
-            return _run(args, given, pipeline=pipe)
+            return _run(args, given, shard, shard_lock)
         finally:
             distributed.stop()
-    if rank is None:
-        return _run(args, given)
-    shard = distributed.Shard.for_output(args.output, rank)  # a bad --output fails before the rendezvous
-    distributed.start(rank, cuda=args.device != "cpu" and _cuda_visible())
-    try:
-        return _run(args, given, shard)
-    finally:
-        distributed.stop()
 
 
-def _run(args, plans=None, shard=None, pipeline=None) -> int:
+def _run(args, plans=None, shard=None, shard_lock=None, pipeline=None) -> int:
     """plans: those of --plan, loaded by cmd_run (None: compile one for the job)."""
     from flexgen_graph.app import distributed
-    from flexgen_graph.app.jobs import OutputFile, load_tokenizer, run_job, scan
+    from flexgen_graph.app.jobs import OutputFile, errors_path, job_workload, load_tokenizer, run_job
+    from flexgen_graph.errors import DiskFullError
     from flexgen_graph.app.models import (
         default_cache_dir,
         open_store,
@@ -335,8 +343,9 @@ def _run(args, plans=None, shard=None, pipeline=None) -> int:
         store = open_store(source, spec, cache_dir)
         tokenizer = load_tokenizer(store.path)
         if plans is None and not (pipeline and rank.rank):
-            count, longest, wanted = scan(in_path, tokenizer, defaults)
-            workload = Workload(args.prompt_len or _round_up(longest, 16), args.gen_len or max(wanted, 64))
+            # sized for the lines the model can take: a longer one gets an error record, not a refused job
+            count, prompt_len, gen_len = job_workload(in_path, tokenizer, defaults, spec, args.prompt_len, args.gen_len)
+            workload = Workload(prompt_len, gen_len)
             # a block larger than the job would only add padding
             plans = _cached_plans(spec, args, workload, source, cache_dir, 1 << max(count - 1, 0).bit_length())
     if pipeline:  # stage 0's plans on every stage
@@ -371,6 +380,9 @@ def _run(args, plans=None, shard=None, pipeline=None) -> int:
         summary = run_job(plans, open_engine, tokenizer, in_path, out, defaults=defaults,
                           show=talk and (args.show or not args.output), should_stop=should_stop, mine=mine,
                           done_elsewhere=done_elsewhere)
+    except DiskFullError as e:
+        raise UserError(f"{e}; finished answers are in {shard.path if shard else args.output or 'stdout'} and scratch "
+                        "files were removed: re-run the same command to resume") from None
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise OSError(e.errno, f"the offload folder ran out of space ({e.filename or args.offload_dir or 'temp'}); "
@@ -397,6 +409,7 @@ def _run(args, plans=None, shard=None, pipeline=None) -> int:
     if shard:
         print(f"rank {rank.rank}/{rank.world_size}: {summary.prompts} prompts, {summary.tokens} tokens in "
               f"{summary.wall_s:.1f} s", file=sys.stderr)
+        shard_lock.release()  # the shard is whole; rank 0 merges it under the output's lock
         summary, merged = distributed.finish(shard, summary)
         if merged is None:
             return 0  # rank 0 reports the run
@@ -404,13 +417,15 @@ def _run(args, plans=None, shard=None, pipeline=None) -> int:
               + (f" ({merged.already} were there already)" if merged.already else ""), file=sys.stderr)
     pred = ", ".join(f"{x:.1f}" for x in summary.predicted_tokens_per_s) or "-"
     resumed = f", {summary.skipped} already done" if summary.skipped else ""
-    print(f"{summary.prompts} prompts ({summary.errors} errors{resumed}), {summary.tokens} tokens in "
+    where = f": see {errors_path(Path(args.output))}" if summary.errors and args.output else ""
+    print(f"{summary.prompts} prompts ({summary.errors} errors{where}{resumed}), {summary.tokens} tokens in "
           f"{summary.wall_s:.1f} s: {summary.tokens_per_s:.1f} tokens/s (plan predicted {pred})")
     if summary.peak_bytes:
         caps = {t: max(p.predictions["peak_bytes"][t] for p in plans) for t in ("gpu", "cpu", "disk")}
         print("peak bytes " + ", ".join(f"{t}: {summary.peak_bytes[t] / 2**20:.0f} MiB (plan {caps[t] / 2**20:.0f})"
                                         for t in ("gpu", "cpu", "disk")))
-    return 0
+    # under torchrun any non-zero exit reads as a crashed worker: there the summary alone names the errors file
+    return EXIT_LINE_ERRORS if summary.errors and not (shard or pipeline) else 0
 
 
 def _cached_plans(spec, args, workload, source: str, cache_dir: Path, max_block_size: int):
