@@ -152,8 +152,8 @@ class WeightStore:
         for name, want in (m.get("files") or {}).items():
             f = self.path / name
             if not f.is_file() or file_checksum(f) != want:
-                raise CorruptStoreError(f"{f}: {'missing' if not f.is_file() else 'its content does not match its checksum'} "
-                                        f"(listed in {mpath}): delete {self.path} to re-import the weights")
+                why = "missing" if not f.is_file() else "its content does not match its checksum"
+                raise CorruptStoreError(f"{f}: {why} (listed in {mpath}): delete {self.path} to re-import the weights")
         self._verified: set[str] = set()  # tensor keys whose file matched its checksum in this process
 
     def _validate_entries(self, mpath: Path) -> None:
@@ -188,7 +188,8 @@ class WeightStore:
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            raise WeightStoreError(f"tensor {key!r}: file {path} is missing (listed in {self.path / MANIFEST})") from None
+            raise WeightStoreError(f"tensor {key!r}: file {path} is missing (listed in {self.path / MANIFEST})") \
+                from None
         except OSError as e:
             raise WeightStoreError(f"tensor {key!r}: cannot open {path} ({e})") from e
         size = os.fstat(fd).st_size

@@ -24,7 +24,7 @@ from flexgen_graph import planfile
 from flexgen_graph.app import distributed, jobs
 from flexgen_graph.app.api import compile_plan
 from flexgen_graph.app.cli import main
-from flexgen_graph.app.jobs import OutputFile, OutputInUseError, OutputLock, errors_path, run_job
+from flexgen_graph.app.jobs import OutputFile, OutputInUseError, errors_path, run_job
 from flexgen_graph.app.models import store_dir
 from flexgen_graph.errors import DiskFullError
 from flexgen_graph.hardware import load_profile
@@ -138,8 +138,9 @@ def test_1_nan_or_inf_logits_stop_the_block_and_name_the_line(tmp_path):
     with Engine(plan, store) as engine, pytest.raises(NonFiniteLogitsError, match=r"NaN or inf logits .*\[0\]"):
         engine.generate([[5, 7, 9]])
     prompts = prompts_for(1000, 3)
-    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt_ids": prompts[0]}, {"id": "nan", "prompt_ids": [5, 7]},
-                                              {"id": "b", "prompt_ids": prompts[1]}, {"id": "c", "prompt_ids": prompts[2]}])
+    lines = [{"id": "a", "prompt_ids": prompts[0]}, {"id": "nan", "prompt_ids": [5, 7]},
+             {"id": "b", "prompt_ids": prompts[1]}, {"id": "c", "prompt_ids": prompts[2]}]
+    inp = write_jsonl(tmp_path / "in.jsonl", lines)
     out = OutputFile(tmp_path / "out.jsonl")
     summary = run_job([plan], lambda p: Engine(p, store), None, inp, out)
     out.close()

@@ -119,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", help=f"model when no plan is given (default: {DEFAULT_MODEL}, embedded)")
     r.add_argument("--weights", help="dummy, dummy:SEED, a checkpoint folder or .gguf (default: the plan's)")
     r.add_argument("--input", required=True, help="JSONL: {\"id\", \"prompt\"|\"messages\"|\"prompt_ids\"[, \"max_tokens\"]}")
-    r.add_argument("--output", help="JSONL answers {\"id\", \"text\", \"token_ids\", \"finish_reason\"}; lines that get "
-                                    "none are in OUT.errors.jsonl beside it (exit status 3)")
+    r.add_argument("--output", help="JSONL answers {\"id\", \"text\", \"token_ids\", \"finish_reason\"}; lines "
+                                    "that get none are in OUT.errors.jsonl beside it (exit status 3)")
     r.add_argument("--show", action="store_true", help="print each answer as its block finishes")
     r.add_argument("--temperature", type=float, default=0.0, help="default for lines without one (0: greedy)")
     r.add_argument("--top-p", type=float, default=1.0, help="default nucleus mass for lines without one")
@@ -268,6 +268,11 @@ def _cuda_visible() -> bool:
 def cmd_run(args) -> int:
     from contextlib import ExitStack
 
+    with ExitStack() as owned:  # the output's (and a shard's) lock, held from before any work to the end
+        return _cmd_run(args, owned)
+
+
+def _cmd_run(args, owned) -> int:
     from flexgen_graph import planfile
     from flexgen_graph.app import distributed
     from flexgen_graph.app.jobs import OutputLock, refuse_input_as_output
@@ -277,41 +282,39 @@ def cmd_run(args) -> int:
     if args.plan and args.stages > 1:
         raise UserError("--stages compiles a pipeline plan; a given --plan already says its stages")
     refuse_input_as_output(Path(args.input), Path(args.output) if args.output else None)
+    if args.output and (rank is None or rank.rank == 0):  # rank 0 writes the output
+        owned.enter_context(OutputLock(Path(args.output)))
     given = planfile.load_set(args.plan) if args.plan else None  # a bad plan fails before any rendezvous
     stages = given[0].stage.count if given and given[0].stage else args.stages
-    # the output is this job's from before any work to the end (rank 0 writes it; each rank owns its shard)
-    with ExitStack() as owned:
-        if args.output and (rank is None or rank.rank == 0):
-            owned.enter_context(OutputLock(Path(args.output)))
-        if stages > 1:  # a pipeline: process i runs stage i of every block
-            pipe = distributed.Pipeline.for_launch(rank, stages, args.output)
-            distributed.start(pipe.rank, cuda=args.device != "cpu" and _cuda_visible())
-            try:
-                return _run(args, given, pipeline=pipe)
-            finally:
-                distributed.stop()
-        if rank is None:
-            return _run(args, given)
-        shard = distributed.Shard.for_output(args.output, rank)  # a bad --output fails before the rendezvous
-        shard_lock = owned.enter_context(shard.lock())
-        distributed.start(rank, cuda=args.device != "cpu" and _cuda_visible())
+    if stages > 1:  # a pipeline: process i runs stage i of every block
+        pipe = distributed.Pipeline.for_launch(rank, stages, args.output)
+        distributed.start(pipe.rank, cuda=args.device != "cpu" and _cuda_visible())
         try:
-            return _run(args, given, shard, shard_lock)
+            return _run(args, given, pipeline=pipe)
         finally:
             distributed.stop()
+    if rank is None:
+        return _run(args, given)
+    shard = distributed.Shard.for_output(args.output, rank)  # a bad --output fails before the rendezvous
+    shard_lock = owned.enter_context(shard.lock())  # each rank owns its shard
+    distributed.start(rank, cuda=args.device != "cpu" and _cuda_visible())
+    try:
+        return _run(args, given, shard, shard_lock)
+    finally:
+        distributed.stop()
 
 
 def _run(args, plans=None, shard=None, shard_lock=None, pipeline=None) -> int:
     """plans: those of --plan, loaded by cmd_run (None: compile one for the job)."""
     from flexgen_graph.app import distributed
     from flexgen_graph.app.jobs import OutputFile, errors_path, job_workload, load_tokenizer, run_job
-    from flexgen_graph.errors import DiskFullError
     from flexgen_graph.app.models import (
         default_cache_dir,
         open_store,
         resolve_model,
         weights_source_for,
     )
+    from flexgen_graph.errors import DiskFullError
     from flexgen_graph.ir import Workload
     from runtime.engine import Engine
     from runtime.sampling import Sampling

@@ -55,9 +55,9 @@ def source_spec(source: str, dtype: str) -> ModelSpec | None:
     kind, _, arg = source.partition(":")
     if source == "default":
         return spec_from_config(gguf_config(default_gguf_path()), name=DEFAULT_MODEL, dtype=dtype)
-    if kind == "gguf":
+    if kind == "gguf" and Path(arg).is_file():  # (a missing file: the import says so, as it always did)
         return spec_from_config(gguf_config(Path(arg)), name=Path(arg).stem, dtype=dtype)
-    if kind == "hf":
+    if kind == "hf" and (Path(arg) / "config.json").is_file():
         from transformers import AutoConfig
 
         return spec_from_config(AutoConfig.from_pretrained(arg), name=arg, dtype=dtype)
