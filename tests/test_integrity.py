@@ -120,6 +120,25 @@ def test_1_a_flipped_byte_in_a_weight_file_is_reimported_or_named_never_tokens(t
     assert f"delete {store}" in last and (not out2.exists() or answers(out2) == {})
 
 
+def test_1_a_flipped_byte_in_the_compressed_copy_is_rebuilt_from_the_store_or_named(tiny, tmp_path, capsys):
+    from runtime.compressed import DONE, compressed_layers
+    from runtime.quant import QuantConfig
+
+    store = ws.WeightStore(shutil.copytree(tiny["store"].path, tmp_path / "store"))
+    cfg = QuantConfig(4, 32)
+    layer1 = compressed_layers(store, cfg).file(1)
+    original = layer1.read_bytes()
+    flip(layer1, 77, 3)
+    buf = torch.empty(len(original), dtype=torch.uint8)
+    compressed_layers(store, cfg).read_layer_into(1, buf)  # a new process's first read
+    assert bytes(buf.numpy()) == original and layer1.read_bytes() == original
+    assert f"{layer1} had changed since it was built; rebuilt it" in capsys.readouterr().err
+    marker = layer1.parent / DONE  # a changed checksum: nothing to rebuild to, refused by name
+    marker.write_text(marker.read_text().replace('"1": "xxh3_128:', '"1": "xxh3_128:0', 1))
+    with pytest.raises(ValueError, match=f"{layer1} does not match the checksum recorded in {marker}"):
+        compressed_layers(store, cfg).read_layer_into(1, buf)
+
+
 def _yield_none():
     from contextlib import nullcontext
 
