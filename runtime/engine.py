@@ -329,10 +329,12 @@ class Engine:
     def _head(self, op: Op) -> None:
         logits = kernels.head(self.spec, self._weights(op), self._hidden_view(op.hidden))
         k = op.batch
-        # checked after the program's drain (no host sync here): argmax of a NaN row would be a silent token
-        self._finite[k] = finite = torch.isfinite(logits).all(dim=-1)
+        # argmax takes a NaN or +inf as the maximum, so the picked logit says whether a row can give a token
+        # (B values, checked after the program's drain: no host sync, no extra pass over the logits)
+        best = logits.argmax(dim=-1)
+        self._finite[k] = finite = torch.isfinite(logits.gather(-1, best[:, None])).squeeze(1)
         if self.state.all_greedy:
-            self.state.next[k] = logits.argmax(dim=-1)
+            self.state.next[k] = best
         else:
             rows = slice(k * self.b, (k + 1) * self.b)
             self.state.next[k] = pick(torch.where(finite[:, None], logits, 0.0), self.state.sampling[rows],
