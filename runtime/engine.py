@@ -36,6 +36,10 @@ from runtime.stage_link import StageLink
 from runtime.weight_store import WeightStore
 
 
+class NonFiniteLogitsError(RuntimeError):
+    """The head computed a NaN or inf logit: the block stops with this error rather than emit a token from it."""
+
+
 class Engine:
     def __init__(self, plan: Plan, store: WeightStore, offload_dir: str | Path | None = None, *,
                  overlap: bool = True, cold_weights: bool = False, device: str = "auto",
@@ -99,6 +103,9 @@ class Engine:
             self.close()  # nothing half-built stays behind: scratch files and temp folders go
             raise
         self.state: BlockState | None = None  # the running block's token ids, masks and tally (runtime.driver)
+        self._finite: list[torch.Tensor] = []  # per gpu batch, whose head logits were all finite this step
+        self._has_head = {name: any(op.kind is OpKind.HEAD for op in ops)
+                          for name, ops in (("prefill", plan.programs.prefill), ("decode", plan.programs.decode))}
         self.step_times: list[tuple[str, float]] = []  # (program, wall seconds) of every program run
         self._events = {name: self.backend.new_events(len(ops))
                         for name, ops in (("prefill", plan.programs.prefill), ("decode", plan.programs.decode))}
@@ -322,11 +329,16 @@ class Engine:
     def _head(self, op: Op) -> None:
         logits = kernels.head(self.spec, self._weights(op), self._hidden_view(op.hidden))
         k = op.batch
+        # argmax takes a NaN or +inf as the maximum, so the picked logit says whether a row can give a token
+        # (B values, checked after the program's drain: no host sync, no extra pass over the logits)
+        best = logits.argmax(dim=-1)
+        self._finite[k] = finite = torch.isfinite(logits.gather(-1, best[:, None])).squeeze(1)
         if self.state.all_greedy:
-            self.state.next[k] = logits.argmax(dim=-1)
+            self.state.next[k] = best
         else:
             rows = slice(k * self.b, (k + 1) * self.b)
-            self.state.next[k] = pick(logits, self.state.sampling[rows], self.state.gens[rows])
+            self.state.next[k] = pick(torch.where(finite[:, None], logits, 0.0), self.state.sampling[rows],
+                                      self.state.gens[rows])
 
     HANDLERS = {
         OpKind.LOAD_WEIGHT: _load_weight,
@@ -353,9 +365,18 @@ class Engine:
         events = self._events[name]
         for ev in events:
             ev.clear()
+        if self._has_head[name]:
+            self._finite = [None] * self.nb
         for stream, thunk, waits, done in self._dispatch[name]:
             self.backend.submit(stream, thunk, waits, done)
         self.backend.drain(events)
+        if self._has_head[name]:
+            finite = torch.cat(self._finite).cpu()  # after the drain: the device is done, this copies 16 bytes
+            if not bool(finite.all()):
+                rows = (~finite).nonzero().flatten().tolist()
+                raise NonFiniteLogitsError(f"the head computed NaN or inf logits for sequence(s) {rows} of the block "
+                                           f"at token {self._token_index() + 1}: the block is stopped rather than "
+                                           "answer with tokens picked from them")
         self.step_times.append((name, time.perf_counter() - t0))
 
     def generate(self, prompts: list[list[int]], max_new_tokens: list[int] | None = None,
