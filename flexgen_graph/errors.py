@@ -10,3 +10,12 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Bad input, a plan that does not match, an infeasible plan, a bad profile: what the user can fix."""
+
+
+class DiskFullError(UserError):
+    """A write found no space left: names the file and how many more bytes it needed."""
+
+    def __init__(self, path, need_bytes: int, what: str = "") -> None:
+        self.path, self.need_bytes = path, need_bytes
+        super().__init__(f"no space left on the disk of {path}{f' ({what})' if what else ''}: it needs "
+                         f"{need_bytes} more bytes ({need_bytes / 2**20:.1f} MiB); free space there")

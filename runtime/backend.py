@@ -10,6 +10,7 @@ other: what they share is here as parts (MemoryTracker, ScratchFiles, StreamWork
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import queue
 import threading
@@ -19,7 +20,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from flexgen_graph.errors import UserError
+from flexgen_graph.errors import DiskFullError, UserError
 from flexgen_graph.ir import TIERS, Tier
 from flexgen_graph.program import Stream
 
@@ -104,10 +105,18 @@ def read_disk(src: DiskBuf, into: torch.Tensor, offset: int) -> None:
 
 
 def write_disk(dst: DiskBuf, data: torch.Tensor, offset: int) -> None:
-    """Write a flat uint8 host tensor into dst at offset."""
+    """Write a flat uint8 host tensor into dst at offset; a full disk names the file and the bytes unwritten."""
     view, done, n = memoryview(data.numpy()), 0, data.numel()
     while done < n:
-        done += os.pwrite(dst.fd, view[done:], offset + done)
+        try:
+            got = os.pwrite(dst.fd, view[done:], offset + done)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise DiskFullError(dst.path, n - done, "offload scratch") from None
+            raise
+        if got <= 0:  # never loop on a write that makes no progress
+            raise DiskFullError(dst.path, n - done, "offload scratch")
+        done += got
 
 
 def copy_range(dst: Buf, src: Buf, offset: int, nbytes: int) -> None:
@@ -125,19 +134,34 @@ def copy_range(dst: Buf, src: Buf, offset: int, nbytes: int) -> None:
         raise AssertionError(f"no disk-to-disk copies in a plan ({src} -> {dst})")
 
 
+class ScratchInUseError(UserError):
+    """Another process holds a scratch file of the offload folder: two runs would overwrite each other's cache."""
+
+
 def open_scratch(path: Path, nbytes: int) -> DiskBuf:
-    """A scratch file with its blocks reserved now, so a full disk fails at start, not hours in."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    """A scratch file with its blocks reserved now, so a full disk fails at start, not hours in. It is
+    locked for this process (flock): a second run given the same offload folder is refused, never
+    allowed to overwrite the first's cache under it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # not O_TRUNC: the file may be another run's
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ScratchInUseError(f"scratch file {path} is in use by another run: give each run its own "
+                                "--offload-dir") from None
+    try:
+        os.ftruncate(fd, 0)
         try:
             os.posix_fallocate(fd, 0, nbytes)
         except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise DiskFullError(path, nbytes, "offload scratch, reserved at start") from None
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # filesystems without fallocate: sparse file
                 raise
             os.ftruncate(fd, nbytes)
     except BaseException:
-        os.close(fd)
         path.unlink(missing_ok=True)
+        os.close(fd)
         raise
     return DiskBuf(path, fd, nbytes)
 
@@ -157,8 +181,8 @@ class ScratchFiles:
 
     def close(self) -> None:
         for f in self._files:
+            f.path.unlink(missing_ok=True)  # before the lock goes with the fd: no other run holds this file
             os.close(f.fd)
-            f.path.unlink(missing_ok=True)
         self._files.clear()
 
 

@@ -34,6 +34,7 @@ from flexgen_graph.errors import UserError
 from flexgen_graph.layout import STAT_BYTES, ceil_div
 from flexgen_graph.spec import ModelSpec
 from runtime.backend import read_file_into
+from runtime.integrity import atomic_file, checksum, need_space
 from runtime.kernels import TORCH_DTYPES, layer_views
 from runtime.quant import (
     STAT_DTYPE,
@@ -79,10 +80,15 @@ DONE = "compressed.json"
 
 class CompressedLayers:
     """A weight store's layers compressed with one config: one file per layer, read whole into a
-    buffer (the interface the backends call on a weight store)."""
+    buffer (the interface the backends call on a weight store). A layer file is checked against the
+    checksum recorded when it was built on its first read in a process; one that changed since is
+    rebuilt from the store (compression is deterministic) or refused by name."""
 
-    def __init__(self, path: Path, spec: ModelSpec, cfg: QuantConfig) -> None:
+    def __init__(self, path: Path, spec: ModelSpec, cfg: QuantConfig, store=None,
+                 checksums: dict[str, str] | None = None) -> None:
         self.path, self.spec, self.cfg = path, spec, cfg
+        self.store, self.checksums = store, checksums if checksums is not None else {}
+        self._verified: set[int] = set()
 
     def layer_nbytes(self, layer: int) -> int:
         return self.spec.compressed_layer_bytes(layer, self.cfg)
@@ -101,6 +107,25 @@ class CompressedLayers:
             os.close(fd)
             raise UserError(f"{path}: {size} bytes, expected {need}; delete {self.path} to rebuild the compressed copy")
         read_file_into(fd, buf[:need], str(path), drop_page_cache=drop_page_cache)
+        if layer not in self._verified:  # once per process: re-reads cost nothing more
+            self._verify(layer, buf[:need])
+
+    def _verify(self, layer: int, data: torch.Tensor) -> None:
+        want, path = self.checksums.get(str(layer)), self.file(layer)
+        if checksum(data.numpy()) != want:
+            out = torch.zeros(data.numel(), dtype=torch.uint8)
+            if self.store is not None and want is not None:
+                dense = torch.empty(self.spec.layer_bytes(layer), dtype=torch.uint8)
+                self.store.read_layer_into(layer, dense)
+                compress_layer(self.spec, layer, dense, self.cfg, out)
+            if want is None or checksum(out.numpy()) != want:
+                raise UserError(f"{path} does not match the checksum recorded in {self.path / DONE} when it was "
+                                f"built (a file changed since): delete {self.path} to rebuild the compressed copy")
+            with atomic_file(path, out.numel()) as f:
+                f.write(out.numpy())
+            print(f"note: {path} had changed since it was built; rebuilt it from the weight store", file=sys.stderr)
+            data.copy_(out)
+        self._verified.add(layer)
 
     def check(self) -> None:
         for j in range(self.spec.num_graph_layers):
@@ -117,19 +142,24 @@ def compressed_layers(store, cfg: QuantConfig) -> CompressedLayers:
     path = Path(store.path) / f"compressed-{cfg.bits}bit-g{cfg.group_size}"
     meta = {"format": COMPRESSED_FORMAT, "version": COMPRESSED_VERSION, "fingerprint": spec.fingerprint(),
             "bits": cfg.bits, "group_size": cfg.group_size}
-    layers = CompressedLayers(path, spec, cfg)
     done = path / DONE
     if done.is_file():
         try:
-            ok = json.loads(done.read_text()) == meta
-        except (OSError, ValueError):
+            got = json.loads(done.read_text())
+            sums = got.pop("checksums", None)
+            ok = got == meta and isinstance(sums, dict) and set(sums) == {str(j) for j in range(spec.num_graph_layers)}
+        except (OSError, ValueError, AttributeError):
             ok = False
         if ok:
+            layers = CompressedLayers(path, spec, cfg, store, sums)
             layers.check()
             return layers
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     n = spec.num_graph_layers
+    need_space(path, sum(spec.compressed_layer_bytes(j, cfg) for j in range(n)), f"the {cfg.bits}-bit copy of {spec.name}")
+    sums: dict[str, str] = {}
+    layers = CompressedLayers(path, spec, cfg, store, sums)
     with tqdm(total=n, desc=f"compressing {spec.name} to {cfg.bits} bits", unit="layer",
               disable=not sys.stderr.isatty()) as bar:
         for j in range(n):
@@ -137,11 +167,12 @@ def compressed_layers(store, cfg: QuantConfig) -> CompressedLayers:
             store.read_layer_into(j, dense)
             out = torch.zeros(spec.compressed_layer_bytes(j, cfg), dtype=torch.uint8)
             compress_layer(spec, j, dense, cfg, out)
-            out.numpy().tofile(layers.file(j))
+            with atomic_file(layers.file(j), out.numel()) as f:
+                f.write(out.numpy())
+            sums[str(j)] = checksum(out.numpy())
             bar.update()
-    tmp = path / (DONE + ".tmp")
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, done)
+    with atomic_file(done) as f:  # the marker, written last, completes the copy
+        f.write(json.dumps({**meta, "checksums": sums}).encode())
     return layers
 
 

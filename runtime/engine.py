@@ -23,7 +23,7 @@ from flexgen_graph.errors import UserError
 from flexgen_graph.ir import TIERS, Tier
 from flexgen_graph.planfile import Plan, check_model
 from flexgen_graph.program import COMPUTE_KINDS, BufferRole, Op, OpKind
-from flexgen_graph.spec import ALIGN_BYTES
+from flexgen_graph.layout import align_up
 from runtime import driver, kernels, preflight
 from runtime.backend import Backend, Buf, open_backend
 from runtime.compressed import (
@@ -41,6 +41,10 @@ from runtime.weight_store import WeightStore
 
 def _idle() -> None:
     """An op of a gpu batch the block does not fill."""
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """The head computed a NaN or inf logit: the block stops with this error rather than emit a token from it."""
 
 
 class Engine:
@@ -100,6 +104,9 @@ class Engine:
             raise
         self.state: BlockState | None = None  # the running block's token ids, masks and tally (runtime.driver)
         self._filled = self.nb  # gpu batches the running block fills
+        self._finite: list[torch.Tensor] = []  # per gpu batch, whose head logits were all finite this step
+        self._has_head = {name: any(op.kind is OpKind.HEAD for op in ops)
+                          for name, ops in (("prefill", plan.programs.prefill), ("decode", plan.programs.decode))}
         self.step_times: list[tuple[str, float]] = []  # (program, wall seconds) of every program run
         self._events = {name: self.backend.new_events(len(ops))
                         for name, ops in (("prefill", plan.programs.prefill), ("decode", plan.programs.decode))}
@@ -145,7 +152,7 @@ class Engine:
         w = {j: s.layer_bytes(j) if self.plan.policy.compress_weights else 0 for j in self.plan.layers}
         w_dec = max(w[j] for j in w if 0 < j < s.num_graph_layers - 1)  # every stage holds a decoder layer
         dev_cache = cache if kinds & {OpKind.DECODER_PREFILL, OpKind.DECODER_DECODE} else 0
-        w_dec_aligned = -(-w_dec // ALIGN_BYTES) * ALIGN_BYTES
+        w_dec_aligned = align_up(w_dec)
         size = max(w.get(0, 0), w.get(s.num_graph_layers - 1, 0), w_dec_aligned + dev_cache)
         if size:
             buf = self.backend.alloc(Tier.GPU, size, "dequantized-scratch").tensor
@@ -330,11 +337,16 @@ class Engine:
     def _head(self, op: Op) -> None:
         k, r = op.batch, self._rows(op)
         logits = kernels.head(self.spec, self._weights(op), self._hidden_view(op.hidden, r))
+        # argmax takes a NaN or +inf as the maximum, so the picked logit says whether a row can give a token
+        # (B values, checked after the program's drain: no host sync, no extra pass over the logits)
+        best = logits.argmax(dim=-1)
+        self._finite[k] = finite = torch.isfinite(logits.gather(-1, best[:, None])).squeeze(1)
         if self.state.all_greedy:
-            self.state.next[k] = logits.argmax(dim=-1)
+            self.state.next[k] = best
         else:
             rows = slice(k * self.b, k * self.b + r)
-            self.state.next[k] = pick(logits, self.state.sampling[rows], self.state.gens[rows])
+            self.state.next[k] = pick(torch.where(finite[:, None], logits, 0.0), self.state.sampling[rows],
+                                      self.state.gens[rows])
 
     HANDLERS = {
         OpKind.LOAD_WEIGHT: _load_weight,
@@ -362,9 +374,18 @@ class Engine:
         events = self._events[name]
         for ev in events:
             ev.clear()
+        if self._has_head[name]:
+            self._finite = [None] * self._filled  # the unfilled gpu batches run no head
         for stream, thunk, waits, done in self._dispatch_for(name, self._filled):
             self.backend.submit(stream, thunk, waits, done)
         self.backend.drain(events)
+        if self._has_head[name]:
+            finite = torch.cat(self._finite).cpu()  # after the drain: the device is done, this copies 16 bytes
+            if not bool(finite.all()):
+                rows = (~finite).nonzero().flatten().tolist()
+                raise NonFiniteLogitsError(f"the head computed NaN or inf logits for sequence(s) {rows} of the block "
+                                           f"at token {self._token_index() + 1}: the block is stopped rather than "
+                                           "answer with tokens picked from them")
         self.step_times.append((name, time.perf_counter() - t0))
 
     def _dispatch_for(self, name: str, filled: int) -> list:

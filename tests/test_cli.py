@@ -40,18 +40,19 @@ def test_compile_inspect_run(checkpoint, tmp_path, capsys):
                    + json.dumps({"prompt_ids": [5]}) + "\n")
     out = tmp_path / "out.jsonl"
     assert main(["run", "--plan", str(plan), "--input", str(inp), "--output", str(out),
-                 "--cache-dir", str(tmp_path / "cache")]) == 0
-    records = [json.loads(x) for x in out.read_text().splitlines()]
-    by_id = {r.get("id"): r for r in records}
+                 "--cache-dir", str(tmp_path / "cache")]) == 3  # some lines are in the errors file
+    by_id = {r["id"]: r for r in (json.loads(x) for x in out.read_text().splitlines())}
+    assert sorted(by_id) == [f"p{i}" for i in range(5)]  # answers only
     for i in range(5):
         r = by_id[f"p{i}"]
         assert len(r["token_ids"]) <= 1 + i % 4 and r["finish_reason"] in ("stop", "length")
         assert r["text"] is None  # this checkpoint has no tokenizer
-    assert "at most 8" in by_id["long"]["error"]
-    errors = [r for r in records if "line" in r]
-    assert {r["line"] for r in errors} == {6, 8}  # bad JSON and the line without an id
+    errors = [json.loads(x) for x in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert {r["line"] for r in errors} == {6, 7, 8}  # bad JSON, the too-long prompt, the line without an id
+    assert [r["id"] for r in errors if "id" in r] == ["long"] and "at most 8" in errors[1]["error"]
     summary = capsys.readouterr().out
     assert "plan prompt 8, gen 4: 2 blocks, 5 sequences" in summary and "peak bytes" in summary
+    assert f"3 errors: see {tmp_path / 'out.errors.jsonl'}" in summary
 
 
 def test_errors_are_one_line_with_exit_code_2(checkpoint, tmp_path, capsys):
@@ -76,7 +77,9 @@ def test_plan_refuses_weights_of_another_model(checkpoint, tmp_path, capsys):
     inp.write_text(json.dumps({"id": 1, "prompt_ids": [4, 5]}) + "\n")
     assert main(["run", "--plan", str(plan), "--weights", str(checkpoint), "--input", str(inp),
                  "--cache-dir", str(tmp_path / "cache")]) == 2
-    assert "compiled for 'facebook/opt-125m'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the plan is for 'facebook/opt-125m' but the weights" in err and f"are '{checkpoint.resolve()}'" in err
+    assert "nothing was imported" in err and not (tmp_path / "cache" / "weights").exists()
 
 
 def test_console_help_teaches():

@@ -22,7 +22,7 @@ from flexgen_graph.app.distributed import (
     shard_path,
     usable_cores,
 )
-from flexgen_graph.app.jobs import id_key, line_key, parse_line, record_key
+from flexgen_graph.app.jobs import Request, answer_key, errors_path, id_key, line_key, parse_line
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -44,16 +44,19 @@ def job(checkpoint, tmp_path_factory):  # noqa: F811
         f.write("{not json\n")
     ref = d / "ref.jsonl"
     assert main(["run", "--plan", str(plan), "--input", str(inp), "--output", str(ref),
-                 "--cache-dir", str(d / "ref-cache")]) == 0
+                 "--cache-dir", str(d / "ref-cache")]) == 3  # the errors file holds the bad lines
     return plan, inp, ref
 
 
 def records(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines()]
+    """The answers in path, then the error records in its errors file."""
+    errs = errors_path(path)
+    return [json.loads(x) for x in path.read_text().splitlines()] + \
+        ([json.loads(x) for x in errs.read_text().splitlines()] if errs.exists() else [])
 
 
 def by_key(recs: list[dict]) -> dict[str, dict]:
-    keys = [record_key(r) for r in recs]
+    keys = [answer_key(r) or f"error on line {r['line']}" for r in recs]
     assert len(keys) == len(set(keys)), [k for k, n in Counter(keys).items() if n > 1]  # each id exactly once
     return dict(zip(keys, recs))
 
@@ -71,12 +74,13 @@ def test_shard_of_is_a_stable_hash_of_the_id_key_that_splits_evenly():
     assert [shard_of(id_key(k), 3) for k in ("a", "b", "c", 1, 2, 3)] == [2, 0, 1, 1, 1, 1]
     counts = Counter(shard_of(id_key(i), 4) for i in range(4000))
     assert sorted(counts) == [0, 1, 2, 3] and min(counts.values()) > 900
-    # the key a line is sharded by is the key its output record is resumed by
+    # the key a line is sharded by is the key its answer is resumed by (its id's), else its line number's
     for n, text in enumerate(['{"id": 7, "prompt_ids": [3]}', '{"id": "x", "prompt_ids": "bad"}', "{not json",
                               '{"prompt_ids": [3]}', '{"id": true, "prompt_ids": [3]}', "[1]"], 1):
         r = parse_line(text, n, None)
-        rec = {"id": r.id} if not isinstance(r, dict) else r
-        assert line_key(text, n) == record_key(rec), text
+        has_id = isinstance(r, Request) or r.has_id
+        assert line_key(text, n) == (id_key(r.id) if has_id else f"line:{n}"), text
+        assert has_id == (n <= 2)
 
 
 def test_two_ranks_give_the_single_process_output_token_for_token(job, tmp_path):
@@ -90,7 +94,9 @@ def test_two_ranks_give_the_single_process_output_token_for_token(job, tmp_path)
     per_rank = Counter(shard_of(id_key(r["id"]), 2) for r in want.values() if "token_ids" in r)
     for r in (0, 1):
         assert f"rank {r}/2: {per_rank[r]} prompts" in run.stderr and per_rank[r] >= 5
-    assert f"merged 2 shards into {out}: {len(want)} records" in run.stderr
+    answers = sum("token_ids" in r for r in want.values())
+    assert f"merged 2 shards into {out}: {answers} records" in run.stderr
+    assert not errors_path(shard_path(out, 0, 2)).exists() and errors_path(out).exists()
 
 
 def test_a_rank_killed_mid_write_loses_only_its_block_and_a_relaunch_resumes(job, tmp_path):
@@ -112,14 +118,15 @@ def test_a_rank_killed_mid_write_loses_only_its_block_and_a_relaunch_resumes(job
 def test_merge_cut_short_then_rerun_keeps_each_id_once(tmp_path):
     out = tmp_path / "out.jsonl"
     shard_folder(out).mkdir()
-    shards = {r: [{"id": i, "token_ids": [i]} for i in range(12) if shard_of(id_key(i), 2) == r] for r in (0, 1)}
+    answer = lambda i: {"id": i, "text": None, "token_ids": [i], "finish_reason": "length"}  # noqa: E731
+    shards = {r: [answer(i) for i in range(12) if shard_of(id_key(i), 2) == r] for r in (0, 1)}
     for r, recs in shards.items():
         write_lines(shard_path(out, r, 2), recs)
     first = shards[0][0]
     out.write_text(json.dumps(first) + "\n" + json.dumps(shards[0][1])[:9])  # a merge killed mid-write
     merged = merge(out, 2)
     assert (merged.appended, merged.already) == (11, 1)
-    assert by_key(records(out)) == {id_key(i): {"id": i, "token_ids": [i]} for i in range(12)}
+    assert by_key(records(out)) == {id_key(i): answer(i) for i in range(12)}
     assert not shard_folder(out).exists()
 
 

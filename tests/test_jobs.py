@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexgen_graph.app.api import compile_plan
-from flexgen_graph.app.jobs import OutputFile, run_job
+from flexgen_graph.app.jobs import OutputFile, errors_path, run_job
 from flexgen_graph.app.models import store_dir
 from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec
 from flexgen_graph.hardware import load_profile
@@ -74,18 +74,29 @@ def test_resume_skips_done_ids_and_repairs_a_torn_line(tiny_store, tmp_path):
                                                        for x in complete.splitlines()}
 
 
-def test_a_duplicate_ids_error_record_does_not_count_as_that_id_done(tiny_store, tmp_path):
+def errors_of(out_path) -> list[dict]:
+    path = errors_path(out_path)
+    return [json.loads(x) for x in path.read_bytes().splitlines()] if path.exists() else []
+
+
+def test_a_duplicate_id_is_an_error_on_every_run_and_never_counts_as_done(tiny_store, tmp_path):
+    # error records go to the errors file (not the output), which every run rewrites: a duplicate line stays
+    # reported after its id was answered, and an old error record in the output never makes an id done
     inp = tmp_path / "in.jsonl"
     write_lines(inp, [{"id": 0, "prompt_ids": [3, 4]}, {"id": 1, "prompt_ids": [5]}, {"id": 0, "prompt_ids": [6]}])
     out = tmp_path / "out.jsonl"
-    run_tiny(tiny_store, inp, out, tiny_plans(tiny_store))
-    dup = [x for x in out.read_text().splitlines() if "duplicate" in x]
-    assert len(dup) == 1 and json.loads(dup[0])["line"] == 3
-    out.write_text(dup[0] + "\n")  # killed after pass 1 wrote the error, before id 0's block
+    first = run_tiny(tiny_store, inp, out, tiny_plans(tiny_store))
+    assert first.errors == 1 and sorted(json.loads(x)["id"] for x in out.read_text().splitlines()) == [0, 1]
+    [dup] = errors_of(out)
+    assert dup["line"] == 3 and dup["id"] == 0 and "first on line 1" in dup["error"]
+    out.write_text(json.dumps(dup) + "\n")  # an output holding only an error record (as an older version wrote)
     again = run_tiny(tiny_store, inp, out, tiny_plans(tiny_store))
-    assert again.prompts == 2 and again.skipped == 1
+    assert again.prompts == 2 and again.skipped == 0 and again.errors == 1
     recs = [json.loads(x) for x in out.read_text().splitlines()]
-    assert sorted(r["id"] for r in recs if "token_ids" in r) == [0, 1] and len(recs) == 3
+    assert recs[0] == dup and sorted(r["id"] for r in recs[1:]) == [0, 1]  # left for the user, not counted
+    assert errors_of(out) == [dup]
+    third = run_tiny(tiny_store, inp, out, tiny_plans(tiny_store))
+    assert (third.prompts, third.skipped, third.errors) == (0, 2, 1) and errors_of(out) == [dup]
 
 
 def test_plan_set_routes_each_prompt_to_the_smallest_plan_that_fits(tiny_store, tmp_path):
@@ -103,7 +114,9 @@ def test_plan_set_routes_each_prompt_to_the_smallest_plan_that_fits(tiny_store, 
     out = OutputFile(tmp_path / "out.jsonl")
     summary = run_job(plans, open_engine, None, inp, out)
     out.close()
-    recs = {r["id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    answers = {r["id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    recs = {r["id"]: r for r in errors_of(tmp_path / "out.jsonl")}
+    assert sorted(answers) == ["long", "short"] and sorted(recs) == ["bad", "t", "too-long"]
     assert used == [4, 16] and summary.prompts == 2 and summary.errors == 3
     assert "at most 16 prompt tokens" in recs["too-long"]["error"]
     assert "prompt_ids" in recs["bad"]["error"] and "temperature" in recs["t"]["error"]

@@ -1,5 +1,6 @@
 """OpenAI Batch API files run unchanged: requests become the engine's, answers leave in OpenAI's batch
-output shape (checked with the openai package's own types) carrying what transformers generates."""
+output shape (checked with the openai package's own types) carrying what transformers generates; lines
+that cannot run go to the errors file in OpenAI's error shape."""
 
 import json
 
@@ -9,8 +10,14 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from flexgen_graph.app import openai_batch
 from flexgen_graph.app.cli import main
-from flexgen_graph.app.jobs import Request, line_key, parse_line, record_key
-from runtime.driver import Generation
+from flexgen_graph.app.jobs import (
+    LineError,
+    Request,
+    answer_key,
+    errors_path,
+    line_key,
+    parse_line,
+)
 from runtime.sampling import Sampling
 
 MODEL = "tiny-chat"  # the checkpoint folder's name: body.model may give it
@@ -97,10 +104,11 @@ def answered(chat_checkpoint, tmp_path_factory):
     inp.write_text("".join(json.dumps(x) + "\n" for x in LINES))
     argv = ["run", "--model", str(chat_checkpoint), "--input", str(inp), "--output", str(out),
             "--cache-dir", str(tmp / "cache")]
-    assert main(argv) == 0  # --format auto: the first line says OpenAI
+    assert main(argv) == 3  # --format auto: the first line says OpenAI; exit 3: some lines are in the errors file
     first = out.read_text()
-    assert main(argv) == 0  # the same command again: every line is done already
-    return [json.loads(x) for x in first.splitlines()], out.read_text(), first
+    errors = [json.loads(x) for x in errors_path(out).read_text().splitlines()]
+    assert main(argv) == 3  # the same command again: every answer is done already, the errors are found again
+    return [json.loads(x) for x in first.splitlines()], errors, out.read_text(), first
 
 
 def by_custom_id(records):
@@ -111,9 +119,10 @@ def test_answers_are_transformers_tokens_in_openai_shapes_that_the_openai_types_
     from openai.types import Completion
     from openai.types.chat import ChatCompletion
 
-    records, _, _ = answered
+    records, _, _, _ = answered
     for r in records:
         check_envelope(r)
+        assert r["error"] is None and answer_key(r) is not None  # the output holds answers only
     got = by_custom_id(records)
     tok = PreTrainedTokenizerFast.from_pretrained(chat_checkpoint)
     flat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour.\nOne."}]
@@ -132,26 +141,30 @@ def test_answers_are_transformers_tokens_in_openai_shapes_that_the_openai_types_
         assert parsed.object == ("chat.completion" if cid == "chat" else "text_completion")
 
 
-def test_lines_that_cannot_run_are_error_lines_naming_the_field_and_the_rest_runs(answered):
+def test_lines_that_cannot_run_are_error_lines_in_the_errors_file_naming_the_field_and_the_rest_runs(answered):
     from openai.types import BatchError
 
-    records, _, _ = answered
+    records, error_lines, _, _ = answered
+    for r in error_lines:
+        check_envelope(r)
+        assert r["error"] is not None and answer_key(r) is None  # an error line never makes its id done
     got = by_custom_id(records)
-    errors = {cid: BatchError.model_validate(r["error"]) for cid, r in got.items() if r["error"] is not None}
+    errors = {r["custom_id"]: BatchError.model_validate(r["error"]) for r in error_lines}
+    assert errors["n2"].line == 5 and errors["embed"].line == 7  # every error names its input line
     assert "gpt-4o-mini" in errors["other-model"].message and errors["other-model"].code == "model_not_found"
     assert "body.n" in errors["n2"].message
     assert "'tools'" in errors["tools"].message
     assert "/v1/embeddings" in errors["embed"].message
     assert errors[None].line == 8 and "custom_id" in errors[None].message  # no custom_id: known by its line
-    assert {"chat", "text", "ids"} <= {cid for cid, r in got.items() if r["error"] is None}
+    assert set(got) == {"chat", "text", "ids"}
 
 
 def test_a_rerun_answers_nothing_twice(answered):
-    _, after, first = answered
+    _, _, after, first = answered
     again = [json.loads(x) for x in after.splitlines()]
     answers = [r["custom_id"] for r in again if r["error"] is None]
-    assert sorted(answers) == ["chat", "ids", "text"]  # each once, whatever else the rerun wrote
-    assert after.startswith(first)
+    assert sorted(answers) == ["chat", "ids", "text"]  # each once: answer_key reads them back as done
+    assert after == first
 
 
 def tiny_format(tokenizer=None):
@@ -179,7 +192,7 @@ def test_what_the_engine_would_not_honour_is_refused_by_name(body, field):
     fmt = tiny_format()
     r = fmt.parse(json.dumps(batch_line("a", messages=CHAT) | {"body": {"model": "tiny-chat", "messages": CHAT,
                                                                          **body}}), 1, fmt.tokenizer)
-    assert isinstance(r, dict) and field in r["error"], r
+    assert isinstance(r, LineError) and r.has_id and r.id == "a" and field in r.message, r
 
 
 def test_body_fields_map_onto_the_request_and_unset_ones_take_the_run_defaults():
@@ -204,13 +217,12 @@ def test_a_stop_string_ends_the_answer_before_it_with_the_tokens_up_to_it():
     tok = fmt.tokenizer
     ids = tok("hello world. bye. end")["input_ids"]
     req = Request("a", (5, 6), None, Sampling(), meta=openai_batch.Meta("text", (". ", "zzz")))
-    rec = {"text": tok.decode(ids), "token_ids": ids, "finish_reason": "length"}
-    out = fmt.answer(req, Generation(tuple(ids), "length"), rec)
+    out = fmt.answer(req, ids, "length", tok.decode(ids))
     choice = out["response"]["body"]["choices"][0]
     assert choice["text"] == "hello world" and choice["finish_reason"] == "stop"
     assert out["response"]["body"]["usage"]["completion_tokens"] == len(tok("hello world. ")["input_ids"])
-    plain = fmt.answer(Request("b", (5,), None, Sampling(), meta=openai_batch.Meta("text")),
-                       Generation(tuple(ids), "length"), rec)["response"]["body"]
+    plain = fmt.answer(Request("b", (5,), None, Sampling(), meta=openai_batch.Meta("text")), ids, "length",
+                       tok.decode(ids))["response"]["body"]
     assert plain["choices"][0]["text"] == "hello world. bye. end" and plain["usage"]["completion_tokens"] == len(ids)
 
 
@@ -221,9 +233,47 @@ def test_the_format_is_told_by_the_first_json_object_and_a_line_of_the_other_kin
     f.write_text(json.dumps({"id": 1, "prompt_ids": [3]}) + "\n")
     assert openai_batch.detect(f) == "native"
     native = parse_line(json.dumps(batch_line("a", messages=CHAT)), 4, None)
-    assert native["id"] == "a" and "--format openai" in native["error"]
+    assert native.id == "a" and native.has_id and "--format openai" in native.message
     stray = tiny_format().parse(json.dumps({"id": 7, "prompt": "x"}), 2, None)
-    assert stray["id"] == 7 and "--format native" in stray["error"]
-    # resuming keys: an input line and its answer or error line are known by the same key
-    assert line_key(json.dumps(batch_line("a")), 1) == record_key({"custom_id": "a", "error": None})
-    assert line_key("{oops", 9) == record_key(tiny_format().error({"line": 9, "error": "x"}))
+    assert stray.id == 7 and stray.has_id and "--format native" in stray.message
+    # resuming keys: an input line and its answer line are known by the same key; an error line by none
+    fmt = tiny_format()
+    req = fmt.parse(json.dumps(batch_line("a", url="/v1/completions", prompt=[5, 6])), 1, fmt.tokenizer)
+    assert line_key(json.dumps(batch_line("a")), 1) == answer_key(fmt.answer(req, [7, 2], "stop", "x"))
+    assert answer_key(fmt.error(LineError(9, "line 9: x"))) is None
+    assert answer_key(fmt.error(LineError(3, "x", "a", True))) is None
+
+
+def test_openai_lines_meet_the_native_checks_and_their_errors_go_to_the_errors_file_in_openai_shape(tmp_path):
+    """Token ids outside the vocabulary, seeds beyond 64 bits, non-finite numbers, bytes that are not UTF-8
+    (refused by byte offset before either format reads the line): each named, as for native lines, in
+    OpenAI's error shape in the errors file; the good line is routed."""
+    from types import SimpleNamespace
+
+    from flexgen_graph.app.jobs import JobSummary, OutputFile, plan_requests
+
+    fmt = tiny_format()
+
+    def line(cid, **body):
+        return json.dumps(batch_line(cid, url="/v1/completions", **({"prompt": [5, 6]} | body))).encode() + b"\n"
+
+    utf8 = line("latin1", stop="caf")
+    lines = [line("ok"), line("oov", prompt=[5, 100]), line("seed", seed=2**64), line("neg", seed=-1),
+             line("nan", temperature=float("nan")), utf8.replace(b"caf", b"caf\xe9")]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_bytes(b"".join(lines))
+    plans = [SimpleNamespace(spec=SimpleNamespace(vocab=100), workload=SimpleNamespace(prompt_len=8, gen_len=4))]
+    summary, f = JobSummary(), OutputFile(out)
+    routed = plan_requests(inp, plans, fmt.tokenizer, f, Sampling(), summary, fmt=fmt)
+    f.close()
+    assert routed == [[(0, 1)]] and summary.errors == 5 and not out.read_bytes()
+    errs = [json.loads(x) for x in errors_path(out).read_text().splitlines()]
+    for r in errs:
+        check_envelope(r)
+    got = {r["error"]["line"]: (r["custom_id"], r["error"]["message"]) for r in errs}
+    assert got[2] == ("oov", "prompt token 1 is id 100, outside the model's vocabulary [0, 100)")
+    assert got[3][0] == "seed" and "body.seed must be in [0, 2**64)" in got[3][1] and "[0, 2**64)" in got[4][1]
+    assert got[5][0] == "nan" and "body.temperature must be finite" in got[5][1]
+    at = sum(map(len, lines[:5])) + utf8.index(b"caf") + 3
+    assert got[6][0] is None and f"invalid UTF-8 at byte {at - sum(map(len, lines[:5]))} of the line (byte {at} " \
+        "of the file)" in got[6][1]

@@ -293,7 +293,7 @@ def pipe_job(checkpoint, tmp_path_factory):  # noqa: F811
         f.write("{not json\n")
     ref = d / "ref.jsonl"
     assert main(["run", "--plan", str(d / "single.fgplan"), "--input", str(inp), "--output", str(ref),
-                 "--cache-dir", str(d / "cache")]) == 0
+                 "--cache-dir", str(d / "cache")]) == 3  # the errors file holds the bad lines
     return d / "pipe.fgplan", inp, ref
 
 
@@ -336,7 +336,7 @@ def test_a_stage_killed_mid_block_then_a_relaunch_leaves_every_id_once(pipe_job,
     again = pipe_run(pipe_job, out, cache)
     assert again.returncode == 0, again.stderr[-3000:]
     assert by_key(records(out)) == by_key(records(pipe_job[2]))  # each id once, the same records
-    assert f"{len(kept)} already done" in again.stdout
+    assert f"{sum('token_ids' in r for r in kept.values())} already done" in again.stdout
 
 
 def test_a_stop_signal_to_one_stage_stops_every_stage_at_the_same_block_boundary(pipe_job, tmp_path):

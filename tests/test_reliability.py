@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from flexgen_graph import planfile
 from flexgen_graph.app.api import compile_plan
 from flexgen_graph.app.cli import main
-from flexgen_graph.app.jobs import OutputFile, run_job
+from flexgen_graph.app.jobs import OutputFile, errors_path, run_job
 from flexgen_graph.app.models import store_dir
 from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec
 from flexgen_graph.hardware import load_profile
@@ -119,7 +119,11 @@ def test_every_input_line_yields_exactly_one_record(store, tmp_path_factory, lin
     run_job(plans, lambda p: Engine(p, store), None, inp, out)
     out.close()
     # JSONL lines end at "\n" only: str.splitlines would also split inside ids holding U+0085 or U+2028
-    records = [json.loads(x) for x in (tmp / "out.jsonl").read_bytes().splitlines()]
+    answers = [json.loads(x) for x in (tmp / "out.jsonl").read_bytes().splitlines()]
+    errs = errors_path(tmp / "out.jsonl")
+    errors = [json.loads(x) for x in errs.read_bytes().splitlines()] if errs.exists() else []
+    assert all("token_ids" in r for r in answers) and all("error" in r for r in errors)
+    records = answers + errors  # one per line: its answer in the output, or its error in the errors file
     assert len(records) == len([ln for ln in lines if ln.strip()])
     good = {}
     for ln in lines:
@@ -186,7 +190,10 @@ def test_full_disk_mid_run_keeps_finished_output_and_removes_scratch(store, tmp_
     code = main(["run", "--plan", str(plan_path), "--input", str(inp), "--output", str(out), "--cache-dir",
                  str(cache), "--offload-dir", str(off)])
     assert code == 2
-    assert "ran out of space" in capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()[-1]  # one line naming the scratch file and the bytes it needed
+    assert err.startswith("flexgen-graph run: ") and f"no space left on the disk of {off}/" in err, err
+    assert "more bytes" in err
+    assert "re-run the same command to resume" in err
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert 0 < len(records) < 6 and all("token_ids" in r for r in records)
     assert not list(off.glob("*.bin")), "scratch files must be removed"

@@ -30,9 +30,9 @@ from pathlib import Path
 from flexgen_graph.app import bench_cmd, openai_batch
 from flexgen_graph.catalog import DEFAULT_MODEL
 from flexgen_graph.errors import UserError
-from flexgen_graph.layout import align_up
 
 EXIT_USAGE = 2
+EXIT_LINE_ERRORS = 3  # run: the job ran, but some lines are in the errors file (OUT.errors.jsonl)
 
 EPILOG = """\
 models: a catalog id (e.g. facebook/opt-13b, meta-llama/Llama-2-7b-hf, HuggingFaceTB/SmolLM2-135M-Instruct),
@@ -49,10 +49,12 @@ INPUT_HELP = (
     "\"prompt\", \"max_tokens\" / \"max_completion_tokens\", \"temperature\", \"top_p\", \"seed\", \"stop\", "
     "\"n\": 1}} (see --format)")
 OUTPUT_HELP = (
-    "JSONL answers, appended as each block ends (re-running resumes). Native: {\"id\", \"text\", \"token_ids\", "
-    "\"finish_reason\": \"stop\" or \"length\"}; a line that cannot run: {\"id\", \"error\"}, or {\"line\": its "
-    "line number, \"error\"} when it has no usable id or repeats one. OpenAI lines are answered in OpenAI's batch "
-    "output shape {\"id\", \"custom_id\", \"response\", \"error\"}. Default: print the answers")
+    "JSONL answers, appended as each block ends (re-running resumes: an id is done only when the file holds a "
+    "valid answer for it). Native: {\"id\", \"text\", \"token_ids\", \"finish_reason\": \"stop\" or \"length\"}; "
+    "OpenAI lines are answered in OpenAI's batch output shape {\"id\", \"custom_id\", \"response\", \"error\": "
+    "null}. A line that gets no answer is in OUT.errors.jsonl beside it ({\"id\", \"line\": its line number, "
+    "\"error\"}, without \"id\" when it has no usable one; OpenAI's error shape for OpenAI lines), and the run exits "
+    "with status 3. Default: print the answers")
 
 
 def _positive(s: str) -> int:
@@ -306,14 +308,24 @@ def _cuda_visible() -> bool:
 
 
 def cmd_run(args) -> int:
+    from contextlib import ExitStack
+
+    with ExitStack() as owned:  # the output's (and a shard's) lock, held from before any work to the end
+        return _cmd_run(args, owned)
+
+
+def _cmd_run(args, owned) -> int:
     from flexgen_graph import planfile
     from flexgen_graph.app import distributed
+    from flexgen_graph.app.jobs import OutputLock
 
     rank = distributed.from_env(required=args.distributed)  # set under torchrun: one shard of a data-parallel run
     compile_options(args)  # bad compile options fail before any rendezvous
     _check_files(args)
     if args.plan and args.stages > 1:
         raise UserError("--stages compiles a pipeline plan; a given --plan already says its stages")
+    if args.output and (rank is None or rank.rank == 0):  # rank 0 writes the output
+        owned.enter_context(OutputLock(Path(args.output)))
     given = planfile.load_set(args.plan) if args.plan else None  # a bad plan fails before any rendezvous
     stages = given[0].stage.count if given and given[0].stage else args.stages
     if stages > 1:  # a pipeline: process i runs stage i of every block
@@ -326,16 +338,19 @@ def cmd_run(args) -> int:
     if rank is None:
         return _run(args, given)
     shard = distributed.Shard.for_output(args.output, rank)  # a bad --output fails before the rendezvous
+    shard_lock = owned.enter_context(shard.lock())  # each rank owns its shard
     distributed.start(rank, cuda=args.device != "cpu" and _cuda_visible())
     try:
-        return _run(args, given, shard)
+        return _run(args, given, shard, shard_lock)
     finally:
         distributed.stop()
 
 
 def _check_files(args) -> None:
-    """--input is a file, --output can be written (its folder exists and takes files, it is not the input),
-    --format fits the file: found before anything is loaded, so no work is lost to them."""
+    """--input is a file, --output can be written (its folder exists and takes files, neither it nor its errors
+    or lock file is the input), --format fits the file: found before anything is loaded, so no work is lost."""
+    from flexgen_graph.app.jobs import refuse_input_as_output
+
     in_path = Path(args.input)
     if not in_path.is_file():
         raise UserError(f"--input {in_path}: no such file")
@@ -344,12 +359,11 @@ def _check_files(args) -> None:
         folder = out.parent
         if not folder.is_dir():
             raise UserError(f"--output {out}: folder {folder} does not exist")
+        refuse_input_as_output(in_path, out)
         if out.is_dir():
             raise UserError(f"--output {out} is a folder: give a file name")
         if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
             raise UserError(f"--output {out}: {'the file' if out.exists() else f'the folder {folder}'} is not writable")
-        if out.exists() and out.samefile(in_path):
-            raise UserError(f"--output {out} is the input file: answers go to another file")
     args.format = openai_batch.resolve_format(args.format, in_path)
 
 
@@ -372,16 +386,17 @@ def _given_tokenizer(args, spec, source: str):
     return None
 
 
-def _run(args, plans=None, shard=None, pipeline=None) -> int:
+def _run(args, plans=None, shard=None, shard_lock=None, pipeline=None) -> int:
     """plans: those of --plan, loaded by cmd_run (None: compile one for the job)."""
     from flexgen_graph.app import distributed
-    from flexgen_graph.app.jobs import OutputFile, load_tokenizer, run_job, scan
+    from flexgen_graph.app.jobs import OutputFile, errors_path, job_workload, load_tokenizer, run_job
     from flexgen_graph.app.models import (
         default_cache_dir,
         open_store,
         resolve_model,
         weights_source_for,
     )
+    from flexgen_graph.errors import DiskFullError
     from flexgen_graph.ir import Workload
     from runtime.engine import Engine
     from runtime.sampling import Sampling
@@ -413,8 +428,10 @@ def _run(args, plans=None, shard=None, pipeline=None) -> int:
         tokenizer = given_tokenizer if given_tokenizer is not None else load_tokenizer(store.path)
         fmt = openai_batch.for_run(args.format, spec.name, tokenizer)
         if plans is None and not (pipeline and rank.rank):
-            count, longest, wanted = scan(in_path, tokenizer, defaults, fmt)
-            workload = Workload(args.prompt_len or align_up(longest, 16), args.gen_len or max(wanted, 64))
+            # sized for the lines the model can take: a longer one gets an error record, not a refused job
+            count, prompt_len, gen_len = job_workload(in_path, tokenizer, defaults, spec, args.prompt_len, args.gen_len,
+                                                      fmt)
+            workload = Workload(prompt_len, gen_len)
             # no block larger than the job; blocks sized to it where that is predicted faster
             plans = _cached_plans(spec, args, workload, source, cache_dir, max(count, 1))
     if pipeline:  # stage 0's plans on every stage
@@ -449,6 +466,9 @@ def _run(args, plans=None, shard=None, pipeline=None) -> int:
         summary = run_job(plans, open_engine, tokenizer, in_path, out, defaults=defaults,
                           show=talk and (args.show or not args.output), should_stop=should_stop, mine=mine,
                           done_elsewhere=done_elsewhere, fmt=fmt)
+    except DiskFullError as e:
+        raise UserError(f"{e}; finished answers are in {shard.path if shard else args.output or 'stdout'} and scratch "
+                        "files were removed: re-run the same command to resume") from None
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise OSError(e.errno, f"the offload folder ran out of space ({e.filename or args.offload_dir or 'temp'}); "
@@ -475,17 +495,19 @@ def _run(args, plans=None, shard=None, pipeline=None) -> int:
     if shard:
         print(f"rank {rank.rank}/{rank.world_size}: {summary.prompts} prompts, {summary.tokens} tokens in "
               f"{summary.wall_s:.1f} s", file=sys.stderr)
+        shard_lock.release()  # the shard is whole; rank 0 merges it under the output's lock
         summary, merged = distributed.finish(shard, summary)
         if merged is None:
             return 0  # rank 0 reports the run
         print(f"merged {rank.world_size} shards into {args.output}: {merged.appended} records"
               + (f" ({merged.already} were there already)" if merged.already else ""), file=sys.stderr)
-    print("\n".join(summary.lines()))
+    print("\n".join(summary.lines(errors_path(Path(args.output)) if args.output else None)))
     if summary.peak_bytes:
         caps = {t: max(p.predictions["peak_bytes"][t] for p in plans) for t in ("gpu", "cpu", "disk")}
         print("peak bytes " + ", ".join(f"{t}: {summary.peak_bytes[t] / 2**20:.0f} MiB (plan {caps[t] / 2**20:.0f})"
                                         for t in ("gpu", "cpu", "disk")))
-    return 0
+    # under torchrun any non-zero exit reads as a crashed worker: there the summary alone names the errors file
+    return EXIT_LINE_ERRORS if summary.errors and not (shard or pipeline) else 0
 
 
 def _cached_plans(spec, args, workload, source: str, cache_dir: Path, job_prompts: int):

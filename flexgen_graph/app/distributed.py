@@ -39,7 +39,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from flexgen_graph.app.jobs import JobSummary, OutputFile, done_keys, record_key
+from flexgen_graph.app.jobs import JobSummary, OutputFile, OutputLock, answer_key, done_keys, errors_path
 from flexgen_graph.errors import UserError
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -147,6 +147,11 @@ class Shard:
 
     def mine(self, key: str) -> bool:
         return shard_of(key, self.rank.world_size) == self.rank.rank
+
+    def lock(self) -> OutputLock:
+        """This rank's shard, owned by this process from before any work (a second launch fails at once)."""
+        shard_folder(self.output).mkdir(exist_ok=True)
+        return OutputLock(self.path)
 
     def open(self) -> OutputFile:
         shard_folder(self.output).mkdir(exist_ok=True)
@@ -280,10 +285,11 @@ class Merged:
 
 
 def merge(output: Path, world_size: int) -> Merged:
-    """Append every shard's records to output, each key once, then delete the shards.
+    """Append every shard's answers to output, each id once, and their error records to output's errors
+    file (rewritten), then delete the shards.
 
     Safe to cut short anywhere: the shards stay until the output holds all their records, and a
-    re-run skips the keys the output already has (OutputFile cuts a torn last line first)."""
+    re-run skips the ids the output already answers (OutputFile cuts a torn last line first)."""
     out = OutputFile(output)
     appended = already = 0
     try:
@@ -292,10 +298,11 @@ def merge(output: Path, world_size: int) -> Merged:
             batch: list[str] = []
             with open(path, encoding="utf-8") as f:
                 for n, line in enumerate(f, 1):
-                    if not line.endswith("\n"):
-                        raise UserError(f"{path} line {n} is cut short although rank {r} finished: the shard "
-                                         "was changed by something else; delete it and re-launch to regenerate it")
-                    key = record_key(json.loads(line))
+                    key = answer_key(json.loads(line)) if line.endswith("\n") else None
+                    if key is None:
+                        raise UserError(f"{path} line {n} is not a whole answer record although rank {r} finished: "
+                                        "the shard was changed by something else; delete it and re-launch to "
+                                        "regenerate it")
                     if key in out.done:
                         already += 1
                         continue
@@ -306,10 +313,15 @@ def merge(output: Path, world_size: int) -> Merged:
                         appended, batch = appended + len(batch), []
             out.write_lines(batch)
             appended += len(batch)
+        for r in range(world_size):
+            errs = errors_path(shard_path(output, r, world_size))
+            if errs.is_file():
+                out.write_error_lines(errs.read_text(encoding="utf-8").splitlines(keepends=True))
     finally:
         out.close()
     for r in range(world_size):
         shard_path(output, r, world_size).unlink()
+        errors_path(shard_path(output, r, world_size)).unlink(missing_ok=True)
     folder = shard_folder(output)
     if not any(folder.iterdir()):  # a file someone else put there stays, with its folder
         folder.rmdir()

@@ -1,35 +1,50 @@
-"""Batch jobs: JSONL prompts in, JSONL results out, crash-safe and resumable.
+"""Batch jobs: JSONL prompts in, JSONL answers out, crash-safe and resumable.
 
 Input lines: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]} (chat template
 applied) or {"id": ..., "prompt_ids": [...]}, with optional "max_tokens", "temperature",
-"top_p", "seed". A bad line gets an output record {"id": ..., "error": "..."} (or
-{"line": N, "error": ...} without an id) and the job goes on.
+"top_p", "seed". The output file holds answers only; a line that cannot be answered gets an error
+record {"id": ..., "line": N, "error": "..."} ({"line": N, "error": ...} without a usable id) in the
+errors file beside it (errors_path: OUT.errors.jsonl), and the job goes on.
 
 The input is read twice and never held in memory: pass 1 validates each line and routes it to
 the smallest plan of the set that fits it (remembering only its byte offset); pass 2 runs each
-plan's lines in blocks, appending each finished block's records (flush + fsync). Ids already
-in the output file are skipped, so re-running an interrupted job resumes it.
+plan's lines in blocks, appending each answer whole (flush + fsync). A block that fails is retried
+line by line, so a line that breaks generation gets an error record and its neighbours their answers.
+An id counts as done only when the output holds a valid answer record for it, so re-running an
+interrupted job, or one whose bad lines were fixed, answers exactly the ids not answered yet; the
+errors file is rewritten on every run to what is still wrong.
+
+Records are made in one place each: answer_record (a request and its generation), error_record (a
+LineError); answer_key reads an output line back (the key it answers, or None). Each takes the input
+format's shape (fmt: None for native lines, an openai_batch.OpenAIBatch for OpenAI Batch API files,
+whose parse gives the same Request / LineError and meets the same per-line checks).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
+import math
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable
 
 from tqdm import tqdm
 
 from flexgen_graph.app import openai_batch
-from flexgen_graph.errors import UserError
+from flexgen_graph.errors import DiskFullError, UserError
 from planner.predict import HOW, BlockRun, predict_plan
 from runtime.sampling import Sampling
 
 KNOWN_FIELDS = {"id", "prompt", "messages", "prompt_ids", "max_tokens", "temperature", "top_p", "seed"}
+BOM = b"\xef\xbb\xbf"
+SEED_LIMIT = 1 << 64  # seeds are 64-bit unsigned: torch.Generator.manual_seed's range
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +53,20 @@ class Request:
     prompt_ids: tuple[int, ...]
     max_tokens: int | None
     sampling: Sampling
+    line: int = 0  # its line in the input (1-based), for the error record should generation fail
     meta: Any = None  # what the input format's answer shape needs (openai_batch.Meta)
+
+
+@dataclass(frozen=True, slots=True)
+class LineError:
+    """Why an input line gets no answer; has_id: whether `id` is the line's (a usable id was given);
+    code: what kind of failure, for formats whose error records carry one (OpenAI's)."""
+
+    line: int
+    message: str
+    id: Any = None
+    has_id: bool = False
+    code: str | None = None
 
 
 @dataclass
@@ -67,7 +95,7 @@ class PlanRun:
 class JobSummary:
     prompts: int = 0
     errors: int = 0
-    skipped: int = 0  # already in the output file (resumed)
+    skipped: int = 0  # already answered in the output file (resumed)
     tokens: int = 0
     wall_s: float = 0.0
     predicted_tokens_per_s: list[float] = field(default_factory=list)
@@ -79,10 +107,12 @@ class JobSummary:
     def tokens_per_s(self) -> float:
         return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
 
-    def lines(self) -> list[str]:
-        """The run's summary: measured tokens/s, next to the prediction for the work run, per plan."""
+    def lines(self, errors_file: Path | None = None) -> list[str]:
+        """The run's summary: measured tokens/s, next to the prediction for the work run, per plan;
+        errors_file: where the error records went (named when there are some)."""
         resumed = f", {self.skipped} already done" if self.skipped else ""
-        head = (f"{self.prompts} prompts ({self.errors} errors{resumed}), {self.tokens} tokens in "
+        where = f": see {errors_file}" if self.errors and errors_file is not None else ""
+        head = (f"{self.prompts} prompts ({self.errors} errors{where}{resumed}), {self.tokens} tokens in "
                 f"{self.wall_s:.1f} s: {self.tokens_per_s:.1f} tokens/s")
         block_s, pred_s = sum(r.block_s for r in self.plans), sum(r.predicted_s for r in self.plans)
         if pred_s <= 0 or block_s <= 0:
@@ -113,6 +143,67 @@ def id_key(rid: Any) -> str:
     return json.dumps(rid, sort_keys=True)
 
 
+def _usable_id(rid: Any) -> bool:
+    return isinstance(rid, (str, int)) and not isinstance(rid, bool)
+
+
+# ---------------------------------------------------------------- records (the one place each is made)
+
+def answer_record(req: Request, token_ids: list[int], finish_reason: str, text: str | None, fmt=None) -> dict:
+    if fmt is not None:
+        return fmt.answer(req, token_ids, finish_reason, text)
+    return {"id": req.id, "text": text, "token_ids": token_ids, "finish_reason": finish_reason}
+
+
+def error_record(err: LineError, fmt=None) -> dict:
+    if fmt is not None:
+        return fmt.error(err)
+    return {"id": err.id, "line": err.line, "error": err.message} if err.has_id else \
+        {"line": err.line, "error": err.message}
+
+
+def answer_key(rec: Any) -> str | None:
+    """The key of the id an output line answers, or None when it is not a valid answer record (native,
+    or OpenAI's batch output shape, known by its custom_id)."""
+    if isinstance(rec, dict) and "custom_id" in rec:
+        cid = openai_batch.answered_id(rec)
+        return id_key(cid) if _usable_id(cid) else None
+    if not isinstance(rec, dict) or "error" in rec or not _usable_id(rec.get("id")):
+        return None
+    ids, text = rec.get("token_ids"), rec.get("text")
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        return None
+    if rec.get("finish_reason") not in ("stop", "length") or not (text is None or isinstance(text, str)):
+        return None
+    return id_key(rec["id"])
+
+
+def done_keys(data: bytes) -> set[str]:
+    """Keys of the valid answer records in an output file's bytes (a torn last line is not one)."""
+    done = set()
+    for raw in data[:data.rfind(b"\n") + 1].splitlines():
+        try:
+            key = answer_key(json.loads(raw))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if key is not None:
+            done.add(key)
+    return done
+
+
+def _not_an_answer(raw: bytes) -> str:
+    """Why an output line is not an answer record (for the warning that names it)."""
+    try:
+        rec = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "invalid JSON"
+    if isinstance(rec, dict) and rec.get("error") is not None:
+        return "an error record (errors go to the errors file)"
+    return "not an answer record"
+
+
+# ---------------------------------------------------------------- input lines
+
 def _chat_ids(tokenizer, messages: list) -> list[int]:
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
@@ -124,6 +215,8 @@ def _number(obj: dict, name: str, kind: type, default):
     v = obj.get(name, default)
     if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
         raise UserError(f"{name} must be a{'n integer' if kind is int else ' number'}, got {v!r}")
+    if kind is float and not math.isfinite(v):
+        raise UserError(f"{name} must be finite, got {v!r}")
     return kind(v)
 
 
@@ -132,26 +225,38 @@ def default_seed(run_seed: int, rid: Any) -> int:
     return int.from_bytes(hashlib.sha256(f"{run_seed}|{id_key(rid)}".encode()).digest()[:8], "little") >> 1
 
 
-def parse_line(line: str, lineno: int, tokenizer, defaults: Sampling = Sampling()) -> Request | dict:
-    """A Request, or an error record for the output."""
+def decode_line(raw: bytes, lineno: int, offset: int) -> str | LineError:
+    """A line's text: UTF-8 (a BOM opening the file is dropped); anything else is refused by byte offset,
+    never replaced (a replaced byte would change the prompt and the id)."""
+    if offset == 0 and raw.startswith(BOM):
+        raw = raw[len(BOM):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return LineError(lineno, f"line {lineno}: invalid UTF-8 at byte {e.start} of the line (byte "
+                                 f"{offset + e.start} of the file); the input must be UTF-8")
+
+
+def parse_line(line: str, lineno: int, tokenizer, defaults: Sampling = Sampling(),
+               vocab: int | None = None) -> Request | LineError:
+    """A Request, or why the line gets none. vocab: token ids must lie in [0, vocab)."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        return {"line": lineno, "error": f"line {lineno}: invalid JSON ({e.msg})"}
+        return LineError(lineno, f"line {lineno}: invalid JSON ({e.msg})")
     if not isinstance(obj, dict):
-        return {"line": lineno, "error": f"line {lineno}: expected a JSON object"}
-    if openai_batch.is_openai(obj):  # recorded under its custom_id, as line_key keys it
+        return LineError(lineno, f"line {lineno}: expected a JSON object")
+    if openai_batch.is_openai(obj):  # known by its custom_id, as line_key keys it
         rid, msg = obj.get("custom_id"), "an OpenAI batch request in a native file: run with --format openai or auto"
-        ok = isinstance(rid, (str, int)) and not isinstance(rid, bool)
-        return {"id": rid, "error": msg} if ok else {"line": lineno, "error": f"line {lineno}: {msg}"}
+        return LineError(lineno, msg, rid, True) if _usable_id(rid) else LineError(lineno, f"line {lineno}: {msg}")
     if "id" not in obj:
-        return {"line": lineno, "error": f"line {lineno}: missing \"id\""}
+        return LineError(lineno, f"line {lineno}: missing \"id\"")
     rid = obj["id"]
-    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-        return {"line": lineno, "error": f"line {lineno}: \"id\" must be a string or an integer, got {rid!r}"}
+    if not _usable_id(rid):
+        return LineError(lineno, f"line {lineno}: \"id\" must be a string or an integer, got {rid!r}")
 
-    def err(msg: str) -> dict:
-        return {"id": rid, "error": msg}
+    def err(msg: str) -> LineError:
+        return LineError(lineno, msg, rid, True)
 
     unknown = set(obj) - KNOWN_FIELDS
     if unknown:
@@ -160,9 +265,9 @@ def parse_line(line: str, lineno: int, tokenizer, defaults: Sampling = Sampling(
         max_tokens = obj.get("max_tokens")
         if max_tokens is not None and _number(obj, "max_tokens", int, None) < 1:
             raise UserError(f"max_tokens must be >= 1, got {max_tokens}")
+        seed = check_seed(_number(obj, "seed", int, default_seed(defaults.seed, rid)), "seed")
         sampling = Sampling(temperature=_number(obj, "temperature", float, defaults.temperature),
-                            top_p=_number(obj, "top_p", float, defaults.top_p),
-                            seed=_number(obj, "seed", int, default_seed(defaults.seed, rid)))
+                            top_p=_number(obj, "top_p", float, defaults.top_p), seed=seed)
     except ValueError as e:
         return err(str(e))
     given = [k for k in ("prompt", "messages", "prompt_ids") if k in obj]
@@ -187,54 +292,166 @@ def parse_line(line: str, lineno: int, tokenizer, defaults: Sampling = Sampling(
         ids = _chat_ids(tokenizer, msgs)
     if not ids:
         return err("empty prompt")
-    return Request(rid, tuple(ids), max_tokens, sampling)
+    if (bad := vocab_error(ids, vocab)) is not None:
+        return err(bad)
+    return Request(rid, tuple(ids), max_tokens, sampling, lineno)
 
 
-def record_key(rec: dict) -> str:
-    """The key an output record is done under: its input line's when it names one (an error record
-    without a usable id, or a duplicate id's), else its id's."""
-    if "custom_id" in rec:  # an OpenAI batch output line
-        rec = openai_batch.record_keys(rec)
-    return f"line:{rec.get('line')}" if "line" in rec or "id" not in rec else id_key(rec["id"])
+def check_seed(seed: int, name: str) -> int:
+    if not 0 <= seed < SEED_LIMIT:
+        raise UserError(f"{name} must be in [0, 2**64), got {seed}")
+    return seed
 
 
-def done_keys(data: bytes) -> set[str]:
-    """Keys of the whole records in an output file's bytes (a torn last line is not one)."""
-    done = set()
-    for raw in data[:data.rfind(b"\n") + 1].splitlines():
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            done.add(record_key(rec))
-    return done
+def vocab_error(ids, vocab: int | None) -> str | None:
+    """Why a prompt's token ids do not fit the model (None when they do)."""
+    if vocab is not None and (bad := [(j, i) for j, i in enumerate(ids) if i >= vocab]):
+        j, i = bad[0]
+        return f"prompt token {j} is id {i}, outside the model's vocabulary [0, {vocab})"
+    return None
 
 
-def line_key(text: str, lineno: int) -> str:
-    """The key of an input line without tokenizing it: the same key parse_line's result is
-    recorded under (its id's when the line has a valid id, else its line number's)."""
+def _parse(text: str | LineError, lineno: int, tokenizer, defaults: Sampling, vocab: int | None,
+           fmt) -> Request | LineError:
+    """A decoded input line as the format reads it (a line that is not UTF-8 stays its LineError)."""
+    if isinstance(text, LineError):
+        return text
+    return (fmt.parse if fmt is not None else parse_line)(text, lineno, tokenizer, defaults, vocab)
+
+
+def line_key(text: str | LineError, lineno: int) -> str:
+    """The key of an input line without tokenizing it: its id's when the line has a valid id (the key
+    its answer is done under), else its line number's."""
+    if isinstance(text, LineError):
+        return f"line:{lineno}"
     try:
         obj = json.loads(text)
     except json.JSONDecodeError:
         return f"line:{lineno}"
     rid = openai_batch.line_id(obj) if isinstance(obj, dict) else None
-    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-        return f"line:{lineno}"
-    return id_key(rid)
+    return id_key(rid) if _usable_id(rid) else f"line:{lineno}"
+
+
+def _lines(path: Path):
+    """(byte offset, line number, raw bytes) of each non-blank line."""
+    with open(path, "rb") as f:
+        offset, lineno = 0, 0
+        for raw in f:
+            lineno += 1
+            if raw.strip() and raw != BOM + b"\n":
+                yield offset, lineno, raw
+            offset += len(raw)
+
+
+# ---------------------------------------------------------------- the output, its errors file and its lock
+
+def errors_path(output: Path) -> Path:
+    """Where the error records of an output go: OUT.errors.jsonl beside OUT.jsonl."""
+    stem = output.name[: -len(".jsonl")] if output.name.endswith(".jsonl") else output.name
+    return output.with_name(stem + ".errors.jsonl")
+
+
+class OutputInUseError(UserError):
+    """Another process holds the output's lock."""
+
+
+class OutputLock:
+    """An advisory lock (flock) on PATH.lock, held from before any work to the end of the job, so one
+    job at a time owns an output; the file names its owner, and goes when the owner is done. The output's
+    folder must exist (run's checks before any work refuse a missing one by name)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.target = path.with_name(path.name + ".lock"), path
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 300, 0).decode("utf-8", "replace").strip() or "a process that just started"
+                os.close(fd)
+                raise OutputInUseError(f"{path} is being written by another run ({owner}; lock {self.path}): wait "
+                                       "for it to finish, or give another output") from None
+            try:  # the previous owner may have removed the file between our open and our lock
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self._fd: int | None = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # while still held: a waiting opener re-checks the inode
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def refuse_input_as_output(in_path: Path, out_path: Path | None) -> None:
+    """The input is never written: an output (or its errors or lock file) that is the input file is refused."""
+    if out_path is None or not in_path.exists():
+        return
+    for p in (out_path, errors_path(out_path), out_path.with_name(out_path.name + ".lock")):
+        if p.resolve() == in_path.resolve() or (p.exists() and os.path.samefile(p, in_path)):
+            raise UserError(f"--output {out_path}: {'it' if p == out_path else p} is the input file {in_path}; "
+                            "the input is never written: give another output")
+
+
+class _Appender:
+    """Whole records appended to a file with one write and one fsync each; a failed write is cut back
+    off (never a partial record), a full disk is one line naming the file and the bytes."""
+
+    def __init__(self, path: Path, what: str, truncate: bool = False) -> None:
+        self.path, self.what = path, what
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0), 0o644)
+        self.size = os.fstat(self._fd).st_size
+
+    def append(self, data: bytes) -> None:
+        view, done = memoryview(data), 0
+        try:
+            while done < len(data):
+                done += os.write(self._fd, view[done:])
+            os.fsync(self._fd)
+        except OSError as e:
+            os.ftruncate(self._fd, self.size)
+            if e.errno == errno.ENOSPC:
+                raise DiskFullError(self.path, len(data) - done, self.what) from None
+            raise
+        self.size += len(data)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _dumps(record: dict) -> bytes:
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 class OutputFile:
-    """Append-only JSONL whose records are each written whole, flushed and fsynced.
+    """The answers of a job (append-only JSONL, each record written whole, flushed and fsynced) and its
+    errors file beside it (rewritten by every run: what is still wrong; removed when nothing is).
 
-    Opening repairs a torn last line (a crash mid-write) by cutting it off, and collects the
-    keys of the records already there so the job can skip them.
+    Opening repairs a torn last line (a crash mid-write) by cutting it off, collects the keys of the
+    valid answer records (done), and notes every other line (invalid: line number, why) for one warning:
+    such lines are left in place for the user and do not count as done.
     """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.done: set[str] = set()
-        self._f: TextIO | None = None
+        self.invalid: list[tuple[int, str]] = []
+        self.errors_written = 0
+        self._out: _Appender | None = None
+        self._err: _Appender | None = None
         if path is None:
             return
         if path.exists():
@@ -243,52 +460,72 @@ class OutputFile:
             if cut < len(data):
                 with open(path, "r+b") as f:
                     f.truncate(cut)
-            self.done = done_keys(data[:cut])
-        self._f = open(path, "a", encoding="utf-8")
+                print(f"note: {path}: cut off a torn last line ({len(data) - cut} bytes) that an interrupted run "
+                      "left", file=sys.stderr)
+            for n, raw in enumerate(data[:cut].split(b"\n")[:-1], 1):
+                try:
+                    key = answer_key(json.loads(raw))
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    key = None
+                if key is None:
+                    self.invalid.append((n, _not_an_answer(raw)))
+                else:
+                    self.done.add(key)
+        self._out = _Appender(path, "output")
+        self.errors_path = errors_path(path)
+        self.errors_path.unlink(missing_ok=True)  # rewritten from scratch: what this run finds wrong
+
+    def warn_invalid(self) -> None:
+        """One warning naming the output lines that are not answers (they are left for the user)."""
+        if self.invalid:
+            shown = ", ".join(f"{n} ({why})" for n, why in self.invalid[:5])
+            more = f" and {len(self.invalid) - 5} more" if len(self.invalid) > 5 else ""
+            print(f"warning: {self.path}: line(s) {shown}{more} are not answer records: left as they are, and their "
+                  "ids (if any) are answered again", file=sys.stderr)
 
     def write(self, record: dict) -> None:
-        if self._f is None:
-            return
-        # one write call per record: a crash leaves a whole line or a torn tail that the next open cuts
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        if self._out is not None:
+            self._out.append(_dumps(record))
 
     def write_lines(self, lines: list[str]) -> None:
         """Append records already serialized (each a whole JSON line ending in a newline), with one
-        fsync for all: a crash leaves whole lines and at most a torn tail, which the next open cuts."""
-        if self._f is None:
+        fsync for all: a failure cuts them all off again."""
+        if self._out is not None and lines:
+            self._out.append("".join(lines).encode("utf-8"))
+
+    def write_error(self, err: LineError, fmt=None) -> None:
+        self.write_error_lines([_dumps(error_record(err, fmt)).decode("utf-8")])
+
+    def write_error_lines(self, lines: list[str]) -> None:
+        self.errors_written += len(lines)
+        if self.path is None or not lines:
             return
-        self._f.writelines(lines)
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        if self._err is None:
+            self._err = _Appender(self.errors_path, "errors file", truncate=True)
+        self._err.append("".join(lines).encode("utf-8"))
 
     def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        for f in (self._out, self._err):
+            if f is not None:
+                f.close()
+        self._out = self._err = None
 
 
-def _lines(path: Path):
-    """(byte offset, line number, text) of each non-blank line."""
-    with open(path, "rb") as f:
-        offset, lineno = 0, 0
-        for raw in f:
-            lineno += 1
-            if raw.strip():
-                yield offset, lineno, raw.decode("utf-8", errors="replace")
-            offset += len(raw)
+# ---------------------------------------------------------------- pass 1: validate, route, size
 
-
-def scan(in_path: Path, tokenizer, defaults: Sampling = Sampling(), fmt=None) -> tuple[int, int, int]:
-    """(valid prompts, longest prompt, largest max_tokens) of a job, to size a plan for it."""
+def job_workload(in_path: Path, tokenizer, defaults: Sampling, spec, prompt_len: int | None = None,
+                 gen_len: int | None = None, fmt=None) -> tuple[int, int, int]:
+    """(valid prompts, prompt_len, gen_len) of the plan `run` compiles for a job: large enough for every
+    line the model can take (prompt + max_tokens within its positions); a line beyond that gets an error
+    record when the job routes it, instead of refusing the whole job."""
+    limit = min(spec.max_positions, spec.sliding_window or spec.max_positions)
     count, longest, most = 0, 1, 0
-    parse = fmt.parse if fmt else parse_line
-    for _, lineno, text in _lines(in_path):
-        r = parse(text, lineno, tokenizer, defaults)
-        if isinstance(r, Request):
+    for offset, lineno, raw in _lines(in_path):
+        r = _parse(decode_line(raw, lineno, offset), lineno, tokenizer, defaults, spec.vocab, fmt)
+        if isinstance(r, Request) and len(r.prompt_ids) + (r.max_tokens or 1) <= limit:
             count, longest, most = count + 1, max(longest, len(r.prompt_ids)), max(most, r.max_tokens or 0)
-    return count, longest, most
+    p = prompt_len or min(-(-longest // 16) * 16, limit - 1)
+    return count, p, gen_len or max(1, min(max(most, 64), limit - p))
 
 
 def route(plans, req: Request) -> int | None:
@@ -301,31 +538,33 @@ def route(plans, req: Request) -> int | None:
 
 def plan_requests(in_path: Path, plans, tokenizer, out: OutputFile, defaults: Sampling,
                   summary: JobSummary, mine: Callable[[str], bool] = lambda key: True,
-                  done_elsewhere: frozenset[str] = frozenset(), fmt=None) -> list[list[tuple[int, int]]]:
+                  done_elsewhere: frozenset[str] = frozenset(), show: bool = False,
+                  fmt=None) -> list[list[tuple[int, int]]]:
     """Pass 1: validate every line, write error records, route the rest: per plan, (offset, lineno).
 
-    Only lines whose key `mine` accepts are this job's (a shard of a data-parallel run); keys in
-    out or in done_elsewhere (records another output already holds) are skipped. fmt: the input
-    format (None: native lines; else an openai_batch.OpenAIBatch, which parses and shapes records)."""
+    Only lines whose key `mine` accepts are this job's (a shard of a data-parallel run); ids answered
+    in out or in done_elsewhere (answers another output already holds) are skipped. The first line of
+    an id is the one answered; a later line with the same id is an error, answered or not. fmt: the
+    input format (None: native lines; else an openai_batch.OpenAIBatch, which parses and shapes records)."""
     routed: list[list[tuple[int, int]]] = [[] for _ in plans]
-    seen: set[str] = set()
+    first: dict[str, int] = {}  # id key -> the line that owns it
+    vocab = plans[0].spec.vocab
     longest = max(p.workload.prompt_len for p in plans)
-    for offset, lineno, text in _lines(in_path):
+    for offset, lineno, raw in _lines(in_path):
+        text = decode_line(raw, lineno, offset)
         key = line_key(text, lineno)  # before tokenizing: other shards' and finished lines cost no more
         if not mine(key):
             continue
+        if key in first:
+            rid = openai_batch.line_id(json.loads(text))
+            _error(out, summary, LineError(lineno, f"line {lineno}: duplicate id (first on line {first[key]})",
+                                           rid, True), show, fmt)
+            continue
+        first[key] = lineno
         if key in out.done or key in done_elsewhere:
             summary.skipped += 1
             continue
-        r = (fmt.parse if fmt else parse_line)(text, lineno, tokenizer, defaults)
-        if key in seen and isinstance(r, Request):
-            # recorded under its line, not its id: the id's own record is still to come (or resumed)
-            r = {"id": r.id, "line": lineno, "error": f"line {lineno}: duplicate id"}
-            key = f"line:{lineno}"
-            if key in out.done or key in done_elsewhere:
-                summary.skipped += 1
-                continue
-        seen.add(key)
+        r = _parse(text, lineno, tokenizer, defaults, vocab, fmt)
         if isinstance(r, Request):
             i = route(plans, r)
             if i is not None:
@@ -333,11 +572,69 @@ def plan_requests(in_path: Path, plans, tokenizer, out: OutputFile, defaults: Sa
                 summary.prompts += 1
                 continue
             big = max(plans, key=lambda p: p.workload.gen_len).workload.gen_len
-            r = {"id": r.id, "error": f"prompt has {len(r.prompt_ids)} tokens and max_tokens {r.max_tokens}; "
-                                     f"the plans take at most {longest} prompt tokens and {big} new tokens"}
-        summary.errors += 1
-        out.write(fmt.error(r) if fmt else r)
+            r = LineError(lineno, f"prompt has {len(r.prompt_ids)} tokens and max_tokens {r.max_tokens}; "
+                                  f"the plans take at most {longest} prompt tokens and {big} new tokens", r.id, True)
+        _error(out, summary, r, show, fmt)
     return routed
+
+
+def _error(out: OutputFile, summary: JobSummary, err: LineError, show: bool, fmt=None) -> None:
+    summary.errors += 1
+    out.write_error(err, fmt)
+    if show:
+        tqdm.write(f"[{err.id if err.has_id else f'line {err.line}'}] error: {err.message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- pass 2: blocks, a failing line isolated
+
+# the machine's or the setup's faults (a disk, memory, a weight file, a plan): the job stops, nothing is
+# blamed on its lines; any other exception while running a block is retried line by line
+JOB_FAULTS: tuple[type[BaseException], ...] = (OSError, MemoryError, UserError)
+
+
+def _job_faults() -> tuple[type[BaseException], ...]:
+    import torch
+
+    return JOB_FAULTS + (torch.cuda.OutOfMemoryError,)
+
+
+def generate_isolating(engine, chunk: list[Request], gen_len: int, on_step=None) -> list:
+    """engine.generate over a block; when it fails, each line alone: a Generation or the exception per line.
+
+    A failure that every line of a block (of two or more) hits alone is not a line's: it is raised, so a
+    broken setup stops the job rather than turn every line into an error record. on_step: the driver's
+    per-step callback, for the block's run (the retries of its lines run without it)."""
+    faults = _job_faults()
+
+    def gen(reqs: list[Request], **kw) -> list:
+        return engine.generate([list(r.prompt_ids) for r in reqs], [r.max_tokens or gen_len for r in reqs],
+                               [r.sampling for r in reqs], **kw)
+
+    try:
+        return gen(chunk, **({"on_step": on_step} if on_step is not None else {}))
+    except faults:
+        raise
+    except Exception as e:
+        if getattr(engine, "link", None) is not None:
+            raise  # pipeline stages run each block in lockstep: one stage cannot retry alone
+        if len(chunk) == 1:
+            return [e]
+        results: list = []
+        for r in chunk:
+            try:
+                results.append(gen([r])[0])
+            except faults:
+                raise
+            except Exception as alone:  # noqa: BLE001  (recorded as that line's error)
+                results.append(alone)
+        if all(isinstance(x, Exception) for x in results):
+            raise e
+        return results
+
+
+def _failure(e: BaseException) -> str:
+    first = (str(e).splitlines() or [""])[0]
+    return f"generation failed: {type(e).__name__}: {first}"[:500]
 
 
 class Progress:
@@ -363,8 +660,11 @@ class Progress:
         self.bar.set_postfix_str(self._postfix(), refresh=False)
         self.bar.update(move)
 
-    def end_block(self) -> None:
+    def end_block(self, tokens: int | None = None) -> None:
+        """tokens: the job's tokens written so far (a block retried line by line counted some twice)."""
         self.done += self._size
+        if tokens is not None:
+            self.tokens = tokens
         self.bar.set_postfix_str(self._postfix(), refresh=False)
         self.bar.update(self._size - self._moved)
         self._size, self._moved = 0, 0.0
@@ -395,11 +695,12 @@ def run_job(plans, open_engine: Callable, tokenizer, in_path: Path, out: OutputF
     blocks written (summary.interrupted set), and the engine's scratch files are removed.
     mine and done_elsewhere narrow the job to a shard (see plan_requests); fmt is the input format."""
     summary = JobSummary()
-    routed = plan_requests(in_path, plans, tokenizer, out, defaults, summary, mine, done_elsewhere, fmt)
+    out.warn_invalid()
+    routed = plan_requests(in_path, plans, tokenizer, out, defaults, summary, mine, done_elsewhere, show, fmt)
     total = sum(len(r) for r in routed)
+    vocab = plans[0].spec.vocab
     t0 = time.perf_counter()
     bar = Progress(total)
-    parse = fmt.parse if fmt else parse_line
     with open(in_path, "rb") as f:
         for plan, items in zip(plans, routed):
             if not items or summary.interrupted:
@@ -415,23 +716,31 @@ def run_job(plans, open_engine: Callable, tokenizer, in_path: Path, out: OutputF
                     chunk = []
                     for offset, lineno in items[start:start + plan.block_size]:
                         f.seek(offset)
-                        chunk.append(parse(f.readline().decode("utf-8", errors="replace"), lineno,
-                                           tokenizer, defaults))
-                    limits = [r.max_tokens or plan.workload.gen_len for r in chunk]
-                    bar.block(len(chunk), max(limits))
+                        r = _parse(decode_line(f.readline(), lineno, offset), lineno, tokenizer, defaults, vocab, fmt)
+                        if isinstance(r, Request):
+                            chunk.append(r)
+                        else:  # the input changed since pass 1
+                            _error(out, summary, r, show, fmt)
+                    if chunk:
+                        bar.block(len(chunk), max(r.max_tokens or plan.workload.gen_len for r in chunk))
                     t_block = time.perf_counter()
-                    gens = engine.generate([list(r.prompt_ids) for r in chunk], limits, [r.sampling for r in chunk],
-                                           on_step=bar.step)
-                    _add_block(run, gens, time.perf_counter() - t_block)
+                    gens = generate_isolating(engine, chunk, plan.workload.gen_len, bar.step) if chunk else []
+                    ran = [g for g in gens if not isinstance(g, BaseException)]
+                    if ran:  # a block retried line by line is timed whole but predicted as one block
+                        _add_block(run, ran, time.perf_counter() - t_block)
                     for r, gen in zip(chunk, gens):
-                        text = tokenizer.decode(list(gen.token_ids), skip_special_tokens=True) if tokenizer else None
-                        rec = {"id": r.id, "text": text, "token_ids": list(gen.token_ids),
-                               "finish_reason": gen.finish_reason}
-                        out.write(fmt.answer(r, gen, rec) if fmt else rec)
-                        summary.tokens += len(gen.token_ids)
+                        if isinstance(gen, BaseException):
+                            summary.prompts -= 1
+                            failed = LineError(r.line, _failure(gen), r.id, True, "server_error")
+                            _error(out, summary, failed, show, fmt)
+                            continue
+                        ids = list(gen.token_ids)
+                        text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer else None
+                        out.write(answer_record(r, ids, gen.finish_reason, text, fmt))
+                        summary.tokens += len(ids)
                         if show:
-                            tqdm.write(f"[{r.id}] {text if text is not None else list(gen.token_ids)}")
-                    bar.end_block()
+                            tqdm.write(f"[{r.id}] {text if text is not None else ids}")
+                    bar.end_block(summary.tokens)
                 for tier, n in engine.peak_bytes.items():
                     summary.peak_bytes[tier] = max(summary.peak_bytes.get(tier, 0), n)
             run.predicted_s = predict_plan(plan, run.blocks).seconds

@@ -75,11 +75,38 @@ def default_gguf_path() -> Path:
 
 
 def gguf_config(path: Path):
-    from transformers import AutoConfig
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from runtime.weight_store import gguf_hf_config
 
-    cfg = dict(load_gguf_checkpoint(str(path), return_tensors=False)["config"])
-    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    return gguf_hf_config(path)  # the config an import of the file gives: one spec before and after
+
+
+def source_spec(source: str, dtype: str) -> ModelSpec | None:
+    """The architecture a weights source holds, read from its config alone (None for dummy weights,
+    which take any spec)."""
+    kind, _, arg = source.partition(":")
+    if source == "default":
+        return spec_from_config(gguf_config(default_gguf_path()), name=DEFAULT_MODEL, dtype=dtype)
+    if kind == "gguf" and Path(arg).is_file():  # (a missing file: the import says so, as it always did)
+        return spec_from_config(gguf_config(Path(arg)), name=Path(arg).stem, dtype=dtype)
+    if kind == "hf" and (Path(arg) / "config.json").is_file():
+        from transformers import AutoConfig
+
+        return spec_from_config(AutoConfig.from_pretrained(arg), name=arg, dtype=dtype)
+    return None
+
+
+def check_source(source: str, spec: ModelSpec) -> None:
+    """Refuse weights of another architecture than spec's before anything is imported, naming both models."""
+    from flexgen_graph.planfile import PlanMismatchError
+
+    theirs = source_spec(source, spec.dtype)
+    if theirs is None or theirs.fingerprint() == spec.fingerprint():
+        return
+    a, b = spec.to_dict(), theirs.to_dict()
+    diffs = [f"{k}: plan {a[k]!r} vs weights {b[k]!r}" for k in a if k != "name" and a[k] != b.get(k)]
+    raise PlanMismatchError(f"the plan is for {spec.name!r} but the weights {source.partition(':')[2] or source} are "
+                            f"{theirs.name!r} ({'; '.join(diffs[:4])}); nothing was imported: pass the weights the "
+                            "plan was compiled for, or compile a plan for these")
 
 
 def resolve_model(model: str, dtype: str = "float32") -> tuple[ModelSpec, str]:
@@ -161,6 +188,7 @@ def open_store(source: str, spec: ModelSpec, cache_dir: Path):
     dest = store_dir(source, spec, cache_dir)
     if (dest / "manifest.json").is_file():
         return ws.WeightStore(dest)
+    check_source(source, spec)
     if source == "default":
         return ws.import_gguf(default_gguf_path(), dest, dtype=spec.dtype, name=spec.name)
     kind, _, arg = source.partition(":")

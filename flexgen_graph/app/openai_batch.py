@@ -16,13 +16,17 @@ substitution). Answer line:
     {"id": "batch_req_...", "custom_id": "r1", "response": {"status_code": 200, "request_id": "req_...",
      "body": {"object": "chat.completion", "choices": [...], "usage": {...}, ...}}, "error": null}
 
-and a line that cannot run: {"id": ..., "custom_id": "r1", "response": null, "error": {"code", "message"}}
-(with "line": N inside "error" when the line has no usable custom_id, or repeats one).
+Answer lines go to the output; a line that cannot run goes to the errors file beside it (jobs.errors_path)
+as {"id": ..., "custom_id": "r1", "response": null, "error": {"code", "message", "line": N}} (custom_id
+null when the line has none usable). Lines meet the native lines' checks (jobs: token ids within the
+vocabulary, 64-bit seeds, finite numbers, strict UTF-8), and only a valid answer line makes a custom_id
+done when a run resumes (answered_id).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -103,10 +107,21 @@ def needs_tokenizer(path: Path, fmt: str) -> tuple[int, str] | None:
     return None
 
 
-def record_keys(rec: dict) -> dict:
-    """The native keys ({"id"} or {"line"}) of an OpenAI-shaped output record, for resuming."""
-    line = (rec.get("error") or {}).get("line")
-    return {"line": line} if line is not None else {"id": rec.get("custom_id")}
+def answered_id(rec: dict) -> Any:
+    """The custom_id an output line answers when it is a whole answer line of this module's shape, else None
+    (an error line, or one cut or edited into something else, makes nothing done)."""
+    resp = rec.get("response")
+    if rec.get("error") is not None or not isinstance(resp, dict) or resp.get("status_code") != 200:
+        return None
+    body = resp.get("body")
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if not (isinstance(choices, list) and len(choices) == 1 and isinstance(choices[0], dict)):
+        return None
+    choice = choices[0]
+    text = choice["message"].get("content") if isinstance(choice.get("message"), dict) else choice.get("text")
+    if choice.get("finish_reason") not in ("stop", "length") or not isinstance(text, str):
+        return None
+    return rec.get("custom_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +153,8 @@ def _float(body: dict, name: str, default: float) -> float:
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise InputFormatError(f"body.{name} must be a number, got {v!r}")
+    if not math.isfinite(v):
+        raise InputFormatError(f"body.{name} must be finite, got {v!r}")
     return float(v)
 
 
@@ -199,16 +216,19 @@ class OpenAIBatch:
         self.model, self.tokenizer = model, tokenizer
         self.names = {n.lower() for n in (model, model.rstrip("/").rsplit("/", 1)[-1], *names) if n}
 
-    def parse(self, text: str, lineno: int, tokenizer, defaults: Sampling = Sampling()):
-        """A jobs.Request, or a native error record ({"id" or "line", "error"}) that error() shapes."""
+    def parse(self, text: str, lineno: int, tokenizer, defaults: Sampling = Sampling(), vocab: int | None = None):
+        """A jobs.Request, or a jobs.LineError (which error() shapes), as jobs.parse_line gives for native
+        lines. vocab: token ids must lie in [0, vocab)."""
+        from flexgen_graph.app.jobs import LineError  # here: jobs imports this module
+
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            return {"line": lineno, "error": f"line {lineno}: invalid JSON ({e.msg})"}
+            return LineError(lineno, f"line {lineno}: invalid JSON ({e.msg})")
         rid = line_id(obj) if isinstance(obj, dict) else None
         if isinstance(rid, bool) or not isinstance(rid, (str, int)):
             what = "a JSON object" if not isinstance(obj, dict) else "\"custom_id\" (a string)"
-            return {"line": lineno, "error": f"line {lineno}: expected {what}"}
+            return LineError(lineno, f"line {lineno}: expected {what}")
         try:
             if not is_openai(obj):
                 raise InputFormatError("not an OpenAI batch request (no custom_id, body): this file is read as "
@@ -224,14 +244,12 @@ class OpenAIBatch:
             body = obj.get("body")
             if not isinstance(body, dict):
                 raise InputFormatError("body must be an object")
-            return self._request(rid, kind, body, tokenizer, defaults)
+            return self._request(rid, lineno, kind, body, tokenizer, defaults, vocab)
         except (UserError, ValueError) as e:
-            rec = {"id": rid, "error": str(e)}
-            if isinstance(e, ModelMismatchError):
-                rec["code"] = "model_not_found"
-            return rec
+            code = "model_not_found" if isinstance(e, ModelMismatchError) else None
+            return LineError(lineno, str(e), rid, True, code)
 
-    def _request(self, rid, kind: str, body: dict, tokenizer, defaults: Sampling):
+    def _request(self, rid, lineno: int, kind: str, body: dict, tokenizer, defaults: Sampling, vocab: int | None):
         from flexgen_graph.app import jobs  # here: jobs imports this module
 
         unknown = sorted(set(body) - BODY[kind] - NO_EFFECT.keys() - IGNORED)
@@ -254,6 +272,8 @@ class OpenAIBatch:
                 raise InputFormatError(f"body.max_tokens {limit} and body.max_completion_tokens {newer} differ")
             limit = newer if newer is not None else limit
         seed = _int(body, "seed")
+        if seed is not None:
+            jobs.check_seed(seed, "body.seed")
         sampling = Sampling(temperature=_float(body, "temperature", defaults.temperature),
                             top_p=_float(body, "top_p", defaults.top_p),
                             seed=jobs.default_seed(defaults.seed, rid) if seed is None else seed)
@@ -269,13 +289,15 @@ class OpenAIBatch:
             ids = _prompt(body["prompt"], tokenizer)
         if not ids:
             raise InputFormatError("empty prompt")
-        return jobs.Request(rid, tuple(ids), limit, sampling, meta=Meta(kind, stop))
+        if (bad := jobs.vocab_error(ids, vocab)) is not None:
+            raise InputFormatError(bad)
+        return jobs.Request(rid, tuple(ids), limit, sampling, lineno, meta=Meta(kind, stop))
 
-    def answer(self, req, gen, rec: dict) -> dict:
-        """The batch output line of an answered request; rec is its native record (text, token ids)."""
+    def answer(self, req, token_ids: list[int], finish_reason: str, text: str | None) -> dict:
+        """The batch output line of an answered request (jobs.answer_record's OpenAI shape)."""
         meta: Meta = req.meta
-        text, count, finish = rec["text"] or "", len(gen.token_ids), gen.finish_reason
-        cut = self._cut_at_stop(text, list(gen.token_ids), meta.stop)
+        text, count, finish = text or "", len(token_ids), finish_reason
+        cut = self._cut_at_stop(text, list(token_ids), meta.stop)
         if cut is not None:
             text, count, finish = cut[0], cut[1], "stop"
         usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": count,
@@ -292,12 +314,10 @@ class OpenAIBatch:
                 "response": {"status_code": 200, "request_id": f"req_{uuid.uuid4().hex}", "body": body},
                 "error": None}
 
-    def error(self, rec: dict) -> dict:
-        """The batch output line of a request that cannot run, from its native error record."""
-        err = {"code": rec.get("code", "invalid_request"), "message": rec["error"]}
-        if "line" in rec:  # no usable custom_id, or a repeated one: the record stands for its line
-            err["line"] = rec["line"]
-        return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": rec.get("id"), "response": None, "error": err}
+    def error(self, err) -> dict:
+        """The batch error line of a request that cannot run, from its jobs.LineError (error_record's shape)."""
+        return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": err.id if err.has_id else None, "response": None,
+                "error": {"code": err.code or "invalid_request", "message": err.message, "line": err.line}}
 
     def _cut_at_stop(self, text: str, ids: list[int], stops: tuple[str, ...]) -> tuple[str, int] | None:
         """(text before the first stop string, tokens up to the one that completes it), or None.
