@@ -1,6 +1,7 @@
 """The generation driver: a block of prompts in, generations out. It runs the interpreter's prefill
 program once, then its decode program step by step, feeding each step's tokens to the next and
-stopping sequences at their stop token or limit (runtime.engine interprets the programs).
+stopping sequences at their stop token, their stop strings or their limit (runtime.engine interprets
+the programs).
 
     with Engine(plan, store) as engine:
         gens = generate(engine, [[1, 2, 3], [4, 5]])   # what engine.generate does
@@ -9,6 +10,7 @@ stopping sequences at their stop token or limit (runtime.engine interprets the p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
@@ -19,12 +21,41 @@ from runtime.sampling import GREEDY, Sampling, generators
 
 @dataclass(frozen=True, slots=True)
 class Generation:
-    token_ids: tuple[int, ...]  # generated tokens, the stop token included when there is one
-    finish_reason: str  # "stop" (EOS) or "length"
+    token_ids: tuple[int, ...]  # generated tokens, the stop token (or the last of a stop string) included
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
 
 
 class PromptTooLongError(UserError):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class StopStrings:
+    """A sequence's stop strings and how its tokens read as text (the application's tokenizer). Once per
+    step the tail of a running sequence is decoded: it ends at the first token after which the tail holds
+    a stop string (finish "stop"); `cut` then drops the text from the first stop string on."""
+
+    strings: tuple[str, ...]
+    decode: Callable[[Sequence[int]], str]
+
+    def __post_init__(self) -> None:
+        if not self.strings or not all(isinstance(x, str) and x for x in self.strings):
+            raise UserError(f"stop strings must be non-empty strings, got {self.strings!r}")
+
+    @property
+    def window(self) -> int:
+        """Tokens decoded per check: a stop string of n characters spans at most n tokens, and one more
+        before it keeps the decoding of its first token as it reads in the whole text."""
+        return max(len(x) for x in self.strings) + 2
+
+    def ended(self, tail: Sequence[int]) -> bool:
+        text = self.decode(tail)
+        return any(x in text for x in self.strings)
+
+    def cut(self, text: str) -> str:
+        """The text before the first stop string (the whole text when it holds none)."""
+        at = [i for i in (text.find(x) for x in self.strings) if i >= 0]
+        return text[:min(at)] if at else text
 
 
 @dataclass(slots=True)
@@ -45,9 +76,10 @@ class BlockState:
 
 
 def generate(eng, prompts: list[list[int]], max_new_tokens: list[int] | None = None,
-         sampling: list[Sampling] | None = None, ignore_eos: bool = False) -> list[Generation]:
+         sampling: list[Sampling] | None = None, ignore_eos: bool = False,
+         stops: list[StopStrings | None] | None = None) -> list[Generation]:
     """Generation for up to one block of prompts (shorter blocks are padded); greedy unless
-    `sampling` gives a temperature for a prompt."""
+    `sampling` gives a temperature for a prompt; a prompt's `stops` end it at a stop string."""
     n = len(prompts)
     if not 0 < n <= eng.b * eng.nb:
         raise UserError(f"a block holds 1..{eng.b * eng.nb} prompts, got {n}")
@@ -74,7 +106,7 @@ def generate(eng, prompts: list[list[int]], max_new_tokens: list[int] | None = N
     pos = kernels.positions_from_mask(mask)
     rows = [slice(k * eng.b, (k + 1) * eng.b) for k in range(eng.nb)]
     dev = eng.device
-    tally = Tally(len(seqs), eng.gen_len, limits, eos, pad, eng.spec.eos_token_ids)
+    tally = Tally(len(seqs), eng.gen_len, limits, eos, pad, eng.spec.eos_token_ids, list(stops or []))
     st = eng.state = BlockState(ids=[ids[r].to(dev) for r in rows], mask=[mask[r].to(dev) for r in rows],
                                 pos=[pos[r].to(dev) for r in rows], next=[None] * eng.nb, sampling=picks,
                                 gens=generators(picks, dev), all_greedy=all(x.greedy for x in picks), tally=tally)
@@ -118,11 +150,13 @@ class Tally:
     later tokens of a done sequence are replaced by padding and not reported."""
 
     def __init__(self, rows: int, gen_len: int, limits: torch.Tensor, eos: torch.Tensor, pad: int,
-                 eos_ids: tuple[int, ...]) -> None:
+                 eos_ids: tuple[int, ...], stops: list[StopStrings | None] = ()) -> None:
         self.out = torch.full((rows, gen_len), pad, dtype=torch.long)
         self.done = torch.zeros(rows, dtype=torch.bool)
         self.stopped = torch.zeros(rows, dtype=torch.bool)
         self.limits, self.eos, self.pad, self.eos_ids = limits, eos, pad, eos_ids
+        self.stops = {i: s for i, s in enumerate(stops) if s is not None}
+        self.stop_len: dict[int, int] = {}  # tokens kept of a sequence ended by a stop string
 
     def _step(self, tok: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tok = torch.where(self.done, torch.full_like(tok, self.pad), tok)
@@ -130,9 +164,14 @@ class Tally:
         return tok, hit_eos, self.done | hit_eos | (self.limits <= step + 1)
 
     def add(self, tok: torch.Tensor, step: int) -> None:
+        was_done = self.done
         tok, hit_eos, self.done = self._step(tok, step)
         self.out[:, step] = tok
         self.stopped |= hit_eos
+        for i, s in self.stops.items():  # on the host: the sequences that ran this step and have stop strings
+            if not (was_done[i] or hit_eos[i]) and s.ended(self.out[i, max(0, step + 1 - s.window):step + 1].tolist()):
+                self.done[i] = self.stopped[i] = True
+                self.stop_len[i] = step + 1
 
     def done_with(self, tok: torch.Tensor, step: int) -> bool:
         """Whether every sequence would be done once `tok` is added as token `step` (nothing changes)."""
@@ -147,7 +186,9 @@ class Tally:
         for i in range(n):
             row = self.out[i].tolist()
             count = int(self.limits[i])
-            if bool(self.stopped[i]):
+            if i in self.stop_len:
+                count = self.stop_len[i]
+            elif bool(self.stopped[i]):
                 count = next(j for j, x in enumerate(row) if x in self.eos_ids) + 1
             results.append(Generation(tuple(row[:count]), "stop" if bool(self.stopped[i]) else "length"))
         return results

@@ -359,6 +359,7 @@ class Engine:
         self.step_times.append((name, time.perf_counter() - t0))
 
     def generate(self, prompts: list[list[int]], max_new_tokens: list[int] | None = None,
-                 sampling: list[Sampling] | None = None, ignore_eos: bool = False) -> list[Generation]:
+                 sampling: list[Sampling] | None = None, ignore_eos: bool = False,
+                 stops: list[driver.StopStrings | None] | None = None) -> list[Generation]:
         """Generation for up to one block of prompts (runtime.driver)."""
-        return driver.generate(self, prompts, max_new_tokens, sampling, ignore_eos)
+        return driver.generate(self, prompts, max_new_tokens, sampling, ignore_eos, stops)

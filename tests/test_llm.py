@@ -112,6 +112,8 @@ def test_sampling_params_are_checked():
         SamplingParams(top_p=0)
     with pytest.raises(UserError, match="max_tokens"):
         SamplingParams(max_tokens=2.5)
+    with pytest.raises(UserError, match="stop must be a non-empty string"):
+        SamplingParams(stop=["ok", ""])
 
 
 def test_import_flexgen_graph_stays_light_and_hands_out_the_api():

@@ -2,7 +2,7 @@
 
 Input lines: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]} (chat template
 applied) or {"id": ..., "prompt_ids": [...]}, with optional "max_tokens", "temperature",
-"top_p", "seed". A bad line gets an output record {"id": ..., "error": "..."} (or
+"top_p", "seed", "stop" (a string or a list of them: the text ends before the first). A bad line gets an output record {"id": ..., "error": "..."} (or
 {"line": N, "error": ...} without an id) and the job goes on.
 
 The input is read twice and never held in memory: pass 1 validates each line and routes it to
@@ -25,9 +25,10 @@ from typing import Any, Callable, TextIO
 from tqdm import tqdm
 
 from flexgen_graph.errors import UserError
+from runtime.driver import StopStrings
 from runtime.sampling import Sampling
 
-KNOWN_FIELDS = {"id", "prompt", "messages", "prompt_ids", "max_tokens", "temperature", "top_p", "seed"}
+KNOWN_FIELDS = {"id", "prompt", "messages", "prompt_ids", "max_tokens", "temperature", "top_p", "seed", "stop"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,7 @@ class Request:
     prompt_ids: tuple[int, ...]
     max_tokens: int | None
     sampling: Sampling
+    stop: tuple[str, ...] = ()
 
 
 @dataclass
@@ -61,6 +63,11 @@ def load_tokenizer(store_path: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(hf)
+
+
+def decode_text(tokenizer) -> Callable[[list[int]], str]:
+    """How generated tokens read as text (special tokens left out), for outputs and stop strings alike."""
+    return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
 def id_key(rid: Any) -> str:
@@ -115,6 +122,12 @@ def parse_line(line: str, lineno: int, tokenizer, defaults: Sampling = Sampling(
                             seed=_number(obj, "seed", int, default_seed(defaults.seed, rid)))
     except ValueError as e:
         return err(str(e))
+    stop = obj.get("stop", [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if not (isinstance(stop, list) and all(isinstance(x, str) and x for x in stop)):
+        return err(f"stop must be a non-empty string or a list of them, got {obj['stop']!r}")
+    if stop and tokenizer is None:
+        return err("stop strings need a tokenizer, and these weights come without one")
     given = [k for k in ("prompt", "messages", "prompt_ids") if k in obj]
     if len(given) != 1:
         return err("exactly one of \"prompt\", \"messages\", \"prompt_ids\" is required")
@@ -137,7 +150,7 @@ def parse_line(line: str, lineno: int, tokenizer, defaults: Sampling = Sampling(
         ids = _chat_ids(tokenizer, msgs)
     if not ids:
         return err("empty prompt")
-    return Request(rid, tuple(ids), max_tokens, sampling)
+    return Request(rid, tuple(ids), max_tokens, sampling, tuple(stop))
 
 
 def record_key(rec: dict) -> str:
@@ -315,11 +328,13 @@ def run_job(plans, open_engine: Callable, tokenizer, in_path: Path, out: OutputF
                         f.seek(offset)
                         chunk.append(parse_line(f.readline().decode("utf-8", errors="replace"), lineno,
                                                 tokenizer, defaults))
+                    stops = [StopStrings(r.stop, decode_text(tokenizer)) if r.stop else None for r in chunk]
                     gens = engine.generate([list(r.prompt_ids) for r in chunk],
                                            [r.max_tokens or plan.workload.gen_len for r in chunk],
-                                           [r.sampling for r in chunk])
-                    for r, gen in zip(chunk, gens):
+                                           [r.sampling for r in chunk], stops=stops)
+                    for r, gen, stop in zip(chunk, gens, stops):
                         text = tokenizer.decode(list(gen.token_ids), skip_special_tokens=True) if tokenizer else None
+                        text = stop.cut(text) if stop else text
                         out.write({"id": r.id, "text": text, "token_ids": list(gen.token_ids),
                                    "finish_reason": gen.finish_reason})
                         summary.tokens += len(gen.token_ids)

@@ -33,7 +33,11 @@ class SamplingParams:
     """How one prompt is continued: at most max_tokens new tokens, greedy at temperature 0 (the default),
     else sampled at `temperature` from the top_p nucleus with its own generator (seed; None: one derived
     from the prompt's index in the call, so a sequence does not depend on its neighbours in a block).
+    stop: strings (or one) that end the sequence as soon as it generates one (finish "stop"); the text
+    ends before the first of them, the token ids run up to the token that completed it.
 
+    >>> SamplingParams(stop="Q:").stop
+    ('Q:',)
     >>> SamplingParams(max_tokens=0)
     Traceback (most recent call last):
     ...
@@ -44,8 +48,13 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    stop: tuple[str, ...] | str = ()
 
     def __post_init__(self) -> None:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if not all(isinstance(x, str) and x for x in stop):
+            raise UserError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)  # frozen: normalized once, here
         if type(self.max_tokens) is not int or self.max_tokens < 1:
             raise UserError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if self.seed is not None and type(self.seed) is not int:
@@ -75,6 +84,7 @@ class _Request:
     ids: tuple[int, ...]
     max_tokens: int
     sampling: Any  # runtime.sampling.Sampling
+    stop: Any  # runtime.driver.StopStrings, or None
 
 
 @dataclass
@@ -161,7 +171,8 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         params = self._params(sampling, len(prompts))
-        reqs = [_Request(self.prompt_ids(p, i), s.max_tokens, s.runtime(i)) for i, (p, s) in enumerate(zip(prompts, params))]
+        reqs = [_Request(self.prompt_ids(p, i), s.max_tokens, s.runtime(i), self._stops(s, i))
+                for i, (p, s) in enumerate(zip(prompts, params))]
         gen_len = max((r.max_tokens for r in reqs), default=1)
         for i, r in enumerate(reqs):  # every prompt has a plan before any block runs
             self._check_fits(i, len(r.ids), r.max_tokens)
@@ -169,9 +180,10 @@ class LLM:
         with _Progress(progress, len(reqs), "generating") as bar:
             for plan, chunk in self._blocks([len(r.ids) for r in reqs], [r.max_tokens for r in reqs], gen_len):
                 gens = self._engine(plan).generate([list(reqs[i].ids) for i in chunk], [reqs[i].max_tokens for i in chunk],
-                                                   [reqs[i].sampling for i in chunk])
+                                                   [reqs[i].sampling for i in chunk], stops=[reqs[i].stop for i in chunk])
                 for i, g in zip(chunk, gens):
-                    out[i] = Output(self._text(g.token_ids), tuple(g.token_ids), g.finish_reason)
+                    text, stop = self._text(g.token_ids), reqs[i].stop
+                    out[i] = Output(stop.cut(text) if stop else text, tuple(g.token_ids), g.finish_reason)
                 bar.update(len(chunk))
         return out  # type: ignore[return-value]
 
@@ -206,9 +218,19 @@ class LLM:
         return self.tokenizer
 
     def _text(self, token_ids: Sequence[int]) -> str | None:
-        if self.tokenizer is None:
+        from flexgen_graph.app.jobs import decode_text
+
+        return None if self.tokenizer is None else decode_text(self.tokenizer)(token_ids)
+
+    def _stops(self, params: SamplingParams, index: int):
+        from flexgen_graph.app.jobs import decode_text
+        from runtime.driver import StopStrings
+
+        if not params.stop:
             return None
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        if self.tokenizer is None:
+            raise UserError(f"prompt {index}: stop strings need a tokenizer, and these weights come without one")
+        return StopStrings(params.stop, decode_text(self.tokenizer))
 
     @staticmethod
     def _params(sampling: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
