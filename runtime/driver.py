@@ -71,8 +71,12 @@ class BlockState:
     sampling: list[Sampling]
     gens: list
     all_greedy: bool
-    tally: "Tally"
+    tally: "Tally | None"
     flag: int = 0  # pipeline: every sequence of the block is done (rides with the last gpu batch)
+    # a scoring plan: each position's next token, the positions scored, and the head's results
+    targets: list[torch.Tensor] | None = None
+    cont: list[torch.Tensor] | None = None
+    scored: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
 
 def generate(eng, prompts: list[list[int]], max_new_tokens: list[int] | None = None,
@@ -143,6 +147,70 @@ def _generate_stage(eng, st: BlockState, n: int) -> list[Generation]:
     if eng.link.stage.is_first:  # the last step's tokens were sent all the same: take them
         eng.take_sent_tokens()
     return eng.link.share_results(st.tally.results(n) if last else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """A continuation's tokens scored after their context: each one's log-probability and whether it is
+    the most likely token there (greedy)."""
+
+    logprobs: tuple[float, ...]
+    greedy: tuple[bool, ...]
+
+    @property
+    def logprob(self) -> float:
+        return sum(self.logprobs)
+
+    @property
+    def is_greedy(self) -> bool:
+        return all(self.greedy)
+
+
+def score(eng, contexts: list[list[int]], continuations: list[list[int]]) -> list[Scored]:
+    """Up to one block of (context, continuation) pairs through a scoring plan: one run of its prefill
+    program over context + continuation (its last token dropped), the head at the continuation's
+    positions; the log-probabilities and greedy flags cross to the host once, nothing else."""
+    n, wl = len(contexts), eng.plan.workload
+    if not wl.score:
+        raise UserError(f"scoring needs a scoring plan (Workload(..., score=True)); this one generates "
+                        f"(prompt {wl.prompt_len}, gen {wl.gen_len})")
+    if len(continuations) != n or not 0 < n <= eng.b * eng.nb:
+        raise UserError(f"a block scores 1..{eng.b * eng.nb} pairs, got {n} contexts and {len(continuations)} "
+                        "continuations")
+    for i, (c, x) in enumerate(zip(contexts, continuations)):
+        if not c or not x:
+            raise UserError(f"request {i}: the {'context' if not c else 'continuation'} is empty")
+        if len(c) + len(x) - 1 > eng.prompt_len or len(x) > wl.gen_len:
+            raise PromptTooLongError(f"request {i}: context {len(c)} + continuation {len(x)} tokens; this plan "
+                                     f"scores {wl.gen_len} of at most {eng.prompt_len} + 1 tokens")
+    whole = [list(c) + list(x) for c, x in zip(contexts, continuations)]
+    seqs = [w[:-1] for w in whole] + [whole[0][:1]] * (eng.b * eng.nb - n)  # the filler scores nothing
+    p, pad = eng.prompt_len, eng.spec.pad_token_id if eng.spec.pad_token_id is not None else 0
+    ids = torch.full((len(seqs), p), pad, dtype=torch.long)
+    targets = torch.zeros((len(seqs), p), dtype=torch.long)
+    mask = torch.zeros((len(seqs), p), dtype=torch.bool)
+    cont = torch.zeros((len(seqs), p), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, p - len(s):] = torch.tensor(s)
+        mask[i, p - len(s):] = True
+        if i < n:
+            targets[i, p - len(s):] = torch.tensor(whole[i][1:])
+            cont[i, p - len(continuations[i]):] = True  # the positions whose next token is the continuation's
+    pos = kernels.positions_from_mask(mask)
+    rows = [slice(k * eng.b, (k + 1) * eng.b) for k in range(eng.nb)]
+    dev = eng.device
+    eng.state = st = BlockState(ids=[ids[r].to(dev) for r in rows], mask=[mask[r].to(dev) for r in rows],
+                                pos=[pos[r].to(dev) for r in rows], next=[None] * eng.nb, sampling=[], gens=[],
+                                all_greedy=True, tally=None, targets=[targets[r].to(dev) for r in rows],
+                                cont=[cont[r].to(dev) for r in rows], scored=[None] * eng.nb)
+    eng.run_program("prefill", 0, p)
+    lp = torch.cat([s[0] for s in st.scored]).cpu().tolist()  # row-major: request by request
+    greedy = torch.cat([s[1] for s in st.scored]).cpu().tolist()
+    out, at = [], 0
+    for x in continuations:
+        out.append(Scored(tuple(lp[at:at + len(x)]), tuple(greedy[at:at + len(x)])))
+        at += len(x)
+    return out
 
 
 class Tally:

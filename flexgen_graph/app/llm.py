@@ -8,10 +8,19 @@
     (True, 'length', 8)
 
 Prompts are strings, chat message lists (the model's chat template is applied) or token id lists.
-Each call plans for its own job: the prompts are sorted by length (longest first), cut into blocks,
+`score(contexts, continuations)` gives each continuation's log-probability after its context and
+whether greedy decoding would produce it (what lm-evaluation-harness asks for):
+
+    >>> with LLM(profile="cpu-small") as llm:
+    ...     [(yes, _), (no, _)] = llm.score(["The capital of France is"] * 2, [" Paris", " Berlin"], progress=False)
+    >>> yes > no
+    True
+
+Each call plans for its own job: the requests are sorted by length (longest first), cut into blocks,
 and each block runs a plan compiled for its length (rounded up to a power of two) and the call's
-largest max_tokens, or the smallest plan of `plan=` that takes it. Plans are cached (in memory and
-under the cache folder), and the engine of the last plan stays open until `close()`.
+largest max_tokens (a scoring plan: its longest continuation), or the smallest plan of `plan=` that
+takes it. Plans are cached (in memory and under the cache folder), and the engine of the last plan
+stays open until `close()`.
 """
 
 from __future__ import annotations
@@ -178,7 +187,7 @@ class LLM:
             self._check_fits(i, len(r.ids), r.max_tokens)
         out: list[Output | None] = [None] * len(reqs)
         with _Progress(progress, len(reqs), "generating") as bar:
-            for plan, chunk in self._blocks([len(r.ids) for r in reqs], [r.max_tokens for r in reqs], gen_len):
+            for plan, chunk in self._blocks([len(r.ids) for r in reqs], [r.max_tokens for r in reqs], gen_len, False):
                 gens = self._engine(plan).generate([list(reqs[i].ids) for i in chunk], [reqs[i].max_tokens for i in chunk],
                                                    [reqs[i].sampling for i in chunk], stops=[reqs[i].stop for i in chunk])
                 for i, g in zip(chunk, gens):
@@ -186,6 +195,51 @@ class LLM:
                     out[i] = Output(stop.cut(text) if stop else text, tuple(g.token_ids), g.finish_reason)
                 bar.update(len(chunk))
         return out  # type: ignore[return-value]
+
+    # -- scoring ---------------------------------------------------------------------------------------
+    def score(self, contexts: Sequence[str | Sequence[int]], continuations: Sequence[str | Sequence[int]], *,
+              progress: Any = True) -> list[tuple[float, bool]]:
+        """(log-probability, is_greedy) of each continuation after its context: the sum of its tokens'
+        log-probabilities, and whether each token is the most likely one after what precedes it. Text is
+        tokenized apart (the context as the tokenizer does, the continuation without special tokens);
+        token ids are taken as they are. Runs scoring plans (Workload(..., score=True))."""
+        return [(s.logprob, s.is_greedy) for s in self.score_tokens(contexts, continuations, progress=progress)]
+
+    def score_tokens(self, contexts: Sequence[str | Sequence[int]], continuations: Sequence[str | Sequence[int]], *,
+                     progress: Any = True) -> list[Any]:
+        """Per continuation token, its log-probability and greedy flag (runtime.driver.Scored), in order."""
+        contexts, continuations = list(contexts), list(continuations)
+        if len(contexts) != len(continuations):
+            raise UserError(f"score: {len(contexts)} contexts but {len(continuations)} continuations")
+        pairs = [(self._part(c, i, "context", True), self._part(x, i, "continuation", False))
+                 for i, (c, x) in enumerate(zip(contexts, continuations))]
+        lengths, conts = [len(c) + len(x) - 1 for c, x in pairs], [len(x) for _, x in pairs]
+        for i, (n, m) in enumerate(zip(lengths, conts)):
+            self._check_fits(i, n, m, score=True)
+        out: list[Any] = [None] * len(pairs)
+        with _Progress(progress, len(pairs), "scoring") as bar:
+            for plan, chunk in self._blocks(lengths, conts, max(conts, default=1), True):
+                got = self._engine(plan).score([list(pairs[i][0]) for i in chunk], [list(pairs[i][1]) for i in chunk])
+                for i, s in zip(chunk, got):
+                    out[i] = s
+                bar.update(len(chunk))
+        return out
+
+    def _part(self, part: str | Sequence[int], index: int, what: str, special: bool) -> tuple[int, ...]:
+        if isinstance(part, str):
+            ids = self._tokenizer(index)(part, add_special_tokens=special)["input_ids"] if part else []
+        elif isinstance(part, Sequence) and all(type(t) is int for t in part):
+            bad = [t for t in part if not 0 <= t < self.spec.vocab]
+            if bad:
+                raise UserError(f"request {index}: {what} token id {bad[0]} is outside {self.spec.name}'s vocabulary "
+                                f"0..{self.spec.vocab - 1}")
+            ids = list(part)
+        else:
+            raise UserError(f"request {index}: the {what} must be a string or a list of token ids, "
+                            f"got {type(part).__name__}")
+        if not ids:
+            raise UserError(f"request {index}: the {what} is empty")
+        return tuple(ids)
 
     # -- prompts ---------------------------------------------------------------------------------------
     def prompt_ids(self, prompt: Prompt, index: int = 0) -> tuple[int, ...]:
@@ -244,36 +298,42 @@ class LLM:
         return params
 
     # -- plans and blocks ------------------------------------------------------------------------------
-    def _check_fits(self, i: int, length: int, second: int) -> None:
-        """Refuse, before any block runs, a request that no plan can take (second: its max_tokens)."""
-        what = f"prompt {i} has {length} tokens and max_tokens {second}"
+    def _check_fits(self, i: int, length: int, second: int, score: bool = False) -> None:
+        """Refuse, before any block runs, a request that no plan can take (second: its max_tokens; scoring:
+        its continuation's length, and length is context + continuation - 1, what the prefill reads)."""
+        what = f"request {i}: context + continuation - 1 = {length} tokens" if score else \
+            f"prompt {i} has {length} tokens and max_tokens {second}"
         if self._given is not None:
-            if not any(_fits(p, length, second) for p in self._given):
-                lens = ", ".join(f"prompt {p.workload.prompt_len} / gen {p.workload.gen_len}" for p in self._given)
-                raise UserError(f"{what}: no given plan takes it (plans: {lens})")
+            if not any(_fits(p, length, second, score) for p in self._given):
+                kind = "scoring " if score else ""
+                lens = ", ".join(f"prompt {p.workload.prompt_len} / {'scored' if score else 'gen'} {p.workload.gen_len}"
+                                 for p in self._given if p.workload.score == score) or "none"
+                raise UserError(f"{what}: no given {kind}plan takes it (given {kind}plans: {lens})")
             return
-        if length + second > self.spec.max_positions:
+        if length + (0 if score else second) > self.spec.max_positions:
             raise UserError(f"{what}: longer than {self.spec.name}'s {self.spec.max_positions} positions")
 
-    def _blocks(self, lengths: list[int], seconds: list[int], call_second: int) -> Iterable[tuple[Plan, list[int]]]:
+    def _blocks(self, lengths: list[int], seconds: list[int], call_second: int, score: bool) -> Iterable[tuple[Plan, list[int]]]:
         """(plan, request indices) per block: longest requests first, each block under the plan of its longest."""
         remaining = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
         cap = 1 << max(len(lengths) - 1, 0).bit_length()  # a block larger than the call would only add padding
         while remaining:
             first = remaining[0]
-            plan = self._plan_for(lengths[first], seconds[first], call_second, cap)
-            chunk = [i for i in remaining if _fits(plan, lengths[i], seconds[i])][:plan.block_size]
+            plan = self._plan_for(lengths[first], seconds[first], call_second, score, cap)
+            chunk = [i for i in remaining if _fits(plan, lengths[i], seconds[i], score)][:plan.block_size]
             taken = set(chunk)
             remaining = [i for i in remaining if i not in taken]
             yield plan, chunk
 
-    def _plan_for(self, length: int, second: int, call_second: int, cap: int) -> Plan:
+    def _plan_for(self, length: int, second: int, call_second: int, score: bool, cap: int) -> Plan:
         if self._given is not None:
-            fitting = [p for p in self._given if _fits(p, length, second)]
+            fitting = [p for p in self._given if _fits(p, length, second, score)]
             return min(fitting, key=lambda p: (p.workload.prompt_len, p.workload.gen_len))
         prompt_len = max(16, 1 << (length - 1).bit_length())
-        prompt_len = max(length, min(prompt_len, self.spec.max_positions - call_second))
-        return self._compiled(Workload(prompt_len, call_second), cap)
+        prompt_len = max(length, min(prompt_len, self.spec.max_positions - (0 if score else call_second)))
+        # a scoring plan scores the call's longest continuation (each fits its own prompt, so min() keeps them all)
+        gen_len = min(call_second, prompt_len) if score else call_second
+        return self._compiled(Workload(prompt_len, gen_len, score=score), cap)
 
     def _compiled(self, workload: Workload, cap: int) -> Plan:
         import dataclasses
@@ -299,8 +359,9 @@ class LLM:
         return e.engine
 
 
-def _fits(plan: Plan, length: int, second: int) -> bool:
-    return length <= plan.workload.prompt_len and second <= plan.workload.gen_len
+def _fits(plan: Plan, length: int, second: int, score: bool = False) -> bool:
+    wl = plan.workload
+    return wl.score == score and length <= wl.prompt_len and second <= wl.gen_len
 
 
 def _load_plans(plan: Plan | Sequence[Plan] | str | Path) -> list[Plan]:
