@@ -184,5 +184,6 @@ def score_head(spec: ModelSpec, w: dict[str, torch.Tensor], h: torch.Tensor, tar
     x = _norm(spec, h[scored], w["norm_w"], w.get("norm_b"))  # x: [N, H]
     logits = _linear(x, w["lm_head"]).float()  # logits: [N, V]
     t = targets[scored]
-    lp = logits.gather(-1, t[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
-    return lp, logits.argmax(dim=-1) == t
+    greedy = logits.argmax(dim=-1) == t
+    # log_softmax itself, not logit - logsumexp: the two round apart by ~1e-5 a token, always the same way
+    return F.log_softmax(logits, dim=-1).gather(-1, t[:, None])[:, 0], greedy
