@@ -183,3 +183,24 @@ def test_smollm2_logprobs_equal_transformers(smollm2_store, smollm2_hf, policy, 
         assert max(abs(a - b) for a, b in zip(want, s.logprobs)) < 1e-4
         assert list(s.greedy) == greedy
     assert got[0].logprob > got[1].logprob  # Paris, not Berlin
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["all-gpu", "weights-50-cpu-50-disk+hidden-cpu"])
+def test_cuda_logprobs_equal_transformers(policy, tmp_path):
+    from runtime.weight_store import import_hf_folder
+    from tests.test_numerics import tiny_model
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "hf")
+    store = import_hf_folder(tmp_path / "hf", tmp_path / "store")
+    ctx, cont = requests(model)
+    w, c, h = POLICIES[policy]
+    plan = compile_plan(store.spec, load_profile("h100-pcie5"), Workload(PROMPT_LEN, SCORED, score=True),
+                        gpu_batch_size=2, num_gpu_batches=3, fixed={"weights": w, "cache": c, "hidden": h})
+    with Engine(plan, store, tmp_path / "off", device="cuda") as engine:
+        got = engine.score(ctx, cont)
+        assert engine.peak_bytes["gpu"] <= plan.profile.gpu_bytes
+    for x, y, s in zip(ctx, cont, got):
+        want, greedy = hf_logprobs(model, x, y)
+        assert max(abs(a - b) for a, b in zip(want, s.logprobs)) < 1e-4 and list(s.greedy) == greedy
