@@ -29,7 +29,8 @@ def accesses(op: Op) -> tuple[list[int], list[int]]:
         reads = [op.weight] + ([op.cache] if op.cache >= 0 and op.kind is not OpKind.DECODER_PREFILL else [])
         if op.kind is not OpKind.EMBED:
             reads.append(op.hidden)
-        writes = ([op.cache] if op.cache >= 0 else []) + ([op.hidden] if op.kind is not OpKind.HEAD else [])
+        heads = (OpKind.HEAD, OpKind.HEAD_SCORE)  # a head's output is the engine's, not a plan buffer
+        writes = ([op.cache] if op.cache >= 0 else []) + ([op.hidden] if op.kind not in heads else [])
         return reads, writes
     if op.kind in (OpKind.LOAD_WEIGHT, OpKind.RECV_HIDDEN):
         return [], [op.dst]  # the weight store, or another process, is the source

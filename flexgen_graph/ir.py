@@ -113,25 +113,37 @@ class Node:
 
 @dataclass(frozen=True, slots=True)
 class Workload:
-    """What one block of generation looks like: every prompt padded to prompt_len."""
+    """What one block looks like: every prompt padded to prompt_len, then gen_len tokens generated.
+
+    A scoring workload (score=True) generates nothing: its prompts (a context and a continuation) go
+    through one prefill, and the log-probabilities of the last gen_len positions of each (at most: the
+    continuation's) are computed where the logits are and leave the device alone (log-likelihoods).
+    """
 
     prompt_len: int
     gen_len: int
+    score: bool = False
 
     def __post_init__(self) -> None:
         if type(self.prompt_len) is not int or type(self.gen_len) is not int:
             raise UserError(f"prompt_len and gen_len must be integers, got {self.prompt_len!r}, {self.gen_len!r}")
+        if type(self.score) is not bool:
+            raise UserError(f"score must be true or false, got {self.score!r}")
         if self.prompt_len < 1:
             raise UserError(f"prompt_len must be >= 1, got {self.prompt_len}")
         if self.gen_len < 1:
             raise UserError(f"gen_len must be >= 1, got {self.gen_len}")
+        if self.score and self.gen_len > self.prompt_len:
+            raise UserError(f"a scoring workload scores at most its prompt's positions: gen_len {self.gen_len} > "
+                            f"prompt_len {self.prompt_len}")
 
     @property
     def max_seq_len(self) -> int:
-        return self.prompt_len + self.gen_len
+        return self.prompt_len if self.score else self.prompt_len + self.gen_len
 
     def to_dict(self) -> dict:
-        return {"prompt_len": self.prompt_len, "gen_len": self.gen_len}
+        # the key only when set: generation plans keep the bytes they had before scoring existed
+        return {"prompt_len": self.prompt_len, "gen_len": self.gen_len, **({"score": True} if self.score else {})}
 
 
 @dataclass(frozen=True, slots=True)

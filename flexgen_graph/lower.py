@@ -11,6 +11,10 @@ each gpu batch's tokens to the first (SEND_TOKENS, in both phases), which receiv
 embeds that batch in decode (RECV_TOKENS): the steps of a pipeline overlap, no stage waits for a
 whole step to end.
 
+A scoring workload (Workload.score) is lowered as its prefill alone: no cache is kept (each decoder's
+k, v of the prompt are a transient of its compute), and the head computes the logits of the scored
+positions (gen_len per sequence) and their log-softmax.
+
     >>> from flexgen_graph.catalog import catalog_spec
     >>> from flexgen_graph.ir import Workload, Block
     >>> g = lower(catalog_spec("facebook/opt-125m"), Workload(32, 8), Block(4, 2))
@@ -44,12 +48,15 @@ class LoweringError(AssertionError):
 def lower(spec: ModelSpec, workload: Workload, block: Block, stage: Stage | None = None) -> nx.DiGraph:
     stage = stage or Stage(0, 1, 0, spec.num_graph_layers)
     check_stage(spec, stage)
+    if workload.score and stage.count > 1:
+        raise UserError("a scoring workload runs in one process, not as a pipeline of stages")
     g = nx.DiGraph(spec=spec.name, prompt_len=workload.prompt_len, gen_len=workload.gen_len,
                    gpu_batch_size=block.gpu_batch_size, num_gpu_batches=block.num_gpu_batches,
-                   first_layer=stage.first_layer, stages=stage.count)
-    for phase in (Phase.PREFILL, Phase.DECODE):
+                   first_layer=stage.first_layer, stages=stage.count, score=workload.score)
+    for phase in (Phase.PREFILL,) if workload.score else (Phase.PREFILL, Phase.DECODE):
         _build_phase(g, spec, workload, block, phase, stage)
-    _link_phases(g, spec, block, stage)
+    if not workload.score:
+        _link_phases(g, spec, block, stage)
     check_graph(g)
     return g
 
@@ -87,7 +94,7 @@ def _build_phase(g: nx.DiGraph, spec: ModelSpec, wl: Workload, block: Block, pha
                   bytes=spec.layer_bytes(stage.first_layer + layer))
         for k in range(block.num_gpu_batches):
             comp = _add(g, kind, NodeKey(phase, NodeKind.COMPUTE, layer, k),
-                        **_compute_cost(spec, kind, phase, b, wl.prompt_len))
+                        **_compute_cost(spec, kind, phase, b, wl.prompt_len, wl.gen_len if wl.score else 0))
             g.add_edge(lw, comp)
             if kind is LayerKind.EMBED and ring and phase is Phase.DECODE:
                 g.add_edge(_add(g, kind, NodeKey(phase, NodeKind.RECV_TOKENS, layer, k), bytes=b * TOKEN_BYTES), comp)
@@ -105,7 +112,7 @@ def _build_phase(g: nx.DiGraph, spec: ModelSpec, wl: Workload, block: Block, pha
                 g.add_edge(comp, sh)
                 if layer == last:  # to the next stage
                     g.add_edge(sh, _add(g, kind, NodeKey(phase, NodeKind.SEND_HIDDEN, layer, k), bytes=hidden_bytes))
-            if kind is LayerKind.DECODER:
+            if kind is LayerKind.DECODER and not wl.score:
                 if phase is Phase.DECODE:
                     # the cache of ctx - 1 earlier tokens crosses; the new token's k/v is computed
                     lc = _add(g, kind, NodeKey(phase, NodeKind.LOAD_CACHE, layer, k), bytes=-kv_tok,
@@ -115,10 +122,15 @@ def _build_phase(g: nx.DiGraph, spec: ModelSpec, wl: Workload, block: Block, pha
                 g.add_edge(comp, sc)
 
 
-def _compute_cost(spec: ModelSpec, kind: LayerKind, phase: Phase, b: int, prompt_len: int) -> dict[str, int]:
+def _compute_cost(spec: ModelSpec, kind: LayerKind, phase: Phase, b: int, prompt_len: int,
+                  scored: int = 0) -> dict[str, int]:
+    """scored: positions per sequence a scoring head computes (0: a generating plan)."""
     d, h = spec.dtype_bytes, spec.hidden
     if kind is LayerKind.EMBED:
         return {}
+    if kind is LayerKind.HEAD and scored:
+        # logits of the scored positions in float32, and log-softmax's temporary of the same size
+        return dict(flops=2 * b * scored * h * spec.vocab, work_bytes=2 * b * scored * spec.vocab * 4)
     if kind is LayerKind.HEAD:
         # logits only for the last position of each sequence, kept in float32
         return dict(flops=2 * b * h * spec.vocab, work_bytes=b * spec.vocab * 4)
@@ -130,8 +142,9 @@ def _compute_cost(spec: ModelSpec, kind: LayerKind, phase: Phase, b: int, prompt
     qkv_work = b * t * (q_out + 2 * kv_out) * d
     scores_per_ctx = b * spec.num_heads * t * 4  # softmax in float32
     if phase is Phase.PREFILL:
+        kv = b * prompt_len * spec.kv_bytes_per_token() if scored else 0  # no cache: the prompt's k, v are transient
         return dict(flops=dense + attn_per_ctx * prompt_len,
-                    work_bytes=mlp_work + qkv_work + scores_per_ctx * prompt_len)
+                    work_bytes=mlp_work + qkv_work + scores_per_ctx * prompt_len + kv)
     return dict(flops=dense, flops_per_ctx=attn_per_ctx, work_bytes=mlp_work + qkv_work,
                 work_bytes_per_ctx=scores_per_ctx)
 

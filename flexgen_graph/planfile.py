@@ -164,8 +164,10 @@ def _check_programs(plan: Plan, name: str) -> None:
             check_stage(plan.spec, plan.stage)
         except ValueError as e:
             raise BadPlanFileError(f"{name}: {e}") from None
+    if plan.workload.score and plan.programs.decode:
+        raise BadPlanFileError(f"{name}: a scoring plan has a decode program (it runs its prefill alone)")
     for phase, ops in (("prefill", plan.programs.prefill), ("decode", plan.programs.decode)):
-        if not ops:
+        if not ops and not (phase == "decode" and plan.workload.score):
             raise BadPlanFileError(f"{name}: the {phase} program is empty")
         for i, op in enumerate(ops):
             if op.layer not in layers or not -1 <= op.batch < nb:

@@ -43,6 +43,10 @@ class OpKind(Enum):
     DECODER_PREFILL_HOST_CACHE = "decoder_prefill_host_cache"
     DECODER_DECODE_CPU_ATTN = "decoder_decode_cpu_attn"
     HEAD = "head"
+    # a scoring plan (Workload.score): prefill without a cache, the prompt's k, v live only while the op
+    # runs; its head gives the log-probabilities of the scored positions' next tokens, not a token
+    DECODER_SCORE = "decoder_score"
+    HEAD_SCORE = "head_score"
     RECV_HIDDEN = "recv_hidden"  # into `dst`, from the previous stage's process
     SEND_HIDDEN = "send_hidden"  # `src`, to the next stage's process
     SEND_TOKENS = "send_tokens"  # the last stage: the head's tokens of `batch`, to the first stage
@@ -61,6 +65,8 @@ OP_STREAM: dict[OpKind, Stream] = {
     OpKind.DECODER_PREFILL_HOST_CACHE: Stream.COMPUTE,
     OpKind.DECODER_DECODE_CPU_ATTN: Stream.COMPUTE,
     OpKind.HEAD: Stream.COMPUTE,
+    OpKind.DECODER_SCORE: Stream.COMPUTE,
+    OpKind.HEAD_SCORE: Stream.COMPUTE,
     OpKind.RECV_HIDDEN: Stream.RECV,
     OpKind.SEND_HIDDEN: Stream.SEND,
     OpKind.SEND_TOKENS: Stream.SEND,

@@ -111,6 +111,8 @@ def compile(spec: ModelSpec, profile: HardwareProfile, workloads: Workload | Ite
         raise UserError("compile needs at least one workload")
     if options.stage_link_bytes_per_s is not None:
         profile = dataclasses.replace(profile, stage_link_bytes_per_s=options.stage_link_bytes_per_s)
+    if options.stages > 1 and any(wl.score for wl in wls):
+        raise UserError("a scoring workload runs in one process: compile it without stages")
     out: list[Plan] = []
     for wl in wls:
         out += _pipeline(spec, profile, wl, options) if options.stages > 1 else [_single(spec, profile, wl, options)]
@@ -160,6 +162,7 @@ def _search(spec: ModelSpec, profile: HardwareProfile, workload: Workload, o: Co
 
 
 def _single(spec: ModelSpec, profile: HardwareProfile, workload: Workload, o: CompileOptions) -> Plan:
+    """One plan; a scoring workload's (Workload.score) is its prefill alone, priced and sized like any other."""
     check_workload(spec, workload)
     fixed, allowed = _search_flags(o)
     r = _search(spec, profile, workload, o, fixed, allowed)

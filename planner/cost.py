@@ -219,7 +219,8 @@ def layer_figures(figs: BlockFigures, ctx: float, flags: Flags = Flags(),
         memo: dict[tuple, LayerFigures] = {}  # layers alike are figured once
         rows = []
         for j, ls in enumerate(figs.phase(phase)):
-            moved_w = comp.weight_bytes[figs.shape.first_layer + j] if cw else ls.weight_bytes
+            # a phase that does not load the layer (a scoring graph's empty decode) moves nothing, compressed or not
+            moved_w = comp.weight_bytes[figs.shape.first_layer + j] if cw and ls.weight_bytes else ls.weight_bytes
             f = memo.get((ls, moved_w))
             if f is None:
                 f = memo[(ls, moved_w)] = _figures(ls, phase, at, nb, moved_w, cache_ratio)

@@ -42,6 +42,7 @@ class GraphShape:
     hidden_bytes: int  # one gpu batch's hidden state in prefill (the larger phase)
     first_layer: int = 0  # the model's graph layer of this graph's layer 0 (a pipeline stage)
     batch_major: bool = False  # a stage of a pipeline of several: programs in batch-major order
+    score: bool = False  # a scoring workload: prefill alone, no cache kept (cache_bytes 0)
 
     @property
     def decoder_layers(self) -> list[int]:
@@ -56,10 +57,11 @@ def graph_shape(g: nx.DiGraph) -> GraphShape:
     kinds = tuple(nodes[NodeKey(Phase.PREFILL, NodeKind.LOAD_WEIGHT, j, -1)].layer_kind for j in range(n_layers))
     wbytes = tuple(nodes[NodeKey(Phase.PREFILL, NodeKind.LOAD_WEIGHT, j, -1)].bytes for j in range(n_layers))
     first_dec = kinds.index(LayerKind.DECODER)
-    cache = nodes[NodeKey(Phase.DECODE, NodeKind.LOAD_CACHE, first_dec, 0)].bytes_per_ctx * max_seq
+    score = g.graph.get("score", False)
+    cache = 0 if score else nodes[NodeKey(Phase.DECODE, NodeKind.LOAD_CACHE, first_dec, 0)].bytes_per_ctx * max_seq
     hidden = nodes[NodeKey(Phase.PREFILL, NodeKind.STORE_HIDDEN, 0, 0)].bytes
     return GraphShape(n_layers, nb, g.graph["prompt_len"], g.graph["gen_len"], kinds, wbytes, cache, hidden,
-                      g.graph.get("first_layer", 0), g.graph.get("stages", 1) > 1)
+                      g.graph.get("first_layer", 0), g.graph.get("stages", 1) > 1, score)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +81,7 @@ class BufferPlan:
 def build_buffers(shape: GraphShape, policy: Policy) -> BufferPlan:
     nb = shape.num_gpu_batches
     w_tier = tuple(assign_tiers(list(shape.weight_bytes), policy.weights))
-    cache_items = [(j, k) for j in shape.decoder_layers for k in range(nb)]
+    cache_items = [] if shape.score else [(j, k) for j in shape.decoder_layers for k in range(nb)]
     c_tier = dict(zip(cache_items, assign_tiers([shape.cache_bytes] * len(cache_items), policy.cache)))
     h_tier = tuple(assign_tiers([shape.hidden_bytes] * nb, policy.hidden))
 
@@ -150,11 +152,13 @@ def emit_programs(g: nx.DiGraph, policy: Policy) -> Programs:
     return Programs(bp.buffers, _emit(g, shape, bp, policy, Phase.PREFILL), _emit(g, shape, bp, policy, Phase.DECODE))
 
 
-def _compute_kind(kind: LayerKind, phase: Phase, host_cache: bool) -> OpKind:
+def _compute_kind(kind: LayerKind, phase: Phase, host_cache: bool, score: bool = False) -> OpKind:
     if kind is LayerKind.EMBED:
         return OpKind.EMBED
     if kind is LayerKind.HEAD:
-        return OpKind.HEAD
+        return OpKind.HEAD_SCORE if score else OpKind.HEAD
+    if score:
+        return OpKind.DECODER_SCORE
     if phase is Phase.PREFILL:
         return OpKind.DECODER_PREFILL_HOST_CACHE if host_cache else OpKind.DECODER_PREFILL
     return OpKind.DECODER_DECODE_CPU_ATTN if host_cache else OpKind.DECODER_DECODE
@@ -284,10 +288,10 @@ class _Emitter:
         lkind = self.shape.layer_kinds[j]
         weight = bp.weight_slots[r.w_slot[j]] if j in r.w_slot else bp.weight_home[j]
         cache = -1
-        if lkind is LayerKind.DECODER:
+        if lkind is LayerKind.DECODER and not self.shape.score:  # a scoring plan keeps no cache
             cache = bp.cache_slots[r.c_slot[jk]] if jk in r.c_slot else bp.cache_home[jk]
         hidden = bp.hidden_slots[r.h_slot[jk]] if jk in r.h_slot else bp.hidden_home[k]
-        return Op(_compute_kind(lkind, self.phase, jk in r.host_cache), gj, k, tuple(sorted(waits)), weight=weight,
+        return Op(_compute_kind(lkind, self.phase, jk in r.host_cache, self.shape.score), gj, k, tuple(sorted(waits)), weight=weight,
                   cache=cache, hidden=hidden, node=label)
 
     BUILD = {

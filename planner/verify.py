@@ -132,8 +132,9 @@ def simulate(programs: Programs, g: nx.DiGraph, policy: Policy, *, pinned_stagin
         static[Tier.CPU] += staging_bytes(programs.buffers)
     prompt, gen = g.graph["prompt_len"], g.graph["gen_len"]
     steps = []
+    decode_steps = 0 if g.graph.get("score", False) else gen - 1  # a scoring plan runs its prefill alone
     for phase, program, contexts in ((Phase.PREFILL, programs.prefill, [prompt]),
-                                     (Phase.DECODE, programs.decode, [prompt + s + 1 for s in range(gen - 1)])):
+                                     (Phase.DECODE, programs.decode, [prompt + s + 1 for s in range(decode_steps)])):
         cases: dict[_OpCost, int] = {}  # ops alike are simulated once; the first one names them
         for i, c in enumerate(_op_costs(program, programs, g, phase)):
             if c is not None:

@@ -38,12 +38,13 @@ class Entry:
     gen_len: int
     weights_source: str
     stages: int = 1  # a pipeline of this many stages, all on one machine of the profile
+    score: bool = False  # a scoring plan: gen_len positions of each prompt scored (log-likelihoods)
 
     @property
     def file_name(self) -> str:
         slug = self.model.split("/")[-1].lower()
         pipe = f"--{self.stages}stages" if self.stages > 1 else ""
-        return f"{slug}--{self.profile}--{self.dtype}--p{self.prompt_len}g{self.gen_len}{pipe}.fgplan"
+        return f"{slug}--{self.profile}--{self.dtype}--p{self.prompt_len}{'s' if self.score else 'g'}{self.gen_len}{pipe}.fgplan"
 
 
 ENTRIES: tuple[Entry, ...] = (
@@ -55,12 +56,14 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("HuggingFaceTB/SmolLM2-135M-Instruct", "cpu-small", "float32", 64, 32, "default"),
     # FlexGen's multi-GPU setting: one T4 machine's 4 GPUs, a stage each
     Entry("facebook/opt-30b", "t4-flexgen", "float16", 512, 32, "dummy:0", stages=4),
+    # lm-eval's log-likelihoods: 512-token prompts, their last 8 positions scored (a prefill-only plan)
+    Entry("facebook/opt-13b", "t4-flexgen", "float16", 512, 8, "dummy:0", score=True),
 )
 
 
 def compile_entry(e: Entry) -> list[planfile.Plan]:
-    spec, profile, wl = catalog_spec(e.model).with_dtype(e.dtype), load_profile(e.profile), Workload(e.prompt_len,
-                                                                                                      e.gen_len)
+    spec, profile = catalog_spec(e.model).with_dtype(e.dtype), load_profile(e.profile)
+    wl = Workload(e.prompt_len, e.gen_len, score=e.score)
     if e.stages > 1:
         return compile_pipeline(spec, profile, wl, e.stages, weights_source=e.weights_source)
     return [compile_plan(spec, profile, wl, weights_source=e.weights_source)]
@@ -82,7 +85,8 @@ def table(rows: list[tuple[Entry, list[planfile.Plan]]]) -> str:
             flags = "+".join(f for f in ("cpu_attention", "compress_weights", "compress_cache") if getattr(pol, f)) or "-"
             peaks = " / ".join(f"{pred.peak_bytes[t.value] / GIB:.2f}" for t in TIERS)
             st = f" (stage {p.stage.index}: layers {p.stage.first_layer}..{p.stage.end_layer - 1})" if p.stage else ""
-            out.append(f"| {e.model}{st} | {p.profile.name} | {e.dtype} | {e.prompt_len} / {e.gen_len} "
+            gen = f"{e.gen_len} scored" if e.score else f"{e.gen_len}"
+            out.append(f"| {e.model}{st} | {p.profile.name} | {e.dtype} | {e.prompt_len} / {gen} "
                        f"| {pol.gpu_batch_size} x {pol.num_gpu_batches} | {_frac(pol.weights.as_tuple())} "
                        f"| {_frac(pol.cache.as_tuple())} | {_frac(pol.hidden.as_tuple())} | {flags} "
                        f"| {pred.tokens_per_s:.4g} | {peaks} | {pred.binding_constraint} | `{e.file_name}` |")
@@ -97,7 +101,7 @@ byte differs: rerun the script (and commit the files) when a change to the plann
 or the plan format is meant to change them.
 
 Placements are fractions of each class's bytes on gpu / cpu / disk; tokens/s is the cost model's
-prediction for one block (prefill plus every decode step; a pipeline's rows, one per stage, show the
+prediction for one block (prefill plus every decode step; a scoring plan: its prefill, per scored token; a pipeline's rows, one per stage, show the
 whole pipeline's tokens/s and each stage's own peaks and binding term); "binding" names what limits it
 (compute, a link, or the capacity that pushes traffic onto the link). Inspect one with
 `flexgen-graph inspect plans/FILE` (or `flexgen_graph.app.inspect.describe_text`).

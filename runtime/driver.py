@@ -1,6 +1,7 @@
 """The generation driver: a block of prompts in, generations out. It runs the interpreter's prefill
 program once, then its decode program step by step, feeding each step's tokens to the next and
-stopping sequences at their stop token or limit (runtime.engine interprets the programs).
+stopping sequences at their stop token, their stop strings or their limit (runtime.engine interprets
+the programs).
 
     with Engine(plan, store) as engine:
         gens = generate(engine, [[1, 2, 3], [4, 5]])   # what engine.generate does
@@ -9,7 +10,7 @@ stopping sequences at their stop token or limit (runtime.engine interprets the p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -20,12 +21,41 @@ from runtime.sampling import GREEDY, Sampling, generators
 
 @dataclass(frozen=True, slots=True)
 class Generation:
-    token_ids: tuple[int, ...]  # generated tokens, the stop token included when there is one
-    finish_reason: str  # "stop" (EOS) or "length"
+    token_ids: tuple[int, ...]  # generated tokens, the stop token (or the last of a stop string) included
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
 
 
 class PromptTooLongError(UserError):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class StopStrings:
+    """A sequence's stop strings and how its tokens read as text (the application's tokenizer). Once per
+    step the tail of a running sequence is decoded: it ends at the first token after which the tail holds
+    a stop string (finish "stop"); `cut` then drops the text from the first stop string on."""
+
+    strings: tuple[str, ...]
+    decode: Callable[[Sequence[int]], str]
+
+    def __post_init__(self) -> None:
+        if not self.strings or not all(isinstance(x, str) and x for x in self.strings):
+            raise UserError(f"stop strings must be non-empty strings, got {self.strings!r}")
+
+    @property
+    def window(self) -> int:
+        """Tokens decoded per check: a stop string of n characters spans at most n tokens, and one more
+        before it keeps the decoding of its first token as it reads in the whole text."""
+        return max(len(x) for x in self.strings) + 2
+
+    def ended(self, tail: Sequence[int]) -> bool:
+        text = self.decode(tail)
+        return any(x in text for x in self.strings)
+
+    def cut(self, text: str) -> str:
+        """The text before the first stop string (the whole text when it holds none)."""
+        at = [i for i in (text.find(x) for x in self.strings) if i >= 0]
+        return text[:min(at)] if at else text
 
 
 @dataclass(slots=True)
@@ -44,18 +74,23 @@ class BlockState:
     sampling: list[Sampling]
     gens: list
     all_greedy: bool
-    tally: "Tally"
+    tally: "Tally | None"
     flag: int = 0  # pipeline: every sequence of the block is done (rides with the last gpu batch)
+    # a scoring plan: each position's next token, the positions scored, and the head's results
+    targets: list[torch.Tensor] | None = None
+    cont: list[torch.Tensor] | None = None
+    scored: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
 
 def generate(eng, prompts: list[list[int]], max_new_tokens: list[int] | None = None,
          sampling: list[Sampling] | None = None, ignore_eos: bool = False,
-         on_step: Callable[[int | None], None] | None = None) -> list[Generation]:
+         on_step: Callable[[int | None], None] | None = None,
+         stops: list[StopStrings | None] | None = None) -> list[Generation]:
     """Generation for up to one block of prompts; greedy unless `sampling` gives a temperature for a
-    prompt. A block that is not full runs its filled gpu batches only, the last at its filled rows.
-    on_step, when given, is called after each step with how many of the prompts made a token in it
-    (None on a pipeline stage that does not tally them); it reads the tokens the step's one host sync
-    already brought over, so it costs no sync of its own."""
+    prompt; a prompt's `stops` end it at a stop string. A block that is not full runs its filled gpu
+    batches only, the last at its filled rows. on_step, when given, is called after each step with how
+    many of the prompts made a token in it (None on a pipeline stage that does not tally them); it
+    reads the tokens the step's one host sync already brought over, so it costs no sync of its own."""
     n = len(prompts)
     if not 0 < n <= eng.b * eng.nb:
         raise UserError(f"a block holds 1..{eng.b * eng.nb} prompts, got {n}")
@@ -82,7 +117,7 @@ def generate(eng, prompts: list[list[int]], max_new_tokens: list[int] | None = N
     filled = tuple(max(0, min(eng.b, n - k * eng.b)) for k in range(eng.nb))
     rows = [slice(k * eng.b, k * eng.b + r) for k, r in enumerate(filled) if r]
     dev = eng.device
-    tally = Tally(len(seqs), eng.gen_len, limits, eos, pad, eng.spec.eos_token_ids)
+    tally = Tally(len(seqs), eng.gen_len, limits, eos, pad, eng.spec.eos_token_ids, list(stops or []))
     st = eng.state = BlockState(rows=filled, ids=[ids[r].to(dev) for r in rows],
                                 mask=[mask[r].to(dev) for r in rows], pos=[pos[r].to(dev) for r in rows],
                                 next=[None] * len(rows), sampling=picks,
@@ -128,16 +163,82 @@ def _generate_stage(eng, st: BlockState, n: int, on_step=None) -> list[Generatio
     return eng.link.share_results(st.tally.results(n) if last else None)
 
 
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """A continuation's tokens scored after their context: each one's log-probability and whether it is
+    the most likely token there (greedy)."""
+
+    logprobs: tuple[float, ...]
+    greedy: tuple[bool, ...]
+
+    @property
+    def logprob(self) -> float:
+        return sum(self.logprobs)
+
+    @property
+    def is_greedy(self) -> bool:
+        return all(self.greedy)
+
+
+def score(eng, contexts: list[list[int]], continuations: list[list[int]]) -> list[Scored]:
+    """Up to one block of (context, continuation) pairs through a scoring plan: one run of its prefill
+    program over context + continuation (its last token dropped), the head at the continuation's
+    positions; the log-probabilities and greedy flags cross to the host once, nothing else."""
+    n, wl = len(contexts), eng.plan.workload
+    if not wl.score:
+        raise UserError(f"scoring needs a scoring plan (Workload(..., score=True)); this one generates "
+                        f"(prompt {wl.prompt_len}, gen {wl.gen_len})")
+    if len(continuations) != n or not 0 < n <= eng.b * eng.nb:
+        raise UserError(f"a block scores 1..{eng.b * eng.nb} pairs, got {n} contexts and {len(continuations)} "
+                        "continuations")
+    for i, (c, x) in enumerate(zip(contexts, continuations)):
+        if not c or not x:
+            raise UserError(f"request {i}: the {'context' if not c else 'continuation'} is empty")
+        if len(c) + len(x) - 1 > eng.prompt_len or len(x) > wl.gen_len:
+            raise PromptTooLongError(f"request {i}: context {len(c)} + continuation {len(x)} tokens; this plan "
+                                     f"scores {wl.gen_len} of at most {eng.prompt_len} + 1 tokens")
+    whole = [list(c) + list(x) for c, x in zip(contexts, continuations)]
+    seqs = [w[:-1] for w in whole]
+    p, pad = eng.prompt_len, eng.spec.pad_token_id if eng.spec.pad_token_id is not None else 0
+    ids = torch.full((n, p), pad, dtype=torch.long)
+    targets = torch.zeros((n, p), dtype=torch.long)
+    mask = torch.zeros((n, p), dtype=torch.bool)
+    cont = torch.zeros((n, p), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, p - len(s):] = torch.tensor(s)
+        mask[i, p - len(s):] = True
+        targets[i, p - len(s):] = torch.tensor(whole[i][1:])
+        cont[i, p - len(continuations[i]):] = True  # the positions whose next token is the continuation's
+    pos = kernels.positions_from_mask(mask)
+    filled = tuple(max(0, min(eng.b, n - k * eng.b)) for k in range(eng.nb))  # as generate: no filler rows
+    rows = [slice(k * eng.b, k * eng.b + r) for k, r in enumerate(filled) if r]
+    dev = eng.device
+    eng.state = st = BlockState(rows=filled, ids=[ids[r].to(dev) for r in rows], mask=[mask[r].to(dev) for r in rows],
+                                pos=[pos[r].to(dev) for r in rows], next=[None] * len(rows), sampling=[], gens=[],
+                                all_greedy=True, tally=None, targets=[targets[r].to(dev) for r in rows],
+                                cont=[cont[r].to(dev) for r in rows], scored=[None] * len(rows))
+    eng.run_program("prefill", 0, p)
+    lp = torch.cat([s[0] for s in st.scored]).cpu().tolist()  # row-major: request by request
+    greedy = torch.cat([s[1] for s in st.scored]).cpu().tolist()
+    out, at = [], 0
+    for x in continuations:
+        out.append(Scored(tuple(lp[at:at + len(x)]), tuple(greedy[at:at + len(x)])))
+        at += len(x)
+    return out
+
+
 class Tally:
     """The generated tokens of a block, step by step: a sequence is done at its stop token or its limit;
     later tokens of a done sequence are replaced by padding and not reported."""
 
     def __init__(self, rows: int, gen_len: int, limits: torch.Tensor, eos: torch.Tensor, pad: int,
-                 eos_ids: tuple[int, ...]) -> None:
+                 eos_ids: tuple[int, ...], stops: list[StopStrings | None] = ()) -> None:
         self.out = torch.full((rows, gen_len), pad, dtype=torch.long)
         self.done = torch.zeros(rows, dtype=torch.bool)
         self.stopped = torch.zeros(rows, dtype=torch.bool)
         self.limits, self.eos, self.pad, self.eos_ids = limits, eos, pad, eos_ids
+        self.stops = {i: s for i, s in enumerate(stops) if s is not None}
+        self.stop_len: dict[int, int] = {}  # tokens kept of a sequence ended by a stop string
 
     def _step(self, tok: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tok = torch.where(self.done, torch.full_like(tok, self.pad), tok)
@@ -145,9 +246,14 @@ class Tally:
         return tok, hit_eos, self.done | hit_eos | (self.limits <= step + 1)
 
     def add(self, tok: torch.Tensor, step: int) -> None:
+        was_done = self.done
         tok, hit_eos, self.done = self._step(tok, step)
         self.out[:, step] = tok
         self.stopped |= hit_eos
+        for i, s in self.stops.items():  # on the host: the sequences that ran this step and have stop strings
+            if not (was_done[i] or hit_eos[i]) and s.ended(self.out[i, max(0, step + 1 - s.window):step + 1].tolist()):
+                self.done[i] = self.stopped[i] = True
+                self.stop_len[i] = step + 1
 
     def done_with(self, tok: torch.Tensor, step: int) -> bool:
         """Whether every sequence would be done once `tok` is added as token `step` (nothing changes)."""
@@ -162,7 +268,9 @@ class Tally:
         for i in range(n):
             row = self.out[i].tolist()
             count = int(self.limits[i])
-            if bool(self.stopped[i]):
+            if i in self.stop_len:
+                count = self.stop_len[i]
+            elif bool(self.stopped[i]):
                 count = next(j for j, x in enumerate(row) if x in self.eos_ids) + 1
             results.append(Generation(tuple(row[:count]), "stop" if bool(self.stopped[i]) else "length"))
         return results

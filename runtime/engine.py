@@ -334,6 +334,18 @@ class Engine:
                 self._cache_view(op.cache, r)[:t].copy_(tmp)
         hv.copy_(kernels.attention_output_and_mlp(self.spec, w, hv, att.to(hv.device)))
 
+    def _decoder_score(self, op: Op) -> None:
+        """A scoring plan's decoder: no cache, the prompt's k, v live only while the op runs."""
+        k, t, s, r = op.batch, self._t, self.spec, self._rows(op)
+        hv = self._hidden_view(op.hidden, r)
+        kv = torch.empty((t, 2, r, s.num_kv_heads, s.head_dim), dtype=self.dtype, device=hv.device)
+        hv.copy_(kernels.decoder(s, self._weights(op), hv, kv, 0, self.state.pos[k][:, :t], self.state.mask[k][:, :t]))
+
+    def _head_score(self, op: Op) -> None:
+        k = op.batch
+        self.state.scored[k] = kernels.score_head(self.spec, self._weights(op), self._hidden_view(op.hidden, self._rows(op)),
+                                                  self.state.targets[k], self.state.cont[k])
+
     def _head(self, op: Op) -> None:
         k, r = op.batch, self._rows(op)
         logits = kernels.head(self.spec, self._weights(op), self._hidden_view(op.hidden, r))
@@ -360,6 +372,8 @@ class Engine:
         OpKind.DECODER_PREFILL_HOST_CACHE: _decoder_host_cache,
         OpKind.DECODER_DECODE_CPU_ATTN: _decoder_host_cache,
         OpKind.HEAD: _head,
+        OpKind.DECODER_SCORE: _decoder_score,
+        OpKind.HEAD_SCORE: _head_score,
         OpKind.RECV_HIDDEN: _recv_hidden,
         OpKind.SEND_HIDDEN: _send_hidden,
         OpKind.SEND_TOKENS: _send_tokens,
@@ -401,6 +415,10 @@ class Engine:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: list[int] | None = None,
                  sampling: list[Sampling] | None = None, ignore_eos: bool = False,
-                 on_step=None) -> list[Generation]:
+                 on_step=None, stops: list[driver.StopStrings | None] | None = None) -> list[Generation]:
         """Generation for up to one block of prompts (runtime.driver; on_step: its per-step callback)."""
-        return driver.generate(self, prompts, max_new_tokens, sampling, ignore_eos, on_step)
+        return driver.generate(self, prompts, max_new_tokens, sampling, ignore_eos, on_step, stops)
+
+    def score(self, contexts: list[list[int]], continuations: list[list[int]]) -> list[driver.Scored]:
+        """Log-probabilities of up to one block of continuations after their contexts (runtime.driver)."""
+        return driver.score(self, contexts, continuations)

@@ -178,3 +178,16 @@ def head(spec: ModelSpec, w: dict[str, torch.Tensor], h: torch.Tensor) -> torch.
     """Logits of the last position: [B, V] float32."""
     x = _norm(spec, h[:, -1], w["norm_w"], w.get("norm_b"))  # x: [B, H]
     return _linear(x, w["lm_head"]).float()
+
+
+def score_head(spec: ModelSpec, w: dict[str, torch.Tensor], h: torch.Tensor, targets: torch.Tensor,
+               scored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """At the positions `scored` selects, the log-probability of the next token `targets` names and whether
+    it is the argmax: [N] float32, [N] bool, row-major (h: [B, T, H]; targets: [B, T]; scored: [B, T] bool).
+    Only those positions go through the head, and only these numbers are kept (log-softmax as HF's: float32)."""
+    x = _norm(spec, h[scored], w["norm_w"], w.get("norm_b"))  # x: [N, H]
+    logits = _linear(x, w["lm_head"]).float()  # logits: [N, V]
+    t = targets[scored]
+    greedy = logits.argmax(dim=-1) == t
+    # log_softmax itself, not logit - logsumexp: the two round apart by ~1e-5 a token, always the same way
+    return F.log_softmax(logits, dim=-1).gather(-1, t[:, None])[:, 0], greedy

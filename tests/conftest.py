@@ -35,3 +35,16 @@ def smollm2_store(tmp_path_factory):
 
     return import_gguf(default_gguf_path(), tmp_path_factory.mktemp("smollm2-store"),
                        name="HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory, smollm2_store):
+    """A cache folder (its parent an XDG_CACHE_HOME) whose imported default model is the session's store."""
+    from flexgen_graph.app.models import store_dir
+    from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec
+
+    cache = tmp_path_factory.mktemp("xdg") / "flexgen-graph"
+    dest = store_dir("default", catalog_spec(DEFAULT_MODEL), cache)
+    dest.parent.mkdir(parents=True)
+    dest.symlink_to(smollm2_store.path, target_is_directory=True)
+    return cache

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import errno
-import hashlib
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -191,37 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _profile(name: str | None, offload_dir: Path | None = None):
-    from flexgen_graph.hardware import load_profile, save_profile
+    from flexgen_graph.app.plans import profile_for
 
-    name = name or "local"
-    if name == "auto":
-        # measure once, then reuse: a profile is a property of the machine, not of the job
-        from flexgen_graph.app.models import default_cache_dir
-        from flexgen_graph.hardware import BadProfileError
-
-        cached = default_cache_dir() / "profile.json"
-        if cached.is_file():
-            try:
-                return load_profile(str(cached))
-            except BadProfileError as e:  # written by another version (fields added since): measure again
-                print(f"re-measuring this machine: the cached profile is from another version ({e})", file=sys.stderr)
-        from runtime.profiler import measure
-
-        print(f"measuring this machine (once; cached in {cached}) ...", file=sys.stderr)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        save_profile(measure(offload_dir or Path.cwd(), name="auto")[0], cached)
-        return load_profile(str(cached))
-    if name != "local":
-        return load_profile(name)
-    from flexgen_graph.hardware import BUILTIN_PROFILES
-
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    disk = shutil.disk_usage(offload_dir or Path.cwd()).free
-    base = BUILTIN_PROFILES["cpu-small"]
-    from dataclasses import replace
-
-    # the "gpu" tier is host memory on a CPU-only box: give it a third of RAM, the cpu tier half
-    return replace(base, name="local", gpu_bytes=ram // 3, cpu_bytes=ram // 2, disk_bytes=int(disk * 0.8))
+    return profile_for(name, offload_dir)
 
 
 def _fixed(args) -> dict:
@@ -238,7 +208,9 @@ def _fixed(args) -> dict:
 def _dtype(args) -> str:
     if args.dtype:
         return args.dtype
-    return "float16" if _profile(args.profile).has_gpu else "float32"
+    from flexgen_graph.app.plans import default_dtype
+
+    return default_dtype(_profile(args.profile))
 
 
 def compile_options(args, source: str = "", job_prompts: int | None = None):
@@ -510,22 +482,12 @@ def _run(args, plans=None, shard=None, shard_lock=None, pipeline=None) -> int:
     return EXIT_LINE_ERRORS if summary.errors and not (shard or pipeline) else 0
 
 
-def _cached_plans(spec, args, workload, source: str, cache_dir: Path, job_prompts: int):
-    """The plan for this job of `job_prompts` prompts (a plan per stage with --stages), compiled once and cached."""
-    import planner
-    from flexgen_graph import planfile
+def _cached_plans(spec, args, workload, source: str, cache_dir: Path, max_block_size: int):
+    """The plan for this job (a plan per stage with --stages), compiled once and cached."""
+    from flexgen_graph.app.plans import cached_plans
 
-    profile = _profile(args.profile)
-    options = compile_options(args, source, job_prompts)
-    key = json.dumps([planfile.PLAN_VERSION, spec.fingerprint(), profile.fingerprint(), workload.to_dict(),
-                      options.key()])
-    path = cache_dir / "plans" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".fgplan")
-    if path.is_file():
-        return planfile.load_set(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    plans = planner.compile(spec, profile, [workload], options)
-    planfile.save_set(plans, path)
-    return plans
+    return cached_plans(spec, _profile(args.profile), workload, compile_options(args, source, max_block_size),
+                        cache_dir)
 
 
 def cmd_profile(args) -> int:

@@ -99,7 +99,9 @@ def describe_text(plan: Plan, *, with_simulation: bool = True) -> str:
     lines = [
         f"model     {d['model']} ({d['dtype']}), weights {d['weights_source'] or '(none recorded)'}",
         f"profile   {d['profile']}",
-        f"workload  prompt {d['workload']['prompt_len']}, generate {d['workload']['gen_len']}",
+        f"workload  prompt {d['workload']['prompt_len']}, " + (f"score its last {d['workload']['gen_len']} positions "
+                                                               "(prefill alone)" if d["workload"].get("score") else
+                                                               f"generate {d['workload']['gen_len']}"),
         f"block     {pol['gpu_batch_size']} x {pol['num_gpu_batches']} gpu batches = {d['block_size']} sequences",
         "placement gpu / cpu / disk",
         f"  weights {frac(pol['weights'])}",

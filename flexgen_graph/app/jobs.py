@@ -2,7 +2,8 @@
 
 Input lines: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]} (chat template
 applied) or {"id": ..., "prompt_ids": [...]}, with optional "max_tokens", "temperature",
-"top_p", "seed". The output file holds answers only; a line that cannot be answered gets an error
+"top_p", "seed", "stop" (a string or a list of them: generation ends at the first, and the text
+before it is the answer). The output file holds answers only; a line that cannot be answered gets an error
 record {"id": ..., "line": N, "error": "..."} ({"line": N, "error": ...} without a usable id) in the
 errors file beside it (errors_path: OUT.errors.jsonl), and the job goes on.
 
@@ -40,9 +41,10 @@ from tqdm import tqdm
 from flexgen_graph.app import openai_batch
 from flexgen_graph.errors import DiskFullError, UserError
 from planner.predict import HOW, BlockRun, predict_plan
+from runtime.driver import StopStrings
 from runtime.sampling import Sampling
 
-KNOWN_FIELDS = {"id", "prompt", "messages", "prompt_ids", "max_tokens", "temperature", "top_p", "seed"}
+KNOWN_FIELDS = {"id", "prompt", "messages", "prompt_ids", "max_tokens", "temperature", "top_p", "seed", "stop"}
 BOM = b"\xef\xbb\xbf"
 SEED_LIMIT = 1 << 64  # seeds are 64-bit unsigned: torch.Generator.manual_seed's range
 
@@ -55,6 +57,7 @@ class Request:
     sampling: Sampling
     line: int = 0  # its line in the input (1-based), for the error record should generation fail
     meta: Any = None  # what the input format's answer shape needs (openai_batch.Meta)
+    stop: tuple[str, ...] = ()  # stop strings: generation ends at the first
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +140,11 @@ def load_tokenizer(store_path: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(hf)
+
+
+def decode_text(tokenizer) -> Callable[[list[int]], str]:
+    """How generated tokens read as text (special tokens left out), for outputs and stop strings alike."""
+    return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
 def id_key(rid: Any) -> str:
@@ -270,6 +278,12 @@ def parse_line(line: str, lineno: int, tokenizer, defaults: Sampling = Sampling(
                             top_p=_number(obj, "top_p", float, defaults.top_p), seed=seed)
     except ValueError as e:
         return err(str(e))
+    stop = obj.get("stop", [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if not (isinstance(stop, list) and all(isinstance(x, str) and x for x in stop)):
+        return err(f"stop must be a non-empty string or a list of them, got {obj['stop']!r}")
+    if stop and tokenizer is None:
+        return err("stop strings need a tokenizer, and these weights come without one")
     given = [k for k in ("prompt", "messages", "prompt_ids") if k in obj]
     if len(given) != 1:
         return err("exactly one of \"prompt\", \"messages\", \"prompt_ids\" is required")
@@ -294,7 +308,7 @@ def parse_line(line: str, lineno: int, tokenizer, defaults: Sampling = Sampling(
         return err("empty prompt")
     if (bad := vocab_error(ids, vocab)) is not None:
         return err(bad)
-    return Request(rid, tuple(ids), max_tokens, sampling, lineno)
+    return Request(rid, tuple(ids), max_tokens, sampling, lineno, stop=tuple(stop))
 
 
 def check_seed(seed: int, name: str) -> int:
@@ -598,7 +612,8 @@ def _job_faults() -> tuple[type[BaseException], ...]:
     return JOB_FAULTS + (torch.cuda.OutOfMemoryError,)
 
 
-def generate_isolating(engine, chunk: list[Request], gen_len: int, on_step=None) -> list:
+def generate_isolating(engine, chunk: list[Request], gen_len: int, on_step=None,
+                       stops: dict[int, StopStrings] | None = None) -> list:
     """engine.generate over a block; when it fails, each line alone: a Generation or the exception per line.
 
     A failure that every line of a block (of two or more) hits alone is not a line's: it is raised, so a
@@ -607,6 +622,8 @@ def generate_isolating(engine, chunk: list[Request], gen_len: int, on_step=None)
     faults = _job_faults()
 
     def gen(reqs: list[Request], **kw) -> list:
+        if stops:  # by request (id(r)): the stop strings of those that have some
+            kw["stops"] = [stops.get(id(r)) for r in reqs]
         return engine.generate([list(r.prompt_ids) for r in reqs], [r.max_tokens or gen_len for r in reqs],
                                [r.sampling for r in reqs], **kw)
 
@@ -724,7 +741,8 @@ def run_job(plans, open_engine: Callable, tokenizer, in_path: Path, out: OutputF
                     if chunk:
                         bar.block(len(chunk), max(r.max_tokens or plan.workload.gen_len for r in chunk))
                     t_block = time.perf_counter()
-                    gens = generate_isolating(engine, chunk, plan.workload.gen_len, bar.step) if chunk else []
+                    stops = {id(r): StopStrings(r.stop, decode_text(tokenizer)) for r in chunk if r.stop}
+                    gens = generate_isolating(engine, chunk, plan.workload.gen_len, bar.step, stops) if chunk else []
                     ran = [g for g in gens if not isinstance(g, BaseException)]
                     if ran:  # a block retried line by line is timed whole but predicted as one block
                         _add_block(run, ran, time.perf_counter() - t_block)
@@ -735,7 +753,9 @@ def run_job(plans, open_engine: Callable, tokenizer, in_path: Path, out: OutputF
                             _error(out, summary, failed, show, fmt)
                             continue
                         ids = list(gen.token_ids)
-                        text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer else None
+                        text = decode_text(tokenizer)(ids) if tokenizer else None
+                        if id(r) in stops:
+                            text = stops[id(r)].cut(text)
                         out.write(answer_record(r, ids, gen.finish_reason, text, fmt))
                         summary.tokens += len(ids)
                         if show:

@@ -291,7 +291,7 @@ class OpenAIBatch:
             raise InputFormatError("empty prompt")
         if (bad := jobs.vocab_error(ids, vocab)) is not None:
             raise InputFormatError(bad)
-        return jobs.Request(rid, tuple(ids), limit, sampling, lineno, meta=Meta(kind, stop))
+        return jobs.Request(rid, tuple(ids), limit, sampling, lineno, meta=Meta(kind, stop), stop=stop)
 
     def answer(self, req, token_ids: list[int], finish_reason: str, text: str | None) -> dict:
         """The batch output line of an answered request (jobs.answer_record's OpenAI shape)."""
@@ -322,9 +322,8 @@ class OpenAIBatch:
     def _cut_at_stop(self, text: str, ids: list[int], stops: tuple[str, ...]) -> tuple[str, int] | None:
         """(text before the first stop string, tokens up to the one that completes it), or None.
 
-        The tokens after it were generated all the same (the block runs on): the engine has no
-        stop strings of its own yet, so they are applied to the answer, which is what stopping
-        early gives (a sequence's tokens do not depend on later ones)."""
+        The driver stops a request at its stop strings (Request.stop) and the job cuts the text, so
+        this finds one only in text that reached the answer uncut (a request run without them)."""
         hits = [(text.find(s), s) for s in stops if s in text]
         if not hits:
             return None
