@@ -23,7 +23,9 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from flexgen_graph.app import bench_cmd, openai_batch
 from flexgen_graph.catalog import DEFAULT_MODEL
@@ -358,30 +360,58 @@ def _given_tokenizer(args, spec, source: str):
     return None
 
 
+@dataclass
+class _Setup:
+    """What a run needs before its first block, whatever its mode: the weights, tokenizer, input format
+    and plans, and where this process writes (its device, offload folder, output and which lines)."""
+
+    store: Any
+    tokenizer: Any
+    fmt: Any
+    plans: list
+    device: str = "auto"
+    offload_dir: str | None = None
+    out: Any = None
+    mine: Any = None
+    done_elsewhere: frozenset = frozenset()
+
+
 def _run(args, plans=None, shard=None, shard_lock=None, pipeline=None) -> int:
-    """plans: those of --plan, loaded by cmd_run (None: compile one for the job)."""
+    """One process's run: alone, as one shard of a data-parallel run, or as one pipeline stage.
+    plans: those of --plan, loaded by cmd_run (None: compile one for the job)."""
+    rank = shard.rank if shard else pipeline.rank if pipeline else None
+    talk = rank is None or rank.rank == 0  # one copy of the setup lines, not one per rank
+    setup = _prepare(args, plans, rank, pipeline, talk)
+    if shard:
+        _as_shard(setup, args, shard)
+    elif pipeline:
+        _as_stage(setup, args, pipeline)
+    else:
+        _alone(setup, args)
+    summary, stop = _generate(setup, args, talk, shard, pipeline)
+    if summary.interrupted:
+        return _stopped(summary, stop, args, talk, rank, shard, pipeline)
+    if pipeline and not talk:
+        return 0  # stage 0 reports the run: every stage generated the same tokens
+    if shard:
+        summary = _merge_shards(summary, args, shard, shard_lock)
+        if summary is None:
+            return 0  # rank 0 reports the run
+    return _report(summary, args, setup.plans, bool(shard or pipeline))
+
+
+def _prepare(args, plans, rank, pipeline, talk: bool) -> _Setup:
+    """The model, its weights and tokenizer, the input format, and the plans (compiled for the job when none
+    was given). Every data-parallel rank compiles the same plan (the scan reads the whole input), a pipeline's
+    stage 0 compiles for all stages; cache writes go one at a time."""
     from flexgen_graph.app import distributed
-    from flexgen_graph.app.jobs import OutputFile, errors_path, job_workload, load_tokenizer, run_job
-    from flexgen_graph.app.models import (
-        default_cache_dir,
-        open_store,
-        resolve_model,
-        weights_source_for,
-    )
-    from flexgen_graph.errors import DiskFullError
+    from flexgen_graph.app.jobs import job_workload, load_tokenizer
+    from flexgen_graph.app.models import default_cache_dir, open_store, resolve_model, weights_source_for
     from flexgen_graph.ir import Workload
-    from runtime.engine import Engine
-    from runtime.sampling import Sampling
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     if args.plan and args.model:
         raise UserError("give --plan or --model, not both (the plan names its model)")
-    in_path = Path(args.input)
-    defaults = Sampling(args.temperature, args.top_p, args.seed)
-    rank = shard.rank if shard else pipeline.rank if pipeline else None
-    talk = rank is None or rank.rank == 0  # one copy of the setup lines, not one per rank
-    # every data-parallel rank compiles the same plan (the scan reads the whole input), a pipeline's stage 0
-    # compiles for all stages; cache writes go one at a time
     with distributed.leaders_first(rank):
         if plans is not None:
             _check_plan_args(plans, args)
@@ -401,11 +431,10 @@ def _run(args, plans=None, shard=None, shard_lock=None, pipeline=None) -> int:
         fmt = openai_batch.for_run(args.format, spec.name, tokenizer)
         if plans is None and not (pipeline and rank.rank):
             # sized for the lines the model can take: a longer one gets an error record, not a refused job
-            count, prompt_len, gen_len = job_workload(in_path, tokenizer, defaults, spec, args.prompt_len, args.gen_len,
-                                                      fmt)
-            workload = Workload(prompt_len, gen_len)
+            count, prompt_len, gen_len = job_workload(Path(args.input), tokenizer, _sampling(args), spec,
+                                                      args.prompt_len, args.gen_len, fmt)
             # no block larger than the job; blocks sized to it where that is predicted faster
-            plans = _cached_plans(spec, args, workload, source, cache_dir, max(count, 1))
+            plans = _cached_plans(spec, args, Workload(prompt_len, gen_len), source, cache_dir, max(count, 1))
     if pipeline:  # stage 0's plans on every stage
         plans = pipeline.my_stages(pipeline.same_plans(plans))
     if plans[0].profile.has_gpu and args.device != "cuda" and not _cuda_visible() and talk:
@@ -415,29 +444,60 @@ def _run(args, plans=None, shard=None, shard_lock=None, pipeline=None) -> int:
         st = f", stage 0 of {p.stage.count} (graph layers 0..{p.stage.end_layer - 1})" if p.stage else ""
         print(f"plan: prompt {p.workload.prompt_len}, gen {p.workload.gen_len}, block {p.policy.gpu_batch_size} x "
               f"{p.policy.num_gpu_batches}, profile {p.profile.name}{st}", file=sys.stderr)
-    device, offload_dir = args.device, args.offload_dir
-    if shard:
-        device, offload_dir = distributed.pick_device(rank, plans[0], args.device), shard.offload_dir(offload_dir)
-        out = shard.open()
-        shard.check_visible()
-        mine, done_elsewhere = shard.mine, shard.done_in_output()
-    elif pipeline:
-        device, offload_dir = distributed.pick_device(rank, plans[0], args.device), pipeline.offload_dir(offload_dir)
-        out, done_elsewhere = pipeline.open_output()  # rank 0 writes; the others skip what it holds
-        mine = lambda key: True  # noqa: E731  (every stage runs every line)
-    else:
-        out = OutputFile(Path(args.output) if args.output else None)
-        mine, done_elsewhere = (lambda key: True), frozenset()
+    return _Setup(store, tokenizer, fmt, plans, args.device, args.offload_dir)
+
+
+def _sampling(args):
+    from runtime.sampling import Sampling
+
+    return Sampling(args.temperature, args.top_p, args.seed)
+
+
+def _alone(setup: _Setup, args) -> None:
+    from flexgen_graph.app.jobs import OutputFile
+
+    setup.out = OutputFile(Path(args.output) if args.output else None)
+    setup.mine = lambda key: True
+
+
+def _as_shard(setup: _Setup, args, shard) -> None:
+    """A data-parallel rank: its own device and offload folder, its shard file, the lines hashed to it."""
+    from flexgen_graph.app import distributed
+
+    setup.device = distributed.pick_device(shard.rank, setup.plans[0], args.device)
+    setup.offload_dir = shard.offload_dir(args.offload_dir)
+    setup.out = shard.open()
+    shard.check_visible()
+    setup.mine, setup.done_elsewhere = shard.mine, shard.done_in_output()
+
+
+def _as_stage(setup: _Setup, args, pipeline) -> None:
+    """A pipeline stage: every line runs on every stage; stage 0 writes, the others skip what it holds."""
+    from flexgen_graph.app import distributed
+
+    setup.device = distributed.pick_device(pipeline.rank, setup.plans[0], args.device)
+    setup.offload_dir = pipeline.offload_dir(args.offload_dir)
+    setup.out, setup.done_elsewhere = pipeline.open_output()
+    setup.mine = lambda key: True
+
+
+def _generate(setup: _Setup, args, talk: bool, shard, pipeline):
+    """Run the job's blocks; a SIGINT or SIGTERM lets the block in flight finish. (summary, signals seen)."""
+    from flexgen_graph.app.jobs import run_job
+    from flexgen_graph.errors import DiskFullError
+    from runtime.engine import Engine
+
     stop: list[int] = []  # the signal that asked us to stop; the current block still finishes
     previous = {sig: signal.signal(sig, lambda signum, _frame: stop.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
+    store, device, offload_dir = setup.store, setup.device, setup.offload_dir
     try:
         should_stop = (lambda: pipeline.agree(stop)) if pipeline else (lambda: bool(stop))
         open_engine = (lambda p: Engine(p, store, offload_dir, device=device, link=pipeline.link(p))) if pipeline \
             else (lambda p: Engine(p, store, offload_dir, device=device))
-        summary = run_job(plans, open_engine, tokenizer, in_path, out, defaults=defaults,
-                          show=talk and (args.show or not args.output), should_stop=should_stop, mine=mine,
-                          done_elsewhere=done_elsewhere, fmt=fmt)
+        summary = run_job(setup.plans, open_engine, setup.tokenizer, Path(args.input), setup.out,
+                          defaults=_sampling(args), show=talk and (args.show or not args.output),
+                          should_stop=should_stop, mine=setup.mine, done_elsewhere=setup.done_elsewhere, fmt=setup.fmt)
     except DiskFullError as e:
         raise UserError(f"{e}; finished answers are in {shard.path if shard else args.output or 'stdout'} and scratch "
                         "files were removed: re-run the same command to resume") from None
@@ -448,38 +508,55 @@ def _run(args, plans=None, shard=None, shard_lock=None, pipeline=None) -> int:
                           "pick another --offload-dir, then re-run the same command to resume") from None
         raise
     finally:
-        out.close()
+        setup.out.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if summary.interrupted:
-        name = signal.Signals(stop[0]).name
-        # a stopped data-parallel rank does not wait for the others: torchrun stops them too, and nothing is merged
-        if talk or not pipeline:  # pipeline: stage 0 wrote the blocks and says so
-            who = "" if not rank else "pipeline: " if pipeline else f"rank {rank.rank}: "
-            print(f"{who}stopped by {name} after {summary.tokens} tokens; finished blocks are in "
-                  f"{shard.path if shard else args.output or 'stdout'}, scratch files removed. Re-run the same "
-                  "command to resume.", file=sys.stderr)
-        if pipeline:
-            distributed.sync()  # torchrun stops the others at the first exit: not before stage 0 has said it
-        return 128 + stop[0]
-    if pipeline and not talk:
-        return 0  # stage 0 reports the run: every stage generated the same tokens
-    if shard:
-        print(f"rank {rank.rank}/{rank.world_size}: {summary.prompts} prompts, {summary.tokens} tokens in "
-              f"{summary.wall_s:.1f} s", file=sys.stderr)
-        shard_lock.release()  # the shard is whole; rank 0 merges it under the output's lock
-        summary, merged = distributed.finish(shard, summary)
-        if merged is None:
-            return 0  # rank 0 reports the run
-        print(f"merged {rank.world_size} shards into {args.output}: {merged.appended} records"
-              + (f" ({merged.already} were there already)" if merged.already else ""), file=sys.stderr)
+    return summary, stop
+
+
+def _stopped(summary, stop: list[int], args, talk: bool, rank, shard, pipeline) -> int:
+    """A run stopped by a signal at a block boundary: say where its answers are; exit 128 + the signal."""
+    from flexgen_graph.app import distributed
+
+    name = signal.Signals(stop[0]).name
+    # a stopped data-parallel rank does not wait for the others: torchrun stops them too, and nothing is merged
+    if talk or not pipeline:  # pipeline: stage 0 wrote the blocks and says so
+        who = "" if not rank else "pipeline: " if pipeline else f"rank {rank.rank}: "
+        print(f"{who}stopped by {name} after {summary.tokens} tokens; finished blocks are in "
+              f"{shard.path if shard else args.output or 'stdout'}, scratch files removed. Re-run the same "
+              "command to resume.", file=sys.stderr)
+    if pipeline:
+        distributed.sync()  # torchrun stops the others at the first exit: not before stage 0 has said it
+    return 128 + stop[0]
+
+
+def _merge_shards(summary, args, shard, shard_lock):
+    """A data-parallel rank's end: its shard whole, rank 0 merges them all (None on the other ranks)."""
+    from flexgen_graph.app import distributed
+
+    rank = shard.rank
+    print(f"rank {rank.rank}/{rank.world_size}: {summary.prompts} prompts, {summary.tokens} tokens in "
+          f"{summary.wall_s:.1f} s", file=sys.stderr)
+    shard_lock.release()  # the shard is whole; rank 0 merges it under the output's lock
+    summary, merged = distributed.finish(shard, summary)
+    if merged is None:
+        return None
+    print(f"merged {rank.world_size} shards into {args.output}: {merged.appended} records"
+          + (f" ({merged.already} were there already)" if merged.already else ""), file=sys.stderr)
+    return summary
+
+
+def _report(summary, args, plans, under_torchrun: bool) -> int:
+    """The run's summary lines and peaks; exit 3 when some lines are in the errors file."""
+    from flexgen_graph.app.jobs import errors_path
+
     print("\n".join(summary.lines(errors_path(Path(args.output)) if args.output else None)))
     if summary.peak_bytes:
         caps = {t: max(p.predictions["peak_bytes"][t] for p in plans) for t in ("gpu", "cpu", "disk")}
         print("peak bytes " + ", ".join(f"{t}: {summary.peak_bytes[t] / 2**20:.0f} MiB (plan {caps[t] / 2**20:.0f})"
                                         for t in ("gpu", "cpu", "disk")))
     # under torchrun any non-zero exit reads as a crashed worker: there the summary alone names the errors file
-    return EXIT_LINE_ERRORS if summary.errors and not (shard or pipeline) else 0
+    return EXIT_LINE_ERRORS if summary.errors and not under_torchrun else 0
 
 
 def _cached_plans(spec, args, workload, source: str, cache_dir: Path, max_block_size: int):
