@@ -3,8 +3,6 @@
 import json
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from flexgen_graph.app.api import compile_pipeline, compile_plan
 from flexgen_graph.app.cli import main
@@ -13,6 +11,7 @@ from flexgen_graph.hardware import load_profile
 from flexgen_graph.ir import Workload
 from flexgen_graph.policy import Placement
 from planner.predict import BlockRun, full_block, predict_plan
+from tests.test_cli import checkpoint  # noqa: F401  (the tiny Llama checkpoint fixture)
 
 GPU, CPU, DISK = Placement(1, 0, 0), Placement(0, 1, 0), Placement(0, 0, 1)
 OPT = catalog_spec("facebook/opt-125m")
@@ -97,18 +96,7 @@ def test_a_block_of_more_sequences_or_steps_than_the_plan_is_refused():
         predict_plan(plan, [BlockRun(4, 16)])
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=64, vocab_size=300, max_position_embeddings=64, pad_token_id=0,
-                      bos_token_id=1, eos_token_id=2)
-    folder = tmp_path_factory.mktemp("ckpt")
-    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
-    return folder
-
-
-def test_run_summary_reports_the_prediction_for_the_blocks_run_per_plan(checkpoint, tmp_path, capsys):
+def test_run_summary_reports_the_prediction_for_the_blocks_run_per_plan(checkpoint, tmp_path, capsys):  # noqa: F811
     from flexgen_graph import planfile
 
     plan_path = tmp_path / "set.fgplan"

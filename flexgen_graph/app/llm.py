@@ -229,11 +229,7 @@ class LLM:
         if isinstance(part, str):
             ids = self._tokenizer(index)(part, add_special_tokens=special)["input_ids"] if part else []
         elif isinstance(part, Sequence) and all(type(t) is int for t in part):
-            bad = [t for t in part if not 0 <= t < self.spec.vocab]
-            if bad:
-                raise UserError(f"request {index}: {what} token id {bad[0]} is outside {self.spec.name}'s vocabulary "
-                                f"0..{self.spec.vocab - 1}")
-            ids = list(part)
+            ids = self._in_vocab(part, f"request {index}: {what} token id")
         else:
             raise UserError(f"request {index}: the {what} must be a string or a list of token ids, "
                             f"got {type(part).__name__}")
@@ -254,17 +250,19 @@ class LLM:
                 raise UserError(f"prompt {index}: chat messages must be {{\"role\": str, \"content\": str}} objects")
             ids = _chat_ids(self._tokenizer(index), list(prompt))
         elif isinstance(prompt, Sequence) and all(type(t) is int for t in prompt):
-            bad = [t for t in prompt if not 0 <= t < self.spec.vocab]
-            if bad:
-                raise UserError(f"prompt {index}: token id {bad[0]} is outside {self.spec.name}'s vocabulary "
-                                f"0..{self.spec.vocab - 1}")
-            ids = list(prompt)
+            ids = self._in_vocab(prompt, f"prompt {index}: token id")
         else:
             raise UserError(f"prompt {index}: expected a string, a list of chat messages or a list of token ids, "
                             f"got {type(prompt).__name__}")
         if not ids:
             raise UserError(f"prompt {index} is empty")
         return tuple(ids)
+
+    def _in_vocab(self, ids: Sequence[int], what: str) -> list[int]:
+        bad = [t for t in ids if not 0 <= t < self.spec.vocab]
+        if bad:
+            raise UserError(f"{what} {bad[0]} is outside {self.spec.name}'s vocabulary 0..{self.spec.vocab - 1}")
+        return list(ids)
 
     def _tokenizer(self, index: int):
         if self.tokenizer is None:
