@@ -98,6 +98,10 @@ class LayerCurve:
     attn_s: float = 0.0  # decode attention on the compute device: seconds per sequence per context token
     attn_cpu_s: float = 0.0  # the same on the host (CPU attention)
     prefill_attn_s: float = 0.0  # prefill attention: seconds per sequence per prompt_len squared
+    dequant_s_per_byte: float = 0.0  # 4-bit weights of this layer: seconds per dense byte restored
+    cache_dequant_s_per_byte: float = 0.0  # 4-bit cache of this layer: seconds per dense byte restored
+
+    NUMBERS = ("attn_s", "attn_cpu_s", "prefill_attn_s", "dequant_s_per_byte", "cache_dequant_s_per_byte")
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -113,7 +117,7 @@ class LayerCurve:
         if not isinstance(d["weight_bytes"], int) or isinstance(d["weight_bytes"], bool) or d["weight_bytes"] < 0:
             raise BadProfileError(f"{what}.weight_bytes must be a whole number >= 0, got {d['weight_bytes']!r}")
         return cls(d["kind"], d["weight_bytes"], d["model"], Curve.from_list(d["rows"], f"{what}.rows"),
-                   **{k: float(_finite(d[k], f"{what}.{k}")) for k in ("attn_s", "attn_cpu_s", "prefill_attn_s")})
+                   **{k: float(_finite(d[k], f"{what}.{k}")) for k in cls.NUMBERS})
 
 
 @dataclass(frozen=True, slots=True)

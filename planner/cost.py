@@ -325,11 +325,14 @@ def _calibrated_parts(f: LayerFigures, hw: HardwareProfile, cal: Calibration, fl
         attn_cpu = max(f.attn_flops / n / cpu_rate, cache_op / hw.cpu_mem_bytes_per_s)
     k = cal.compute_scale
     base = k * n * (dense + cal.op_s)
+    w_deq = lc.dequant_s_per_byte if lc is not None and lc.dequant_s_per_byte else 1.0 / hw.gpu_dequant_bytes_per_s
     if flags.compress_weights:
-        base += k * f.weight_full_bytes / hw.gpu_dequant_bytes_per_s
+        base += k * f.weight_full_bytes * w_deq
+    c_deq = lc.cache_dequant_s_per_byte if lc is not None and lc.cache_dequant_s_per_byte else 0.0
     dequant = f.cache_full_bytes if flags.compress_cache else 0.0
-    attn_gpu = k * (n * attn + dequant / hw.gpu_dequant_bytes_per_s)
-    attn_host = k * (n * attn_cpu + dequant / hw.cpu_dequant_bytes_per_s)
+    attn_gpu = k * (n * attn + dequant * (c_deq or 1.0 / hw.gpu_dequant_bytes_per_s))
+    host_deq = 1.0 / hw.cpu_dequant_bytes_per_s if hw.has_gpu or not c_deq else c_deq
+    attn_host = k * (n * attn_cpu + dequant * host_deq)
     return base, attn_gpu, attn_host
 
 
@@ -572,6 +575,22 @@ def evaluate(g: "nx.DiGraph | BlockFigures", profile: HardwareProfile, policy: P
         total_s=sig(total_s), peak_bytes={t.value: int(peaks[t]) for t in TIERS},
         binding=binding_term(c, fracs), tight=tight_tiers(peaks, profile, next_items(figs, policy, comp)),
     )
+
+
+def stream_sums(g: "nx.DiGraph | BlockFigures", profile: HardwareProfile, policy: Policy, *,
+                comp: Compression | None = None, disk: str | None = None) -> dict[Phase, dict[str, float]]:
+    """Per phase (prefill, one decode step at the average context), each stream's busy time summed over
+    the layers: what a fit of the calibration's constants reads (app.calibrate)."""
+    fracs = policy_fracs(policy)
+    c = phase_costs(figures_of(g), profile, Flags.of(policy), comp, disk)
+    out = {}
+    for phase, steps in ((Phase.PREFILL, c.prefill), (Phase.DECODE, c.decode)):
+        sums = dict.fromkeys(STREAMS, 0.0)
+        for s in steps:
+            for name, t in s.stream_times(fracs).items():
+                sums[name] += s.count * t
+        out[phase] = sums
+    return out
 
 
 def binding_term(costs: PhaseCosts, fracs: Mapping[str, float]) -> str:

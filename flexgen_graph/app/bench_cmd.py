@@ -21,6 +21,8 @@ SCENARIOS = {
     "g1": "OPT-13B fp16, 16 GB GPU cap, prompt 512, generation 32 (needs a CUDA GPU; prints 'not run' without one)",
     "compression": "4-bit / 8-bit weights and cache through the runtime vs uncompressed: tokens/s and agreement",
     "pipeline": "the same job as one process and as an S-stage pipeline under torchrun (outputs checked equal)",
+    "fidelity": "the plans' predicted tokens/s, prefill and decode step against the engine's, scenario by scenario",
+    "ranking": "the planner's fastest predicted policies and a few random ones, ranked as predicted and as measured",
 }
 
 

@@ -134,9 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "--stages makes it a pipeline)")
     _add_compile_args(r, required=False)
 
-    pr = sub.add_parser("profile", help="measure this machine into a hardware profile (under a minute)")
+    pr = sub.add_parser("profile", help="measure this machine into a hardware profile (about a minute)",
+                        description="Measure this machine: capacities, rates, and a calibration of the cost model "
+                                    "(transfers by size, disk reads cold and warm, hand-offs, and each --model's "
+                                    "layers at its own shapes). `run` refuses a profile file measured on another "
+                                    "machine; `compile` takes it (it compiles for that machine).")
     pr.add_argument("-o", "--output", help="profile file to write (JSON; default: print it)")
     pr.add_argument("--offload-dir", default=".", help="folder whose disk is measured (default: here)")
+    pr.add_argument("--model", action="append", default=[],
+                    help="calibrate for this model's shapes (a catalog id, checkpoint folder or .gguf; repeatable)")
+    pr.add_argument("--method", choices=["curves", "fit"], default="fit",
+                    help="fit (default): the measured curves, then how they combine fitted to short runs of the "
+                         "engine; curves: the isolated measurements alone (BENCHMARKS.md compares them)")
+    pr.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                    help="the --model dtype to calibrate (default: float16 with a GPU, float32 without)")
 
     i = sub.add_parser("inspect", help="show a plan's policy, predictions and memory peaks")
     i.add_argument("plan")
@@ -147,29 +158,26 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _profile(name: str | None, offload_dir: Path | None = None):
-    from flexgen_graph.hardware import load_profile, save_profile
+def _profile(name: str | None, offload_dir: Path | None = None, models=(), here: bool = False):
+    """The hardware profile a command names. auto: this machine's, measured once and cached (again when the
+    cached one is from another version or machine), with layer curves for `models`; here: the profile must
+    describe this machine (a file measured elsewhere is refused)."""
+    from flexgen_graph.hardware import load_profile
 
     name = name or "local"
     if name == "auto":
-        # measure once, then reuse: a profile is a property of the machine, not of the job
+        from flexgen_graph.app.calibrate import auto_profile
         from flexgen_graph.app.models import default_cache_dir
-        from flexgen_graph.hardware import BadProfileError
 
-        cached = default_cache_dir() / "profile.json"
-        if cached.is_file():
-            try:
-                return load_profile(str(cached))
-            except BadProfileError as e:  # written by another version (fields added since): measure again
-                print(f"re-measuring this machine: the cached profile is from another version ({e})", file=sys.stderr)
-        from runtime.profiler import measure
-
-        print(f"measuring this machine (once; cached in {cached}) ...", file=sys.stderr)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        save_profile(measure(offload_dir or Path.cwd(), name="auto")[0], cached)
-        return load_profile(str(cached))
+        # measure once, then reuse: a profile is a property of the machine, not of the job
+        return auto_profile(default_cache_dir() / "profile.json", offload_dir or Path.cwd(), list(models))
     if name != "local":
-        return load_profile(name)
+        prof = load_profile(name)
+        if here:
+            from flexgen_graph.app.calibrate import check_machine
+
+            check_machine(prof, f"profile {name}")
+        return prof
     from flexgen_graph.hardware import BUILTIN_PROFILES
 
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -223,7 +231,8 @@ def cmd_compile(args) -> int:
     if args.weights:
         source = weights_source_for(args.weights, source)
     options = compile_options(args, source)
-    plans = planner.compile(spec, _profile(args.profile), [Workload(n, args.gen_len) for n in args.prompt_len], options)
+    plans = planner.compile(spec, _profile(args.profile, models=[spec]), [Workload(n, args.gen_len) for n in args.prompt_len],
+                            options)
     planfile.save_set(plans, args.output)
     for plan in plans:
         where = ""
@@ -418,7 +427,7 @@ def _cached_plans(spec, args, workload, source: str, cache_dir: Path, max_block_
     import planner
     from flexgen_graph import planfile
 
-    profile = _profile(args.profile)
+    profile = _profile(args.profile, models=[spec], here=True)
     options = compile_options(args, source, max_block_size)
     key = json.dumps([planfile.PLAN_VERSION, spec.fingerprint(), profile.fingerprint(), workload.to_dict(),
                       options.key()])
@@ -432,11 +441,15 @@ def _cached_plans(spec, args, workload, source: str, cache_dir: Path, max_block_
 
 
 def cmd_profile(args) -> int:
+    from flexgen_graph.app.calibrate import measure_profile
+    from flexgen_graph.app.models import resolve_model
     from flexgen_graph.hardware import save_profile
-    from runtime.profiler import measure
 
     t = time.perf_counter()
-    prof, notes = measure(Path(args.offload_dir), name=Path(args.output).stem if args.output else "measured")
+    dtype = args.dtype or ("float16" if _cuda_visible() else "float32")
+    models = [resolve_model(m, dtype)[0] for m in args.model]  # a bad --model fails before any measuring
+    prof, notes = measure_profile(Path(args.offload_dir), Path(args.output).stem if args.output else "measured",
+                                  models, method=args.method)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     if args.output:
