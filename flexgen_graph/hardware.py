@@ -352,6 +352,25 @@ BUILTIN_PROFILES: dict[str, HardwareProfile] = {
 }
 
 
+# Fields of the builtin profiles that nobody measured on their machine: assumptions (`inspect` says so)
+ASSUMED_FIELDS: dict[str, tuple[str, ...]] = {
+    # measured on the H100 machine: the pinned copy rates, the fp16 matmul rate, host memory read
+    "h100-pcie5": ("cpu_from_disk_bytes_per_s", "disk_from_cpu_bytes_per_s", "gpu_attn_flops_per_s",
+                   "cpu_matmul_flops_per_s", "gpu_mem_bytes_per_s", "matmul_min_rows", "compute_op_overhead_s",
+                   "gpu_dequant_bytes_per_s", "cpu_dequant_bytes_per_s", "stage_link_bytes_per_s"),
+    "t4-flexgen": ("gpu_dequant_bytes_per_s", "cpu_dequant_bytes_per_s", "stage_link_bytes_per_s"),
+    "cpu-small": ("stage_link_bytes_per_s",),
+}
+
+
+def assumed_fields(profile: HardwareProfile) -> tuple[str, ...]:
+    """The fields of a builtin profile (unchanged) that are assumptions, not measurements."""
+    builtin = BUILTIN_PROFILES.get(profile.name)
+    if builtin is None:
+        return ()
+    return tuple(f for f in ASSUMED_FIELDS.get(profile.name, ()) if getattr(profile, f) == getattr(builtin, f))
+
+
 def load_profile(name_or_path: str) -> HardwareProfile:
     """A builtin profile by name, or a JSON profile file (the fields of HardwareProfile)."""
     if name_or_path in BUILTIN_PROFILES:

@@ -48,6 +48,7 @@ def load_scenario(name: str):
                                 f"checkout, not the installed package)")
     spec = importlib.util.spec_from_file_location(f"flexgen_graph_bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while a class is built
     spec.loader.exec_module(module)
     return module
 

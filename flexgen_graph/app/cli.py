@@ -333,6 +333,8 @@ def _run(args, plans=None, shard=None, pipeline=None) -> int:
             _check_plan_args(plans, args)
             spec, source = plans[0].spec, plans[0].weights_source
         else:
+            if args.profile not in (None, "auto", "local"):
+                _profile(args.profile, here=True)  # a profile file of another machine fails before any work
             spec, source = resolve_model(args.model or DEFAULT_MODEL, _dtype(args))
         if args.weights:
             source = weights_source_for(args.weights, source)
