@@ -164,6 +164,13 @@ def test_curve_interpolates_between_points_and_is_proportional_beyond():
     assert [c.at(x) for x in (0.5, 1, 2, 4, 10, 16, 32)] == [2.0, 2.0, 3.0, 5.0, 6.5, 8.0, 16.0]
 
 
+def test_a_measured_curve_never_falls_with_size():
+    """A point slower than a later, larger one was slowed by something else: the profiler lowers it."""
+    from runtime.profiler import monotone
+
+    assert monotone(Curve((1.0, 2.0, 4.0, 8.0), (5.0, 1.0, 3.0, 2.5))).ys == (1.0, 1.0, 2.5, 2.5)
+
+
 def test_calibrated_compute_terms_by_hand():
     """Prefill and a decode step of all-on-GPU, from the layer curves: per op the curve at its rows plus the
     fixed cost, attention per sequence and context token (prefill: per T^2), the head at its sequences."""
