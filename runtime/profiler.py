@@ -44,6 +44,9 @@ POINT_BUDGET_S = 0.25  # a curve stops growing once one call takes this long (be
 COPY_SIZES = (1 << 12, 1 << 16, 1 << 20, 1 << 23, 1 << 26, 1 << 28)
 DISK_SIZES = (1 << 16, 1 << 20, 1 << 24, DISK_TEST_BYTES)
 GENERIC = 2048  # the generic matmul curve's weight is GENERIC x GENERIC
+# the engine runs layer after layer, each reading weights no cache holds: a kernel is timed on copies of its
+# layer cycled through, at least this many bytes of them, so its weights come from memory as in a run
+ROTATE_BYTES = 256 << 20
 
 
 def _sync_for(device: torch.device):
@@ -298,7 +301,7 @@ def _slope(xs: list[float], ys: list[float]) -> float:
 
 def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
     """The model's embedding, decoder and head kernels timed as the engine calls them (runtime.engine),
-    on random weights of the model's shapes and dtype."""
+    on random weights of the model's shapes and dtype, cycling through copies of each layer (ROTATE_BYTES)."""
     from runtime import kernels
     from runtime.compressed import CacheCodec, compress_layer, decompress_layer, qlayer_bytes
     from runtime.quant import QuantConfig
@@ -308,21 +311,31 @@ def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
     top = ROWS[-1]
     out = []
     n_layers = spec.num_graph_layers
-    emb, dec, head = _layer(spec, 0, device), _layer(spec, 1, device), _layer(spec, n_layers - 1, device)
+
+    def copies(layer: int) -> list[dict[str, torch.Tensor]]:
+        n = max(1, min(16, -(-ROTATE_BYTES // spec.layer_bytes(layer))))
+        return [_layer(spec, layer, device) for _ in range(n)]
+    embs, decs, heads = copies(0), copies(1), copies(n_layers - 1)
+    turn = [0]
+
+    def next_of(ws: list) -> dict[str, torch.Tensor]:
+        turn[0] += 1
+        return ws[turn[0] % len(ws)]
+    dec = decs[0]
     ids = torch.randint(3, spec.vocab, (top, 1), device=device)
     pos = torch.zeros(top, 1, dtype=torch.long, device=device)
     hidden = torch.randn(top, 1, H, device=device, dtype=dtype) * 0.1
     sink = torch.empty(top, 1, H, device=device, dtype=dtype)
 
     def embed(r: int) -> None:
-        sink[:r].copy_(kernels.embed(spec, emb, ids[:r], pos[:r]))
+        sink[:r].copy_(kernels.embed(spec, next_of(embs), ids[:r], pos[:r]))
     out.append(LayerCurve("embed", spec.layer_bytes(0), spec.name, _grow(embed, sync=sync)))
 
     cache = torch.zeros(2, 2, top, KV, D, device=device, dtype=dtype)
     mask = torch.ones(top, 1, dtype=torch.bool, device=device)
 
     def decoder(r: int) -> None:  # one new token per sequence, nothing cached before it
-        sink[:r].copy_(kernels.decoder(spec, dec, hidden[:r], cache[:, :, :r], 0, pos[:r], mask[:r]))
+        sink[:r].copy_(kernels.decoder(spec, next_of(decs), hidden[:r], cache[:, :, :r], 0, pos[:r], mask[:r]))
     rows = _grow(decoder, sync=sync)
 
     def attend_slope(dev: torch.device) -> float:
@@ -368,7 +381,7 @@ def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
                           prefill_attn_s=prefill_slope(), dequant_s_per_byte=w_deq, cache_dequant_s_per_byte=c_deq))
 
     def head_op(r: int) -> None:
-        kernels.head(spec, head, hidden[:r]).argmax(dim=-1)
+        kernels.head(spec, next_of(heads), hidden[:r]).argmax(dim=-1)
     out.append(LayerCurve("head", spec.layer_bytes(n_layers - 1), spec.name, _grow(head_op, sync=sync)))
     assert spec.layer_kind(n_layers - 1) is LayerKind.HEAD
     return out

@@ -280,6 +280,18 @@ def test_nnls_recovers_known_constants_and_keeps_them_non_negative():
     assert min(calibrate.nnls(rows, noisy, [1.0] * len(ys))) >= 0
 
 
+def test_fit_takes_scale_and_per_op_cost_from_still_runs_then_the_rest_from_the_others():
+    """Runs that move nothing fix the compute scale and the cost per op; the hand-off and the shares come
+    from what the moving runs leave; a scale beyond SCALE_RANGE (disturbed runs) is held at its end."""
+    truth = [1.1, 2e-4, 3e-4, 0.7, 0.4]
+    rows = [[0.10, 62, 0, 0, 0], [0.30, 62, 0, 0, 0], [1.20, 62, 0, 0, 0], [0.20, 124, 0, 0, 0],
+            [0.25, 62, 62, 0.01, 0], [0.25, 62, 62, 0.05, 0], [0.25, 62, 62, 0.0, 0.08], [0.4, 62, 62, 0.02, 0.02]]
+    ys = [sum(a * x for a, x in zip(r, truth)) for r in rows]
+    assert calibrate.fit_constants(rows, ys) == pytest.approx(truth, rel=1e-6)
+    slow = [y * 3 if not any(r[2:]) else y for r, y in zip(rows, ys)]
+    assert calibrate.fit_constants(rows, slow)[0] == calibrate.SCALE_RANGE[1]
+
+
 def test_features_split_the_compute_stream_linearly():
     """features(plan) times the calibration's constants gives the cost model's compute stream back."""
     from flexgen_graph.app.api import compile_plan

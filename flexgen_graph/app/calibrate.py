@@ -10,7 +10,7 @@ Two methods, compared by bench/fidelity.py (BENCHMARKS.md, "Plan fidelity"):
   size, a thread hand-off, the compute lost beside a copy or a read);
 - "fit": the same curves, then the constants that say how the pieces combine in the engine (a compute
   scale, the fixed cost per op, the hand-off per op, the compute lost per second of copy and of disk
-  read) fitted by non-negative least squares to short runs of the engine over a few small policies
+  read) fitted by non-negative least squares (fit_constants) to short runs of the engine over a few small policies
   (FIT_RUNS, SmolLM2-135M with seeded weights: the constants are the machine's, not the model's), each
   run's prefill and median decode step against the cost model's compute stream (planner.cost.stream_sums)
   split into the parts the constants multiply.
@@ -106,6 +106,29 @@ def nnls(rows: list[list[float]], ys: list[float], weights: list[float]) -> list
     return best
 
 
+SCALE_RANGE = (0.5, 2.0)  # how far the fit may rescale the measured kernels: beyond, the runs were disturbed
+
+
+def fit_constants(rows: list[list[float]], ys: list[float]) -> list[float]:
+    """FEATURES' constants in two stages, so that collinear parts do not trade off against each other: the
+    compute scale and the cost per op from the runs that move nothing (their hand-off, copy and disk parts
+    are 0), then the hand-off and the shares from the others' residuals. Relative errors: a batch-1 decode
+    step weighs as much as a prefill. The scale is held within SCALE_RANGE."""
+    still = [i for i, r in enumerate(rows) if not any(r[2:])]
+    moving = [i for i in range(len(rows)) if i not in still]
+    k, per_op = nnls([rows[i][:2] for i in still], [ys[i] for i in still], [1 / ys[i] for i in still]) if still \
+        else (1.0, 0.0)
+    if not SCALE_RANGE[0] <= k <= SCALE_RANGE[1]:
+        k = min(max(k, SCALE_RANGE[0]), SCALE_RANGE[1])
+        [per_op] = nnls([[rows[i][1]] for i in still], [ys[i] - k * rows[i][0] for i in still],
+                        [1 / ys[i] for i in still]) if still else [0.0]
+    rest = [0.0, 0.0, 0.0]
+    if moving:
+        rest = nnls([rows[i][2:] for i in moving], [ys[i] - k * rows[i][0] - per_op * rows[i][1] for i in moving],
+                    [1 / ys[i] for i in moving])
+    return [k, per_op, *rest]
+
+
 def _time(plan, store, prompts: list[list[int]], repeats: int = 2) -> dict[Phase, float]:
     """Prefill seconds and the median decode step of the fastest of `repeats` runs of the engine (after a
     warm-up run): the profile's curves are best-of figures too."""
@@ -144,8 +167,8 @@ def fit(profile: HardwareProfile, notes: list[str], cache_dir: Path | None = Non
             rows.append([feats[ph][f] for f in FEATURES])
             ys.append(measured[ph])
             labels.append(f"{label}, {ph.value}")
-    x = nnls(rows, ys, [1.0 / y for y in ys])  # relative errors: a batch-1 step weighs as much as a prefill
-    scale = x[0] or 1.0
+    x = fit_constants(rows, ys)
+    scale = x[0]
     cal = dataclasses.replace(profile.calibration, method="fit", compute_scale=scale, op_s=x[1] / scale,
                               handoff_s=x[2] / scale, copy_share=x[3], disk_share=x[4])
     worst = max(zip(labels, ys, (sum(f * v for f, v in zip(r, x)) for r in rows)), key=lambda t: abs(t[2] / t[1] - 1))
