@@ -24,6 +24,7 @@ when it gets its cores, which is what a quiet run sees.
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
 import shutil
@@ -361,13 +362,17 @@ def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
         return sum(x * y for x, y in pts) / sum(x * x for x, _ in pts)  # through the origin
 
     cfg = QuantConfig(4, 64)
-    dense = torch.empty(spec.layer_bytes(1), dtype=torch.uint8, device=device)
-    src = torch.empty(spec.layer_bytes(1), dtype=torch.uint8, device=device)
-    for name, t in kernels.layer_views(spec, 1, src).items():
-        t.copy_(dec[name])
-    packed = torch.empty(qlayer_bytes(spec, 1, cfg), dtype=torch.uint8, device=device)
-    compress_layer(spec, 1, src, cfg, packed)
-    w_deq = _best_time(lambda: decompress_layer(spec, 1, packed, cfg, dense), sync=sync) / spec.layer_bytes(1)
+
+    def dequant(layer: int, views: dict[str, torch.Tensor]) -> float:
+        """Seconds per dense byte of restoring the layer's 4-bit weights (runtime.compressed, as the engine)."""
+        src = torch.empty(spec.layer_bytes(layer), dtype=torch.uint8, device=device)
+        for name, t in kernels.layer_views(spec, layer, src).items():
+            t.copy_(views[name])
+        packed = torch.empty(qlayer_bytes(spec, layer, cfg), dtype=torch.uint8, device=device)
+        compress_layer(spec, layer, src, cfg, packed)
+        dense = torch.empty_like(src)
+        return _best_time(lambda: decompress_layer(spec, layer, packed, cfg, dense), sync=sync) / spec.layer_bytes(layer)
+    w_deq = dequant(1, dec)
     b, n = 8, 512
     codec = CacheCodec(spec, b, cfg)
     cbuf = torch.zeros(n * codec.row_bytes, dtype=torch.uint8, device=device)
@@ -382,7 +387,9 @@ def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
 
     def head_op(r: int) -> None:
         kernels.head(spec, next_of(heads), hidden[:r]).argmax(dim=-1)
-    out.append(LayerCurve("head", spec.layer_bytes(n_layers - 1), spec.name, _grow(head_op, sync=sync)))
+    out.append(LayerCurve("head", spec.layer_bytes(n_layers - 1), spec.name, _grow(head_op, sync=sync),
+                          dequant_s_per_byte=dequant(n_layers - 1, heads[0])))
+    out[0] = dataclasses.replace(out[0], dequant_s_per_byte=dequant(0, embs[0]))
     assert spec.layer_kind(n_layers - 1) is LayerKind.HEAD
     return out
 
@@ -583,8 +590,6 @@ def measure(offload_dir: Path, name: str = "measured", models: list[ModelSpec] =
 def add_models(profile: HardwareProfile, models: list[ModelSpec], notes: list[str] | None = None) -> HardwareProfile:
     """The profile with layer curves for models it does not know yet (measured here: the caller checks the
     profile is this machine's)."""
-    import dataclasses
-
     cal = profile.calibration
     assert cal is not None, "add_models needs a calibrated profile"
     device = torch.device("cuda" if profile.has_gpu and torch.cuda.is_available() else "cpu")
