@@ -19,6 +19,17 @@ attention against the cache it reads, plus a fixed cost per op. Flags:
   measured dequantization rate, on the device that reads them: a layer's weights once per step
   (the runtime reuses them across the gpu batches), each gpu batch's cache at every attention.
 
+A profile measured by `flexgen-graph profile` carries a Calibration (flexgen_graph.hardware), and
+then compute and transfers are priced from what was measured instead of the roofline above: a
+compute op costs its layer's measured curve at its rows (or its FLOPs at the generic matmul curve),
+plus attention per sequence and context token, plus a fixed cost per op, plus a hand-off per op when
+the plan moves anything (the CPU backend then runs every op on worker threads: the pseudo-fraction
+THREADED, 1 when any class leaves the GPU, a binary in the LP); a transfer costs the link's curve at
+its own size, once per transfer; disk reads are warm or cold (the page cache holds the model or not).
+Where transfers take the compute's cores (copy_share, disk_share) the compute stream carries that
+share of them. On a machine without a GPU, a disk-tier item is read straight into its slot (no
+second copy) and CPU attention moves nothing.
+
     >>> from flexgen_graph.catalog import catalog_spec
     >>> from flexgen_graph.ir import Block, Tier, Workload
     >>> from flexgen_graph.lower import lower
@@ -38,7 +49,7 @@ from typing import Mapping
 
 import networkx as nx
 
-from flexgen_graph.hardware import HardwareProfile
+from flexgen_graph.hardware import Calibration, Curve, HardwareProfile
 from flexgen_graph.ir import TIERS, LayerKind, NodeKind, Phase, Tier
 from flexgen_graph.policy import Policy, assign_tiers
 from flexgen_graph.spec import ModelSpec
@@ -61,6 +72,7 @@ STREAMS: dict[str, tuple[str, ...]] = {
 }
 SIG_DIGITS = 6  # predictions are rounded so plans are byte-identical across runs
 DELEGATED = "cache.cpu"  # the fraction CPU attention applies to
+THREADED = "threaded"  # 1 when the plan moves anything (calibrated profiles price the worker-thread hand-off)
 
 
 def frac_var(cls: str, tier: Tier) -> str:
@@ -108,7 +120,9 @@ class Linear:
 @dataclass(frozen=True, slots=True)
 class LayerFigures:
     """What one graph layer moves and computes in one step (all gpu batches of the block). Link
-    bytes are as they cross (compressed when the flag is on); *_full_bytes as the compute reads them."""
+    bytes are as they cross (compressed when the flag is on); *_full_bytes as the compute reads them.
+    kind / seqs / tokens / batches / ctx: what a calibrated profile prices compute by (the layer, the
+    sequences of a gpu batch, the new tokens of each, gpu batches, the attended context)."""
 
     weight_bytes: float  # loaded once per step (shared by the gpu batches) when off the GPU
     cache_load_bytes: float
@@ -123,6 +137,11 @@ class LayerFigures:
     attn_to_cpu_bytes: float = 0.0  # CPU attention (decode, decoder layers): q, k, v of the new token
     attn_to_gpu_bytes: float = 0.0  # CPU attention: the attention output
     stage_link_bytes: float = 0.0  # pipeline: hidden states received from / sent to the neighbouring stages
+    kind: LayerKind = LayerKind.DECODER
+    seqs: int = 1
+    tokens: int = 1
+    batches: int = 1
+    ctx: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,12 +170,13 @@ class StepCost:
     def compute_bound_s(self) -> float:
         """The least time of this step over every placement: its compute stream alone (GPU compute
         plus delegated CPU attention, which depend on the delegated fraction only), minimized over
-        that fraction (a linear function: an end point)."""
+        that fraction (a linear function: an end point). A calibrated profile's compute stream also
+        carries shares of transfers and the hand-off, never negative: all on the GPU, they are 0."""
         a, c = self.terms[TERMS.index("compute")], self.terms[TERMS.index("cpu compute")]
         for lin in (a, c):
-            assert all(v == DELEGATED for v, _ in lin.coefs), f"compute term depends on {lin.coefs}"
-        a0, a1 = a.const, sum(x for _, x in a.coefs)
-        c0, c1 = c.const, sum(x for _, x in c.coefs)
+            assert all(v == DELEGATED or x >= 0 for v, x in lin.coefs), f"compute term depends on {lin.coefs}"
+        a0, a1 = a.const, sum(x for v, x in a.coefs if v == DELEGATED)
+        c0, c1 = c.const, sum(x for v, x in c.coefs if v == DELEGATED)
         return min(a0 + c0, a0 + a1 + c0 + c1)
 
 
@@ -218,18 +238,22 @@ def layer_figures(figs: BlockFigures, ctx: float, flags: Flags = Flags(),
         at = ctx if phase is Phase.DECODE else 0.0  # prefill nodes carry absolute figures
         memo: dict[tuple, LayerFigures] = {}  # layers alike are figured once
         rows = []
+        tokens = figs.prompt_len if phase is Phase.PREFILL else 1
+        attended = at if phase is Phase.DECODE else float(figs.prompt_len)
         for j, ls in enumerate(figs.phase(phase)):
             # a phase that does not load the layer (a scoring graph's empty decode) moves nothing, compressed or not
             moved_w = comp.weight_bytes[figs.shape.first_layer + j] if cw and ls.weight_bytes else ls.weight_bytes
             f = memo.get((ls, moved_w))
             if f is None:
-                f = memo[(ls, moved_w)] = _figures(ls, phase, at, nb, moved_w, cache_ratio)
+                f = memo[(ls, moved_w)] = _figures(ls, phase, at, nb, moved_w, cache_ratio, figs.gpu_batch_size,
+                                                   tokens, attended)
             rows.append(f)
         out[phase] = rows
     return out
 
 
-def _figures(ls: LayerSums, phase: Phase, at: float, nb: int, moved_w: int, cache_ratio: float) -> LayerFigures:
+def _figures(ls: LayerSums, phase: Phase, at: float, nb: int, moved_w: int, cache_ratio: float, seqs: int = 1,
+             tokens: int = 1, ctx: float = 0.0) -> LayerFigures:
     comp_sums = ls.of(NodeKind.COMPUTE)
     cl, cs = nb * ls.of(NodeKind.LOAD_CACHE).bytes_at(at), nb * ls.of(NodeKind.STORE_CACHE).bytes_at(at)
     hs = nb * ls.of(NodeKind.STORE_HIDDEN).bytes_at(at)
@@ -243,7 +267,7 @@ def _figures(ls: LayerSums, phase: Phase, at: float, nb: int, moved_w: int, cach
         compute_ops=float(nb * comp_sums.count), weight_full_bytes=float(ls.weight_bytes), cache_full_bytes=cl + cs,
         # q goes as wide as the hidden state; k and v as the new cache row (uncompressed)
         attn_to_cpu_bytes=hs + cs if delegable else 0.0, attn_to_gpu_bytes=hs if delegable else 0.0,
-        stage_link_bytes=link,
+        stage_link_bytes=link, kind=ls.kind, seqs=seqs, tokens=tokens, batches=nb, ctx=ctx,
     )
 
 
@@ -257,7 +281,10 @@ def _on(cls: str, tier: Tier, nbytes: float, per_s: float) -> list[tuple[str, fl
 
 def compute_parts(f: LayerFigures, hw: HardwareProfile, rows: int, flags: Flags) -> tuple[float, float, float]:
     """(GPU time without attention, GPU attention time, CPU attention time) of one layer step. Small
-    matmuls cost as much as matmul_min_rows rows."""
+    matmuls cost as much as matmul_min_rows rows. A calibrated profile prices them as measured
+    (_calibrated_parts)."""
+    if hw.calibration is not None:
+        return _calibrated_parts(f, hw, hw.calibration, flags)
     gpu_bw, cpu_bw = hw.gpu_mem_bytes_per_s, hw.cpu_mem_bytes_per_s
     dense_s = f.dense_flops * max(1.0, hw.matmul_min_rows / rows) / hw.gpu_matmul_flops_per_s
     base = max(dense_s, f.compute_ops * f.weight_full_bytes / gpu_bw) + f.compute_ops * hw.compute_op_overhead_s
@@ -272,6 +299,44 @@ def compute_parts(f: LayerFigures, hw: HardwareProfile, rows: int, flags: Flags)
     return base, attn_gpu, attn_cpu
 
 
+def op_rows(f: LayerFigures) -> int:
+    """Rows of one compute op's matmuls: the head computes the last position of each sequence only."""
+    return f.seqs if f.kind is LayerKind.HEAD else f.seqs * f.tokens
+
+
+def _calibrated_parts(f: LayerFigures, hw: HardwareProfile, cal: Calibration, flags: Flags) -> tuple[float, float, float]:
+    """compute_parts from a Calibration: per op, the layer's measured curve at its rows (else its FLOPs at
+    the generic matmul curve, no faster than reading its weights), attention per sequence and context
+    token (prefill: per prompt_len squared) as measured for the layer (else the roofline), the fixed
+    cost per op; dequantization at the measured rates. All times scaled by compute_scale."""
+    n = f.compute_ops
+    if not n:
+        return 0.0, 0.0, 0.0
+    rows, lc = op_rows(f), cal.layer(f.kind.value, int(f.weight_full_bytes))
+    decode = f.tokens == 1 and f.attn_flops > 0
+    if lc is not None:
+        dense = lc.rows.at(rows)
+        attn = (lc.attn_s * f.seqs * f.ctx) if decode else lc.prefill_attn_s * f.seqs * f.tokens ** 2
+        attn_cpu = lc.attn_cpu_s * f.seqs * f.ctx if decode else attn
+    else:
+        dense = max(f.dense_flops / n * cal.matmul_s_per_flop.at(rows), f.weight_full_bytes / hw.gpu_mem_bytes_per_s)
+        cache_op = f.cache_full_bytes / n
+        attn = max(f.attn_flops / n / hw.gpu_attn_flops_per_s, cache_op / hw.gpu_mem_bytes_per_s)
+        cpu_rate = hw.cpu_matmul_flops_per_s if hw.has_gpu else hw.gpu_attn_flops_per_s
+        attn_cpu = max(f.attn_flops / n / cpu_rate, cache_op / hw.cpu_mem_bytes_per_s)
+    k = cal.compute_scale
+    base = k * n * (dense + cal.op_s)
+    w_deq = lc.dequant_s_per_byte if lc is not None and lc.dequant_s_per_byte else 1.0 / hw.gpu_dequant_bytes_per_s
+    if flags.compress_weights:
+        base += k * f.weight_full_bytes * w_deq
+    c_deq = lc.cache_dequant_s_per_byte if lc is not None and lc.cache_dequant_s_per_byte else 0.0
+    dequant = f.cache_full_bytes if flags.compress_cache else 0.0
+    attn_gpu = k * (n * attn + dequant * (c_deq or 1.0 / hw.gpu_dequant_bytes_per_s))
+    host_deq = 1.0 / hw.cpu_dequant_bytes_per_s if hw.has_gpu or not c_deq else c_deq
+    attn_host = k * (n * attn_cpu + dequant * host_deq)
+    return base, attn_gpu, attn_host
+
+
 def _lin(const: float, parts: list[tuple[str, float]]) -> Linear:
     merged: dict[str, float] = {}
     for v, c in parts:
@@ -280,7 +345,9 @@ def _lin(const: float, parts: list[tuple[str, float]]) -> Linear:
     return Linear(const, tuple(sorted(merged.items())))
 
 
-def _terms(f: LayerFigures, hw: HardwareProfile, rows: int, flags: Flags) -> tuple[Linear, ...]:
+def _terms(f: LayerFigures, hw: HardwareProfile, rows: int, flags: Flags, warm: bool = False) -> tuple[Linear, ...]:
+    if hw.calibration is not None:
+        return _calibrated_terms(f, hw, hw.calibration, flags, warm)
     delegate = flags.cpu_attention and f.attn_to_cpu_bytes > 0
     base, attn_gpu, attn_cpu = compute_parts(f, hw, rows, flags)
     ctog, dtoc = hw.gpu_from_cpu_bytes_per_s, hw.cpu_from_disk_bytes_per_s
@@ -310,12 +377,89 @@ def _terms(f: LayerFigures, hw: HardwareProfile, rows: int, flags: Flags) -> tup
     return tuple(by_name[n] for n in TERMS)
 
 
+def _per(curve: Curve, total: float, count: int) -> float:
+    """Seconds of `count` transfers of total / count bytes each, on a link whose curve is by transfer size."""
+    return count * curve.at(total / count) if total > 0 and count > 0 else 0.0
+
+
+def _calibrated_terms(f: LayerFigures, hw: HardwareProfile, cal: Calibration, flags: Flags,
+                      warm: bool) -> tuple[Linear, ...]:
+    """_terms from a Calibration: each transfer at its link's curve at its own size (a layer's weights
+    once per step, a cache or hidden state once per gpu batch), disk reads warm or cold; where the host
+    runs copies and reads on the compute's cores their share joins the compute stream; the hand-off
+    per op once anything moves (THREADED). Without a GPU a disk-tier item is read into its slot
+    directly (one transfer, not two) and CPU attention moves nothing."""
+    delegate = flags.cpu_attention and f.attn_to_cpu_bytes > 0
+    base, attn_gpu, attn_cpu = _calibrated_parts(f, hw, cal, flags)
+    nb, gpu = f.batches, hw.has_gpu
+    read = cal.disk_read_warm_s if warm else cal.disk_read_cold_s
+    c2g = {"weights": _per(cal.gpu_from_cpu_s, f.weight_bytes, 1),
+           "cache": _per(cal.gpu_from_cpu_s, f.cache_load_bytes, nb),
+           "hidden": _per(cal.gpu_from_cpu_s, f.hidden_load_bytes, nb)}
+    g2c = {"cache": _per(cal.cpu_from_gpu_s, f.cache_store_bytes, nb),
+           "hidden": _per(cal.cpu_from_gpu_s, f.hidden_store_bytes, nb)}
+    d2c = {"weights": _per(read, f.weight_bytes, 1), "cache": _per(read, f.cache_load_bytes, nb),
+           "hidden": _per(read, f.hidden_load_bytes, nb)}
+    c2d = {"cache": _per(cal.disk_write_s, f.cache_store_bytes, nb),
+           "hidden": _per(cal.disk_write_s, f.hidden_store_bytes, nb)}
+
+    def via_host(cls: str, link: dict[str, float]) -> list[tuple[str, float]]:
+        """An off-GPU item crosses the host link; from disk too only where a GPU is behind it."""
+        t = link.get(cls, 0.0)
+        return [(frac_var(cls, Tier.CPU), t)] + ([(frac_var(cls, Tier.DISK), t)] if gpu else [])
+
+    if delegate:  # CPU-homed cache is attended in place: only q, k, v and the output cross, with a GPU
+        cache_in = [(frac_var("cache", Tier.DISK), c2g["cache"] if gpu else 0.0)] + \
+            ([(DELEGATED, _per(cal.gpu_from_cpu_s, f.attn_to_gpu_bytes, nb))] if gpu else [])
+        cache_out = [(frac_var("cache", Tier.DISK), g2c["cache"] if gpu else 0.0)] + \
+            ([(DELEGATED, _per(cal.cpu_from_gpu_s, f.attn_to_cpu_bytes, nb))] if gpu else [])
+    else:
+        cache_in, cache_out = via_host("cache", c2g), via_host("cache", g2c)
+    links = {
+        "gpu<-cpu link": via_host("weights", c2g) + cache_in + via_host("hidden", c2g),
+        "cpu<-disk link": [(frac_var(c, Tier.DISK), d2c[c]) for c in CLASSES],
+        "cpu<-gpu link": cache_out + via_host("hidden", g2c),
+        "disk<-cpu link": [(frac_var(c, Tier.DISK), c2d[c]) for c in c2d],
+    }
+    compute, cpu = [], []
+    if delegate:
+        compute.append((DELEGATED, -attn_gpu))
+        (cpu if gpu else compute).append((DELEGATED, attn_cpu))
+    for name, share in (("gpu<-cpu link", cal.copy_share), ("cpu<-gpu link", cal.copy_share),
+                        ("cpu<-disk link", cal.disk_share), ("disk<-cpu link", cal.disk_share)):
+        compute += [(v, share * c) for v, c in links[name]]
+    ops = f.compute_ops  # each compute op waits for its stream's worker once the plan moves anything
+    compute.append((THREADED, ops * cal.handoff_s * cal.compute_scale))
+    by_name = {"compute": _lin(base + attn_gpu, compute), "cpu compute": _lin(0.0, cpu),
+               **{n: _lin(0.0, parts) for n, parts in links.items()},
+               "stage link": _lin(f.stage_link_bytes / hw.stage_link_bytes_per_s, [])}
+    return tuple(by_name[n] for n in TERMS)
+
+
+def transfer_s(hw: HardwareProfile, nbytes: float, far: Tier, inbound: bool, warm: bool = False) -> float:
+    """Seconds of one transfer between the compute device and a tier (planner.timeline's op durations)."""
+    if far is Tier.GPU or nbytes <= 0:
+        return 0.0
+    cal = hw.calibration
+    if cal is None:
+        s = nbytes / (hw.gpu_from_cpu_bytes_per_s if inbound else hw.cpu_from_gpu_bytes_per_s)
+        if far is Tier.DISK:
+            s += nbytes / (hw.cpu_from_disk_bytes_per_s if inbound else hw.disk_from_cpu_bytes_per_s)
+        return s
+    host = (cal.gpu_from_cpu_s if inbound else cal.cpu_from_gpu_s).at(nbytes)
+    if far is Tier.CPU:
+        return host
+    disk = ((cal.disk_read_warm_s if warm else cal.disk_read_cold_s) if inbound else cal.disk_write_s).at(nbytes)
+    return disk + (host if hw.has_gpu else 0.0)
+
+
 def _group(phase: Phase, figures: list[LayerFigures], profile: HardwareProfile, rows: int,
-           flags: Flags) -> tuple[StepCost, ...]:
+           flags: Flags, warm: bool = False) -> tuple[StepCost, ...]:
     groups: dict[LayerFigures, list[int]] = {}
     for j, f in enumerate(figures):
         groups.setdefault(f, []).append(j)
-    return tuple(StepCost(phase, tuple(layers), f, _terms(f, profile, rows, flags)) for f, layers in groups.items())
+    return tuple(StepCost(phase, tuple(layers), f, _terms(f, profile, rows, flags, warm))
+                 for f, layers in groups.items())
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,14 +479,37 @@ class PhaseCosts:
                 + (self.gen_len - 1) * sum(s.count * s.compute_bound_s() for s in self.decode))
 
 
+def warm_reads(figs: BlockFigures, profile: HardwareProfile, disk: str | None = None) -> bool:
+    """Whether disk reads come from the page cache: disk="warm" / "cold" says so (a benchmark that evicts
+    what it reads); by default, when the model's weights and the block's cache fit in the page cache the
+    calibration measured (a profile without one prices every read at its one disk rate)."""
+    if disk is not None:
+        if disk not in ("warm", "cold"):
+            raise ValueError(f"disk must be 'warm' or 'cold', got {disk!r}")
+        return disk == "warm"
+    cal = profile.calibration
+    if cal is None:
+        return False
+    shape = figs.shape
+    held = sum(shape.weight_bytes) + len(shape.decoder_layers) * shape.num_gpu_batches * shape.cache_bytes
+    return held <= cal.page_cache_bytes
+
+
 def phase_costs(g: "nx.DiGraph | BlockFigures", profile: HardwareProfile, flags: Flags = Flags(),
-                comp: Compression | None = None) -> PhaseCosts:
+                comp: Compression | None = None, disk: str | None = None) -> PhaseCosts:
     figs = figures_of(g)
     lf = layer_figures(figs, decode_ctx(figs), flags, comp)
-    b = figs.gpu_batch_size
-    return PhaseCosts(_group(Phase.PREFILL, lf[Phase.PREFILL], profile, b * figs.prompt_len, flags),
-                      _group(Phase.DECODE, lf[Phase.DECODE], profile, b, flags),
+    b, warm = figs.gpu_batch_size, warm_reads(figs, profile, disk)
+    return PhaseCosts(_group(Phase.PREFILL, lf[Phase.PREFILL], profile, b * figs.prompt_len, flags, warm),
+                      _group(Phase.DECODE, lf[Phase.DECODE], profile, b, flags, warm),
                       figs.gen_len, figs.block_size, flags)
+
+
+def moves_anything(policy: Policy) -> bool:
+    """Whether the plan's programs hold a transfer (the CPU backend then runs its streams on worker
+    threads): any class off the GPU, except a cache attended in place on the CPU."""
+    in_place = policy.cpu_attention and policy.cache.disk_frac == 0
+    return policy.weights.gpu_frac < 1 or policy.hidden.gpu_frac < 1 or (policy.cache.gpu_frac < 1 and not in_place)
 
 
 def policy_fracs(policy: Policy) -> dict[str, float]:
@@ -350,6 +517,7 @@ def policy_fracs(policy: Policy) -> dict[str, float]:
     for cls in CLASSES:
         for t, v in zip(TIERS, getattr(policy, cls).as_tuple()):
             out[frac_var(cls, t)] = v
+    out[THREADED] = 1.0 if moves_anything(policy) else 0.0
     return out
 
 
@@ -382,11 +550,12 @@ def tight_tiers(peaks: Mapping[Tier, int], profile: HardwareProfile, nxt: Mappin
 
 def evaluate(g: "nx.DiGraph | BlockFigures", profile: HardwareProfile, policy: Policy, *,
              peaks: Mapping[Tier, int] | None = None, costs: PhaseCosts | None = None,
-             spec: ModelSpec | None = None, comp: Compression | None = None) -> Predictions:
+             spec: ModelSpec | None = None, comp: Compression | None = None, disk: str | None = None) -> Predictions:
     """Predicted times of a fixed policy on the block the graph was lowered for (no LP).
 
     peaks / costs / comp: planner.memory.peaks_of, phase_costs and compression_of(spec) when the
-    caller has them already; spec (or comp) is needed only for a policy that compresses.
+    caller has them already; spec (or comp) is needed only for a policy that compresses. disk: "warm" or
+    "cold" fixes where disk reads come from (see warm_reads).
     """
     figs = figures_of(g)
     if comp is None and spec is not None:
@@ -394,7 +563,7 @@ def evaluate(g: "nx.DiGraph | BlockFigures", profile: HardwareProfile, policy: P
     needs_compression(policy, comp)
     flags = Flags.of(policy)
     fracs = policy_fracs(policy)
-    c = costs if costs is not None else phase_costs(figs, profile, flags, comp)
+    c = costs if costs is not None else phase_costs(figs, profile, flags, comp, disk)
     assert c.flags == flags, f"costs for {c.flags} used for a policy with {flags}"
     prefill_s = sum(s.count * s.time_s(fracs) for s in c.prefill)
     decode_step_s = sum(s.count * s.time_s(fracs) for s in c.decode)
@@ -407,6 +576,22 @@ def evaluate(g: "nx.DiGraph | BlockFigures", profile: HardwareProfile, policy: P
         total_s=sig(total_s), peak_bytes={t.value: int(peaks[t]) for t in TIERS},
         binding=binding_term(c, fracs), tight=tight_tiers(peaks, profile, next_items(figs, policy, comp)),
     )
+
+
+def stream_sums(g: "nx.DiGraph | BlockFigures", profile: HardwareProfile, policy: Policy, *,
+                comp: Compression | None = None, disk: str | None = None) -> dict[Phase, dict[str, float]]:
+    """Per phase (prefill, one decode step at the average context), each stream's busy time summed over
+    the layers: what a fit of the calibration's constants reads (app.calibrate)."""
+    fracs = policy_fracs(policy)
+    c = phase_costs(figures_of(g), profile, Flags.of(policy), comp, disk)
+    out = {}
+    for phase, steps in ((Phase.PREFILL, c.prefill), (Phase.DECODE, c.decode)):
+        sums = dict.fromkeys(STREAMS, 0.0)
+        for s in steps:
+            for name, t in s.stream_times(fracs).items():
+                sums[name] += s.count * t
+        out[phase] = sums
+    return out
 
 
 def binding_term(costs: PhaseCosts, fracs: Mapping[str, float]) -> str:

@@ -3,7 +3,8 @@
 A small MILP solved by CBC through pulp. Variables: the 9 placement fractions (weights / cache /
 hidden over gpu, cpu, disk; each triple sums to 1), one binary per class that must be 1 when any
 of the class needs GPU slots (off the GPU; for the cache under CPU attention, on disk), one binary
-for the CPU attention's workspace (1 when any cache is on the CPU), and one step time per (phase,
+for the CPU attention's workspace (1 when any cache is on the CPU), one (planner.cost.THREADED, only
+for a calibrated profile) at least each class's binary, and one step time per (phase,
 group of identical graph layers) bounded below by each stream's time (planner.cost). Capacities
 follow planner.memory: homes are fraction * total bytes, slots are added when the class's binary
 is 1 (the weight slot sized for the largest layer), the transients sit on the GPU (and the CPU).
@@ -45,6 +46,7 @@ from planner.cost import (
     FRAC_VARS,
     STREAMS,
     TERMS,
+    THREADED,
     Flags,
     Linear,
     PhaseCosts,
@@ -213,6 +215,11 @@ def _build(costs: PhaseCosts, mem: MemoryFigures, caps: Mapping[Tier, float], un
             prob += frac[frac_var(c, Tier.DISK)] <= slots[c], f"slots_{c}"  # CPU-attended cache stays home
         else:
             prob += 1 - frac[frac_var(c, Tier.GPU)] <= slots[c], f"slots_{c}"
+    # a calibrated profile prices the worker-thread hand-off once any class moves: THREADED >= each binary
+    if any(v == THREADED for s in costs.prefill + costs.decode for lin in s.terms for v, _ in lin.coefs):
+        frac[THREADED] = _var(prob, THREADED, 0, 1, "Binary")
+        for c in CLASSES:
+            prob += slots[c] <= frac[THREADED], f"threaded_{c}"
     cpu_ws = None
     if delegated and mem.cpu_workspace_bytes:
         cpu_ws = _var(prob, "cpu_attention_ws", 0, 1, "Binary")

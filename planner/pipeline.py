@@ -111,4 +111,7 @@ def stage_share(profile: HardwareProfile, stages_per_machine: int) -> HardwarePr
         shared += ["gpu_bytes", "gpu_matmul_flops_per_s", "gpu_attn_flops_per_s", "gpu_mem_bytes_per_s",
                    "gpu_dequant_bytes_per_s"]
     caps = {f: getattr(profile, f) // n if f.endswith("_bytes") else getattr(profile, f) / n for f in shared}
+    cal = profile.calibration
+    if cal is not None and not profile.has_gpu:  # measured compute times stretch as the host's cores are shared
+        caps["calibration"] = dataclasses.replace(cal, compute_scale=cal.compute_scale * n)
     return dataclasses.replace(profile, name=f"{profile.name} (1/{n} per stage)", **caps)

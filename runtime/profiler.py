@@ -1,50 +1,86 @@
-"""Measure this machine into a HardwareProfile (`flexgen-graph profile`), in well under a minute.
+"""Measure this machine into a HardwareProfile (`flexgen-graph profile`), in about a minute.
 
     from runtime.profiler import measure
-    profile, notes = measure(Path("/tmp/offload"))
+    profile, notes = measure(Path("/tmp/offload"), models=[spec])
 
 Capacities: GPU memory (or, without a GPU, a third of RAM as the "GPU" tier), RAM, free disk
-of the offload folder. Rates: host<->GPU copies (pinned), disk read/write of the offload folder
-(O_DIRECT where the filesystem allows, else page-cache evicted reads, said in the notes), matmul
-and attention rates of the compute device and of the CPU, the matmul row count below which
-small batches stop paying off, host memory bandwidth, the per-op dispatch overhead, and the rate
-of 4-bit dequantization on each device, and the link between pipeline stages as this machine sees it
-(gloo between two local processes; without a second GPU, a GPU's hidden states leave through the host).
+of the offload folder. The scalar rates (what FlexGen's cost model reads): host<->GPU copies,
+disk read/write, matmul and attention rates, the matmul row count below which small batches stop
+paying off, memory bandwidth, 4-bit dequantization, the link between pipeline stages.
+
+And a Calibration (flexgen_graph.hardware), what the cost model needs at the shapes that matter:
+- for each model asked for, its embedding, decoder and head kernels (runtime.kernels, as the
+  engine calls them) timed against rows at the model's own shapes, decode attention against
+  sequences x context on the compute device and on the host, prefill attention against
+  sequences x prompt_len^2, and 4-bit dequantization of its weights and cache;
+- a generic matmul curve (seconds per FLOP against rows) for layers of other models;
+- copy curves per link and disk reads cold (evicted from the page cache, as the engine's cold reads)
+  and warm, and disk writes, against the bytes of one transfer;
+- the fixed hand-off an op pays when the streams run on worker threads (the backends' workers),
+- and the share of a copy's or a read's time that a compute running beside it loses.
+Every figure is the best of a few repeats: on a loaded machine the best is what the hardware does
+when it gets its cores, which is what a quiet run sees.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from flexgen_graph.hardware import HardwareProfile
+from flexgen_graph.hardware import Calibration, Curve, HardwareProfile, LayerCurve, machine_id
+from flexgen_graph.ir import LayerKind
+from flexgen_graph.spec import ModelSpec
 
 DISK_TEST_BYTES = 256 << 20
+ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+POINT_BUDGET_S = 0.25  # a curve stops growing once one call takes this long (beyond: proportional)
+COPY_SIZES = (1 << 12, 1 << 16, 1 << 20, 1 << 23, 1 << 26, 1 << 28)
+DISK_SIZES = (1 << 16, 1 << 20, 1 << 24, DISK_TEST_BYTES)
+GENERIC = 2048  # the generic matmul curve's weight is GENERIC x GENERIC
+# the engine runs layer after layer, each reading weights no cache holds: a kernel is timed on copies of its
+# layer cycled through, at least this many bytes of them, so its weights come from memory as in a run
+ROTATE_BYTES = 256 << 20
 
 
-def _best_time(fn, repeats: int = 3, sync=lambda: None) -> float:
+def _sync_for(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def _best_time(fn, repeats: int = 3, sync=lambda: None, max_repeats: int = 8) -> float:
+    """The best of `repeats` timed calls (after one untimed), and of more, up to max_repeats, while the two
+    best still differ by over 10%: a call slowed by another job on the cores is not the machine's figure."""
     fn()
     sync()
-    best = float("inf")
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < repeats or (len(times) < max_repeats and sorted(times)[1] > 1.1 * min(times)):
         t = time.perf_counter()
         fn()
         sync()
-        best = min(best, time.perf_counter() - t)
-    return best
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def machine(device: torch.device | None = None) -> str:
+    """This machine's identity (flexgen_graph.hardware.machine_id) with its GPU's name."""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return machine_id(gpu)
+
+
+# ---------------------------------------------------------------- scalar rates (FlexGen's constants)
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, rows: int, k: int = 2048, n: int = 2048) -> float:
     x = torch.randn(rows, k, device=device, dtype=dtype)
-    w = torch.randn(n, k, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    return 2 * rows * k * n / _best_time(lambda: F.linear(x, w), sync=sync)
+    w = torch.randn(k, n, device=device, dtype=dtype)  # input-major, as the engine stores linear weights
+    return 2 * rows * k * n / _best_time(lambda: x @ w, sync=_sync_for(device))
 
 
 def min_rows(device: torch.device, dtype: torch.dtype) -> tuple[int, float]:
@@ -62,14 +98,12 @@ def attention_rate(device: torch.device, dtype: torch.dtype) -> float:
     q = torch.randn(b, h, 1, d, device=device, dtype=dtype)
     k = torch.randn(b, h, s, d, device=device, dtype=dtype)
     v = torch.randn(b, h, s, d, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    return 4 * b * h * s * d / _best_time(lambda: F.scaled_dot_product_attention(q, k, v), sync=sync)
+    return 4 * b * h * s * d / _best_time(lambda: F.scaled_dot_product_attention(q, k, v), sync=_sync_for(device))
 
 
 def memory_bandwidth(device: torch.device) -> float:
     x = torch.ones(256 << 20 >> 2, device=device)  # 256 MiB of float32
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    return x.numel() * 4 / _best_time(lambda: x.sum(), sync=sync)
+    return x.numel() * 4 / _best_time(lambda: x.sum(), sync=_sync_for(device))
 
 
 def dequant_rate(device: torch.device) -> float:
@@ -79,30 +113,18 @@ def dequant_rate(device: torch.device) -> float:
 
     w = torch.randn(2048, 2048, device=device)
     q, out = quantize(w, 0, QuantConfig(4, 64)), torch.empty_like(w)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    return w.numel() * 4 / _best_time(lambda: dequantize(q, out=out), sync=sync)
+    return w.numel() * 4 / _best_time(lambda: dequantize(q, out=out), sync=_sync_for(device))
 
 
 def op_overhead(device: torch.device) -> float:
     """Fixed cost of one small layer op (dispatch), per op."""
     x = torch.randn(1, 64, device=device)
     w = torch.randn(64, 64, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def ops():
         for _ in range(100):
             F.linear(x, w)
-    return _best_time(ops, sync=sync) / 100 * 10  # ~10 torch calls per layer op
-
-
-def copy_rates(device: torch.device) -> tuple[float, float]:
-    n = 256 << 20
-    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(n, dtype=torch.uint8, device=device)
-    sync = torch.cuda.synchronize
-    h2d = n / _best_time(lambda: dev.copy_(host, non_blocking=True), sync=sync)
-    d2h = n / _best_time(lambda: host.copy_(dev, non_blocking=True), sync=sync)
-    return h2d, d2h
+    return _best_time(ops, sync=_sync_for(device)) / 100 * 10  # ~10 torch calls per layer op
 
 
 def _link_peer(rank: int, store: str, n: int, result: str) -> None:
@@ -114,11 +136,21 @@ def _link_peer(rank: int, store: str, n: int, result: str) -> None:
 
         def hop() -> None:
             dist.send(t, 1) if rank == 0 else dist.recv(t, 0)
-        rate = n / _best_time(hop, repeats=5)
+        rate = n / _best_time(hop, repeats=5, max_repeats=5)  # both ranks must hop the same number of times
         if rank == 1:
             Path(result).write_text(repr(rate))
     finally:
         dist.destroy_process_group()
+
+
+def copy_rates(device: torch.device) -> tuple[float, float]:
+    n = 256 << 20
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(n, dtype=torch.uint8, device=device)
+    sync = torch.cuda.synchronize
+    h2d = n / _best_time(lambda: dev.copy_(host, non_blocking=True), sync=sync)
+    d2h = n / _best_time(lambda: host.copy_(dev, non_blocking=True), sync=sync)
+    return h2d, d2h
 
 
 def stage_link_rate(device: torch.device) -> tuple[float, str]:
@@ -140,46 +172,386 @@ def stage_link_rate(device: torch.device) -> tuple[float, str]:
         return float(Path(result).read_text()), "gloo send/recv between two processes of this machine"
 
 
-def disk_rates(folder: Path) -> tuple[float, float, str]:
-    """(read, write) bytes/s of the folder's filesystem, bypassing the page cache where possible."""
+# ---------------------------------------------------------------- curves: transfers
+
+
+def copy_curves(device: torch.device) -> tuple[Curve, Curve]:
+    """(to the compute device, back to the host): seconds against the bytes of one copy, as the backend
+    copies (pinned host memory with a GPU; without one, a host memcpy both ways)."""
+    n = COPY_SIZES[-1]
+    if device.type != "cuda":
+        a, b = torch.empty(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
+        a.fill_(1)
+        c = monotone(Curve(COPY_SIZES, tuple(_best_time(lambda m=m: b[:m].copy_(a[:m])) for m in COPY_SIZES)))
+        return c, c
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(n, dtype=torch.uint8, device=device)
+    sync = torch.cuda.synchronize
+    up = tuple(_best_time(lambda m=m: dev[:m].copy_(host[:m], non_blocking=True), sync=sync) for m in COPY_SIZES)
+    down = tuple(_best_time(lambda m=m: host[:m].copy_(dev[:m], non_blocking=True), sync=sync) for m in COPY_SIZES)
+    return monotone(Curve(COPY_SIZES, up)), monotone(Curve(COPY_SIZES, down))
+
+
+def _open_test_file(folder: Path) -> tuple[int, Path, mmap.mmap]:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / ".flexgen-graph-disk-test"
-    buf = mmap.mmap(-1, DISK_TEST_BYTES)  # page-aligned, as O_DIRECT wants
+    buf = mmap.mmap(-1, DISK_TEST_BYTES)  # page-aligned
     buf.write(os.urandom(1 << 20) * (DISK_TEST_BYTES >> 20))
-    direct = getattr(os, "O_DIRECT", 0)
-    note = "O_DIRECT"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    return fd, path, buf
+
+
+def disk_curves(folder: Path) -> tuple[Curve, Curve, Curve, float, float]:
+    """(cold read, warm read, write) seconds against bytes of one transfer of the folder's filesystem,
+    and the cold read and the write rate of the largest. Reads as the engine reads: pread into memory;
+    cold ones after the file's pages are evicted (posix_fadvise), as the engine's cold weight reads do.
+    Writes as the engine writes scratch: pwrite, no fsync (the rates use one fsync'd write)."""
+    fd, path, buf = _open_test_file(folder)
+    view = memoryview(buf)
     try:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | direct, 0o600)
-        except OSError:
-            direct, note = 0, "page cache evicted with posix_fadvise (no O_DIRECT on this filesystem)"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            t = time.perf_counter()
-            os.pwrite(fd, buf, 0)
-            os.fsync(fd)
-            write = DISK_TEST_BYTES / (time.perf_counter() - t)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            t = time.perf_counter()
-            os.preadv(fd, [buf], 0)
-            read = DISK_TEST_BYTES / (time.perf_counter() - t)
-        finally:
-            os.close(fd)
+        t = time.perf_counter()
+        os.pwrite(fd, buf, 0)
+        os.fsync(fd)
+        write_rate = DISK_TEST_BYTES / (time.perf_counter() - t)
+
+        def read(n: int, cold: bool) -> float:
+            if cold:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            t0 = time.perf_counter()
+            done = 0
+            while done < n:
+                got = os.preadv(fd, [view[done:n]], done)
+                if got <= 0:
+                    break
+                done += got
+            return time.perf_counter() - t0
+
+        cold = tuple(min(read(n, True) for _ in range(2)) for n in DISK_SIZES)
+        read(DISK_TEST_BYTES, False)
+        warm = tuple(min(read(n, False) for _ in range(3)) for n in DISK_SIZES)
+
+        def write(n: int) -> float:
+            t0 = time.perf_counter()
+            os.pwrite(fd, view[:n], 0)
+            return time.perf_counter() - t0
+
+        writes = tuple(min(write(n) for _ in range(2)) for n in DISK_SIZES)
     finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        view.release()
+        buf.close()
+    return (monotone(Curve(DISK_SIZES, cold)), monotone(Curve(DISK_SIZES, warm)), monotone(Curve(DISK_SIZES, writes)),
+            DISK_SIZES[-1] / cold[-1], write_rate)
+
+
+# ---------------------------------------------------------------- curves: compute
+
+
+def monotone(c: Curve) -> Curve:
+    """The curve with each point lowered to the least time at any larger size: more work never takes less
+    time, so a point above a later one was slowed by something else (another job's turn on the cores)."""
+    ys, low = [], float("inf")
+    for y in reversed(c.ys):
+        low = min(low, y)
+        ys.append(low)
+    return Curve(c.xs, tuple(reversed(ys)))
+
+
+def _grow(fn, rows: tuple[int, ...] = ROWS, limit: int = ROWS[-1], sync=lambda: None) -> Curve:
+    """fn(rows) timed at growing rows until one call takes POINT_BUDGET_S or rows pass limit (made monotone)."""
+    xs, ys = [], []
+    for r in rows:
+        if r > limit:
+            break
+        t = _best_time(lambda: fn(r), sync=sync)
+        xs.append(float(r))
+        ys.append(t)
+        if t > POINT_BUDGET_S:
+            break
+    return monotone(Curve(tuple(xs), tuple(ys)))
+
+
+def matmul_curve(device: torch.device, dtype: torch.dtype) -> Curve:
+    """Seconds per FLOP of x @ w (w GENERIC x GENERIC, input-major as the engine stores it) against rows."""
+    k = GENERIC
+    w = torch.randn(k, k, device=device, dtype=dtype)
+    x = torch.randn(ROWS[-1], k, device=device, dtype=dtype)
+    c = _grow(lambda r: x[:r] @ w, sync=_sync_for(device))  # times, monotone; then per FLOP
+    return Curve(c.xs, tuple(t / (2 * r * k * k) for r, t in zip(c.xs, c.ys)))
+
+
+def _layer(spec: ModelSpec, layer: int, device: torch.device) -> dict[str, torch.Tensor]:
+    from runtime.kernels import layer_views
+
+    buf = torch.empty(spec.layer_bytes(layer), dtype=torch.uint8, device=device)
+    views = layer_views(spec, layer, buf)
+    g = torch.Generator(device="cpu").manual_seed(layer)
+    for t in views.values():  # small values: no overflow in half precision, no denormal slow paths
+        t.copy_((torch.randn(t.shape, generator=g) * 0.02).to(t.dtype))
+    return views
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of y against x (with an intercept), at least 0."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    return max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var) if var else 0.0
+
+
+def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
+    """The model's embedding, decoder and head kernels timed as the engine calls them (runtime.engine),
+    on random weights of the model's shapes and dtype, cycling through copies of each layer (ROTATE_BYTES)."""
+    from runtime import kernels
+    from runtime.compressed import CacheCodec, compress_layer, decompress_layer
+    from runtime.quant import QuantConfig
+
+    dtype, sync, host = kernels.TORCH_DTYPES[spec.dtype], _sync_for(device), torch.device("cpu")
+    H, KV, D = spec.hidden, spec.num_kv_heads, spec.head_dim
+    top = ROWS[-1]
+    out = []
+    n_layers = spec.num_graph_layers
+
+    def copies(layer: int) -> list[dict[str, torch.Tensor]]:
+        n = max(1, min(16, -(-ROTATE_BYTES // spec.layer_bytes(layer))))
+        return [_layer(spec, layer, device) for _ in range(n)]
+    embs, decs, heads = copies(0), copies(1), copies(n_layers - 1)
+    turn = [0]
+
+    def next_of(ws: list) -> dict[str, torch.Tensor]:
+        turn[0] += 1
+        return ws[turn[0] % len(ws)]
+    dec = decs[0]
+    ids = torch.randint(3, spec.vocab, (top, 1), device=device)
+    pos = torch.zeros(top, 1, dtype=torch.long, device=device)
+    hidden = torch.randn(top, 1, H, device=device, dtype=dtype) * 0.1
+    sink = torch.empty(top, 1, H, device=device, dtype=dtype)
+
+    def embed(r: int) -> None:
+        sink[:r].copy_(kernels.embed(spec, next_of(embs), ids[:r], pos[:r]))
+    out.append(LayerCurve("embed", spec.layer_bytes(0), spec.name, _grow(embed, sync=sync)))
+
+    cache = torch.zeros(2, 2, top, KV, D, device=device, dtype=dtype)
+    mask = torch.ones(top, 1, dtype=torch.bool, device=device)
+
+    def decoder(r: int) -> None:  # one new token per sequence, nothing cached before it
+        sink[:r].copy_(kernels.decoder(spec, next_of(decs), hidden[:r], cache[:, :, :r], 0, pos[:r], mask[:r]))
+    rows = _grow(decoder, sync=sync)
+
+    def attend_slope(dev: torch.device) -> float:
+        """Decode attention: seconds per sequence per context token (kernels.attend at growing context)."""
+        b, ctxs = 8, (64, 512, 1024)
+        c = torch.zeros(ctxs[-1], 2, b, KV, D, device=dev, dtype=dtype)
+        q = torch.randn(b, 1, spec.num_heads, D, device=dev, dtype=dtype)
+        kv = torch.randn(b, 1, KV, D, device=dev, dtype=dtype)
+        m = torch.ones(b, ctxs[-1], dtype=torch.bool, device=dev)
+        ts = [_best_time(lambda n=n: kernels.attend(spec, q, kv, kv, c, n - 1, m[:, :n]), sync=_sync_for(dev))
+              for n in ctxs]
+        return _slope([b * n for n in ctxs], ts)
+
+    def prefill_slope() -> float:
+        """Prefill attention over T new tokens: seconds per sequence per T^2 (T = 64, 256)."""
+        pts = []
+        for b, t in ((4, 64), (1, 256)):
+            c = torch.zeros(t, 2, b, KV, D, device=device, dtype=dtype)
+            q = torch.randn(b, t, spec.num_heads, D, device=device, dtype=dtype)
+            kv = torch.randn(b, t, KV, D, device=device, dtype=dtype)
+            m = torch.ones(b, t, dtype=torch.bool, device=device)
+            pts.append((b * t * t, _best_time(lambda: kernels.attend(spec, q, kv, kv, c, 0, m), sync=sync)))
+        return sum(x * y for x, y in pts) / sum(x * x for x, _ in pts)  # through the origin
+
+    cfg = QuantConfig(4, 64)
+
+    def dequant(layer: int, views: dict[str, torch.Tensor]) -> float:
+        """Seconds per dense byte of restoring the layer's 4-bit weights (runtime.compressed, as the engine)."""
+        src = torch.empty(spec.layer_bytes(layer), dtype=torch.uint8, device=device)
+        for name, t in kernels.layer_views(spec, layer, src).items():
+            t.copy_(views[name])
+        packed = torch.empty(spec.compressed_layer_bytes(layer, cfg), dtype=torch.uint8, device=device)
+        compress_layer(spec, layer, src, cfg, packed)
+        dense = torch.empty_like(src)
+        return _best_time(lambda: decompress_layer(spec, layer, packed, cfg, dense), sync=sync) / spec.layer_bytes(layer)
+    w_deq = dequant(1, dec)
+    b, n = 8, 512
+    codec = CacheCodec(spec, b, cfg)
+    cbuf = torch.zeros(n * codec.row_bytes, dtype=torch.uint8, device=device)
+    rows_kv = torch.randn(n, 2, b, KV, D, device=device, dtype=dtype)
+    codec.store(cbuf, rows_kv, 0)
+    dense_c = torch.empty(n, 2, b, KV, D, device=device, dtype=dtype)
+    c_deq = _best_time(lambda: codec.load(cbuf, dense_c, n), sync=sync) / dense_c.numel() / dense_c.element_size()
+    on_dev = attend_slope(device)
+    out.append(LayerCurve("decoder", spec.layer_bytes(1), spec.name, rows, attn_s=on_dev,
+                          attn_cpu_s=on_dev if device.type == "cpu" else attend_slope(host),
+                          prefill_attn_s=prefill_slope(), dequant_s_per_byte=w_deq, cache_dequant_s_per_byte=c_deq))
+
+    def head_op(r: int) -> None:
+        kernels.head(spec, next_of(heads), hidden[:r]).argmax(dim=-1)
+    out.append(LayerCurve("head", spec.layer_bytes(n_layers - 1), spec.name, _grow(head_op, sync=sync),
+                          dequant_s_per_byte=dequant(n_layers - 1, heads[0])))
+    out[0] = dataclasses.replace(out[0], dequant_s_per_byte=dequant(0, embs[0]))
+    assert spec.layer_kind(n_layers - 1) is LayerKind.HEAD
+    return out
+
+
+# ---------------------------------------------------------------- how streams interact
+
+
+def handoff(device: torch.device) -> float:
+    """What an op costs more when the streams run on worker threads (runtime.backend's workers) than
+    inline: a chain of small compute ops alternating between two streams, each waiting on the last."""
+    from flexgen_graph.ir import Tier
+    from flexgen_graph.program import Stream
+    from runtime.backend import CpuBackend
+
+    x = torch.randn(16, 576, device=device)
+    w = torch.randn(576, 576, device=device)
+    n = 200
+    streams = (Stream.COMPUTE, Stream.LOAD)
+    sync = _sync_for(device)
+
+    def chain(backend: CpuBackend) -> float:
+        events = backend.new_events(n)
+
+        def run() -> None:
+            for ev in events:
+                ev.clear()
+            for i in range(n):
+                backend.submit(streams[i % 2], lambda: x @ w, [events[i - 1]] if i else [], events[i])
+            backend.drain(events)
+        return _best_time(run, sync=sync)
+
+    budget = {t: 1 << 40 for t in Tier}
+    threaded, inline = CpuBackend(budget, Path("."), overlap=True), CpuBackend(budget, Path("."), overlap=False)
+    try:
+        return max(0.0, (chain(threaded) - chain(inline)) / n)
+    finally:
+        threaded.close()
+        inline.close()
+
+
+def _busy_loop(device: torch.device, seconds: float = 0.15):
+    """A compute workload of about `seconds` on the device (matmuls, as a layer's), returned as a callable."""
+    k = 1024
+    x, w = torch.randn(256, k, device=device), torch.randn(k, k, device=device)
+    one = _best_time(lambda: x @ w, sync=_sync_for(device))
+    reps = max(1, int(seconds / max(one, 1e-6)))
+
+    def work() -> None:
+        for _ in range(reps):
+            x @ w
+        _sync_for(device)()
+    return work
+
+
+def share_of(transfer, work) -> float:
+    """The compute time lost per second of transfer running beside it (0: no interference, 1: they take
+    turns), where `transfer()` does one unit and returns its isolated seconds."""
+    alone = _best_time(work)
+    unit = _best_time(transfer)
+    stop, done = threading.Event(), [0]
+
+    def background() -> None:
+        while not stop.is_set():
+            transfer()
+            done[0] += 1
+    losses = []
+    for _ in range(3):
+        done[0] = 0
+        stop.clear()
+        th = threading.Thread(target=background, daemon=True)
+        th.start()
+        t = time.perf_counter()
+        work()
+        wall = time.perf_counter() - t
+        stop.set()
+        th.join()
+        if done[0]:
+            losses.append(max(0.0, wall - alone) / (done[0] * unit))
+    return min(1.0, min(losses)) if losses else 0.0
+
+
+def interference(device: torch.device, folder: Path) -> tuple[float, float]:
+    """(copy share, disk-read share): what compute loses to host copies and to disk reads beside it."""
+    work = _busy_loop(device)
+    n = 16 << 20
+    if device.type == "cuda":
+        host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        dev = torch.empty(n, dtype=torch.uint8, device=device)
+
+        def copy() -> None:
+            dev.copy_(host, non_blocking=True)
+            torch.cuda.current_stream().synchronize()
+    else:
+        a, b = torch.ones(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
+
+        def copy() -> None:
+            b.copy_(a)
+    copy_share = share_of(copy, work)
+    fd, path, buf = _open_test_file(folder)
+    try:
+        os.pwrite(fd, buf, 0)
+        os.fsync(fd)
+        view = memoryview(buf)
+
+        def read() -> None:
+            os.posix_fadvise(fd, 0, n, os.POSIX_FADV_DONTNEED)
+            os.preadv(fd, [view[:n]], 0)
+        disk_share = share_of(read, work)
+        view.release()
+    finally:
+        os.close(fd)
         path.unlink(missing_ok=True)
         buf.close()
-    return read, write, note
+    return copy_share, disk_share
 
 
-def measure(offload_dir: Path, name: str = "measured") -> tuple[HardwareProfile, list[str]]:
+def available_ram() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+# ---------------------------------------------------------------- the profile
+
+
+def calibrate(device: torch.device, dtype: torch.dtype, folder: Path, models: list[ModelSpec] = (),
+              notes: list[str] | None = None, disk: tuple | None = None) -> Calibration:
+    """The Calibration of this machine, with layer curves for each model (disk: disk_curves(folder)'s
+    result when the caller has it)."""
+    notes = notes if notes is not None else []
+    t = time.perf_counter()
+    to_dev, to_host = copy_curves(device)
+    cold, warm, write, _, _ = disk if disk is not None else disk_curves(folder)
+    copy_share, disk_share = interference(device, folder)
+    layers: list[LayerCurve] = []
+    for spec in models:
+        layers += layer_curves(spec, device)
+    cal = Calibration(
+        method="curves", matmul_s_per_flop=matmul_curve(device, dtype), gpu_from_cpu_s=to_dev, cpu_from_gpu_s=to_host,
+        disk_read_cold_s=cold, disk_read_warm_s=warm, disk_write_s=write, op_s=0.0, handoff_s=handoff(device),
+        copy_share=copy_share, disk_share=disk_share, page_cache_bytes=available_ram() // 2, layers=tuple(layers))
+    notes.append(f"calibration ({time.perf_counter() - t:.0f} s): hand-off {cal.handoff_s * 1e6:.0f} us per op, compute "
+                 f"loses {copy_share:.2f} s per s of host copy and {disk_share:.2f} per s of cold disk read beside it"
+                 + "".join(f"; {s.name} ({s.dtype}) layers timed" for s in models))
+    return cal
+
+
+def measure(offload_dir: Path, name: str = "measured", models: list[ModelSpec] = ()) -> tuple[HardwareProfile, list[str]]:
+    """This machine's profile; `models`: the models whose layers the calibration times at their shapes."""
     notes: list[str] = []
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     disk_free = shutil.disk_usage(offload_dir if offload_dir.exists() else offload_dir.parent).free
     cpu = torch.device("cpu")
     cpu_rows, cpu_peak = min_rows(cpu, torch.float32)
     cpu_bw = memory_bandwidth(cpu)
-    read, write, how = disk_rates(offload_dir)
-    notes.append(f"disk rates measured with {how}")
+    disk = disk_curves(offload_dir)
+    read, write = disk[3], disk[4]
+    notes.append("disk rates measured with page-cache evicted reads (posix_fadvise), as the engine's cold reads")
     if torch.cuda.is_available():
         dev = torch.device("cuda")
         rows, peak = min_rows(dev, torch.float16)
@@ -193,7 +565,8 @@ def measure(offload_dir: Path, name: str = "measured") -> tuple[HardwareProfile,
             gpu_attn_flops_per_s=attention_rate(dev, torch.float16), cpu_matmul_flops_per_s=cpu_peak,
             cpu_mem_bytes_per_s=cpu_bw, gpu_mem_bytes_per_s=memory_bandwidth(dev), matmul_min_rows=rows,
             compute_op_overhead_s=op_overhead(dev), gpu_dequant_bytes_per_s=dequant_rate(dev),
-            cpu_dequant_bytes_per_s=dequant_rate(cpu), stage_link_bytes_per_s=link)
+            cpu_dequant_bytes_per_s=dequant_rate(cpu), stage_link_bytes_per_s=link, machine=machine(dev),
+            calibration=calibrate(dev, torch.float16, offload_dir, list(models), notes, disk))
         notes.append(f"GPU: {torch.cuda.get_device_name(dev)}, fp16 rates")
     else:
         # no GPU: the "GPU" tier is a third of RAM and "GPU" compute is this CPU (float32)
@@ -206,8 +579,28 @@ def measure(offload_dir: Path, name: str = "measured") -> tuple[HardwareProfile,
             gpu_attn_flops_per_s=attention_rate(cpu, torch.float32), cpu_matmul_flops_per_s=cpu_peak,
             cpu_mem_bytes_per_s=cpu_bw, gpu_mem_bytes_per_s=cpu_bw, matmul_min_rows=cpu_rows,
             compute_op_overhead_s=op_overhead(cpu), gpu_dequant_bytes_per_s=dequant_rate(cpu),
-            cpu_dequant_bytes_per_s=dequant_rate(cpu), stage_link_bytes_per_s=link)
+            cpu_dequant_bytes_per_s=dequant_rate(cpu), stage_link_bytes_per_s=link, machine=machine(cpu),
+            calibration=calibrate(cpu, torch.float32, offload_dir, list(models), notes, disk))
         notes.append("no GPU: the gpu tier is a third of RAM, gpu rates are this CPU's (float32)")
     notes.append(f"stage link: {link_how}; a link between machines is not seen from here (compile "
                  "--stage-link-gbps gives it)")
     return prof, notes
+
+
+def add_models(profile: HardwareProfile, models: list[ModelSpec], notes: list[str] | None = None) -> HardwareProfile:
+    """The profile with layer curves for models it does not know yet (measured here: the caller checks the
+    profile is this machine's)."""
+    cal = profile.calibration
+    assert cal is not None, "add_models needs a calibrated profile"
+    device = torch.device("cuda" if profile.has_gpu and torch.cuda.is_available() else "cpu")
+    new = [s for s in models if cal.layer("decoder", s.layer_bytes(1)) is None
+           or cal.layer("head", s.layer_bytes(s.num_graph_layers - 1)) is None]
+    if not new:
+        return profile
+    t = time.perf_counter()
+    layers = list(cal.layers)
+    for spec in new:
+        layers += layer_curves(spec, device)
+    if notes is not None:
+        notes.append(f"timed the layers of {', '.join(s.name for s in new)} in {time.perf_counter() - t:.0f} s")
+    return dataclasses.replace(profile, calibration=dataclasses.replace(cal, layers=tuple(layers)))

@@ -1,4 +1,5 @@
-"""`flexgen-graph profile`: a measured profile round-trips and `compile --profile FILE` uses its figures."""
+"""`flexgen-graph profile`: a measured profile round-trips and `compile --profile FILE` uses its figures
+(refusals and re-measuring under auto: tests/test_calibration.py)."""
 
 import dataclasses
 import json
@@ -15,6 +16,10 @@ def test_measured_profile_round_trips_and_is_plausible(tmp_path):
     assert prof.cpu_matmul_flops_per_s > 1e9 and prof.cpu_mem_bytes_per_s > 1e9
     assert prof.cpu_from_disk_bytes_per_s > 1e6 and prof.disk_from_cpu_bytes_per_s > 1e6
     assert any("disk rates measured with" in n for n in notes)
+    cal = prof.calibration  # what the cost model prices with (tests/test_calibration.py checks how)
+    assert cal is not None and cal.method == "curves" and cal.layers == ()
+    assert all(getattr(cal, c).ys[-1] > 0 for c in cal.CURVES)
+    assert prof.machine.startswith("cpu=") and "cores=" in prof.machine
     save_profile(prof, tmp_path / "p.json")
     assert load_profile(str(tmp_path / "p.json")) == prof
     assert not list((tmp_path / "off").glob(".flexgen-graph-disk-test*")), "the disk test file is removed"
@@ -35,18 +40,3 @@ def test_compile_uses_the_profile_files_figures(tmp_path, capsys):
     assert main(["inspect", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["profile"] == "tiny-box"
     assert HardwareProfile.from_dict(small.to_dict()) == small
-
-
-def test_auto_remeasures_a_cached_profile_from_another_version(tmp_path, monkeypatch, capsys):
-    from flexgen_graph.app import cli
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    old = load_profile("cpu-small").to_dict()
-    del old["gpu_dequant_bytes_per_s"]  # a field this version added
-    cached = tmp_path / "flexgen-graph" / "profile.json"
-    cached.parent.mkdir(parents=True)
-    cached.write_text(json.dumps(old))
-    prof = cli._profile("auto", tmp_path / "off")
-    assert prof.name == "auto" and prof.gpu_dequant_bytes_per_s > 0
-    assert "re-measuring this machine" in capsys.readouterr().err
-    assert load_profile(str(cached)) == prof  # the new measurement replaced the old file

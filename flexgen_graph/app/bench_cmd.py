@@ -21,6 +21,8 @@ SCENARIOS = {
     "g1": "OPT-13B fp16, 16 GB GPU cap, prompt 512, generation 32 (needs a CUDA GPU; prints 'not run' without one)",
     "compression": "4-bit / 8-bit weights and cache through the runtime vs uncompressed: tokens/s and agreement",
     "pipeline": "the same job as one process and as an S-stage pipeline under torchrun (outputs checked equal)",
+    "fidelity": "the plans' predicted tokens/s, prefill and decode step against the engine's, scenario by scenario",
+    "ranking": "the planner's fastest predicted policies and a few random ones, ranked as predicted and as measured",
 }
 
 
@@ -46,6 +48,7 @@ def load_scenario(name: str):
                                 f"checkout, not the installed package)")
     spec = importlib.util.spec_from_file_location(f"flexgen_graph_bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while a class is built
     spec.loader.exec_module(module)
     return module
 

@@ -177,9 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "--stages makes it a pipeline)")
     _add_compile_args(r, required=False)
 
-    pr = sub.add_parser("profile", help="measure this machine into a hardware profile (under a minute)")
+    pr = sub.add_parser("profile", help="measure this machine into a hardware profile (about a minute)",
+                        description="Measure this machine: capacities, rates, and a calibration of the cost model "
+                                    "(transfers by size, disk reads cold and warm, hand-offs, and each --model's "
+                                    "layers at its own shapes). `run` refuses a profile file measured on another "
+                                    "machine; `compile` takes it (it compiles for that machine).")
     pr.add_argument("-o", "--output", help="profile file to write (JSON; default: print it)")
     pr.add_argument("--offload-dir", default=".", help="folder whose disk is measured (default: here)")
+    pr.add_argument("--model", action="append", default=[],
+                    help="calibrate for this model's shapes (a catalog id, checkpoint folder or .gguf; repeatable)")
+    pr.add_argument("--method", choices=["curves", "fit"], default="fit",
+                    help="fit (default): the measured curves, then how they combine fitted to short runs of the "
+                         "engine; curves: the isolated measurements alone (BENCHMARKS.md compares them)")
+    pr.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                    help="the --model dtype to calibrate (default: float16 with a GPU, float32 without)")
 
     i = sub.add_parser("inspect", help="show a plan's policy, predictions and memory peaks")
     i.add_argument("plan", help="a compiled .fgplan file")
@@ -190,10 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _profile(name: str | None, offload_dir: Path | None = None):
+def _profile(name: str | None, offload_dir: Path | None = None, models=(), here: bool = False):
     from flexgen_graph.app.plans import profile_for
 
-    return profile_for(name, offload_dir)
+    return profile_for(name, offload_dir, models, here)
 
 
 def _fixed(args) -> dict:
@@ -241,7 +252,8 @@ def cmd_compile(args) -> int:
     if args.weights:
         source = weights_source_for(args.weights, source)
     options = compile_options(args, source)
-    plans = planner.compile(spec, _profile(args.profile), [Workload(n, args.gen_len) for n in args.prompt_len], options)
+    plans = planner.compile(spec, _profile(args.profile, models=[spec]), [Workload(n, args.gen_len) for n in args.prompt_len],
+                            options)
     planfile.save_set(plans, args.output)
     for plan in plans:
         where = ""
@@ -417,6 +429,8 @@ def _prepare(args, plans, rank, pipeline, talk: bool) -> _Setup:
             _check_plan_args(plans, args)
             spec, source = plans[0].spec, plans[0].weights_source
         else:
+            if args.profile not in (None, "auto", "local"):
+                _profile(args.profile, here=True)  # a profile file of another machine fails before any work
             spec, source = resolve_model(args.model or DEFAULT_MODEL, _dtype(args))
         if args.weights:
             source = weights_source_for(args.weights, source)
@@ -563,16 +577,20 @@ def _cached_plans(spec, args, workload, source: str, cache_dir: Path, max_block_
     """The plan for this job (a plan per stage with --stages), compiled once and cached."""
     from flexgen_graph.app.plans import cached_plans
 
-    return cached_plans(spec, _profile(args.profile), workload, compile_options(args, source, max_block_size),
-                        cache_dir)
+    return cached_plans(spec, _profile(args.profile, models=[spec], here=True), workload,
+                        compile_options(args, source, max_block_size), cache_dir)
 
 
 def cmd_profile(args) -> int:
+    from flexgen_graph.app.calibrate import measure_profile
+    from flexgen_graph.app.models import resolve_model
     from flexgen_graph.hardware import save_profile
-    from runtime.profiler import measure
 
     t = time.perf_counter()
-    prof, notes = measure(Path(args.offload_dir), name=Path(args.output).stem if args.output else "measured")
+    dtype = args.dtype or ("float16" if _cuda_visible() else "float32")
+    models = [resolve_model(m, dtype)[0] for m in args.model]  # a bad --model fails before any measuring
+    prof, notes = measure_profile(Path(args.offload_dir), Path(args.output).stem if args.output else "measured",
+                                  models, method=args.method)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     if args.output:

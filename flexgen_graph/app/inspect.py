@@ -18,6 +18,7 @@ The timeline is the planner's (planner.timeline): the decode program replayed on
 
 from __future__ import annotations
 
+from flexgen_graph.hardware import assumed_fields
 from flexgen_graph.ir import TIERS, Phase, Tier
 from flexgen_graph.planfile import Plan
 from flexgen_graph.program import OpKind
@@ -52,6 +53,7 @@ def describe(plan: Plan, *, with_simulation: bool = True) -> dict:
     tiers = {t.value: {"capacity_bytes": caps[t], "predicted_peak_bytes": pred.peak_bytes[t.value]} for t in TIERS}
     out = {
         "model": plan.spec.name, "dtype": plan.spec.dtype, "profile": plan.profile.name,
+        "profile_assumed": list(assumed_fields(plan.profile)),  # builtin figures never measured
         "workload": plan.workload.to_dict(), "weights_source": plan.weights_source,
         "policy": plan.policy.to_dict(), "block_size": plan.block_size, "predictions": pred.to_dict(),
         "binding": pred.binding, "binding_constraint": pred.binding_constraint, "tight": list(pred.tight),
@@ -98,7 +100,8 @@ def describe_text(plan: Plan, *, with_simulation: bool = True) -> str:
 
     lines = [
         f"model     {d['model']} ({d['dtype']}), weights {d['weights_source'] or '(none recorded)'}",
-        f"profile   {d['profile']}",
+        f"profile   {d['profile']}" + (f" (assumed, never measured: {', '.join(d['profile_assumed'])})"
+                                         if d["profile_assumed"] else ""),
         f"workload  prompt {d['workload']['prompt_len']}, " + (f"score its last {d['workload']['gen_len']} positions "
                                                                "(prefill alone)" if d["workload"].get("score") else
                                                                f"generate {d['workload']['gen_len']}"),

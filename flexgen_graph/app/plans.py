@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,31 +31,27 @@ from flexgen_graph.spec import ModelSpec
 from planner.compile import CompileOptions
 
 
-def profile_for(name: str | None, offload_dir: Path | None = None) -> HardwareProfile:
+def profile_for(name: str | None, offload_dir: Path | None = None, models=(), here: bool = False) -> HardwareProfile:
     """A builtin profile or a profile file by name; "local" (the default): cpu-small's rates with this
-    machine's RAM and disk; "auto": this machine, measured once by the profiler and cached."""
-    from flexgen_graph.hardware import load_profile, save_profile
+    machine's RAM and disk; "auto": this machine, measured once and cached (again when the cached one is
+    from another version or machine), with layer curves for `models`; here: the profile must describe
+    this machine (a file measured elsewhere is refused)."""
+    from flexgen_graph.hardware import load_profile
 
     name = name or "local"
     if name == "auto":
-        # measure once, then reuse: a profile is a property of the machine, not of the job
+        from flexgen_graph.app.calibrate import auto_profile
         from flexgen_graph.app.models import default_cache_dir
-        from flexgen_graph.hardware import BadProfileError
 
-        cached = default_cache_dir() / "profile.json"
-        if cached.is_file():
-            try:
-                return load_profile(str(cached))
-            except BadProfileError as e:  # written by another version (fields added since): measure again
-                print(f"re-measuring this machine: the cached profile is from another version ({e})", file=sys.stderr)
-        from runtime.profiler import measure
-
-        print(f"measuring this machine (once; cached in {cached}) ...", file=sys.stderr)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        save_profile(measure(offload_dir or Path.cwd(), name="auto")[0], cached)
-        return load_profile(str(cached))
+        # measure once, then reuse: a profile is a property of the machine, not of the job
+        return auto_profile(default_cache_dir() / "profile.json", offload_dir or Path.cwd(), list(models))
     if name != "local":
-        return load_profile(name)
+        prof = load_profile(name)
+        if here:
+            from flexgen_graph.app.calibrate import check_machine
+
+            check_machine(prof, f"profile {name}")
+        return prof
     from flexgen_graph.hardware import BUILTIN_PROFILES
 
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -1,0 +1,241 @@
+"""Profiles for `flexgen-graph profile` and `--profile auto`: measured (runtime.profiler), optionally with
+the calibration's interaction constants fitted to timed runs of the real engine, and checked against
+this machine.
+
+    prof, notes = measure_profile(Path("."), "here", [spec], method="fit")
+    prof = for_models(prof, [spec])          # layer curves for a model the profile does not know yet
+
+Two methods, compared by bench/fidelity.py (BENCHMARKS.md, "Plan fidelity"):
+- "curves": every figure measured in isolation (the kernels at the model's shapes, copies and reads by
+  size, a thread hand-off, the compute lost beside a copy or a read);
+- "fit": the same curves, then the constants that say how the pieces combine in the engine (a compute
+  scale, the fixed cost per op, the hand-off per op, the compute lost per second of copy and of disk
+  read) fitted by non-negative least squares (fit_constants) to short runs of the engine over a few small policies
+  (FIT_RUNS, SmolLM2-135M with seeded weights: the constants are the machine's, not the model's), each
+  run's prefill and median decode step against the cost model's compute stream (planner.cost.stream_sums)
+  split into the parts the constants multiply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec
+from flexgen_graph.errors import UserError
+from flexgen_graph.hardware import Calibration, HardwareProfile, load_profile, machine_mismatch, save_profile
+from flexgen_graph.ir import TIERS, Phase, Workload
+from flexgen_graph.policy import Placement
+from flexgen_graph.spec import ModelSpec
+
+METHODS = ("curves", "fit")
+GPU, CPU, DISK = (Placement.all_on(t) for t in TIERS)
+FIT_WORKLOAD = Workload(32, 8)
+# (what it exercises, gpu batch size, gpu batches, forced placement): small policies, each quick to run
+FIT_RUNS = (
+    ("in RAM, batch 1", 1, 1, {"weights": GPU, "cache": GPU, "hidden": GPU}),
+    ("in RAM, batch 8", 8, 1, {"weights": GPU, "cache": GPU, "hidden": GPU}),
+    ("in RAM, batch 32", 32, 1, {"weights": GPU, "cache": GPU, "hidden": GPU}),
+    ("in RAM, 8 x 2", 8, 2, {"weights": GPU, "cache": GPU, "hidden": GPU}),
+    ("hidden states on the CPU tier (threads)", 8, 1, {"weights": GPU, "cache": GPU, "hidden": CPU}),
+    ("weights on the CPU tier", 8, 1, {"weights": CPU, "cache": GPU, "hidden": GPU}),
+    ("cache on the CPU tier", 8, 1, {"weights": GPU, "cache": CPU, "hidden": GPU}),
+    ("weights on disk", 8, 1, {"weights": DISK, "cache": GPU, "hidden": GPU}),
+)
+# the fitted unknowns: compute_scale, then compute_scale times op_s, handoff_s, then the two shares
+FEATURES = ("kernels", "ops", "handoff", "copies", "disk")
+
+
+class ProfileMachineError(UserError):
+    """A profile measured on another machine, used where it must describe this one."""
+
+
+def _zeroed(cal: Calibration, **one: float) -> Calibration:
+    base = dict(op_s=0.0, handoff_s=0.0, copy_share=0.0, disk_share=0.0, compute_scale=1.0)
+    base.update(one)
+    return dataclasses.replace(cal, **base)
+
+
+def features(plan, disk: str | None = None) -> dict[Phase, dict[str, float]]:
+    """The compute stream of a plan's prefill and decode step split into what each fitted constant
+    multiplies: the kernels' measured times, compute ops, ops paying the hand-off, seconds of host
+    copies and of disk reads (the stream is linear in them)."""
+    from planner.cost import stream_sums
+    from planner.memory import policy_compression
+    from planner.timeline import plan_graph
+
+    cal = plan.profile.calibration
+    g = plan_graph(plan)
+    comp = policy_compression(plan.spec, plan.policy) if plan.policy.compresses else None
+
+    def compute(**one: float) -> dict[Phase, float]:
+        prof = dataclasses.replace(plan.profile, calibration=_zeroed(cal, **one))
+        return {ph: v["compute"] for ph, v in stream_sums(g, prof, plan.policy, comp=comp, disk=disk).items()}
+    base = compute()
+    parts = {"ops": compute(op_s=1.0), "handoff": compute(handoff_s=1.0), "copies": compute(copy_share=1.0),
+             "disk": compute(disk_share=1.0)}
+    return {ph: {"kernels": base[ph], **{k: v[ph] - base[ph] for k, v in parts.items()}} for ph in base}
+
+
+def nnls(rows: list[list[float]], ys: list[float], weights: list[float]) -> list[float]:
+    """Non-negative least squares, weighted, by trying every set of free unknowns (a handful of them)."""
+    import numpy as np
+
+    a = np.asarray(rows, float) * np.asarray(weights, float)[:, None]
+    y = np.asarray(ys, float) * np.asarray(weights, float)
+    n = a.shape[1]
+    best, best_err = [0.0] * n, float(np.sum(y ** 2))
+    for k in range(1, n + 1):
+        for free in itertools.combinations(range(n), k):
+            sub = a[:, free]
+            if np.linalg.matrix_rank(sub) < k:
+                continue
+            x, *_ = np.linalg.lstsq(sub, y, rcond=None)
+            if (x < 0).any():
+                continue
+            err = float(np.sum((sub @ x - y) ** 2))
+            if err < best_err:
+                best_err, best = err, [0.0] * n
+                for i, v in zip(free, x):
+                    best[i] = float(v)
+    return best
+
+
+SCALE_RANGE = (0.5, 2.0)  # how far the fit may rescale the measured kernels: beyond, the runs were disturbed
+
+
+def fit_constants(rows: list[list[float]], ys: list[float]) -> list[float]:
+    """FEATURES' constants in two stages, so that collinear parts do not trade off against each other: the
+    compute scale and the cost per op from the runs that move nothing (their hand-off, copy and disk parts
+    are 0), then the hand-off and the shares from the others' residuals. Relative errors: a batch-1 decode
+    step weighs as much as a prefill. The scale is held within SCALE_RANGE."""
+    still = [i for i, r in enumerate(rows) if not any(r[2:])]
+    moving = [i for i in range(len(rows)) if i not in still]
+    k, per_op = nnls([rows[i][:2] for i in still], [ys[i] for i in still], [1 / ys[i] for i in still]) if still \
+        else (1.0, 0.0)
+    if not SCALE_RANGE[0] <= k <= SCALE_RANGE[1]:
+        k = min(max(k, SCALE_RANGE[0]), SCALE_RANGE[1])
+        [per_op] = nnls([[rows[i][1]] for i in still], [ys[i] - k * rows[i][0] for i in still],
+                        [1 / ys[i] for i in still]) if still else [0.0]
+    rest = [0.0, 0.0, 0.0]
+    if moving:
+        rest = nnls([rows[i][2:] for i in moving], [ys[i] - k * rows[i][0] - per_op * rows[i][1] for i in moving],
+                    [1 / ys[i] for i in moving])
+    return [k, per_op, *rest]
+
+
+def _time(plan, store, prompts: list[list[int]], repeats: int = 2) -> dict[Phase, float]:
+    """Prefill seconds and the median decode step of the fastest of `repeats` runs of the engine (after a
+    warm-up run): the profile's curves are best-of figures too."""
+    from runtime.engine import Engine
+
+    best = None
+    with tempfile.TemporaryDirectory(prefix="flexgen-fit-") as off, Engine(plan, store, off) as eng:
+        eng.generate(prompts, ignore_eos=True)
+        for _ in range(repeats):
+            eng.step_times.clear()
+            eng.generate(prompts, ignore_eos=True)
+            times = list(eng.step_times)
+            got = {Phase.PREFILL: next(s for n, s in times if n == "prefill"),
+                   Phase.DECODE: statistics.median(s for n, s in times if n == "decode")}
+            if best is None or sum(got.values()) < sum(best.values()):
+                best = got
+    return best
+
+
+def fit(profile: HardwareProfile, notes: list[str], cache_dir: Path | None = None) -> HardwareProfile:
+    """The profile with its calibration's interaction constants fitted to FIT_RUNS (method "fit")."""
+    from flexgen_graph.app.api import compile_plan
+    from flexgen_graph.app.models import default_cache_dir, open_store
+
+    spec = catalog_spec(DEFAULT_MODEL)
+    profile = for_models(profile, [spec], notes)
+    store = open_store("dummy:0", spec, cache_dir or default_cache_dir())
+    rows, ys, labels = [], [], []
+    rng = random.Random(0)
+    for label, b, nb, fixed in FIT_RUNS:
+        plan = compile_plan(spec, profile, FIT_WORKLOAD, gpu_batch_size=b, num_gpu_batches=nb, fixed=fixed,
+                            weights_source="dummy:0")
+        prompts = [[rng.randrange(3, spec.vocab) for _ in range(FIT_WORKLOAD.prompt_len)] for _ in range(b * nb)]
+        measured, feats = _time(plan, store, prompts), features(plan)
+        for ph in (Phase.PREFILL, Phase.DECODE):
+            rows.append([feats[ph][f] for f in FEATURES])
+            ys.append(measured[ph])
+            labels.append(f"{label}, {ph.value}")
+    x = fit_constants(rows, ys)
+    scale = x[0]
+    cal = dataclasses.replace(profile.calibration, method="fit", compute_scale=scale, op_s=x[1] / scale,
+                              handoff_s=x[2] / scale, copy_share=x[3], disk_share=x[4])
+    worst = max(zip(labels, ys, (sum(f * v for f, v in zip(r, x)) for r in rows)), key=lambda t: abs(t[2] / t[1] - 1))
+    notes.append(f"fitted to {len(FIT_RUNS)} engine runs: compute x{scale:.3f}, {cal.op_s * 1e6:.0f} us per op, "
+                 f"hand-off {cal.handoff_s * 1e6:.0f} us per op, compute loses {cal.copy_share:.2f} s per s of copy "
+                 f"and {cal.disk_share:.2f} per s of disk read; worst fitted point {worst[0]}: predicted / measured "
+                 f"{worst[2] / worst[1]:.2f}")
+    return dataclasses.replace(profile, calibration=cal)
+
+
+def measure_profile(offload_dir: Path, name: str, models: list[ModelSpec] = (), method: str = "fit",
+                    cache_dir: Path | None = None) -> tuple[HardwareProfile, list[str]]:
+    """This machine's profile, calibrated for `models`, by `method` (METHODS)."""
+    from runtime.profiler import measure
+
+    if method not in METHODS:
+        raise UserError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
+    prof, notes = measure(offload_dir, name=name, models=list(models))
+    if method == "fit":
+        prof = fit(prof, notes, cache_dir)
+    return prof, notes
+
+
+def for_models(profile: HardwareProfile, models: list[ModelSpec], notes: list[str] | None = None) -> HardwareProfile:
+    """The profile with layer curves for every model in `models` (timed now for those it lacks)."""
+    from runtime.profiler import add_models
+
+    return add_models(profile, models, notes)
+
+
+def check_machine(profile: HardwareProfile, what: str) -> None:
+    """Refuse a profile measured on another machine where it must describe this one."""
+    from runtime.profiler import machine
+
+    diff = machine_mismatch(profile, machine())
+    if diff:
+        raise ProfileMachineError(f"{what} was measured on another machine (machine: {diff}): measure this one with "
+                                  "`flexgen-graph profile`, or use --profile auto")
+
+
+def auto_profile(cached: Path, offload_dir: Path, models: list[ModelSpec] = ()) -> HardwareProfile:
+    """The cached profile of this machine, measured (again) when missing, from another version or machine,
+    and extended with layer curves for `models`."""
+    from flexgen_graph.hardware import BadProfileError
+    from runtime.profiler import machine
+
+    prof = None
+    if cached.is_file():
+        try:
+            prof = load_profile(str(cached))
+        except BadProfileError as e:  # another version, or a damaged file: measure again
+            print(f"re-measuring this machine: the cached profile is unusable ({e})", file=sys.stderr)
+        if prof is not None and (prof.calibration is None or machine_mismatch(prof, machine())):
+            print(f"re-measuring this machine: the cached profile was measured on another one "
+                  f"({machine_mismatch(prof, machine()) or 'no calibration'})", file=sys.stderr)
+            prof = None
+    notes: list[str] = []
+    if prof is None:
+        print(f"measuring this machine (once; cached in {cached}) ...", file=sys.stderr)
+        prof, notes = measure_profile(offload_dir, "auto", models)
+    else:
+        extended = for_models(prof, list(models), notes)
+        if extended == prof:
+            return prof
+        prof = extended
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    save_profile(prof, cached)
+    return prof

@@ -1,0 +1,340 @@
+"""The calibrated cost model: profile files refused naming what is wrong, the cost terms read off the
+curves they came from (checked by hand), the fit, and the fidelity benchmark's quick mode."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+
+import pytest
+
+from flexgen_graph.app import calibrate
+from flexgen_graph.app.cli import _profile, main
+from flexgen_graph.hardware import (
+    BadProfileError,
+    Calibration,
+    Curve,
+    LayerCurve,
+    load_profile,
+    machine_mismatch,
+    save_profile,
+)
+from flexgen_graph.ir import Block, Phase, Tier, Workload
+from flexgen_graph.lower import lower
+from flexgen_graph.policy import Placement, Policy
+from planner.cost import (
+    THREADED,
+    evaluate,
+    phase_costs,
+    policy_fracs,
+    stream_sums,
+)
+from tests.test_planner import tiny_spec
+
+GPU, CPU, DISK = (Placement.all_on(t) for t in (Tier.GPU, Tier.CPU, Tier.DISK))
+ON_GPU = dict(weights=GPU, cache=GPU, hidden=GPU)
+
+
+def toy_calibration(spec=None, **kw) -> Calibration:
+    """Round numbers, so every cost term can be worked out by hand."""
+    lines = Curve((1.0, 1e9), (1e-3, 1e-3))  # 1 ms per transfer of up to 1 GB
+    base = dict(method="curves", matmul_s_per_flop=Curve((1.0, 4.0), (4e-9, 1e-9)), gpu_from_cpu_s=lines,
+                cpu_from_gpu_s=lines, disk_read_cold_s=lines.scaled(10), disk_read_warm_s=lines.scaled(2),
+                disk_write_s=lines.scaled(5), op_s=1e-4, handoff_s=2e-4, copy_share=0.5, disk_share=0.25,
+                page_cache_bytes=1 << 40)
+    if spec is not None:
+        n = spec.num_graph_layers
+        base["layers"] = (
+            LayerCurve("embed", spec.layer_bytes(0), spec.name, Curve((1.0,), (1e-5,))),
+            LayerCurve("decoder", spec.layer_bytes(1), spec.name, Curve((1.0, 4.0), (1e-3, 2e-3)), attn_s=1e-6,
+                       attn_cpu_s=3e-6, prefill_attn_s=1e-7),
+            LayerCurve("head", spec.layer_bytes(n - 1), spec.name, Curve((1.0, 2.0), (5e-3, 6e-3))),
+        )
+    base.update(kw)
+    return Calibration(**base)
+
+
+def calibrated(spec=None, has_gpu: bool = False, **kw):
+    return dataclasses.replace(load_profile("cpu-small"), name="toy-cal", has_gpu=has_gpu,
+                               calibration=toy_calibration(spec, **kw))
+
+
+# ---------------------------------------------------------------- profile files: refused naming what is wrong
+
+
+def _one_line_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_old_profile_file_is_refused_naming_what_is_missing(tmp_path, capsys):
+    old = load_profile("cpu-small").to_dict()
+    for f in ("version", "machine", "calibration"):  # what version 1 did not have
+        del old[f]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    err = _one_line_error(capsys, ["compile", "--model", "facebook/opt-125m", "--profile", str(path), "--prompt-len",
+                                   "16", "--gen-len", "4", "-o", str(tmp_path / "p.fgplan")])
+    assert "version 1" in err and "missing calibration, machine, version" in err and str(path) in err
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda d: d.update(gpu_matmul_flops_per_s=float("nan")), "gpu_matmul_flops_per_s"),
+    (lambda d: d.update(cpu_from_disk_bytes_per_s=float("inf")), "cpu_from_disk_bytes_per_s"),
+    (lambda d: d.pop("disk_bytes"), "disk_bytes"),
+    (lambda d: d["calibration"].pop("handoff_s"), "handoff_s"),
+    (lambda d: d["calibration"].update(copy_share=float("nan")), "calibration.copy_share"),
+    (lambda d: d["calibration"]["disk_read_cold_s"][1].__setitem__(1, float("inf")), "calibration.disk_read_cold_s[1]"),
+    (lambda d: d["calibration"]["layers"][1].pop("attn_s"), "attn_s"),
+])
+def test_missing_or_non_finite_fields_are_refused_naming_the_field(tmp_path, edit, field):
+    d = calibrated(tiny_spec("llama")).to_dict()
+    edit(d)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(d))  # json writes NaN / Infinity, as a hand-edited file may hold them
+    with pytest.raises(BadProfileError) as e:
+        load_profile(str(path))
+    assert field in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_profile_round_trips_with_its_calibration(tmp_path):
+    prof = calibrated(tiny_spec("llama"))
+    save_profile(prof, tmp_path / "p.json")
+    assert load_profile(str(tmp_path / "p.json")) == prof
+
+
+def test_a_profile_of_another_machine_is_refused_by_run_and_taken_by_compile(tmp_path, capsys):
+    other = dataclasses.replace(calibrated(), machine="cpu=Some Other CPU; cores=96; ram_gib=512; gpu=none")
+    path = tmp_path / "other.json"
+    save_profile(other, path)
+    with pytest.raises(calibrate.ProfileMachineError) as e:
+        _profile(str(path), here=True)
+    msg = str(e.value)
+    assert "another machine" in msg and "cores '96'" in msg and "Some Other CPU" in msg
+    assert _profile(str(path)) == other  # compiling for that machine is what a profile file is for
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": "a", "prompt_ids": [5, 6, 7]}\n')
+    err = _one_line_error(capsys, ["run", "--model", "facebook/opt-125m", "--weights", "dummy", "--profile", str(path),
+                                   "--input", str(inp), "--output", str(tmp_path / "o.jsonl"),
+                                   "--cache-dir", str(tmp_path / "cache")])
+    assert "another machine" in err
+    here = dataclasses.replace(other, machine="")  # a profile that names no machine applies anywhere
+    assert machine_mismatch(here, "cpu=x; cores=1; ram_gib=1; gpu=none") is None
+
+
+def _stub_measure(calls):
+    def measure_profile(offload_dir, name, models=(), method="fit", cache_dir=None):
+        calls.append([m.name for m in models])
+        from runtime.profiler import machine
+
+        return dataclasses.replace(calibrated(), name=name, machine=machine()), ["stub"]
+    return measure_profile
+
+
+@pytest.mark.parametrize("cached", ["old version", "other machine"])
+def test_auto_remeasures_a_cached_profile_from_another_version_or_machine(tmp_path, monkeypatch, capsys, cached):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls: list = []
+    monkeypatch.setattr(calibrate, "measure_profile", _stub_measure(calls))
+    monkeypatch.setattr(calibrate, "for_models", lambda prof, models, notes=None: prof)
+    d = calibrated().to_dict()
+    if cached == "old version":
+        del d["version"], d["calibration"]
+    else:
+        d["machine"] = "cpu=Elsewhere; cores=64; ram_gib=256; gpu=none"
+    path = tmp_path / "flexgen-graph" / "profile.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(d))
+    prof = _profile("auto", tmp_path / "off")
+    assert calls == [[]] and prof.name == "auto"
+    assert "re-measuring this machine" in capsys.readouterr().err
+    assert load_profile(str(path)) == prof  # the new measurement replaced the old file
+    assert _profile("auto", tmp_path / "off") == prof and calls == [[]]  # and is reused
+
+
+# ---------------------------------------------------------------- cost terms, by hand
+
+
+def test_curve_interpolates_between_points_and_is_proportional_beyond():
+    c = Curve((1.0, 4.0, 16.0), (2.0, 5.0, 8.0))
+    assert [c.at(x) for x in (0.5, 1, 2, 4, 10, 16, 32)] == [2.0, 2.0, 3.0, 5.0, 6.5, 8.0, 16.0]
+
+
+def test_a_measured_curve_never_falls_with_size():
+    """A point slower than a later, larger one was slowed by something else: the profiler lowers it."""
+    from runtime.profiler import monotone
+
+    assert monotone(Curve((1.0, 2.0, 4.0, 8.0), (5.0, 1.0, 3.0, 2.5))).ys == (1.0, 1.0, 2.5, 2.5)
+
+
+def test_calibrated_compute_terms_by_hand():
+    """Prefill and a decode step of all-on-GPU, from the layer curves: per op the curve at its rows plus the
+    fixed cost, attention per sequence and context token (prefill: per T^2), the head at its sequences."""
+    spec = tiny_spec("llama", layers=2)
+    hw = calibrated(spec)
+    b, nb, P, G = 2, 2, 8, 4
+    g = lower(spec, Workload(P, G), Block(b, nb))
+    pred = evaluate(g, hw, Policy(b, nb, GPU, GPU, GPU))
+    op = 1e-4
+    embed_pre, embed_dec = nb * (1e-5 * b * P + op), nb * (1e-5 * b + op)  # one point: proportional beyond it
+    dec_pre = nb * (2e-3 * (b * P) / 4 + op + 1e-7 * b * P * P)  # rows 16: beyond the last point, proportional
+    head = nb * (5e-3 + (b - 1) * 1e-3 + op)  # the head's rows are the sequences: 2 -> 6 ms
+    ctx = P + G / 2
+    dec_step = nb * (1e-3 + (b - 1) / 3 * 1e-3 + op + 1e-6 * b * ctx)  # rows 2 between the points 1 and 4
+    assert pred.prefill_s == pytest.approx(embed_pre + 2 * dec_pre + head, rel=1e-5)
+    assert pred.decode_step_s == pytest.approx(embed_dec + 2 * dec_step + head, rel=1e-5)
+    assert pred.binding == "compute"
+
+
+def test_cpu_attention_uses_the_host_attention_curve():
+    spec = tiny_spec("llama", layers=1)
+    hw = calibrated(spec)
+    b, P, G = 2, 8, 4
+    g = lower(spec, Workload(P, G), Block(b, 1))
+    on_gpu = evaluate(g, hw, Policy(b, 1, GPU, GPU, GPU)).decode_step_s
+    delegated = evaluate(g, hw, Policy(b, 1, GPU, CPU, GPU, cpu_attention=True)).decode_step_s
+    assert delegated - on_gpu == pytest.approx((3e-6 - 1e-6) * b * (P + G / 2), rel=1e-5)
+
+
+def test_transfers_at_their_size_the_hand_off_and_the_shares_join_the_compute_stream():
+    """Weights on the CPU tier, no GPU: each layer's load is one transfer at the copy curve (1 ms each), the
+    compute stream gains copy_share of it and the hand-off per compute op; all on the GPU gains neither."""
+    spec = tiny_spec("llama", layers=2)
+    hw = calibrated(spec)
+    b, P, G = 2, 8, 4
+    g = lower(spec, Workload(P, G), Block(b, 1))
+    pol = Policy(b, 1, CPU, GPU, GPU)
+    assert policy_fracs(pol)[THREADED] == 1.0 and policy_fracs(Policy(b, 1, GPU, GPU, GPU))[THREADED] == 0.0
+    sums = stream_sums(g, hw, pol)[Phase.DECODE]
+    base = stream_sums(g, hw, Policy(b, 1, GPU, GPU, GPU))[Phase.DECODE]
+    layers = spec.num_graph_layers
+    assert sums["load"] == pytest.approx(layers * 1e-3, rel=1e-6)
+    assert sums["compute"] - base["compute"] == pytest.approx(0.5 * layers * 1e-3 + layers * 2e-4, rel=1e-6)
+    # on disk without a GPU: one read per layer (no second copy), cold at 10 ms, warm at 2 ms
+    on_disk = Policy(b, 1, DISK, GPU, GPU)
+    cold = stream_sums(g, hw, on_disk, disk="cold")[Phase.DECODE]["load"]
+    warm = stream_sums(g, hw, on_disk, disk="warm")[Phase.DECODE]["load"]
+    assert (cold, warm) == (pytest.approx(layers * 1e-2), pytest.approx(layers * 2e-3))
+    assert stream_sums(g, hw, on_disk)[Phase.DECODE]["load"] == pytest.approx(warm)  # the model fits the page cache
+    small = dataclasses.replace(hw, calibration=dataclasses.replace(hw.calibration, page_cache_bytes=1))
+    assert stream_sums(g, small, on_disk)[Phase.DECODE]["load"] == pytest.approx(cold)
+
+
+def test_the_lp_prices_the_hand_off_once_anything_moves():
+    """With a GPU tier too small for everything something must stream, and the LP's own total (its THREADED binary
+    at 1) carries the hand-off of every compute op, as the evaluation of its policy does; with room for
+    everything nothing moves and no hand-off is paid."""
+    from planner.lp import solve_block
+
+    spec = tiny_spec("llama", layers=2)
+    wl, b = Workload(8, 4), 2
+    g = lower(spec, wl, Block(b, 1))
+    ops = spec.num_graph_layers * (1 + (wl.gen_len - 1))  # compute ops of a prefill and every decode step
+    roomy = solve_block(g, calibrated(spec, handoff_s=0.5))
+    assert roomy.policy.weights == GPU and roomy.objective_s < 0.5
+    need = roomy.peak_bytes[Tier.GPU]  # all on the GPU: one byte less and something must move
+    tight = solve_block(g, dataclasses.replace(calibrated(spec, handoff_s=0.5), gpu_bytes=need - 1))
+    assert policy_fracs(tight.policy)[THREADED] == 1.0
+    assert tight.objective_s == pytest.approx(tight.predictions.total_s, rel=1e-3)
+    assert tight.predictions.total_s > 0.5 * ops
+
+
+def test_cost_terms_follow_the_measured_curve_they_came_from():
+    """The profiler's layer curves for a tiny model, measured here, are what the cost model charges: a decode
+    step's decoder ops cost the curve at their rows (no timing asserted, only that the terms read it)."""
+    import torch
+
+    from runtime.profiler import layer_curves
+
+    spec = tiny_spec("llama", layers=1)
+    curves = layer_curves(spec, torch.device("cpu"))
+    assert [c.kind for c in curves] == ["embed", "decoder", "head"]
+    dec = curves[1]
+    assert all(math.isfinite(y) and y > 0 for y in dec.rows.ys) and list(dec.rows.xs) == sorted(dec.rows.xs)
+    hw = calibrated(layers=tuple(curves), op_s=0.0)
+    b, P, G = 4, 8, 2
+    costs = phase_costs(lower(spec, Workload(P, G), Block(b, 1)), hw)
+    [step] = [s for s in costs.decode if s.figures.weight_full_bytes == spec.layer_bytes(1)]
+    want = dec.rows.at(b) + dec.attn_s * b * (P + G / 2)
+    assert step.terms[0].const == pytest.approx(want, rel=1e-9)
+
+
+# ---------------------------------------------------------------- the fit
+
+
+def test_nnls_recovers_known_constants_and_keeps_them_non_negative():
+    import random
+
+    rng = random.Random(1)
+    truth = [1.2, 3e-4, 5e-5, 0.8, 0.0]
+    rows = [[rng.uniform(0.01, 1), rng.randrange(30, 300), rng.choice((0, 1)) * rng.randrange(30, 300),
+             rng.uniform(0, 0.2), rng.uniform(0, 0.3)] for _ in range(16)]
+    ys = [sum(a * x for a, x in zip(r, truth)) for r in rows]
+    got = calibrate.nnls(rows, ys, [1 / y for y in ys])
+    assert got == pytest.approx(truth, rel=1e-6, abs=1e-9)
+    noisy = [y * (1.3 if i % 2 else 0.8) for i, y in enumerate(ys)]
+    assert min(calibrate.nnls(rows, noisy, [1.0] * len(ys))) >= 0
+
+
+def test_fit_takes_scale_and_per_op_cost_from_still_runs_then_the_rest_from_the_others():
+    """Runs that move nothing fix the compute scale and the cost per op; the hand-off and the shares come
+    from what the moving runs leave; a scale beyond SCALE_RANGE (disturbed runs) is held at its end."""
+    truth = [1.1, 2e-4, 3e-4, 0.7, 0.4]
+    rows = [[0.10, 62, 0, 0, 0], [0.30, 62, 0, 0, 0], [1.20, 62, 0, 0, 0], [0.20, 124, 0, 0, 0],
+            [0.25, 62, 62, 0.01, 0], [0.25, 62, 62, 0.05, 0], [0.25, 62, 62, 0.0, 0.08], [0.4, 62, 62, 0.02, 0.02]]
+    ys = [sum(a * x for a, x in zip(r, truth)) for r in rows]
+    assert calibrate.fit_constants(rows, ys) == pytest.approx(truth, rel=1e-6)
+    slow = [y * 3 if not any(r[2:]) else y for r, y in zip(rows, ys)]
+    assert calibrate.fit_constants(rows, slow)[0] == calibrate.SCALE_RANGE[1]
+
+
+def test_features_split_the_compute_stream_linearly():
+    """features(plan) times the calibration's constants gives the cost model's compute stream back."""
+    from flexgen_graph.app.api import compile_plan
+
+    spec = tiny_spec("llama", layers=2)
+    hw = calibrated(spec, compute_scale=1.5)
+    plan = compile_plan(spec, hw, Workload(8, 4), gpu_batch_size=2, num_gpu_batches=2,
+                        fixed={"weights": CPU, "cache": GPU, "hidden": GPU})
+    c = hw.calibration
+    consts = {"kernels": c.compute_scale, "ops": c.compute_scale * c.op_s, "handoff": c.compute_scale * c.handoff_s,
+              "copies": c.copy_share, "disk": c.disk_share}
+    got = calibrate.features(plan)
+    want = stream_sums(lower(spec, Workload(8, 4), Block(2, 2)), hw, plan.policy)
+    for ph in (Phase.PREFILL, Phase.DECODE):
+        assert sum(consts[k] * v for k, v in got[ph].items()) == pytest.approx(want[ph]["compute"], rel=1e-9)
+        assert got[ph]["copies"] > 0 and got[ph]["handoff"] > 0 and got[ph]["disk"] == 0
+
+
+# ---------------------------------------------------------------- inspect, the benchmark
+
+
+def test_inspect_marks_the_h100_figures_nobody_measured(capsys):
+    assert main(["inspect", "plans/opt-13b--h100-pcie5--float16--p512g32.fgplan"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("profile"))
+    assert "assumed, never measured" in line and "cpu_from_disk_bytes_per_s" in line
+    assert "gpu_from_cpu_bytes_per_s" not in line and "gpu_matmul_flops_per_s" not in line  # measured there
+
+
+@pytest.mark.real_model
+def test_bench_fidelity_quick_prints_a_ratio_per_scenario(smollm2_store, tmp_path, capsys):
+    from flexgen_graph.app.bench_cmd import load_scenario
+
+    fidelity = load_scenario("fidelity")
+    assert main(["bench", "fidelity", "--quick", "--profile", "cpu-small", "--store", str(smollm2_store.path),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    rows = {r.split("|")[1].strip(): r.split("|")[2:-1] for r in out.splitlines() if r.startswith("| ")
+            and not r.startswith("| scenario")}
+    for sc in fidelity.SCENARIOS:
+        ratio = rows[sc.name][3].strip()
+        assert float(ratio) > 0, (sc.name, rows[sc.name])
+    import torch
+
+    for sc in fidelity.GPU_SCENARIOS:
+        assert torch.cuda.is_available() or "not run" in rows[sc.name][0]
+    assert re.search(r"median \|measured/predicted - 1\| of tokens/s: [\d.]+ over \d+ scenarios", out)
