@@ -155,7 +155,7 @@ def breakdown(plan, disk: str | None = None) -> dict | None:
     from planner.timeline import plan_graph
 
     k = {"kernels": cal.compute_scale, "ops": cal.compute_scale * cal.op_s, "handoff": cal.compute_scale * cal.handoff_s,
-         "copies": cal.copy_share, "disk": cal.disk_share}
+         "copies": cal.copy_share, "disk": cal.disk_share, "cold disk": cal.cold_disk_share}
     feats = features(plan, disk)
     streams = stream_sums(plan_graph(plan), plan.profile, plan.policy, disk=disk)
     return {ph.value: {**{n: k[n] * v for n, v in feats[ph].items()}, "load": streams[ph]["load"],
@@ -402,7 +402,8 @@ def parts_table(rows: list[Row]) -> list[str]:
             p = r.parts[ph]
             m, pr = r.measured.get(key), (r.predicted or {}).get(key)
             out.append(f"| {r.scenario.name} | {ph} | {_fmt(m and m * 1e3)} | {_fmt(pr and pr * 1e3)} | "
-                       + " | ".join(f"{p[n] * 1e3:.3g}" for n in ("kernels", "ops", "handoff", "copies", "disk", "load"))
+                       + " | ".join(f"{p[n] * 1e3:.3g}" for n in ("kernels", "ops", "handoff", "copies")) + " | "
+                       + f"{(p['disk'] + p['cold disk']) * 1e3:.3g} | {p['load'] * 1e3:.3g}"
                        + " |")
     return out
 

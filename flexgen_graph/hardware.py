@@ -128,8 +128,8 @@ class Calibration:
     compute of a layer the calibration knows (`layers`) is its own measured curve, of any other layer
     its FLOPs at the generic matmul curve. op_s is the engine's fixed cost per op; handoff_s what each op
     costs more when the streams run on worker threads (the CPU backend, whenever a plan moves bytes).
-    copy_share / disk_share: the fraction of a host copy's or a disk read's time that the compute stream
-    loses to it (0 where transfers run beside compute, as DMA does; near 1 on a CPU-only machine whose
+    copy_share / disk_share / cold_disk_share: the fraction of a host copy's, a warm (page cache) disk
+    read's or write's, or a cold disk read's time that the compute stream loses to it (0 where transfers run beside compute, as DMA does; near 1 on a CPU-only machine whose
     copies run on the cores that compute). Disk reads are warm (page cache) while the model's weights
     and cache fit in page_cache_bytes, cold otherwise. compute_scale multiplies every compute time (a
     pipeline stage sharing the host's cores). method: "curves" (isolated measurements) or "fit" (their
@@ -146,13 +146,14 @@ class Calibration:
     handoff_s: float
     copy_share: float
     disk_share: float
+    cold_disk_share: float
     page_cache_bytes: int
     compute_scale: float = 1.0
     layers: tuple[LayerCurve, ...] = ()
 
     CURVES = ("matmul_s_per_flop", "gpu_from_cpu_s", "cpu_from_gpu_s", "disk_read_cold_s", "disk_read_warm_s",
               "disk_write_s")
-    NUMBERS = ("op_s", "handoff_s", "copy_share", "disk_share", "compute_scale")
+    NUMBERS = ("op_s", "handoff_s", "copy_share", "disk_share", "cold_disk_share", "compute_scale")
 
     def layer(self, kind: str, weight_bytes: int) -> LayerCurve | None:
         for lc in self.layers:

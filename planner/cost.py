@@ -26,8 +26,8 @@ plus attention per sequence and context token, plus a fixed cost per op, plus a 
 the plan moves anything (the CPU backend then runs every op on worker threads: the pseudo-fraction
 THREADED, 1 when any class leaves the GPU, a binary in the LP); a transfer costs the link's curve at
 its own size, once per transfer; disk reads are warm or cold (the page cache holds the model or not).
-Where transfers take the compute's cores (copy_share, disk_share) the compute stream carries that
-share of them. On a machine without a GPU, a disk-tier item is read straight into its slot (no
+Where transfers take the compute's cores (copy_share, disk_share, cold_disk_share) the compute stream
+carries that share of them. On a machine without a GPU, a disk-tier item is read straight into its slot (no
 second copy) and CPU attention moves nothing.
 
     >>> from flexgen_graph.catalog import catalog_spec
@@ -426,7 +426,8 @@ def _calibrated_terms(f: LayerFigures, hw: HardwareProfile, cal: Calibration, fl
         compute.append((DELEGATED, -attn_gpu))
         (cpu if gpu else compute).append((DELEGATED, attn_cpu))
     for name, share in (("gpu<-cpu link", cal.copy_share), ("cpu<-gpu link", cal.copy_share),
-                        ("cpu<-disk link", cal.disk_share), ("disk<-cpu link", cal.disk_share)):
+                        ("cpu<-disk link", cal.disk_share if warm else cal.cold_disk_share),
+                        ("disk<-cpu link", cal.disk_share)):
         compute += [(v, share * c) for v, c in links[name]]
     ops = f.compute_ops  # each compute op waits for its stream's worker once the plan moves anything
     compute.append((THREADED, ops * cal.handoff_s * cal.compute_scale))

@@ -471,8 +471,9 @@ def share_of(transfer, work) -> float:
     return min(1.0, min(losses)) if losses else 0.0
 
 
-def interference(device: torch.device, folder: Path) -> tuple[float, float]:
-    """(copy share, disk-read share): what compute loses to host copies and to disk reads beside it."""
+def interference(device: torch.device, folder: Path) -> tuple[float, float, float]:
+    """(copy share, warm and cold disk-read shares): what compute loses to host copies and to disk reads
+    (from the page cache, and evicted from it first) beside it."""
     work = _busy_loop(device)
     n = 16 << 20
     if device.type == "cuda":
@@ -494,16 +495,18 @@ def interference(device: torch.device, folder: Path) -> tuple[float, float]:
         os.fsync(fd)
         view = memoryview(buf)
 
-        def read() -> None:
-            os.posix_fadvise(fd, 0, n, os.POSIX_FADV_DONTNEED)
+        def read(cold: bool = True) -> None:
+            if cold:
+                os.posix_fadvise(fd, 0, n, os.POSIX_FADV_DONTNEED)
             os.preadv(fd, [view[:n]], 0)
-        disk_share = share_of(read, work)
+        cold_share = share_of(read, work)
+        warm_share = share_of(lambda: read(False), work)
         view.release()
     finally:
         os.close(fd)
         path.unlink(missing_ok=True)
         buf.close()
-    return copy_share, disk_share
+    return copy_share, warm_share, cold_share
 
 
 def available_ram() -> int:
@@ -527,16 +530,17 @@ def calibrate(device: torch.device, dtype: torch.dtype, folder: Path, models: li
     t = time.perf_counter()
     to_dev, to_host = copy_curves(device)
     cold, warm, write, _, _ = disk if disk is not None else disk_curves(folder)
-    copy_share, disk_share = interference(device, folder)
+    copy_share, disk_share, cold_share = interference(device, folder)
     layers: list[LayerCurve] = []
     for spec in models:
         layers += layer_curves(spec, device)
     cal = Calibration(
         method="curves", matmul_s_per_flop=matmul_curve(device, dtype), gpu_from_cpu_s=to_dev, cpu_from_gpu_s=to_host,
         disk_read_cold_s=cold, disk_read_warm_s=warm, disk_write_s=write, op_s=0.0, handoff_s=handoff(device),
-        copy_share=copy_share, disk_share=disk_share, page_cache_bytes=available_ram() // 2, layers=tuple(layers))
+        copy_share=copy_share, disk_share=disk_share, cold_disk_share=cold_share, page_cache_bytes=available_ram() // 2, layers=tuple(layers))
     notes.append(f"calibration ({time.perf_counter() - t:.0f} s): hand-off {cal.handoff_s * 1e6:.0f} us per op, compute "
-                 f"loses {copy_share:.2f} s per s of host copy and {disk_share:.2f} per s of cold disk read beside it"
+                 f"loses {copy_share:.2f} s per s of host copy, {disk_share:.2f} per s of warm and {cold_share:.2f} "
+                 "per s of cold disk read beside it"
                  + "".join(f"; {s.name} ({s.dtype}) layers timed" for s in models))
     return cal
 

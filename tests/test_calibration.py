@@ -43,7 +43,7 @@ def toy_calibration(spec=None, **kw) -> Calibration:
     base = dict(method="curves", matmul_s_per_flop=Curve((1.0, 4.0), (4e-9, 1e-9)), gpu_from_cpu_s=lines,
                 cpu_from_gpu_s=lines, disk_read_cold_s=lines.scaled(10), disk_read_warm_s=lines.scaled(2),
                 disk_write_s=lines.scaled(5), op_s=1e-4, handoff_s=2e-4, copy_share=0.5, disk_share=0.25,
-                page_cache_bytes=1 << 40)
+                cold_disk_share=0.75, page_cache_bytes=1 << 40)
     if spec is not None:
         n = spec.num_graph_layers
         base["layers"] = (
@@ -219,6 +219,9 @@ def test_transfers_at_their_size_the_hand_off_and_the_shares_join_the_compute_st
     cold = stream_sums(g, hw, on_disk, disk="cold")[Phase.DECODE]["load"]
     warm = stream_sums(g, hw, on_disk, disk="warm")[Phase.DECODE]["load"]
     assert (cold, warm) == (pytest.approx(layers * 1e-2), pytest.approx(layers * 2e-3))
+    for disk, share, load in (("cold", 0.75, cold), ("warm", 0.25, warm)):  # each read's own share joins compute
+        compute = stream_sums(g, hw, on_disk, disk=disk)[Phase.DECODE]["compute"]
+        assert compute - base["compute"] == pytest.approx(share * load + layers * 2e-4, rel=1e-6)
     assert stream_sums(g, hw, on_disk)[Phase.DECODE]["load"] == pytest.approx(warm)  # the model fits the page cache
     small = dataclasses.replace(hw, calibration=dataclasses.replace(hw.calibration, page_cache_bytes=1))
     assert stream_sums(g, small, on_disk)[Phase.DECODE]["load"] == pytest.approx(cold)
@@ -283,9 +286,10 @@ def test_nnls_recovers_known_constants_and_keeps_them_non_negative():
 def test_fit_takes_scale_and_per_op_cost_from_still_runs_then_the_rest_from_the_others():
     """Runs that move nothing fix the compute scale and the cost per op; the hand-off and the shares come
     from what the moving runs leave; a scale beyond SCALE_RANGE (disturbed runs) is held at its end."""
-    truth = [1.1, 2e-4, 3e-4, 0.7, 0.4]
-    rows = [[0.10, 62, 0, 0, 0], [0.30, 62, 0, 0, 0], [1.20, 62, 0, 0, 0], [0.20, 124, 0, 0, 0],
-            [0.25, 62, 62, 0.01, 0], [0.25, 62, 62, 0.05, 0], [0.25, 62, 62, 0.0, 0.08], [0.4, 62, 62, 0.02, 0.02]]
+    truth = [1.1, 2e-4, 3e-4, 0.7, 0.4, 0.9]
+    rows = [[0.10, 62, 0, 0, 0, 0], [0.30, 62, 0, 0, 0, 0], [1.20, 62, 0, 0, 0, 0], [0.20, 124, 0, 0, 0, 0],
+            [0.25, 62, 62, 0.01, 0, 0], [0.25, 62, 62, 0.05, 0, 0], [0.25, 62, 62, 0.0, 0.08, 0],
+            [0.4, 62, 62, 0.02, 0.02, 0], [0.3, 62, 62, 0, 0, 0.3]]
     ys = [sum(a * x for a, x in zip(r, truth)) for r in rows]
     assert calibrate.fit_constants(rows, ys) == pytest.approx(truth, rel=1e-6)
     slow = [y * 3 if not any(r[2:]) else y for r, y in zip(rows, ys)]
@@ -302,12 +306,12 @@ def test_features_split_the_compute_stream_linearly():
                         fixed={"weights": CPU, "cache": GPU, "hidden": GPU})
     c = hw.calibration
     consts = {"kernels": c.compute_scale, "ops": c.compute_scale * c.op_s, "handoff": c.compute_scale * c.handoff_s,
-              "copies": c.copy_share, "disk": c.disk_share}
+              "copies": c.copy_share, "disk": c.disk_share, "cold disk": c.cold_disk_share}
     got = calibrate.features(plan)
     want = stream_sums(lower(spec, Workload(8, 4), Block(2, 2)), hw, plan.policy)
     for ph in (Phase.PREFILL, Phase.DECODE):
         assert sum(consts[k] * v for k, v in got[ph].items()) == pytest.approx(want[ph]["compute"], rel=1e-9)
-        assert got[ph]["copies"] > 0 and got[ph]["handoff"] > 0 and got[ph]["disk"] == 0
+        assert got[ph]["copies"] > 0 and got[ph]["handoff"] > 0 and got[ph]["disk"] == got[ph]["cold disk"] == 0
 
 
 # ---------------------------------------------------------------- inspect, the benchmark

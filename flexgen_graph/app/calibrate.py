@@ -9,8 +9,8 @@ Two methods, compared by bench/fidelity.py (BENCHMARKS.md, "Plan fidelity"):
 - "curves": every figure measured in isolation (the kernels at the model's shapes, copies and reads by
   size, a thread hand-off, the compute lost beside a copy or a read);
 - "fit": the same curves, then the constants that say how the pieces combine in the engine (a compute
-  scale, the fixed cost per op, the hand-off per op, the compute lost per second of copy and of disk
-  read) fitted by non-negative least squares (fit_constants) to short runs of the engine over a few small policies
+  scale, the fixed cost per op, the hand-off per op, the compute lost per second of copy, of warm and
+  of cold disk read) fitted by non-negative least squares (fit_constants) to short runs of the engine over a few small policies
   (FIT_RUNS, SmolLM2-135M with seeded weights: the constants are the machine's, not the model's), each
   run's prefill and median decode step against the cost model's compute stream (planner.cost.stream_sums)
   split into the parts the constants multiply.
@@ -46,9 +46,10 @@ FIT_RUNS = (
     ("weights on the CPU tier", 8, 1, {"weights": CPU, "cache": GPU, "hidden": GPU}),
     ("cache on the CPU tier", 8, 1, {"weights": GPU, "cache": CPU, "hidden": GPU}),
     ("weights on disk", 8, 1, {"weights": DISK, "cache": GPU, "hidden": GPU}),
+    ("weights on disk, cold", 8, 1, {"weights": DISK, "cache": GPU, "hidden": GPU, "cold": True}),
 )
-# the fitted unknowns: compute_scale, then compute_scale times op_s, handoff_s, then the two shares
-FEATURES = ("kernels", "ops", "handoff", "copies", "disk")
+# the fitted unknowns: compute_scale, then compute_scale times op_s, handoff_s, then the three shares
+FEATURES = ("kernels", "ops", "handoff", "copies", "disk", "cold disk")
 
 
 class ProfileMachineError(UserError):
@@ -56,7 +57,7 @@ class ProfileMachineError(UserError):
 
 
 def _zeroed(cal: Calibration, **one: float) -> Calibration:
-    base = dict(op_s=0.0, handoff_s=0.0, copy_share=0.0, disk_share=0.0, compute_scale=1.0)
+    base = dict(op_s=0.0, handoff_s=0.0, copy_share=0.0, disk_share=0.0, cold_disk_share=0.0, compute_scale=1.0)
     base.update(one)
     return dataclasses.replace(cal, **base)
 
@@ -78,7 +79,7 @@ def features(plan, disk: str | None = None) -> dict[Phase, dict[str, float]]:
         return {ph: v["compute"] for ph, v in stream_sums(g, prof, plan.policy, comp=comp, disk=disk).items()}
     base = compute()
     parts = {"ops": compute(op_s=1.0), "handoff": compute(handoff_s=1.0), "copies": compute(copy_share=1.0),
-             "disk": compute(disk_share=1.0)}
+             "disk": compute(disk_share=1.0), "cold disk": compute(cold_disk_share=1.0)}
     return {ph: {"kernels": base[ph], **{k: v[ph] - base[ph] for k, v in parts.items()}} for ph in base}
 
 
@@ -122,20 +123,20 @@ def fit_constants(rows: list[list[float]], ys: list[float]) -> list[float]:
         k = min(max(k, SCALE_RANGE[0]), SCALE_RANGE[1])
         [per_op] = nnls([[rows[i][1]] for i in still], [ys[i] - k * rows[i][0] for i in still],
                         [1 / ys[i] for i in still]) if still else [0.0]
-    rest = [0.0, 0.0, 0.0]
+    rest = [0.0] * (len(rows[0]) - 2)
     if moving:
         rest = nnls([rows[i][2:] for i in moving], [ys[i] - k * rows[i][0] - per_op * rows[i][1] for i in moving],
                     [1 / ys[i] for i in moving])
     return [k, per_op, *rest]
 
 
-def _time(plan, store, prompts: list[list[int]], repeats: int = 2) -> dict[Phase, float]:
+def _time(plan, store, prompts: list[list[int]], repeats: int = 2, cold: bool = False) -> dict[Phase, float]:
     """Prefill seconds and the median decode step of the fastest of `repeats` runs of the engine (after a
     warm-up run): the profile's curves are best-of figures too."""
     from runtime.engine import Engine
 
     best = None
-    with tempfile.TemporaryDirectory(prefix="flexgen-fit-") as off, Engine(plan, store, off) as eng:
+    with tempfile.TemporaryDirectory(prefix="flexgen-fit-") as off, Engine(plan, store, off, cold_weights=cold) as eng:
         eng.generate(prompts, ignore_eos=True)
         for _ in range(repeats):
             eng.step_times.clear()
@@ -159,10 +160,12 @@ def fit(profile: HardwareProfile, notes: list[str], cache_dir: Path | None = Non
     rows, ys, labels = [], [], []
     rng = random.Random(0)
     for label, b, nb, fixed in FIT_RUNS:
+        fixed = dict(fixed)
+        cold = fixed.pop("cold", False)  # weight reads evicted from the page cache: cold ones
         plan = compile_plan(spec, profile, FIT_WORKLOAD, gpu_batch_size=b, num_gpu_batches=nb, fixed=fixed,
                             weights_source="dummy:0")
         prompts = [[rng.randrange(3, spec.vocab) for _ in range(FIT_WORKLOAD.prompt_len)] for _ in range(b * nb)]
-        measured, feats = _time(plan, store, prompts), features(plan)
+        measured, feats = _time(plan, store, prompts, cold=cold), features(plan, "cold" if cold else None)
         for ph in (Phase.PREFILL, Phase.DECODE):
             rows.append([feats[ph][f] for f in FEATURES])
             ys.append(measured[ph])
@@ -170,11 +173,11 @@ def fit(profile: HardwareProfile, notes: list[str], cache_dir: Path | None = Non
     x = fit_constants(rows, ys)
     scale = x[0]
     cal = dataclasses.replace(profile.calibration, method="fit", compute_scale=scale, op_s=x[1] / scale,
-                              handoff_s=x[2] / scale, copy_share=x[3], disk_share=x[4])
+                              handoff_s=x[2] / scale, copy_share=x[3], disk_share=x[4], cold_disk_share=x[5])
     worst = max(zip(labels, ys, (sum(f * v for f, v in zip(r, x)) for r in rows)), key=lambda t: abs(t[2] / t[1] - 1))
     notes.append(f"fitted to {len(FIT_RUNS)} engine runs: compute x{scale:.3f}, {cal.op_s * 1e6:.0f} us per op, "
                  f"hand-off {cal.handoff_s * 1e6:.0f} us per op, compute loses {cal.copy_share:.2f} s per s of copy "
-                 f"and {cal.disk_share:.2f} per s of disk read; worst fitted point {worst[0]}: predicted / measured "
+                 f", {cal.disk_share:.2f} per s of warm and {cal.cold_disk_share:.2f} per s of cold disk read; worst fitted point {worst[0]}: predicted / measured "
                  f"{worst[2] / worst[1]:.2f}")
     return dataclasses.replace(profile, calibration=cal)
 
