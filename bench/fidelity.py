@@ -329,7 +329,7 @@ class Runner:
         """The plan `flexgen-graph run --input examples/sample_prompts.jsonl` compiles on this profile, run on a
         full block of the sample prompts (repeated to fill it), full length."""
         import planner
-        from flexgen_graph.app.jobs import load_tokenizer, scan
+        from flexgen_graph.app.jobs import job_workload, load_tokenizer
         from flexgen_graph.app.api import options
         from runtime.sampling import Sampling
 
@@ -339,13 +339,11 @@ class Runner:
         store = self.store(spec, "default")
         tok = load_tokenizer(store.path)
         path = ROOT / "examples/sample_prompts.jsonl"
-        count, longest, wanted = scan(path, tok, Sampling())
-        gen = max(wanted, 64) if self.sizes is FULL else self.sizes.gen_len
-        wl = Workload(-(-longest // 16) * 16, gen)
-        cap = 1 << max(count - 1, 0).bit_length()
-        if self.sizes is QUICK:
-            cap = 4
-        [plan] = planner.compile(spec, self.profile, [wl], options(max_block_size=cap, weights_source="default"))
+        count, prompt_len, gen_len = job_workload(path, tok, Sampling(), spec)  # as `run` sizes its plan
+        wl = Workload(prompt_len, gen_len if self.sizes is FULL else self.sizes.gen_len)
+        opts = options(max_block_size=4, weights_source="default") if self.sizes is QUICK else \
+            options(job_prompts=count, weights_source="default")
+        [plan] = planner.compile(spec, self.profile, [wl], opts)
         lines = [json.loads(x) for x in path.read_text().splitlines()]
         ids = []
         for i in range(plan.block_size):
