@@ -86,8 +86,8 @@ def candidates(spec, profile, wl: Workload, case: Case, top: int, n_random: int,
     points.sort(key=lambda t: -t[0])
     seen, out = set(), []
     for _, pol, pred in points:
-        if pol not in seen and len(out) < top:
-            seen.add(pol)
+        if same_run(pol) not in seen and len(out) < top:
+            seen.add(same_run(pol))
             out.append(("planner", pol, pred))
     rng = random.Random(seed)
     tries = 0
@@ -97,10 +97,17 @@ def candidates(spec, profile, wl: Workload, case: Case, top: int, n_random: int,
         fixed = {c: case.fixed.get(c) or _random_placement(rng) for c in ("weights", "cache", "hidden")}
         fixed["cpu_attention"] = rng.random() < 0.5
         r = solve_block(lower(spec, wl, Block(b, nb)), profile, fixed=fixed, spec=spec, diagnose_infeasible=False)
-        if r.feasible and r.policy not in seen:
-            seen.add(r.policy)
+        if r.feasible and same_run(r.policy) not in seen:
+            seen.add(same_run(r.policy))
             out.append(("random", r.policy, r.predictions.to_dict()))
     return out
+
+
+def same_run(p: Policy) -> Policy:
+    """The policy as the engine runs it: CPU attention with no cache on the CPU changes nothing."""
+    import dataclasses
+
+    return dataclasses.replace(p, cpu_attention=False) if p.cache.cpu_frac == 0 else p
 
 
 def _random_placement(rng: random.Random) -> Placement:

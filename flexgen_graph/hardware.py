@@ -100,8 +100,10 @@ class LayerCurve:
     prefill_attn_s: float = 0.0  # prefill attention: seconds per sequence per prompt_len squared
     dequant_s_per_byte: float = 0.0  # 4-bit weights of this layer: seconds per dense byte restored
     cache_dequant_s_per_byte: float = 0.0  # 4-bit cache of this layer: seconds per dense byte restored
+    cache_store_s: float = 0.0  # 4-bit cache: one decode op's new rows compressed and read back
 
-    NUMBERS = ("attn_s", "attn_cpu_s", "prefill_attn_s", "dequant_s_per_byte", "cache_dequant_s_per_byte")
+    NUMBERS = ("attn_s", "attn_cpu_s", "prefill_attn_s", "dequant_s_per_byte", "cache_dequant_s_per_byte",
+               "cache_store_s")
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -331,6 +331,9 @@ def _calibrated_parts(f: LayerFigures, hw: HardwareProfile, cal: Calibration, fl
         base += k * f.weight_full_bytes * w_deq
     c_deq = lc.cache_dequant_s_per_byte if lc is not None and lc.cache_dequant_s_per_byte else 0.0
     dequant = f.cache_full_bytes if flags.compress_cache else 0.0
+    if flags.compress_cache and decode and lc is not None:  # each op compresses its new row and reads it back
+        attn += lc.cache_store_s
+        attn_cpu += lc.cache_store_s
     attn_gpu = k * (n * attn + dequant * (c_deq or 1.0 / hw.gpu_dequant_bytes_per_s))
     host_deq = 1.0 / hw.cpu_dequant_bytes_per_s if hw.has_gpu or not c_deq else c_deq
     attn_host = k * (n * attn_cpu + dequant * host_deq)

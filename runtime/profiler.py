@@ -380,10 +380,13 @@ def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
     codec.store(cbuf, rows_kv, 0)
     dense_c = torch.empty(n, 2, b, KV, D, device=device, dtype=dtype)
     c_deq = _best_time(lambda: codec.load(cbuf, dense_c, n), sync=sync) / dense_c.numel() / dense_c.element_size()
+    new_k = torch.randn(b, 1, KV, D, device=device, dtype=dtype)
+    c_store = _best_time(lambda: codec.store_new(cbuf, new_k, new_k, n - 1), sync=sync)
     on_dev = attend_slope(device)
     out.append(LayerCurve("decoder", spec.layer_bytes(1), spec.name, rows, attn_s=on_dev,
                           attn_cpu_s=on_dev if device.type == "cpu" else attend_slope(host),
-                          prefill_attn_s=prefill_slope(), dequant_s_per_byte=w_deq, cache_dequant_s_per_byte=c_deq))
+                          prefill_attn_s=prefill_slope(), dequant_s_per_byte=w_deq, cache_dequant_s_per_byte=c_deq,
+                          cache_store_s=c_store))
 
     def head_op(r: int) -> None:
         kernels.head(spec, next_of(heads), hidden[:r]).argmax(dim=-1)

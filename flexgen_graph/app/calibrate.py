@@ -176,7 +176,7 @@ def fit(profile: HardwareProfile, notes: list[str], cache_dir: Path | None = Non
                               handoff_s=x[2] / scale, copy_share=x[3], disk_share=x[4], cold_disk_share=x[5])
     worst = max(zip(labels, ys, (sum(f * v for f, v in zip(r, x)) for r in rows)), key=lambda t: abs(t[2] / t[1] - 1))
     notes.append(f"fitted to {len(FIT_RUNS)} engine runs: compute x{scale:.3f}, {cal.op_s * 1e6:.0f} us per op, "
-                 f"hand-off {cal.handoff_s * 1e6:.0f} us per op, compute loses {cal.copy_share:.2f} s per s of copy "
+                 f"hand-off {cal.handoff_s * 1e6:.0f} us per op, compute loses {cal.copy_share:.2f} s per s of copy"
                  f", {cal.disk_share:.2f} per s of warm and {cal.cold_disk_share:.2f} per s of cold disk read; worst fitted point {worst[0]}: predicted / measured "
                  f"{worst[2] / worst[1]:.2f}")
     return dataclasses.replace(profile, calibration=cal)
