@@ -17,7 +17,8 @@ programs. The first generation of a plan warms up (page cache, allocator, thread
 the fastest is kept, as the profile keeps the best of its measurements (--quick times the first).
 "Cold" scenarios evict every weight file from the page cache after reading it (the engine's
 cold_weights), and are predicted with cold disk reads; "warm" ones with the page cache's. The README's
-main job is a full block of the sample prompts at the plan `run` compiles for them. GPU rows run when
+main job runs as `run` runs it, predicted by planner.predict for the blocks it ran (where that module is
+present; else a full block of the sample prompts at full length, where the plan's prediction applies). GPU rows run when
 CUDA is present, else print "not run". The machine must be quiet: another job on the cores slows a
 2-thread engine several fold (the load average is printed).
 """
@@ -50,7 +51,7 @@ GPU, CPU, DISK = (Placement.all_on(t) for t in TIERS)
 HALF = Placement(0.5, 0.0, 0.5)
 RAM = {"weights": GPU, "cache": GPU, "hidden": GPU}
 OPT = "facebook/opt-1.3b"
-SECTION = "## Plan fidelity"
+SECTION = "## Plan fidelity (CPU)"
 
 
 @dataclass(frozen=True)
@@ -326,11 +327,13 @@ class Runner:
                        {"tokens_per_s": float(m.group(4)), "prefill_s": None, "decode_step_s": None}, note)
 
     def readme(self, sc: Scenario) -> Row:
-        """The plan `flexgen-graph run --input examples/sample_prompts.jsonl` compiles on this profile, run on a
-        full block of the sample prompts (repeated to fill it), full length."""
+        """The README's main job, `flexgen-graph run --input examples/sample_prompts.jsonl`, on this profile: the
+        job itself, its 36 prompts in the blocks `run` forms, EOS honoured, against planner.predict's prediction
+        for those blocks."""
         import planner
-        from flexgen_graph.app.jobs import job_workload, load_tokenizer
         from flexgen_graph.app.api import options
+        from flexgen_graph.app.jobs import job_workload, load_tokenizer
+        from planner.predict import BlockRun, predict_plan
         from runtime.sampling import Sampling
 
         if not (self.store_path is not None or _has_default()):
@@ -340,19 +343,47 @@ class Runner:
         tok = load_tokenizer(store.path)
         path = ROOT / "examples/sample_prompts.jsonl"
         count, prompt_len, gen_len = job_workload(path, tok, Sampling(), spec)  # as `run` sizes its plan
-        wl = Workload(prompt_len, gen_len if self.sizes is FULL else self.sizes.gen_len)
-        opts = options(max_block_size=4, weights_source="default") if self.sizes is QUICK else \
-            options(job_prompts=count, weights_source="default")
-        [plan] = planner.compile(spec, self.profile, [wl], opts)
+        gen = gen_len if self.sizes is FULL else self.sizes.gen_len
+        wl = Workload(prompt_len, gen)
         lines = [json.loads(x) for x in path.read_text().splitlines()]
-        ids = []
-        for i in range(plan.block_size):
-            msgs = lines[i % len(lines)]["messages"]
-            t = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            ids.append(list(t["input_ids"] if hasattr(t, "keys") else t))
-        measured = time_engine(plan, store, ids, warmup=self.sizes is FULL, repeats=self.repeats)
-        return Row(sc, _block(plan), predict(plan), measured,
-                   "full block, full length (the job itself: 36 prompts, EOS)", breakdown(plan), self._other(plan))
+
+        def ids_of(line: dict) -> list[int]:
+            t = tok.apply_chat_template(line["messages"], add_generation_prompt=True, tokenize=True)
+            return list(t["input_ids"] if hasattr(t, "keys") else t)
+
+        jobs = count if self.sizes is FULL else min(count, 4)
+        [plan] = planner.compile(spec, self.profile, [wl], options(job_prompts=jobs, weights_source="default"))
+        return self._job(sc, plan, store, [ids_of(x) for x in lines[:jobs]],
+                         [min(x.get("max_tokens") or gen, gen) for x in lines[:jobs]], BlockRun, predict_plan)
+
+    def _job(self, sc: Scenario, plan, store, prompts: list[list[int]], limits: list[int], block_run, predict_plan) -> Row:
+        """The job as `run` runs it: blocks of the plan's size in order, EOS honoured; predicted for those blocks."""
+        from runtime.engine import Engine
+
+        n = plan.block_size
+        runs, tokens, wall, prefill, decode = [], 0, 0.0, 0.0, []
+        with tempfile.TemporaryDirectory(prefix="fidelity-") as off, Engine(plan, store, off) as eng:
+            if self.sizes is FULL:
+                eng.generate(prompts[:n], limits[:n])  # warm-up
+            for i in range(0, len(prompts), n):
+                eng.step_times.clear()
+                t = time.perf_counter()
+                out = eng.generate(prompts[i:i + n], limits[i:i + n])
+                wall += time.perf_counter() - t
+                got = sum(len(g.token_ids) for g in out)
+                tokens += got
+                runs.append(block_run(len(out), max(len(g.token_ids) for g in out) - 1, got))
+                prefill += next(s for k, s in eng.step_times if k == "prefill")
+                decode += [s for k, s in eng.step_times if k == "decode"]
+        pred = predict_plan(plan, runs)
+        steps = sum(r.decode_steps for r in runs)
+        return Row(sc, _block(plan), {"tokens_per_s": pred.tokens_per_s, "prefill_s": pred.prefill_s,
+                                      "decode_step_s": pred.decode_s / steps if steps else None,
+                                      "binding": plan.predictions.get("binding", "-")},
+                   {"tokens_per_s": tokens / wall, "prefill_s": prefill,
+                    "decode_step_s": sum(decode) / len(decode) if decode else None},
+                   f"the job: {len(prompts)} prompts in {len(runs)} block(s), EOS honoured, {tokens} tokens; "
+                   "predicted by planner.predict for those blocks (prefill: all blocks')")
 
 
 def _has_default() -> bool:

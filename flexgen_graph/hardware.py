@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -284,8 +285,6 @@ def machine_id(gpu_name: str = "") -> str:
                 break
     except OSError:
         pass
-    import platform
-
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     return (f"cpu={cpu or platform.processor() or platform.machine()}; cores={os.cpu_count()}; "
             f"ram_gib={round(ram / GB)}; gpu={gpu_name or 'none'}")

@@ -318,7 +318,10 @@ def test_features_split_the_compute_stream_linearly():
 
 
 def test_inspect_marks_the_h100_figures_nobody_measured(capsys):
-    assert main(["inspect", "plans/opt-13b--h100-pcie5--float16--p512g32.fgplan"]) == 0
+    from pathlib import Path
+
+    plan = Path(__file__).resolve().parents[1] / "plans/opt-13b--h100-pcie5--float16--p512g32.fgplan"
+    assert main(["inspect", str(plan)]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("profile"))
     assert "assumed, never measured" in line and "cpu_from_disk_bytes_per_s" in line
     assert "gpu_from_cpu_bytes_per_s" not in line and "gpu_matmul_flops_per_s" not in line  # measured there
