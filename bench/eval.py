@@ -6,7 +6,7 @@ wall time covers its whole `lm_eval.simple_evaluate` call (loading the model inc
 both gave the same generations, log-likelihoods within 1e-4 and the same metrics, and prints a markdown table.
 Needs lm-eval and accelerate (pip install -e '.[eval,bench]').
 
-    python bench/eval.py --profile examples/profile-this-machine.json --hf-batch-size 8
+    python bench/eval.py --profile auto --hf-batch-size 8
 """
 
 from __future__ import annotations
