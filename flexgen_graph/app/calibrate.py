@@ -179,6 +179,9 @@ def fit(profile: HardwareProfile, notes: list[str], cache_dir: Path | None = Non
                  f"hand-off {cal.handoff_s * 1e6:.0f} us per op, compute loses {cal.copy_share:.2f} s per s of copy"
                  f", {cal.disk_share:.2f} per s of warm and {cal.cold_disk_share:.2f} per s of cold disk read; worst fitted point {worst[0]}: predicted / measured "
                  f"{worst[2] / worst[1]:.2f}")
+    if scale in SCALE_RANGE or not 2 / 3 <= worst[2] / worst[1] <= 1.5:
+        notes.append("the fit is poor (its scale at a bound, or a run far from its fitted time): other jobs were "
+                     "probably running; measure again on a quiet machine")
     return dataclasses.replace(profile, calibration=cal)
 
 
