@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.report import write_section  # noqa: E402
+
 from flexgen_graph.app.api import compile_plan  # noqa: E402
 from flexgen_graph.app.models import default_cache_dir, open_store  # noqa: E402
 from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec  # noqa: E402
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(table)
     print("\n" + text)
     if args.write is not None:
-        write_section(args.write, text)
+        write_section(args.write, SECTION, text)
     return 0
 
 
@@ -129,19 +131,6 @@ def _cpu_name() -> str:
 
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
-
-
-def write_section(path: Path, body: str) -> None:
-    """Replace (or append) this script's section of a markdown file, leaving the other sections alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(SECTION)
-    section = f"{SECTION}\n\n{body}\n"
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
-    path.write_text(text)
 
 
 if __name__ == "__main__":

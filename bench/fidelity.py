@@ -43,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.report import write_section  # noqa: E402
+
 from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec  # noqa: E402
 from flexgen_graph.ir import TIERS, Workload  # noqa: E402
 from flexgen_graph.policy import Placement  # noqa: E402
@@ -521,19 +523,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.write is not None:
         write_section(args.write, SECTION, text)
     return 0
-
-
-def write_section(path: Path, section: str, body: str) -> None:
-    """Replace (or append) a section of a markdown file, leaving the others alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(section)
-    block = f"{section}\n\n{body}\n"
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + block
-    else:
-        nxt = text.find("\n## ", start + len(section))
-        text = text[:start] + block + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
-    path.write_text(text)
 
 
 def _cpu_name() -> str:
