@@ -152,17 +152,19 @@ def breakdown(plan, disk: str | None = None) -> dict | None:
     cal = plan.profile.calibration
     if cal is None:
         return None
-    from flexgen_graph.app.calibrate import features
+    from flexgen_graph.app.calibrate import features, multipliers
     from flexgen_graph.ir import Phase
     from planner.cost import stream_sums
     from planner.timeline import plan_graph
 
-    k = {"kernels": cal.compute_scale, "ops": cal.compute_scale * cal.op_s, "handoff": cal.compute_scale * cal.handoff_s,
-         "copies": cal.copy_share, "disk": cal.disk_share, "cold disk": cal.cold_disk_share}
-    feats = features(plan, disk)
+    k, feats = multipliers(cal), features(plan, disk)
     streams = stream_sums(plan_graph(plan), plan.profile, plan.policy, disk=disk)
-    return {ph.value: {**{n: k[n] * v for n, v in feats[ph].items()}, "load": streams[ph]["load"],
-                       "store": streams[ph]["store"]} for ph in (Phase.PREFILL, Phase.DECODE)}
+    out = {}
+    for ph in (Phase.PREFILL, Phase.DECODE):
+        parts = {n: k[n] * v for n, v in feats[ph].items()}
+        parts["kernels"] += parts.pop("prefill kernels")  # one phase's kernels: only one of the two is non-zero
+        out[ph.value] = {**parts, "load": streams[ph]["load"], "store": streams[ph]["store"]}
+    return out
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:

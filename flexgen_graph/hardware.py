@@ -27,7 +27,7 @@ from flexgen_graph.errors import UserError
 GB = 1 << 30
 TFLOP = 10**12
 # 2: a Calibration (curves measured at the model's shapes), the machine it was measured on
-PROFILE_VERSION = 2
+PROFILE_VERSION = 3
 
 
 class BadProfileError(UserError):
@@ -102,9 +102,10 @@ class LayerCurve:
     dequant_s_per_byte: float = 0.0  # 4-bit weights of this layer: seconds per dense byte restored
     cache_dequant_s_per_byte: float = 0.0  # 4-bit cache of this layer: seconds per dense byte restored
     cache_store_s: float = 0.0  # 4-bit cache: one decode op's new rows compressed and read back
+    cache_quant_s_per_byte: float = 0.0  # 4-bit cache: prefill's rows compressed and read back, per dense byte
 
     NUMBERS = ("attn_s", "attn_cpu_s", "prefill_attn_s", "dequant_s_per_byte", "cache_dequant_s_per_byte",
-               "cache_store_s")
+               "cache_store_s", "cache_quant_s_per_byte")
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -135,7 +136,8 @@ class Calibration:
     read's or write's, or a cold disk read's time that the compute stream loses to it (0 where transfers run beside compute, as DMA does; near 1 on a CPU-only machine whose
     copies run on the cores that compute). Disk reads are warm (page cache) while the model's weights
     and cache fit in page_cache_bytes, cold otherwise. compute_scale multiplies every compute time (a
-    pipeline stage sharing the host's cores). method: "curves" (isolated measurements) or "fit" (their
+    pipeline stage sharing the host's cores); prefill_scale multiplies prefill's kernels on top (the layer
+    curves are timed one token per sequence; prefill runs prompt_len of them). method: "curves" (isolated measurements) or "fit" (their
     constants fitted to timed runs of the engine)."""
 
     method: str
@@ -152,11 +154,12 @@ class Calibration:
     cold_disk_share: float
     page_cache_bytes: int
     compute_scale: float = 1.0
+    prefill_scale: float = 1.0
     layers: tuple[LayerCurve, ...] = ()
 
     CURVES = ("matmul_s_per_flop", "gpu_from_cpu_s", "cpu_from_gpu_s", "disk_read_cold_s", "disk_read_warm_s",
               "disk_write_s")
-    NUMBERS = ("op_s", "handoff_s", "copy_share", "disk_share", "cold_disk_share", "compute_scale")
+    NUMBERS = ("op_s", "handoff_s", "copy_share", "disk_share", "cold_disk_share", "compute_scale", "prefill_scale")
 
     def layer(self, kind: str, weight_bytes: int) -> LayerCurve | None:
         for lc in self.layers:
@@ -181,7 +184,7 @@ class Calibration:
             raise BadProfileError(f"{what}.page_cache_bytes must be a whole number >= 0, got {d['page_cache_bytes']!r}")
         if not isinstance(d["layers"], list):
             raise BadProfileError(f"{what}.layers must be a list, got {d['layers']!r}")
-        nums = {k: float(_finite(d[k], f"{what}.{k}", zero_ok=k != "compute_scale")) for k in cls.NUMBERS}
+        nums = {k: float(_finite(d[k], f"{what}.{k}", zero_ok=k not in ("compute_scale", "prefill_scale"))) for k in cls.NUMBERS}
         return cls(method=d["method"], page_cache_bytes=d["page_cache_bytes"],
                    **{k: Curve.from_list(d[k], f"{what}.{k}") for k in cls.CURVES}, **nums,
                    layers=tuple(LayerCurve.from_dict(x, f"{what}.layers[{i}]") for i, x in enumerate(d["layers"])))

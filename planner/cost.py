@@ -308,7 +308,9 @@ def _calibrated_parts(f: LayerFigures, hw: HardwareProfile, cal: Calibration, fl
     """compute_parts from a Calibration: per op, the layer's measured curve at its rows (else its FLOPs at
     the generic matmul curve, no faster than reading its weights), attention per sequence and context
     token (prefill: per prompt_len squared) as measured for the layer (else the roofline), the fixed
-    cost per op; dequantization at the measured rates. All times scaled by compute_scale."""
+    cost per op; dequantization at the measured rates (a compressed cache: prefill compresses its rows,
+    decode restores the cache it attends). All times scaled by compute_scale, prefill's kernels by
+    prefill_scale too."""
     n = f.compute_ops
     if not n:
         return 0.0, 0.0, 0.0
@@ -324,13 +326,16 @@ def _calibrated_parts(f: LayerFigures, hw: HardwareProfile, cal: Calibration, fl
         attn = max(f.attn_flops / n / hw.gpu_attn_flops_per_s, cache_op / hw.gpu_mem_bytes_per_s)
         cpu_rate = hw.cpu_matmul_flops_per_s if hw.has_gpu else hw.gpu_attn_flops_per_s
         attn_cpu = max(f.attn_flops / n / cpu_rate, cache_op / hw.cpu_mem_bytes_per_s)
-    k = cal.compute_scale
-    base = k * n * (dense + cal.op_s)
+    k = cal.compute_scale * (cal.prefill_scale if f.tokens > 1 else 1.0)
+    base = k * n * dense + cal.compute_scale * n * cal.op_s
     w_deq = lc.dequant_s_per_byte if lc is not None and lc.dequant_s_per_byte else 1.0 / hw.gpu_dequant_bytes_per_s
     if flags.compress_weights:
         base += k * f.weight_full_bytes * w_deq
-    c_deq = lc.cache_dequant_s_per_byte if lc is not None and lc.cache_dequant_s_per_byte else 0.0
     dequant = f.cache_full_bytes if flags.compress_cache else 0.0
+    if decode:
+        c_deq = lc.cache_dequant_s_per_byte if lc is not None and lc.cache_dequant_s_per_byte else 0.0
+    else:
+        c_deq = lc.cache_quant_s_per_byte if lc is not None and lc.cache_quant_s_per_byte else 0.0
     if flags.compress_cache and decode and lc is not None:  # each op compresses its new row and reads it back
         attn += lc.cache_store_s
         attn_cpu += lc.cache_store_s

@@ -382,11 +382,15 @@ def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
     c_deq = _best_time(lambda: codec.load(cbuf, dense_c, n), sync=sync) / dense_c.numel() / dense_c.element_size()
     new_k = torch.randn(b, 1, KV, D, device=device, dtype=dtype)
     c_store = _best_time(lambda: codec.store_new(cbuf, new_k, new_k, n - 1), sync=sync)
+    t = 64  # prefill: a prompt's rows compressed and read back, per dense byte (well above the per-call cost)
+    prompt_k = torch.randn(b, t, KV, D, device=device, dtype=dtype)
+    c_quant = _best_time(lambda: codec.store_new(cbuf, prompt_k, prompt_k, 0), sync=sync) \
+        / (2 * prompt_k.numel() * prompt_k.element_size())
     on_dev = attend_slope(device)
     out.append(LayerCurve("decoder", spec.layer_bytes(1), spec.name, rows, attn_s=on_dev,
                           attn_cpu_s=on_dev if device.type == "cpu" else attend_slope(host),
                           prefill_attn_s=prefill_slope(), dequant_s_per_byte=w_deq, cache_dequant_s_per_byte=c_deq,
-                          cache_store_s=c_store))
+                          cache_store_s=c_store, cache_quant_s_per_byte=c_quant))
 
     def head_op(r: int) -> None:
         kernels.head(spec, next_of(heads), hidden[:r]).argmax(dim=-1)

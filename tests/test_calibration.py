@@ -283,17 +283,20 @@ def test_nnls_recovers_known_constants_and_keeps_them_non_negative():
     assert min(calibrate.nnls(rows, noisy, [1.0] * len(ys))) >= 0
 
 
-def test_fit_takes_scale_and_per_op_cost_from_still_runs_then_the_rest_from_the_others():
-    """Runs that move nothing fix the compute scale and the cost per op; the hand-off and the shares come
-    from what the moving runs leave; a scale beyond SCALE_RANGE (disturbed runs) is held at its end."""
-    truth = [1.1, 2e-4, 3e-4, 0.7, 0.4, 0.9]
-    rows = [[0.10, 62, 0, 0, 0, 0], [0.30, 62, 0, 0, 0, 0], [1.20, 62, 0, 0, 0, 0], [0.20, 124, 0, 0, 0, 0],
-            [0.25, 62, 62, 0.01, 0, 0], [0.25, 62, 62, 0.05, 0, 0], [0.25, 62, 62, 0.0, 0.08, 0],
-            [0.4, 62, 62, 0.02, 0.02, 0], [0.3, 62, 62, 0, 0, 0.3]]
+def test_fit_takes_scales_and_per_op_cost_from_still_runs_then_the_rest_from_the_others():
+    """Runs that move nothing fix the compute scales (decode's, prefill's) and the cost per op; the hand-off
+    and the shares come from what the moving runs leave; a scale beyond SCALE_RANGE (disturbed runs) is
+    held at its end."""
+    truth = [1.1, 1.3, 2e-4, 3e-4, 0.7, 0.4, 0.9]
+    rows = [[0.10, 0, 62, 0, 0, 0, 0], [0, 0.30, 62, 0, 0, 0, 0], [1.20, 0, 62, 0, 0, 0, 0],
+            [0, 0.20, 124, 0, 0, 0, 0], [0.05, 0, 124, 0, 0, 0, 0], [0, 0.9, 62, 0, 0, 0, 0],
+            [0.25, 0, 62, 62, 0.01, 0, 0], [0, 0.25, 62, 62, 0.05, 0, 0], [0.25, 0, 62, 62, 0.0, 0.08, 0],
+            [0.4, 0, 62, 62, 0.02, 0.02, 0], [0, 0.3, 62, 62, 0, 0, 0.3]]
     ys = [sum(a * x for a, x in zip(r, truth)) for r in rows]
     assert calibrate.fit_constants(rows, ys) == pytest.approx(truth, rel=1e-6)
-    slow = [y * 3 if not any(r[2:]) else y for r, y in zip(rows, ys)]
-    assert calibrate.fit_constants(rows, slow)[0] == calibrate.SCALE_RANGE[1]
+    slow = [y * 3 if not any(r[calibrate.STILL:]) and r[1] else y for r, y in zip(rows, ys)]
+    got = calibrate.fit_constants(rows, slow)
+    assert got[1] == calibrate.SCALE_RANGE[1] and got[0] < calibrate.SCALE_RANGE[1]
 
 
 def test_features_split_the_compute_stream_linearly():
@@ -301,12 +304,10 @@ def test_features_split_the_compute_stream_linearly():
     from flexgen_graph.app.api import compile_plan
 
     spec = tiny_spec("llama", layers=2)
-    hw = calibrated(spec, compute_scale=1.5)
+    hw = calibrated(spec, compute_scale=1.5, prefill_scale=1.2)
     plan = compile_plan(spec, hw, Workload(8, 4), gpu_batch_size=2, num_gpu_batches=2,
                         fixed={"weights": CPU, "cache": GPU, "hidden": GPU})
-    c = hw.calibration
-    consts = {"kernels": c.compute_scale, "ops": c.compute_scale * c.op_s, "handoff": c.compute_scale * c.handoff_s,
-              "copies": c.copy_share, "disk": c.disk_share, "cold disk": c.cold_disk_share}
+    consts = calibrate.multipliers(hw.calibration)
     got = calibrate.features(plan)
     want = stream_sums(lower(spec, Workload(8, 4), Block(2, 2)), hw, plan.policy)
     for ph in (Phase.PREFILL, Phase.DECODE):

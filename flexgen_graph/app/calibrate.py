@@ -41,6 +41,7 @@ FIT_RUNS = (
     ("in RAM, batch 1", 1, 1, {"weights": GPU, "cache": GPU, "hidden": GPU}),
     ("in RAM, batch 8", 8, 1, {"weights": GPU, "cache": GPU, "hidden": GPU}),
     ("in RAM, batch 32", 32, 1, {"weights": GPU, "cache": GPU, "hidden": GPU}),
+    ("in RAM, batch 64", 64, 1, {"weights": GPU, "cache": GPU, "hidden": GPU}),
     ("in RAM, 8 x 2", 8, 2, {"weights": GPU, "cache": GPU, "hidden": GPU}),
     ("hidden states on the CPU tier (threads)", 8, 1, {"weights": GPU, "cache": GPU, "hidden": CPU}),
     ("weights on the CPU tier", 8, 1, {"weights": CPU, "cache": GPU, "hidden": GPU}),
@@ -48,8 +49,10 @@ FIT_RUNS = (
     ("weights on disk", 8, 1, {"weights": DISK, "cache": GPU, "hidden": GPU}),
     ("weights on disk, cold", 8, 1, {"weights": DISK, "cache": GPU, "hidden": GPU, "cold": True}),
 )
-# the fitted unknowns: compute_scale, then compute_scale times op_s, handoff_s, then the three shares
-FEATURES = ("kernels", "ops", "handoff", "copies", "disk", "cold disk")
+# the fitted unknowns: compute_scale, compute_scale times prefill_scale, compute_scale times op_s and
+# handoff_s, then the three shares
+FEATURES = ("kernels", "prefill kernels", "ops", "handoff", "copies", "disk", "cold disk")
+STILL = 3  # FEATURES[:STILL] are fitted to the runs that move nothing
 
 
 class ProfileMachineError(UserError):
@@ -57,15 +60,16 @@ class ProfileMachineError(UserError):
 
 
 def _zeroed(cal: Calibration, **one: float) -> Calibration:
-    base = dict(op_s=0.0, handoff_s=0.0, copy_share=0.0, disk_share=0.0, cold_disk_share=0.0, compute_scale=1.0)
+    base = dict(op_s=0.0, handoff_s=0.0, copy_share=0.0, disk_share=0.0, cold_disk_share=0.0, compute_scale=1.0,
+                prefill_scale=1.0)
     base.update(one)
     return dataclasses.replace(cal, **base)
 
 
 def features(plan, disk: str | None = None) -> dict[Phase, dict[str, float]]:
     """The compute stream of a plan's prefill and decode step split into what each fitted constant
-    multiplies: the kernels' measured times, compute ops, ops paying the hand-off, seconds of host
-    copies and of disk reads (the stream is linear in them)."""
+    multiplies (FEATURES): the kernels' measured times (decode's, prefill's), compute ops, ops paying the
+    hand-off, seconds of host copies and of disk reads (the stream is linear in them)."""
     from planner.cost import stream_sums
     from planner.memory import policy_compression
     from planner.timeline import plan_graph
@@ -80,7 +84,16 @@ def features(plan, disk: str | None = None) -> dict[Phase, dict[str, float]]:
     base = compute()
     parts = {"ops": compute(op_s=1.0), "handoff": compute(handoff_s=1.0), "copies": compute(copy_share=1.0),
              "disk": compute(disk_share=1.0), "cold disk": compute(cold_disk_share=1.0)}
-    return {ph: {"kernels": base[ph], **{k: v[ph] - base[ph] for k, v in parts.items()}} for ph in base}
+    kernels = {ph: {"kernels": 0.0 if ph is Phase.PREFILL else base[ph],
+                    "prefill kernels": base[ph] if ph is Phase.PREFILL else 0.0} for ph in base}
+    return {ph: {**kernels[ph], **{k: v[ph] - base[ph] for k, v in parts.items()}} for ph in base}
+
+
+def multipliers(cal: Calibration) -> dict[str, float]:
+    """What the calibration multiplies each of FEATURES by: features(plan) times these is the compute stream."""
+    k = cal.compute_scale
+    return {"kernels": k, "prefill kernels": k * cal.prefill_scale, "ops": k * cal.op_s, "handoff": k * cal.handoff_s,
+            "copies": cal.copy_share, "disk": cal.disk_share, "cold disk": cal.cold_disk_share}
 
 
 def nnls(rows: list[list[float]], ys: list[float], weights: list[float]) -> list[float]:
@@ -112,22 +125,26 @@ SCALE_RANGE = (0.5, 2.0)  # how far the fit may rescale the measured kernels: be
 
 def fit_constants(rows: list[list[float]], ys: list[float]) -> list[float]:
     """FEATURES' constants in two stages, so that collinear parts do not trade off against each other: the
-    compute scale and the cost per op from the runs that move nothing (their hand-off, copy and disk parts
-    are 0), then the hand-off and the shares from the others' residuals. Relative errors: a batch-1 decode
-    step weighs as much as a prefill. The scale is held within SCALE_RANGE."""
-    still = [i for i, r in enumerate(rows) if not any(r[2:])]
+    compute scales (decode's, prefill's) and the cost per op from the runs that move nothing (their
+    hand-off, copy and disk parts are 0), then the hand-off and the shares from the others' residuals.
+    Relative errors: a batch-1 decode step weighs as much as a prefill. The scales are held within
+    SCALE_RANGE."""
+    still = [i for i, r in enumerate(rows) if not any(r[STILL:])]
     moving = [i for i in range(len(rows)) if i not in still]
-    k, per_op = nnls([rows[i][:2] for i in still], [ys[i] for i in still], [1 / ys[i] for i in still]) if still \
-        else (1.0, 0.0)
-    if not SCALE_RANGE[0] <= k <= SCALE_RANGE[1]:
-        k = min(max(k, SCALE_RANGE[0]), SCALE_RANGE[1])
-        [per_op] = nnls([[rows[i][1]] for i in still], [ys[i] - k * rows[i][0] for i in still],
-                        [1 / ys[i] for i in still]) if still else [0.0]
-    rest = [0.0] * (len(rows[0]) - 2)
+    w = [1 / ys[i] for i in still]
+    scales, per_op = [1.0, 1.0], 0.0
+    if still:
+        *scales, per_op = nnls([rows[i][:STILL] for i in still], [ys[i] for i in still], w)
+    if not all(SCALE_RANGE[0] <= k <= SCALE_RANGE[1] for k in scales):
+        scales = [min(max(k, SCALE_RANGE[0]), SCALE_RANGE[1]) for k in scales]
+        [per_op] = nnls([[rows[i][STILL - 1]] for i in still],
+                        [ys[i] - sum(k * x for k, x in zip(scales, rows[i])) for i in still], w) if still else [0.0]
+    head = [*scales, per_op]
+    rest = [0.0] * (len(rows[0]) - STILL)
     if moving:
-        rest = nnls([rows[i][2:] for i in moving], [ys[i] - k * rows[i][0] - per_op * rows[i][1] for i in moving],
-                    [1 / ys[i] for i in moving])
-    return [k, per_op, *rest]
+        rest = nnls([rows[i][STILL:] for i in moving],
+                    [ys[i] - sum(c * x for c, x in zip(head, rows[i])) for i in moving], [1 / ys[i] for i in moving])
+    return [*head, *rest]
 
 
 def _time(plan, store, prompts: list[list[int]], repeats: int = 2, cold: bool = False) -> dict[Phase, float]:
@@ -172,14 +189,16 @@ def fit(profile: HardwareProfile, notes: list[str], cache_dir: Path | None = Non
             labels.append(f"{label}, {ph.value}")
     x = fit_constants(rows, ys)
     scale = x[0]
-    cal = dataclasses.replace(profile.calibration, method="fit", compute_scale=scale, op_s=x[1] / scale,
-                              handoff_s=x[2] / scale, copy_share=x[3], disk_share=x[4], cold_disk_share=x[5])
+    cal = dataclasses.replace(profile.calibration, method="fit", compute_scale=scale, prefill_scale=x[1] / scale,
+                              op_s=x[2] / scale, handoff_s=x[3] / scale, copy_share=x[4], disk_share=x[5],
+                              cold_disk_share=x[6])
     worst = max(zip(labels, ys, (sum(f * v for f, v in zip(r, x)) for r in rows)), key=lambda t: abs(t[2] / t[1] - 1))
-    notes.append(f"fitted to {len(FIT_RUNS)} engine runs: compute x{scale:.3f}, {cal.op_s * 1e6:.0f} us per op, "
+    notes.append(f"fitted to {len(FIT_RUNS)} engine runs: compute x{scale:.3f} (prefill x{x[1]:.3f}), "
+                 f"{cal.op_s * 1e6:.0f} us per op, "
                  f"hand-off {cal.handoff_s * 1e6:.0f} us per op, compute loses {cal.copy_share:.2f} s per s of copy"
                  f", {cal.disk_share:.2f} per s of warm and {cal.cold_disk_share:.2f} per s of cold disk read; worst fitted point {worst[0]}: predicted / measured "
                  f"{worst[2] / worst[1]:.2f}")
-    if scale in SCALE_RANGE or not 2 / 3 <= worst[2] / worst[1] <= 1.5:
+    if x[0] in SCALE_RANGE or x[1] in SCALE_RANGE or not 2 / 3 <= worst[2] / worst[1] <= 1.5:
         notes.append("the fit is poor (its scale at a bound, or a run far from its fitted time): other jobs were "
                      "probably running; measure again on a quiet machine")
     return dataclasses.replace(profile, calibration=cal)
