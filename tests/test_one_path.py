@@ -45,15 +45,16 @@ def job(tmp_path_factory):
 def run(tmp_path, folder, cache, lines, capsys) -> list[dict]:
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    assert main(["run", "--model", str(folder), "--profile", "cpu-small", "--cache-dir", str(cache), "--input", str(inp),
-                 "--output", str(out), "--max-block-size", "2"]) == 0
+    assert main(["run", "--model", str(folder), "--profile", "cpu-small", "--cache-dir", str(cache),
+                 "--input", str(inp), "--output", str(out), "--max-block-size", "2"]) == 0
     assert "3 blocks" in capsys.readouterr().out  # six prompts in blocks of two
     return [json.loads(x) for x in out.read_text().splitlines()]
 
 
 def test_run_and_generate_give_the_same_answers(job, tmp_path, capsys):
     folder, cache, stops, want, _ = job
-    lines = [{"id": i, "prompt": p, "max_tokens": n, "stop": s} for i, (p, n, s) in enumerate(zip(PROMPTS, LIMITS, stops))]
+    lines = [{"id": i, "prompt": p, "max_tokens": n, "stop": s}
+             for i, (p, n, s) in enumerate(zip(PROMPTS, LIMITS, stops))]
     got = {r["id"]: r for r in run(tmp_path, folder, cache, lines, capsys)}
     assert [(got[i]["text"], tuple(got[i]["token_ids"]), got[i]["finish_reason"]) for i in range(len(PROMPTS))] == \
         [(o.text, o.token_ids, o.finish_reason) for o in want]
@@ -64,7 +65,7 @@ def test_openai_lines_give_the_same_answers(job, tmp_path, capsys):
     lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
               "body": {"model": name, "prompt": p, "max_tokens": n, **({"stop": s} if s else {})}}
              for i, (p, n, s) in enumerate(zip(PROMPTS, LIMITS, stops))]
-    got = {r["custom_id"]: r["response"]["body"] for r in run(tmp_path, folder, cache, lines, capsys)}
-    bodies = [got[f"r{i}"] for i in range(len(PROMPTS))]
-    assert [(b["choices"][0]["text"], b["usage"]["completion_tokens"], b["choices"][0]["finish_reason"]) for b in bodies] == \
-        [(o.text, len(o.token_ids), o.finish_reason) for o in want]
+    by_id = {r["custom_id"]: r["response"]["body"] for r in run(tmp_path, folder, cache, lines, capsys)}
+    bodies = [by_id[f"r{i}"] for i in range(len(PROMPTS))]
+    got = [(b["choices"][0]["text"], b["usage"]["completion_tokens"], b["choices"][0]["finish_reason"]) for b in bodies]
+    assert got == [(o.text, len(o.token_ids), o.finish_reason) for o in want]

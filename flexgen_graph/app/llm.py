@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from flexgen_graph.app.session import Engines, Output, PlanCache, Request, blocks, encode, fits, run_block, smallest_fitting
+from flexgen_graph.app.session import (Engines, Output, PlanCache, Request, blocks, encode, fits, run_block,
+                                       smallest_fitting)
 from flexgen_graph.catalog import DEFAULT_MODEL
 from flexgen_graph.errors import UserError
 from flexgen_graph.ir import Workload
@@ -157,7 +158,8 @@ class LLM:
         out: list[Output | None] = [None] * len(reqs)
         with _Progress(progress, len(reqs), "generating") as bar:
             for plan, chunk in self._blocks([len(r.prompt_ids) for r in reqs], [r.max_tokens for r in reqs], gen_len, False):
-                for i, o in zip(chunk, run_block(self._engines.get(plan), [reqs[i] for i in chunk], gen_len, self.tokenizer)):
+                outs = run_block(self._engines.get(plan), [reqs[i] for i in chunk], gen_len, self.tokenizer)
+                for i, o in zip(chunk, outs):
                     out[i] = o
                 bar.update(len(chunk))
         return out  # type: ignore[return-value]
@@ -185,7 +187,8 @@ class LLM:
         out: list[Any] = [None] * len(pairs)
         with _Progress(progress, len(pairs), "scoring") as bar:
             for plan, chunk in self._blocks(lengths, conts, max(conts, default=1), True):
-                got = self._engines.get(plan).score([list(pairs[i][0]) for i in chunk], [list(pairs[i][1]) for i in chunk])
+                engine = self._engines.get(plan)
+                got = engine.score([list(pairs[i][0]) for i in chunk], [list(pairs[i][1]) for i in chunk])
                 for i, s in zip(chunk, got):
                     out[i] = s
                 bar.update(len(chunk))

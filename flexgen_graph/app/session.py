@@ -11,8 +11,8 @@ checks that raise, its own progress) and its own policy for which plans a job co
     >>> smallest_fitting([long_, short], 5, 4) is short, smallest_fitting([short], 9, 4)
     (True, None)
     >>> lengths = {"a": 12, "b": 3, "c": 14, "d": 2}
-    >>> [(p.workload.prompt_len, c) for p, c in blocks("cabd", lambda x: smallest_fitting([short, long_], lengths[x], 4),
-    ...                                                 lambda p, x: fits(p, lengths[x], 4))]
+    >>> pick = lambda x: smallest_fitting([short, long_], lengths[x], 4)
+    >>> [(p.workload.prompt_len, c) for p, c in blocks("cabd", pick, lambda p, x: fits(p, lengths[x], 4))]
     [(16, ['c', 'a']), (8, ['b', 'd'])]
 """
 
@@ -93,7 +93,8 @@ def smallest_fitting(plans: Iterable, length: int, max_tokens: int | None, score
     return min(fitting, key=lambda p: (p.workload.prompt_len, p.workload.gen_len)) if fitting else None
 
 
-def blocks(order: Iterable[T], plan_for: Callable[[T], Any], takes: Callable[[Any, T], bool]) -> Iterator[tuple[Any, list[T]]]:
+def blocks(order: Iterable[T], plan_for: Callable[[T], Any],
+           takes: Callable[[Any, T], bool]) -> Iterator[tuple[Any, list[T]]]:
     """(plan, requests) per block: the first request left (in `order`) picks the plan, which then takes
     the next requests left that it `takes`, up to its block size; the others wait, in order."""
     left = deque(order)
