@@ -201,7 +201,7 @@ def test_body_fields_map_onto_the_request_and_unset_ones_take_the_run_defaults()
     line = batch_line("a", messages=[{"role": "user", "content": "hi"}], max_completion_tokens=7, top_p=0.5,
                       seed=4, stop="\n")
     r = fmt.parse(json.dumps(line | {"body": line["body"] | {"model": "tiny-chat"}}), 1, fmt.tokenizer, defaults)
-    assert r.id == "a" and r.max_tokens == 7 and r.sampling == Sampling(0.5, 0.5, 4) and r.meta.stop == ("\n",)
+    assert r.id == "a" and r.max_tokens == 7 and r.sampling == Sampling(0.5, 0.5, 4) and r.stop == ("\n",)
     assert list(r.prompt_ids) == fmt.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
                                                                    add_generation_prompt=True, tokenize=True,
                                                                    return_dict=False)
@@ -210,20 +210,6 @@ def test_body_fields_map_onto_the_request_and_unset_ones_take_the_run_defaults()
     assert r.max_tokens is None and (r.sampling.temperature, r.sampling.top_p) == (0.5, 0.9)
     native = parse_line(json.dumps({"id": "b", "prompt": "hi"}), 1, fmt.tokenizer, defaults)
     assert r.sampling.seed == native.sampling.seed  # the same default seed for the same id
-
-
-def test_a_stop_string_ends_the_answer_before_it_with_the_tokens_up_to_it():
-    fmt = tiny_format()
-    tok = fmt.tokenizer
-    ids = tok("hello world. bye. end")["input_ids"]
-    req = Request("a", (5, 6), None, Sampling(), meta=openai_batch.Meta("text", (". ", "zzz")))
-    out = fmt.answer(req, ids, "length", tok.decode(ids))
-    choice = out["response"]["body"]["choices"][0]
-    assert choice["text"] == "hello world" and choice["finish_reason"] == "stop"
-    assert out["response"]["body"]["usage"]["completion_tokens"] == len(tok("hello world. ")["input_ids"])
-    plain = fmt.answer(Request("b", (5,), None, Sampling(), meta=openai_batch.Meta("text")), ids, "length",
-                       tok.decode(ids))["response"]["body"]
-    assert plain["choices"][0]["text"] == "hello world. bye. end" and plain["usage"]["completion_tokens"] == len(ids)
 
 
 def test_the_format_is_told_by_the_first_json_object_and_a_line_of_the_other_kind_is_an_error(tmp_path):

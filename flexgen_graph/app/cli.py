@@ -226,9 +226,9 @@ def _dtype(args) -> str:
     return default_dtype(_profile(args.profile))
 
 
-def compile_options(args, source: str = "", job_prompts: int | None = None):
-    """The compile options the command line gives, built once (planner.compile's CompileOptions);
-    job_prompts: `run` compiles for its job's number of prompts."""
+def compile_options(args, source: str = ""):
+    """The compile options the command line gives, built once (planner.compile's CompileOptions); `run`
+    compiles them for its job's number of prompts (job_prompts)."""
     from planner.compile import CompileOptions
 
     link = args.stage_link_gbps
@@ -239,7 +239,7 @@ def compile_options(args, source: str = "", job_prompts: int | None = None):
         max_block_size=args.max_block_size, fixed=tuple(sorted(_fixed(args).items())),
         compress=args.compress, group_size=args.group_size, compress_bits=args.compress_bits, stages=args.stages,
         stages_per_machine=args.stages_per_machine, stage_link_bytes_per_s=None if link is None else link * 1e9,
-        weights_source=source, job_prompts=job_prompts)
+        weights_source=source)
 
 
 def cmd_compile(args) -> int:
@@ -576,12 +576,12 @@ def _report(summary, args, plans, under_torchrun: bool) -> int:
     return EXIT_LINE_ERRORS if summary.errors and not under_torchrun else 0
 
 
-def _cached_plans(spec, args, workload, source: str, cache_dir: Path, max_block_size: int):
-    """The plan for this job (a plan per stage with --stages), compiled once and cached."""
-    from flexgen_graph.app.plans import cached_plans
+def _cached_plans(spec, args, workload, source: str, cache_dir: Path, prompts: int):
+    """The plan for this job of `prompts` prompts (a plan per stage with --stages), compiled once and cached."""
+    from flexgen_graph.app.session import PlanCache
 
-    return cached_plans(spec, _profile(args.profile, models=[spec], here=True), workload,
-                        compile_options(args, source, max_block_size), cache_dir)
+    profile = _profile(args.profile, models=[spec], here=True)
+    return PlanCache(spec, profile, compile_options(args, source), cache_dir).get(workload, job_prompts=prompts)
 
 
 def cmd_profile(args) -> int:

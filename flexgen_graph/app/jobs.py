@@ -41,23 +41,12 @@ from tqdm import tqdm
 from flexgen_graph.app import openai_batch
 from flexgen_graph.errors import DiskFullError, UserError
 from planner.predict import HOW, BlockRun, predict_plan
-from runtime.driver import StopStrings
+from flexgen_graph.app.session import Engines, Request, blocks, encode, run_block, smallest_fitting
 from runtime.sampling import Sampling
 
 KNOWN_FIELDS = {"id", "prompt", "messages", "prompt_ids", "max_tokens", "temperature", "top_p", "seed", "stop"}
 BOM = b"\xef\xbb\xbf"
 SEED_LIMIT = 1 << 64  # seeds are 64-bit unsigned: torch.Generator.manual_seed's range
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    id: Any
-    prompt_ids: tuple[int, ...]
-    max_tokens: int | None
-    sampling: Sampling
-    line: int = 0  # its line in the input (1-based), for the error record should generation fail
-    meta: Any = None  # what the input format's answer shape needs (openai_batch.Meta)
-    stop: tuple[str, ...] = ()  # stop strings: generation ends at the first
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,11 +131,6 @@ def load_tokenizer(store_path: Path):
     return AutoTokenizer.from_pretrained(hf)
 
 
-def decode_text(tokenizer) -> Callable[[list[int]], str]:
-    """How generated tokens read as text (special tokens left out), for outputs and stop strings alike."""
-    return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)
-
-
 def id_key(rid: Any) -> str:
     return json.dumps(rid, sort_keys=True)
 
@@ -211,13 +195,6 @@ def _not_an_answer(raw: bytes) -> str:
 
 
 # ---------------------------------------------------------------- input lines
-
-def _chat_ids(tokenizer, messages: list) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
-        out = out["input_ids"]
-    return list(out)
-
 
 def _number(obj: dict, name: str, kind: type, default):
     v = obj.get(name, default)
@@ -297,13 +274,13 @@ def parse_line(line: str, lineno: int, tokenizer, defaults: Sampling = Sampling(
     elif "prompt" in obj:
         if not isinstance(obj["prompt"], str):
             return err("prompt must be a string")
-        ids = tokenizer(obj["prompt"])["input_ids"]
+        ids = encode(tokenizer, obj["prompt"])
     else:
         msgs = obj["messages"]
         if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                                         and isinstance(m.get("content"), str) for m in msgs)):
             return err("messages must be a non-empty list of {\"role\": str, \"content\": str} objects")
-        ids = _chat_ids(tokenizer, msgs)
+        ids = encode(tokenizer, msgs)
     if not ids:
         return err("empty prompt")
     if (bad := vocab_error(ids, vocab)) is not None:
@@ -544,10 +521,8 @@ def job_workload(in_path: Path, tokenizer, defaults: Sampling, spec, prompt_len:
 
 def route(plans, req: Request) -> int | None:
     """Index of the smallest plan that takes the prompt and its max_tokens, or None."""
-    for i, p in enumerate(plans):
-        if len(req.prompt_ids) <= p.workload.prompt_len and (req.max_tokens or 0) <= p.workload.gen_len:
-            return i
-    return None
+    plan = smallest_fitting(plans, len(req.prompt_ids), req.max_tokens, score=None)
+    return None if plan is None else next(i for i, p in enumerate(plans) if p is plan)
 
 
 def plan_requests(in_path: Path, plans, tokenizer, out: OutputFile, defaults: Sampling,
@@ -612,23 +587,15 @@ def _job_faults() -> tuple[type[BaseException], ...]:
     return JOB_FAULTS + (torch.cuda.OutOfMemoryError,)
 
 
-def generate_isolating(engine, chunk: list[Request], gen_len: int, on_step=None,
-                       stops: dict[int, StopStrings] | None = None) -> list:
-    """engine.generate over a block; when it fails, each line alone: a Generation or the exception per line.
+def generate_isolating(engine, chunk: list[Request], gen_len: int, tokenizer, on_step=None) -> list:
+    """session.run_block over a block; when it fails, each line alone: an Output or the exception per line.
 
     A failure that every line of a block (of two or more) hits alone is not a line's: it is raised, so a
     broken setup stops the job rather than turn every line into an error record. on_step: the driver's
     per-step callback, for the block's run (the retries of its lines run without it)."""
     faults = _job_faults()
-
-    def gen(reqs: list[Request], **kw) -> list:
-        if stops:  # by request (id(r)): the stop strings of those that have some
-            kw["stops"] = [stops.get(id(r)) for r in reqs]
-        return engine.generate([list(r.prompt_ids) for r in reqs], [r.max_tokens or gen_len for r in reqs],
-                               [r.sampling for r in reqs], **kw)
-
     try:
-        return gen(chunk, **({"on_step": on_step} if on_step is not None else {}))
+        return run_block(engine, chunk, gen_len, tokenizer, on_step)
     except faults:
         raise
     except Exception as e:
@@ -639,7 +606,7 @@ def generate_isolating(engine, chunk: list[Request], gen_len: int, on_step=None,
         results: list = []
         for r in chunk:
             try:
-                results.append(gen([r])[0])
+                results.append(run_block(engine, [r], gen_len, tokenizer)[0])
             except faults:
                 raise
             except Exception as alone:  # noqa: BLE001  (recorded as that line's error)
@@ -714,56 +681,53 @@ def run_job(plans, open_engine: Callable, tokenizer, in_path: Path, out: OutputF
     summary = JobSummary()
     out.warn_invalid()
     routed = plan_requests(in_path, plans, tokenizer, out, defaults, summary, mine, done_elsewhere, show, fmt)
-    total = sum(len(r) for r in routed)
     vocab = plans[0].spec.vocab
+    runs: dict[int, PlanRun] = {}  # by plan index, in the order the plans run
     t0 = time.perf_counter()
-    bar = Progress(total)
-    with open(in_path, "rb") as f:
-        for plan, items in zip(plans, routed):
-            if not items or summary.interrupted:
-                continue
-            summary.predicted_tokens_per_s.append(plan.predictions["tokens_per_s"])
-            run = PlanRun(plan.workload.prompt_len, plan.workload.gen_len, plan.predictions["tokens_per_s"])
-            summary.plans.append(run)
-            with open_engine(plan) as engine:
-                for start in range(0, len(items), plan.block_size):
-                    if should_stop():
-                        summary.interrupted = True
-                        break
-                    chunk = []
-                    for offset, lineno in items[start:start + plan.block_size]:
-                        f.seek(offset)
-                        r = _parse(decode_line(f.readline(), lineno, offset), lineno, tokenizer, defaults, vocab, fmt)
-                        if isinstance(r, Request):
-                            chunk.append(r)
-                        else:  # the input changed since pass 1
-                            _error(out, summary, r, show, fmt)
-                    if chunk:
-                        bar.block(len(chunk), max(r.max_tokens or plan.workload.gen_len for r in chunk))
-                    t_block = time.perf_counter()
-                    stops = {id(r): StopStrings(r.stop, decode_text(tokenizer)) for r in chunk if r.stop}
-                    gens = generate_isolating(engine, chunk, plan.workload.gen_len, bar.step, stops) if chunk else []
-                    ran = [g for g in gens if not isinstance(g, BaseException)]
-                    if ran:  # a block retried line by line is timed whole but predicted as one block
-                        _add_block(run, ran, time.perf_counter() - t_block)
-                    for r, gen in zip(chunk, gens):
-                        if isinstance(gen, BaseException):
-                            summary.prompts -= 1
-                            failed = LineError(r.line, _failure(gen), r.id, True, "server_error")
-                            _error(out, summary, failed, show, fmt)
-                            continue
-                        ids = list(gen.token_ids)
-                        text = decode_text(tokenizer)(ids) if tokenizer else None
-                        if id(r) in stops:
-                            text = stops[id(r)].cut(text)
-                        out.write(answer_record(r, ids, gen.finish_reason, text, fmt))
-                        summary.tokens += len(ids)
-                        if show:
-                            tqdm.write(f"[{r.id}] {text if text is not None else ids}")
-                    bar.end_block(summary.tokens)
-                for tier, n in engine.peak_bytes.items():
-                    summary.peak_bytes[tier] = max(summary.peak_bytes.get(tier, 0), n)
-            run.predicted_s = predict_plan(plan, run.blocks).seconds
+    bar = Progress(sum(len(r) for r in routed))
+    order = [(k, offset, lineno) for k, items in enumerate(routed) for offset, lineno in items]
+    with open(in_path, "rb") as f, Engines(open_engine) as engines:
+        # each plan's lines in input order, in blocks of its size: the plan routed to is the one that takes them
+        for plan, items in blocks(order, lambda x: plans[x[0]], lambda p, x: plans[x[0]] is p):
+            if should_stop():
+                summary.interrupted = True
+                break
+            run = runs.get(items[0][0])
+            if run is None:
+                summary.predicted_tokens_per_s.append(plan.predictions["tokens_per_s"])
+                run = runs[items[0][0]] = PlanRun(plan.workload.prompt_len, plan.workload.gen_len,
+                                                  plan.predictions["tokens_per_s"])
+                summary.plans.append(run)
+            engine = engines.get(plan)
+            chunk = []
+            for _, offset, lineno in items:
+                f.seek(offset)
+                r = _parse(decode_line(f.readline(), lineno, offset), lineno, tokenizer, defaults, vocab, fmt)
+                if isinstance(r, Request):
+                    chunk.append(r)
+                else:  # the input changed since pass 1
+                    _error(out, summary, r, show, fmt)
+            if chunk:
+                bar.block(len(chunk), max(r.max_tokens or plan.workload.gen_len for r in chunk))
+            t_block = time.perf_counter()
+            outs = generate_isolating(engine, chunk, plan.workload.gen_len, tokenizer, bar.step) if chunk else []
+            ran = [o for o in outs if not isinstance(o, BaseException)]
+            if ran:  # a block retried line by line is timed whole but predicted as one block
+                _add_block(run, ran, time.perf_counter() - t_block)
+            for r, o in zip(chunk, outs):
+                if isinstance(o, BaseException):
+                    summary.prompts -= 1
+                    _error(out, summary, LineError(r.line, _failure(o), r.id, True, "server_error"), show, fmt)
+                    continue
+                out.write(answer_record(r, list(o.token_ids), o.finish_reason, o.text, fmt))
+                summary.tokens += len(o.token_ids)
+                if show:
+                    tqdm.write(f"[{r.id}] {o.text if o.text is not None else list(o.token_ids)}")
+            bar.end_block(summary.tokens)
+            for tier, n in engine.peak_bytes.items():
+                summary.peak_bytes[tier] = max(summary.peak_bytes.get(tier, 0), n)
+    for k, run in runs.items():
+        run.predicted_s = predict_plan(plans[k], run.blocks).seconds
     bar.close()
     summary.wall_s = time.perf_counter() - t0
     return summary

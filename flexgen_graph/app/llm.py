@@ -25,10 +25,12 @@ stays open until `close()`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from flexgen_graph.app.session import (Engines, Output, PlanCache, Request, blocks, encode, fits, run_block,
+                                       smallest_fitting)
 from flexgen_graph.catalog import DEFAULT_MODEL
 from flexgen_graph.errors import UserError
 from flexgen_graph.ir import Workload
@@ -78,38 +80,6 @@ class SamplingParams:
         return Sampling(self.temperature, self.top_p, self.seed if self.seed is not None else default_seed(0, index))
 
 
-@dataclass(frozen=True, slots=True)
-class Output:
-    """One prompt's generation: text (None for weights without a tokenizer), the new token ids (the stop
-    token included when there is one), and why it ended: "stop" or "length"."""
-
-    text: str | None
-    token_ids: tuple[int, ...]
-    finish_reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Request:
-    ids: tuple[int, ...]
-    max_tokens: int
-    sampling: Any  # runtime.sampling.Sampling
-    stop: Any  # runtime.driver.StopStrings, or None
-
-
-@dataclass
-class _Engines:
-    """The one open engine (of the last plan run): a block of the same plan reuses it."""
-
-    plan: Plan | None = None
-    engine: Any = None
-    opened: list[Plan] = field(default_factory=list)  # every plan an engine was opened for (tests read it)
-
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-        self.plan = self.engine = None
-
-
 class LLM:
     """A model and this machine's plans for it, ready to run batches.
 
@@ -154,11 +124,11 @@ class LLM:
             source = weights_source_for(weights, source)
         if not source:
             raise UserError(f"the plan names no weights for {self.spec.name}: pass weights=")
-        self._options = CompileOptions(compress=compress, max_block_size=max_block_size, weights_source=source)
+        options = CompileOptions(compress=compress, max_block_size=max_block_size, weights_source=source)
+        self._plans = PlanCache(self.spec, self.profile, options, self.cache_dir)  # max_block_size: per call
         self.store = open_store(source, self.spec, self.cache_dir)
         self.tokenizer = load_tokenizer(self.store.path)
-        self._plans: dict[tuple, Plan] = {}  # (workload, block cap) -> the plan compiled for it
-        self._engines = _Engines()
+        self._engines = Engines(self._open_engine)
 
     # -- context manager -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -180,19 +150,17 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         params = self._params(sampling, len(prompts))
-        reqs = [_Request(self.prompt_ids(p, i), s.max_tokens, s.runtime(i), self._stops(s, i))
+        reqs = [Request(i, self.prompt_ids(p, i), s.max_tokens, s.runtime(i), stop=self._stops(s, i))
                 for i, (p, s) in enumerate(zip(prompts, params))]
         gen_len = max((r.max_tokens for r in reqs), default=1)
         for i, r in enumerate(reqs):  # every prompt has a plan before any block runs
-            self._check_fits(i, len(r.ids), r.max_tokens)
+            self._check_fits(i, len(r.prompt_ids), r.max_tokens)
         out: list[Output | None] = [None] * len(reqs)
         with _Progress(progress, len(reqs), "generating") as bar:
-            for plan, chunk in self._blocks([len(r.ids) for r in reqs], [r.max_tokens for r in reqs], gen_len, False):
-                gens = self._engine(plan).generate([list(reqs[i].ids) for i in chunk], [reqs[i].max_tokens for i in chunk],
-                                                   [reqs[i].sampling for i in chunk], stops=[reqs[i].stop for i in chunk])
-                for i, g in zip(chunk, gens):
-                    text, stop = self._text(g.token_ids), reqs[i].stop
-                    out[i] = Output(stop.cut(text) if stop else text, tuple(g.token_ids), g.finish_reason)
+            for plan, chunk in self._blocks([len(r.prompt_ids) for r in reqs], [r.max_tokens for r in reqs], gen_len, False):
+                outs = run_block(self._engines.get(plan), [reqs[i] for i in chunk], gen_len, self.tokenizer)
+                for i, o in zip(chunk, outs):
+                    out[i] = o
                 bar.update(len(chunk))
         return out  # type: ignore[return-value]
 
@@ -219,7 +187,8 @@ class LLM:
         out: list[Any] = [None] * len(pairs)
         with _Progress(progress, len(pairs), "scoring") as bar:
             for plan, chunk in self._blocks(lengths, conts, max(conts, default=1), True):
-                got = self._engine(plan).score([list(pairs[i][0]) for i in chunk], [list(pairs[i][1]) for i in chunk])
+                engine = self._engines.get(plan)
+                got = engine.score([list(pairs[i][0]) for i in chunk], [list(pairs[i][1]) for i in chunk])
                 for i, s in zip(chunk, got):
                     out[i] = s
                 bar.update(len(chunk))
@@ -241,14 +210,12 @@ class LLM:
     def prompt_ids(self, prompt: Prompt, index: int = 0) -> tuple[int, ...]:
         """A prompt's token ids: a string tokenized, a chat message list through the chat template, token
         ids checked against the vocabulary."""
-        from flexgen_graph.app.jobs import _chat_ids
-
         if isinstance(prompt, str):
-            ids = self._tokenizer(index)(prompt)["input_ids"]
+            ids = encode(self._tokenizer(index), prompt)
         elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
             if not all(isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt):
                 raise UserError(f"prompt {index}: chat messages must be {{\"role\": str, \"content\": str}} objects")
-            ids = _chat_ids(self._tokenizer(index), list(prompt))
+            ids = encode(self._tokenizer(index), list(prompt))
         elif isinstance(prompt, Sequence) and all(type(t) is int for t in prompt):
             ids = self._in_vocab(prompt, f"prompt {index}: token id")
         else:
@@ -269,20 +236,10 @@ class LLM:
             raise UserError(f"prompt {index}: these weights come without a tokenizer: give token ids instead of text")
         return self.tokenizer
 
-    def _text(self, token_ids: Sequence[int]) -> str | None:
-        from flexgen_graph.app.jobs import decode_text
-
-        return None if self.tokenizer is None else decode_text(self.tokenizer)(token_ids)
-
-    def _stops(self, params: SamplingParams, index: int):
-        from flexgen_graph.app.jobs import decode_text
-        from runtime.driver import StopStrings
-
-        if not params.stop:
-            return None
-        if self.tokenizer is None:
+    def _stops(self, params: SamplingParams, index: int) -> tuple[str, ...]:
+        if params.stop and self.tokenizer is None:
             raise UserError(f"prompt {index}: stop strings need a tokenizer, and these weights come without one")
-        return StopStrings(params.stop, decode_text(self.tokenizer))
+        return params.stop  # type: ignore[return-value]  (normalized to a tuple)
 
     @staticmethod
     def _params(sampling: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
@@ -302,7 +259,7 @@ class LLM:
         what = f"request {i}: context + continuation - 1 = {length} tokens" if score else \
             f"prompt {i} has {length} tokens and max_tokens {second}"
         if self._given is not None:
-            if not any(_fits(p, length, second, score) for p in self._given):
+            if smallest_fitting(self._given, length, second, score) is None:
                 kind = "scoring " if score else ""
                 lens = ", ".join(f"prompt {p.workload.prompt_len} / {'scored' if score else 'gen'} {p.workload.gen_len}"
                                  for p in self._given if p.workload.score == score) or "none"
@@ -313,53 +270,27 @@ class LLM:
 
     def _blocks(self, lengths: list[int], seconds: list[int], call_second: int, score: bool) -> Iterable[tuple[Plan, list[int]]]:
         """(plan, request indices) per block: longest requests first, each block under the plan of its longest."""
-        remaining = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
         cap = 1 << max(len(lengths) - 1, 0).bit_length()  # a block larger than the call would only add padding
-        while remaining:
-            first = remaining[0]
-            plan = self._plan_for(lengths[first], seconds[first], call_second, score, cap)
-            chunk = [i for i in remaining if _fits(plan, lengths[i], seconds[i], score)][:plan.block_size]
-            taken = set(chunk)
-            remaining = [i for i in remaining if i not in taken]
-            yield plan, chunk
+        return blocks(sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)),
+                      lambda i: self._plan_for(lengths[i], seconds[i], call_second, score, cap),
+                      lambda plan, i: fits(plan, lengths[i], seconds[i], score))
 
     def _plan_for(self, length: int, second: int, call_second: int, score: bool, cap: int) -> Plan:
         if self._given is not None:
-            fitting = [p for p in self._given if _fits(p, length, second, score)]
-            return min(fitting, key=lambda p: (p.workload.prompt_len, p.workload.gen_len))
+            return smallest_fitting(self._given, length, second, score)
         prompt_len = max(16, 1 << (length - 1).bit_length())
         prompt_len = max(length, min(prompt_len, self.spec.max_positions - (0 if score else call_second)))
         # a scoring plan scores the call's longest continuation (each fits its own prompt, so min() keeps them all)
         gen_len = min(call_second, prompt_len) if score else call_second
-        return self._compiled(Workload(prompt_len, gen_len, score=score), cap)
+        most = self._plans.options.max_block_size
+        cap = min(cap, most) if most else cap
+        [plan] = self._plans.get(Workload(prompt_len, gen_len, score=score), max_block_size=cap)
+        return plan
 
-    def _compiled(self, workload: Workload, cap: int) -> Plan:
-        import dataclasses
+    def _open_engine(self, plan: Plan):
+        from runtime.engine import Engine
 
-        from flexgen_graph.app.plans import cached_plans
-
-        opts = self._options
-        cap = min(cap, opts.max_block_size) if opts.max_block_size else cap
-        key = (workload, cap)
-        if key not in self._plans:
-            [self._plans[key]] = cached_plans(self.spec, self.profile, workload,
-                                              dataclasses.replace(opts, max_block_size=cap), self.cache_dir)
-        return self._plans[key]
-
-    def _engine(self, plan: Plan):
-        e = self._engines
-        if e.plan is not plan:
-            from runtime.engine import Engine
-
-            e.close()
-            e.engine, e.plan = Engine(plan, self.store, self.offload_dir, device=self.device), plan
-            e.opened.append(plan)
-        return e.engine
-
-
-def _fits(plan: Plan, length: int, second: int, score: bool = False) -> bool:
-    wl = plan.workload
-    return wl.score == score and length <= wl.prompt_len and second <= wl.gen_len
+        return Engine(plan, self.store, self.offload_dir, device=self.device)
 
 
 def _load_plans(plan: Plan | Sequence[Plan] | str | Path) -> list[Plan]:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flexgen_graph.app.session import encode
 from flexgen_graph.errors import UserError
 from runtime.sampling import Sampling
 
@@ -129,7 +130,6 @@ class Meta:
     """What an answer's OpenAI shape needs beyond the native request."""
 
     kind: str  # "chat" or "text"
-    stop: tuple[str, ...] = ()
 
 
 def _absent(v: Any) -> bool:
@@ -199,7 +199,7 @@ def _prompt(v: Any, tokenizer) -> list[int]:
     if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
         v = v[0]
     if isinstance(v, str):
-        return list(tokenizer(v)["input_ids"])
+        return encode(tokenizer, v)
     if isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v):
         return list(v)
     raise InputFormatError("body.prompt must be one string or one list of token ids (one prompt per line)")
@@ -282,7 +282,7 @@ class OpenAIBatch:
             raise InputFormatError("these weights come without a tokenizer, which OpenAI batch lines need "
                                    "(their answers are text): run with --tokenizer")
         if kind == "chat":
-            ids = jobs._chat_ids(tokenizer, _messages(body.get("messages")))
+            ids = encode(tokenizer, _messages(body.get("messages")))
         elif "prompt" not in body:
             raise InputFormatError("body.prompt is required for /v1/completions")
         else:
@@ -291,15 +291,13 @@ class OpenAIBatch:
             raise InputFormatError("empty prompt")
         if (bad := jobs.vocab_error(ids, vocab)) is not None:
             raise InputFormatError(bad)
-        return jobs.Request(rid, tuple(ids), limit, sampling, lineno, meta=Meta(kind, stop), stop=stop)
+        return jobs.Request(rid, tuple(ids), limit, sampling, lineno, meta=Meta(kind), stop=stop)
 
     def answer(self, req, token_ids: list[int], finish_reason: str, text: str | None) -> dict:
-        """The batch output line of an answered request (jobs.answer_record's OpenAI shape)."""
+        """The batch output line of an answered request (jobs.answer_record's OpenAI shape): its text and
+        tokens as the job's block ended them (session.run_block: cut at the request's stop strings)."""
         meta: Meta = req.meta
         text, count, finish = text or "", len(token_ids), finish_reason
-        cut = self._cut_at_stop(text, list(token_ids), meta.stop)
-        if cut is not None:
-            text, count, finish = cut[0], cut[1], "stop"
         usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": count,
                  "total_tokens": len(req.prompt_ids) + count}
         if meta.kind == "chat":
@@ -318,24 +316,6 @@ class OpenAIBatch:
         """The batch error line of a request that cannot run, from its jobs.LineError (error_record's shape)."""
         return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": err.id if err.has_id else None, "response": None,
                 "error": {"code": err.code or "invalid_request", "message": err.message, "line": err.line}}
-
-    def _cut_at_stop(self, text: str, ids: list[int], stops: tuple[str, ...]) -> tuple[str, int] | None:
-        """(text before the first stop string, tokens up to the one that completes it), or None.
-
-        The driver stops a request at its stop strings (Request.stop) and the job cuts the text, so
-        this finds one only in text that reached the answer uncut (a request run without them)."""
-        hits = [(text.find(s), s) for s in stops if s in text]
-        if not hits:
-            return None
-        at, s = min(hits)
-        lo, hi = 1, len(ids)  # the fewest tokens whose text holds the stop string
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if s in self.tokenizer.decode(ids[:mid], skip_special_tokens=True):
-                hi = mid
-            else:
-                lo = mid + 1
-        return text[:at], lo
 
 
 def for_run(name: str, model: str, tokenizer, names: tuple[str, ...] = ()) -> OpenAIBatch | None:
