@@ -163,6 +163,7 @@ def breakdown(plan, disk: str | None = None) -> dict | None:
     for ph in (Phase.PREFILL, Phase.DECODE):
         parts = {n: k[n] * v for n, v in feats[ph].items()}
         parts["kernels"] += parts.pop("prefill kernels")  # one phase's kernels: only one of the two is non-zero
+        parts["handoff"] += parts.pop("threaded")  # what worker threads cost: the hand-off and the stretch
         out[ph.value] = {**parts, "load": streams[ph]["load"], "store": streams[ph]["store"]}
     return out
 
@@ -426,7 +427,7 @@ def table(rows: list[Row]) -> list[str]:
 def parts_table(rows: list[Row]) -> list[str]:
     """Where the predicted time goes, next to what was measured: per scenario and phase, the compute stream's
     parts and the load stream (ms)."""
-    out = ["| scenario | phase | measured ms | predicted ms | kernels | per op | hand-off | copies share | disk share "
+    out = ["| scenario | phase | measured ms | predicted ms | kernels | per op | threads (hand-off, stretch) | copies share | disk share "
            "| load stream |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if not r.parts or not r.measured:

@@ -137,7 +137,9 @@ class Calibration:
     copies run on the cores that compute). Disk reads are warm (page cache) while the model's weights
     and cache fit in page_cache_bytes, cold otherwise. compute_scale multiplies every compute time (a
     pipeline stage sharing the host's cores); prefill_scale multiplies prefill's kernels on top (the layer
-    curves are timed one token per sequence; prefill runs prompt_len of them). method: "curves" (isolated measurements) or "fit" (their
+    curves are timed one token per sequence; prefill runs prompt_len of them); threaded_share is the
+    fraction by which compute stretches once the streams run on worker threads (THREADED: they contend
+    for the cores and their memory bandwidth beside every kernel, not only beside a copy). method: "curves" (isolated measurements) or "fit" (their
     constants fitted to timed runs of the engine)."""
 
     method: str
@@ -155,11 +157,13 @@ class Calibration:
     page_cache_bytes: int
     compute_scale: float = 1.0
     prefill_scale: float = 1.0
+    threaded_share: float = 0.0
     layers: tuple[LayerCurve, ...] = ()
 
     CURVES = ("matmul_s_per_flop", "gpu_from_cpu_s", "cpu_from_gpu_s", "disk_read_cold_s", "disk_read_warm_s",
               "disk_write_s")
-    NUMBERS = ("op_s", "handoff_s", "copy_share", "disk_share", "cold_disk_share", "compute_scale", "prefill_scale")
+    NUMBERS = ("op_s", "handoff_s", "copy_share", "disk_share", "cold_disk_share", "compute_scale", "prefill_scale",
+               "threaded_share")
 
     def layer(self, kind: str, weight_bytes: int) -> LayerCurve | None:
         for lc in self.layers:

@@ -438,7 +438,7 @@ def _calibrated_terms(f: LayerFigures, hw: HardwareProfile, cal: Calibration, fl
                         ("disk<-cpu link", cal.disk_share)):
         compute += [(v, share * c) for v, c in links[name]]
     ops = f.compute_ops  # each compute op waits for its stream's worker once the plan moves anything
-    compute.append((THREADED, ops * cal.handoff_s * cal.compute_scale))
+    compute.append((THREADED, ops * cal.handoff_s * cal.compute_scale + cal.threaded_share * (base + attn_gpu)))
     by_name = {"compute": _lin(base + attn_gpu, compute), "cpu compute": _lin(0.0, cpu),
                **{n: _lin(0.0, parts) for n, parts in links.items()},
                "stage link": _lin(f.stage_link_bytes / hw.stage_link_bytes_per_s, [])}

@@ -284,15 +284,16 @@ def test_nnls_recovers_known_constants_and_keeps_them_non_negative():
 
 
 def test_fit_takes_scales_and_per_op_cost_from_still_runs_then_the_rest_from_the_others():
-    """Runs that move nothing fix the compute scales (decode's, prefill's) and the cost per op; the hand-off
-    and the shares come from what the moving runs leave; a scale beyond SCALE_RANGE (disturbed runs) is
-    held at its end."""
-    truth = [1.1, 1.3, 2e-4, 3e-4, 0.7, 0.4, 0.9]
+    """Runs that move nothing fix the compute scales (decode's, prefill's) and the cost per op; the hand-off,
+    the shares and the threaded stretch come from what the moving runs leave; a scale beyond SCALE_RANGE
+    (disturbed runs) is held at its end."""
+    truth = [1.1, 1.3, 2e-4, 3e-4, 0.7, 0.4, 0.9, 0.15]
     rows = [[0.10, 0, 62, 0, 0, 0, 0], [0, 0.30, 62, 0, 0, 0, 0], [1.20, 0, 62, 0, 0, 0, 0],
             [0, 0.20, 124, 0, 0, 0, 0], [0.05, 0, 124, 0, 0, 0, 0], [0, 0.9, 62, 0, 0, 0, 0],
             [0.25, 0, 62, 62, 0.01, 0, 0], [0, 0.25, 62, 62, 0.05, 0, 0], [0.25, 0, 62, 62, 0.0, 0.08, 0],
-            [0.4, 0, 62, 62, 0.02, 0.02, 0], [0, 0.3, 62, 62, 0, 0, 0.3]]
-    ys = [sum(a * x for a, x in zip(r, truth)) for r in rows]
+            [0.4, 0, 62, 62, 0.02, 0.02, 0], [0, 0.3, 62, 62, 0, 0, 0.3], [0, 2.0, 62, 62, 0.01, 0, 0]]
+    ys = [calibrate.fitted(r, truth) for r in rows]
+    assert ys[-1] > 1.1 * sum(a * x for a, x in zip(rows[-1], truth))  # the stretch is part of the truth
     assert calibrate.fit_constants(rows, ys) == pytest.approx(truth, rel=1e-6)
     slow = [y * 3 if not any(r[calibrate.STILL:]) and r[1] else y for r, y in zip(rows, ys)]
     got = calibrate.fit_constants(rows, slow)
@@ -304,7 +305,7 @@ def test_features_split_the_compute_stream_linearly():
     from flexgen_graph.app.api import compile_plan
 
     spec = tiny_spec("llama", layers=2)
-    hw = calibrated(spec, compute_scale=1.5, prefill_scale=1.2)
+    hw = calibrated(spec, compute_scale=1.5, prefill_scale=1.2, threaded_share=0.3)
     plan = compile_plan(spec, hw, Workload(8, 4), gpu_batch_size=2, num_gpu_batches=2,
                         fixed={"weights": CPU, "cache": GPU, "hidden": GPU})
     consts = calibrate.multipliers(hw.calibration)
@@ -313,6 +314,7 @@ def test_features_split_the_compute_stream_linearly():
     for ph in (Phase.PREFILL, Phase.DECODE):
         assert sum(consts[k] * v for k, v in got[ph].items()) == pytest.approx(want[ph]["compute"], rel=1e-9)
         assert got[ph]["copies"] > 0 and got[ph]["handoff"] > 0 and got[ph]["disk"] == got[ph]["cold disk"] == 0
+        assert got[ph]["threaded"] > 0  # weights on the CPU tier: the streams run on worker threads
 
 
 # ---------------------------------------------------------------- inspect, the benchmark

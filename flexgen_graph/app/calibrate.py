@@ -50,9 +50,10 @@ FIT_RUNS = (
     ("weights on disk, cold", 8, 1, {"weights": DISK, "cache": GPU, "hidden": GPU, "cold": True}),
 )
 # the fitted unknowns: compute_scale, compute_scale times prefill_scale, compute_scale times op_s and
-# handoff_s, then the three shares
+# handoff_s, then the three shares; threaded_share last, on what the first three give a threaded run
 FEATURES = ("kernels", "prefill kernels", "ops", "handoff", "copies", "disk", "cold disk")
 STILL = 3  # FEATURES[:STILL] are fitted to the runs that move nothing
+HANDOFF = FEATURES.index("handoff")  # > 0 exactly where the plan runs its streams on worker threads
 
 
 class ProfileMachineError(UserError):
@@ -61,7 +62,7 @@ class ProfileMachineError(UserError):
 
 def _zeroed(cal: Calibration, **one: float) -> Calibration:
     base = dict(op_s=0.0, handoff_s=0.0, copy_share=0.0, disk_share=0.0, cold_disk_share=0.0, compute_scale=1.0,
-                prefill_scale=1.0)
+                prefill_scale=1.0, threaded_share=0.0)
     base.update(one)
     return dataclasses.replace(cal, **base)
 
@@ -69,7 +70,8 @@ def _zeroed(cal: Calibration, **one: float) -> Calibration:
 def features(plan, disk: str | None = None) -> dict[Phase, dict[str, float]]:
     """The compute stream of a plan's prefill and decode step split into what each fitted constant
     multiplies (FEATURES): the kernels' measured times (decode's, prefill's), compute ops, ops paying the
-    hand-off, seconds of host copies and of disk reads (the stream is linear in them)."""
+    hand-off, seconds of host copies and of disk reads (the stream is linear in them); and "threaded",
+    the scaled kernels and ops that threaded_share stretches."""
     from planner.cost import stream_sums
     from planner.memory import policy_compression
     from planner.timeline import plan_graph
@@ -82,18 +84,22 @@ def features(plan, disk: str | None = None) -> dict[Phase, dict[str, float]]:
         prof = dataclasses.replace(plan.profile, calibration=_zeroed(cal, **one))
         return {ph: v["compute"] for ph, v in stream_sums(g, prof, plan.policy, comp=comp, disk=disk).items()}
     base = compute()
+    own = dict(compute_scale=cal.compute_scale, prefill_scale=cal.prefill_scale, op_s=cal.op_s)
+    threaded, still = compute(**own, threaded_share=1.0), compute(**own)
     parts = {"ops": compute(op_s=1.0), "handoff": compute(handoff_s=1.0), "copies": compute(copy_share=1.0),
              "disk": compute(disk_share=1.0), "cold disk": compute(cold_disk_share=1.0)}
     kernels = {ph: {"kernels": 0.0 if ph is Phase.PREFILL else base[ph],
                     "prefill kernels": base[ph] if ph is Phase.PREFILL else 0.0} for ph in base}
-    return {ph: {**kernels[ph], **{k: v[ph] - base[ph] for k, v in parts.items()}} for ph in base}
+    return {ph: {**kernels[ph], **{k: v[ph] - base[ph] for k, v in parts.items()}, "threaded": threaded[ph] - still[ph]}
+            for ph in base}
 
 
 def multipliers(cal: Calibration) -> dict[str, float]:
     """What the calibration multiplies each of FEATURES by: features(plan) times these is the compute stream."""
     k = cal.compute_scale
     return {"kernels": k, "prefill kernels": k * cal.prefill_scale, "ops": k * cal.op_s, "handoff": k * cal.handoff_s,
-            "copies": cal.copy_share, "disk": cal.disk_share, "cold disk": cal.cold_disk_share}
+            "copies": cal.copy_share, "disk": cal.disk_share, "cold disk": cal.cold_disk_share,
+            "threaded": cal.threaded_share}
 
 
 def nnls(rows: list[list[float]], ys: list[float], weights: list[float]) -> list[float]:
@@ -124,9 +130,10 @@ SCALE_RANGE = (0.5, 2.0)  # how far the fit may rescale the measured kernels: be
 
 
 def fit_constants(rows: list[list[float]], ys: list[float]) -> list[float]:
-    """FEATURES' constants in two stages, so that collinear parts do not trade off against each other: the
-    compute scales (decode's, prefill's) and the cost per op from the runs that move nothing (their
-    hand-off, copy and disk parts are 0), then the hand-off and the shares from the others' residuals.
+    """FEATURES' constants, then threaded_share, in two stages, so that collinear parts do not trade off
+    against each other: the compute scales (decode's, prefill's) and the cost per op from the runs that
+    move nothing (their hand-off, copy and disk parts are 0), then the hand-off, the shares and the
+    threaded stretch (of what the first stage predicts for the run's compute) from the others' residuals.
     Relative errors: a batch-1 decode step weighs as much as a prefill. The scales are held within
     SCALE_RANGE."""
     still = [i for i, r in enumerate(rows) if not any(r[STILL:])]
@@ -140,11 +147,18 @@ def fit_constants(rows: list[list[float]], ys: list[float]) -> list[float]:
         [per_op] = nnls([[rows[i][STILL - 1]] for i in still],
                         [ys[i] - sum(k * x for k, x in zip(scales, rows[i])) for i in still], w) if still else [0.0]
     head = [*scales, per_op]
-    rest = [0.0] * (len(rows[0]) - STILL)
+    rest = [0.0] * (len(rows[0]) - STILL + 1)
     if moving:
-        rest = nnls([rows[i][STILL:] for i in moving],
-                    [ys[i] - sum(c * x for c, x in zip(head, rows[i])) for i in moving], [1 / ys[i] for i in moving])
+        first = [sum(c * x for c, x in zip(head, rows[i])) for i in moving]
+        rest = nnls([rows[i][STILL:] + [f if rows[i][HANDOFF] else 0.0] for i, f in zip(moving, first)],
+                    [ys[i] - f for i, f in zip(moving, first)], [1 / ys[i] for i in moving])
     return [*head, *rest]
+
+
+def fitted(row: list[float], x: list[float]) -> float:
+    """The time fit_constants' constants x give a run of FEATURES `row`."""
+    first = sum(c * v for c, v in zip(x[:STILL], row))
+    return first * (1 + (x[-1] if row[HANDOFF] else 0.0)) + sum(c * v for c, v in zip(x[STILL:-1], row[STILL:]))
 
 
 def _time(plan, store, prompts: list[list[int]], repeats: int = 2, cold: bool = False) -> dict[Phase, float]:
@@ -191,11 +205,12 @@ def fit(profile: HardwareProfile, notes: list[str], cache_dir: Path | None = Non
     scale = x[0]
     cal = dataclasses.replace(profile.calibration, method="fit", compute_scale=scale, prefill_scale=x[1] / scale,
                               op_s=x[2] / scale, handoff_s=x[3] / scale, copy_share=x[4], disk_share=x[5],
-                              cold_disk_share=x[6])
-    worst = max(zip(labels, ys, (sum(f * v for f, v in zip(r, x)) for r in rows)), key=lambda t: abs(t[2] / t[1] - 1))
+                              cold_disk_share=x[6], threaded_share=x[7])
+    worst = max(zip(labels, ys, (fitted(r, x) for r in rows)), key=lambda t: abs(t[2] / t[1] - 1))
     notes.append(f"fitted to {len(FIT_RUNS)} engine runs: compute x{scale:.3f} (prefill x{x[1]:.3f}), "
                  f"{cal.op_s * 1e6:.0f} us per op, "
-                 f"hand-off {cal.handoff_s * 1e6:.0f} us per op, compute loses {cal.copy_share:.2f} s per s of copy"
+                 f"hand-off {cal.handoff_s * 1e6:.0f} us per op, threaded compute x{1 + cal.threaded_share:.2f}, "
+                 f"compute loses {cal.copy_share:.2f} s per s of copy"
                  f", {cal.disk_share:.2f} per s of warm and {cal.cold_disk_share:.2f} per s of cold disk read; worst fitted point {worst[0]}: predicted / measured "
                  f"{worst[2] / worst[1]:.2f}")
     if x[0] in SCALE_RANGE or x[1] in SCALE_RANGE or not 2 / 3 <= worst[2] / worst[1] <= 1.5:
