@@ -71,6 +71,7 @@ class CompileOptions:
     compress: str = "off"
     group_size: int = DEFAULT_GROUP_SIZE
     compress_bits: int = DEFAULT_BITS
+    packed: bool = False  # compressed weights computed on packed (4-bit, CPU: runtime.packed), not dequantized
     stages: int = 1
     stages_per_machine: int | None = None
     stage_link_bytes_per_s: float | None = None
@@ -91,6 +92,10 @@ class CompileOptions:
         if self.compress not in COMPRESS_MODES:
             raise UserError(f"compress must be one of {', '.join(COMPRESS_MODES)}, got {self.compress!r}")
         parse_fixed(self.fixed_map)  # names and ranges checked here, at the edge
+        if self.packed and (self.compress_bits != 4 or self.compress in ("off", "cache") or self.stages > 1):
+            raise UserError(f"packed weights need 4-bit compressed weights in one process (--compress weights, "
+                            f"both or auto, --compress-bits 4), got --compress {self.compress}, --compress-bits "
+                            f"{self.compress_bits}, stages {self.stages}")
 
     @property
     def fixed_map(self) -> dict[str, Placement | float | bool]:
@@ -165,9 +170,15 @@ def _single(spec: ModelSpec, profile: HardwareProfile, workload: Workload, o: Co
     """One plan; a scoring workload's (Workload.score) is its prefill alone, priced and sized like any other."""
     check_workload(spec, workload)
     fixed, allowed = _search_flags(o)
+    if o.packed and profile.has_gpu:
+        raise UserError(f"packed weights are computed by the CPU int4 kernel; profile {profile.name} has a GPU, "
+                        "which computes there: drop --packed")
     r = _search(spec, profile, workload, o, fixed, allowed)
-    return Plan(spec=spec, profile=profile, workload=workload, weights_source=o.weights_source, policy=r.policy,
-                predictions=r.predictions.to_dict(), programs=programs_for(spec, workload, r.policy))
+    policy = r.policy
+    if o.packed and policy.compress_weights:
+        policy = dataclasses.replace(policy, packed_weights=True)
+    return Plan(spec=spec, profile=profile, workload=workload, weights_source=o.weights_source, policy=policy,
+                predictions=r.predictions.to_dict(), programs=programs_for(spec, workload, policy))
 
 
 def _pipeline(spec: ModelSpec, profile: HardwareProfile, workload: Workload, o: CompileOptions) -> list[Plan]:
