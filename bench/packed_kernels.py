@@ -54,14 +54,14 @@ def ms(fn, budget_s: float = 0.3) -> float:
     return best * 1e3
 
 
-def int8pack_grouped(x: torch.Tensor, q8: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g: int) -> torch.Tensor:
+def int8pack_grouped(x: torch.Tensor, q8: list[torch.Tensor], scales: torch.Tensor, zeros: torch.Tensor,
+                     g: int) -> torch.Tensor:
     """x @ w for 8-bit group-wise w = (c - 128) * s + z, one per-channel int8 matmul per group.
-    q8: int8 [out, in] (codes - 128); scales, zeros: [G, out] float32."""
+    q8: per group, int8 [out, g] (codes - 128, contiguous); scales, zeros: [G, out] float32."""
     xs = x.unflatten(1, (-1, g)).sum(-1)  # xs: [rows, G]
     y = xs @ zeros
     for i in range(scales.shape[0]):
-        y += torch.ops.aten._weight_int8pack_mm(x[:, i * g:(i + 1) * g].contiguous(), q8[:, i * g:(i + 1) * g],
-                                                scales[i])
+        y += torch.ops.aten._weight_int8pack_mm(x[:, i * g:(i + 1) * g].contiguous(), q8[i], scales[i])
     return y
 
 
@@ -89,7 +89,7 @@ def main() -> None:
             tiled = packed.TiledWeight.from_qtensor(q)
             if bits == 8:  # codes - 128 as int8, [out, in]; zero point folded: w = (c - 128) s + (mn + 128 s)
                 codes = torch.cat([q.data[i] for i in range(q.data.shape[0])], 0)  # [in, out] uint8
-                q8 = (codes.int() - 128).to(torch.int8).t().contiguous()
+                q8 = [c.t().contiguous() for c in (codes.int() - 128).to(torch.int8).split(args.group_size, 0)]
                 s32, z32 = q.scale.float(), q.mn.float() + 128 * q.scale.float()
             for rows in args.rows:
                 x = torch.randn(rows, k)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from flexgen_graph.errors import UserError
-from flexgen_graph.hardware import HardwareProfile
+from flexgen_graph.hardware import PACKED_SUFFIX, HardwareProfile
 from flexgen_graph.ir import Block, LayerKind, Stage, Tier, Workload
 from flexgen_graph.layout import DEFAULT_BITS, DEFAULT_GROUP_SIZE
 from flexgen_graph.lower import lower
@@ -156,6 +156,21 @@ def _search_flags(o: CompileOptions) -> tuple[dict, tuple[str, ...]]:
     return fixed, allowed
 
 
+def _packed_flags(spec: ModelSpec, profile: HardwareProfile, o: CompileOptions, fixed: dict,
+                  allowed: tuple[str, ...]) -> tuple[dict, tuple[str, ...]]:
+    """--packed forces packed weights; --compress auto may choose them where the profile measured this model's
+    layers on packed weights (runtime.profiler.packed_layer_curves), so the choice follows measured times."""
+    if o.packed:
+        return {**fixed, "packed_weights": True}, allowed
+    cal = profile.calibration
+    measured = cal is not None and not profile.has_gpu and o.compress_bits == 4 and all(
+        cal.layer(spec.layer_kind(j).value + PACKED_SUFFIX, spec.layer_bytes(j)) is not None
+        for j in range(spec.num_graph_layers))
+    if o.compress == "auto" and measured:
+        return fixed, allowed + ("packed_weights",)
+    return {**fixed, "packed_weights": False}, allowed
+
+
 def _search(spec: ModelSpec, profile: HardwareProfile, workload: Workload, o: CompileOptions, fixed: dict,
             allowed: tuple[str, ...], stage: Stage | None = None, gpu_batch_size: int | None = None,
             num_gpu_batches: int | None = None) -> SearchResult:
@@ -173,10 +188,9 @@ def _single(spec: ModelSpec, profile: HardwareProfile, workload: Workload, o: Co
     if o.packed and profile.has_gpu:
         raise UserError(f"packed weights are computed by the CPU int4 kernel; profile {profile.name} has a GPU, "
                         "which computes there: drop --packed")
+    fixed, allowed = _packed_flags(spec, profile, o, fixed, allowed)
     r = _search(spec, profile, workload, o, fixed, allowed)
     policy = r.policy
-    if o.packed and policy.compress_weights:
-        policy = dataclasses.replace(policy, packed_weights=True)
     return Plan(spec=spec, profile=profile, workload=workload, weights_source=o.weights_source, policy=policy,
                 predictions=r.predictions.to_dict(), programs=programs_for(spec, workload, policy))
 

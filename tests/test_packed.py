@@ -124,3 +124,31 @@ def test_packed_is_refused_where_it_cannot_run():
         compile_plan(spec, load_profile("t4-flexgen"), wl, compress="weights", packed=True)
     plan = compile_plan(spec, load_profile("cpu-small"), wl, compress="weights", packed=True)
     assert plan.policy.packed_weights and plan.policy.to_dict()["packed_weights"] is True
+
+
+def _with_packed_curves(spec, factor: float):
+    """A hand-made calibrated CPU profile whose packed curves are the dense ones times factor."""
+    import dataclasses
+
+    from flexgen_graph.hardware import PACKED_SUFFIX, Curve, LayerCurve
+    from tests.test_calibration import calibrated
+    prof = calibrated(spec)
+    cal = prof.calibration
+    packed = tuple(LayerCurve(lc.kind + PACKED_SUFFIX, lc.weight_bytes, lc.model,
+                              Curve(lc.rows.xs, tuple(y * factor for y in lc.rows.ys))) for lc in cal.layers)
+    return dataclasses.replace(prof, calibration=dataclasses.replace(cal, layers=cal.layers + packed))
+
+
+def test_auto_computes_on_packed_weights_exactly_where_measured_faster():
+    from tests.test_planner import tiny_spec
+    spec, wl = tiny_spec(), Workload(16, 8)
+    faster = compile_plan(spec, _with_packed_curves(spec, 0.5), wl, compress="auto")
+    assert faster.policy.compress_weights and faster.policy.packed_weights
+    slower = compile_plan(spec, _with_packed_curves(spec, 2.0), wl, compress="auto")
+    assert not slower.policy.packed_weights and not slower.policy.compress_weights
+    # the prediction follows the curve: the packed plan's compute is the packed curves'
+    off = compile_plan(spec, _with_packed_curves(spec, 0.5), wl, compress="off")
+    assert faster.predictions["tokens_per_s"] > off.predictions["tokens_per_s"]
+    # no packed curve for the model: auto never picks packed (nothing measured says it is faster)
+    from tests.test_calibration import calibrated
+    assert not compile_plan(spec, calibrated(spec), wl, compress="auto").policy.packed_weights
