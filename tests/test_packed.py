@@ -179,3 +179,32 @@ def test_packed_layers_compute_what_their_weights_say_within_bfloat16_rounding(f
             got, ref = kernels.head(spec, packed, h), kernels.head(spec, dense, h)
         assert (got - ref).abs().max() <= 1e-2 * ref.abs().max(), f"layer {j}"
         assert not torch.equal(got, ref) or j != 1, "bfloat16 arithmetic left no trace: is the kernel in use?"
+
+
+def test_packed_curves_are_measured_read_back_and_charged():
+    """The profiler times each layer on packed weights (kinds + PACKED_SUFFIX); a profile file reads them back;
+    a packed decode step costs the packed curve at its rows, and no dequantization."""
+    import math
+
+    from flexgen_graph.hardware import PACKED_SUFFIX, LayerCurve
+    from flexgen_graph.ir import Block
+    from flexgen_graph.lower import lower
+    from planner.cost import Flags, phase_costs
+    from planner.memory import compression_of
+    from runtime.profiler import layer_curves, packed_layer_curves
+    from tests.test_calibration import calibrated
+    from tests.test_planner import tiny_spec
+
+    spec = tiny_spec("llama", layers=1)
+    dense, packed = layer_curves(spec, torch.device("cpu")), packed_layer_curves(spec, torch.device("cpu"))
+    assert [c.kind for c in packed] == [c.kind + PACKED_SUFFIX for c in dense]
+    assert [c.weight_bytes for c in packed] == [c.weight_bytes for c in dense]
+    assert all(math.isfinite(y) and y > 0 for c in packed for y in c.rows.ys)
+    assert [LayerCurve.from_dict(c.to_dict(), "t") for c in packed] == packed
+    hw = calibrated(layers=tuple(dense + packed), op_s=0.0)
+    b, P, G = 4, 8, 2
+    g = lower(spec, Workload(P, G), Block(b, 1))
+    comp = compression_of(spec, 32, 4)
+    costs = phase_costs(g, hw, Flags(compress_weights=True, packed_weights=True), comp)
+    [step] = [s for s in costs.decode if s.figures.weight_full_bytes == spec.layer_bytes(1)]
+    assert step.terms[0].const == pytest.approx(packed[1].rows.at(b) + dense[1].attn_s * b * (P + G / 2), rel=1e-9)
