@@ -97,6 +97,9 @@ class Engine:
             # (visible at batch 1, where a step is many tiny ops)
             overlap = False
         try:
+            if pol.packed_weights and device != "cpu":
+                raise UserError(f"the plan computes on packed 4-bit weights with the CPU int4 kernel; run it with "
+                                 f"--device cpu, not {device}")
             preflight.check(plan, Path(offload_dir), device)
             self.backend: Backend = open_backend(device, budget, Path(offload_dir), overlap)
             self.device = self.backend.device

@@ -208,3 +208,11 @@ def test_packed_curves_are_measured_read_back_and_charged():
     costs = phase_costs(g, hw, Flags(compress_weights=True, packed_weights=True), comp)
     [step] = [s for s in costs.decode if s.figures.weight_full_bytes == spec.layer_bytes(1)]
     assert step.terms[0].const == pytest.approx(packed[1].rows.at(b) + dense[1].attn_s * b * (P + G / 2), rel=1e-9)
+
+
+def test_a_packed_plan_runs_on_the_cpu_only(family_store, tmp_path):
+    store = family_store
+    plan = compile_plan(store.spec, load_profile("cpu-small"), Workload(PROMPT_LEN, GEN_LEN), compress="weights",
+                        group_size=32, packed=True)
+    with pytest.raises(UserError, match="--device cpu"):
+        Engine(plan, store, tmp_path / "offload", device="cuda")
