@@ -74,8 +74,8 @@ class Engine:
         self.b, self.nb = pol.gpu_batch_size, pol.num_gpu_batches
         self.prompt_len, self.gen_len = plan.workload.prompt_len, plan.workload.gen_len
         self.max_seq = plan.workload.max_seq_len
-        # 4-bit compression: weight homes hold the store's compressed copy, dequantized into a dense
-        # scratch just before each compute; cache buffers hold compressed rows (runtime.compressed)
+        # compression: weight homes hold the store's compressed copy, dequantized into a dense scratch just
+        # before each compute, or (packed_weights) computed on as they are; cache buffers hold compressed rows
         self.qcfg = QuantConfig(pol.compress_bits, pol.group_size) if pol.compresses else None
         self.weights = compressed_layers(store, self.qcfg, pol.packed_weights) if pol.compress_weights else store
         # how compute ops see their weights, as the plan says: typed views of dense bytes, a dense copy
