@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.accuracy import TEXT, Variant, load_model, perplexity  # noqa: E402
-from flexgen_graph import catalog, models  # noqa: E402
+from flexgen_graph import catalog  # noqa: E402
+from flexgen_graph.app import models  # noqa: E402
 from flexgen_graph.layout import int4_kernel_fits  # noqa: E402
 from runtime.packed import packed_int4  # noqa: E402
 from runtime.quant import QuantConfig, fake_quantize, quantize  # noqa: E402
@@ -48,7 +49,7 @@ def packed_model(store, cfg: QuantConfig):
         if head.weight is emb:  # tied: the head gets its own packed copy before the embedding is quantized
             model.lm_head = PackedLinear(head, cfg)
         emb.copy_(fake_quantize(emb, -1, cfg))
-    n = 0
+    n = int(isinstance(model.lm_head, PackedLinear))
     for name, mod in list(model.named_modules()):
         for child, sub in list(mod.named_children()):
             if isinstance(sub, torch.nn.Linear) and int4_kernel_fits(tuple(sub.weight.shape[::-1]), cfg):
