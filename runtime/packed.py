@@ -31,7 +31,10 @@ from runtime.kernels import TORCH_DTYPES
 from runtime.quant import QTensor, dequantize, unpack_from
 
 STATS_DTYPE = torch.bfloat16  # the kernel's fast path: activations and stats in bfloat16
-TILE_BYTES = 1 << 19  # a dequantized tile stays within a core's L2 (measured: bench/packed_kernels.py)
+TILE_BYTES = 1 << 19
+# rows per input element above which restoring the matrix to bfloat16 and a dense GEMM beat the int4 kernel
+# (SmolLM2 shapes: 2.3-3.4x faster at 2816 rows, slower at 512 rows of a 576-wide input)
+DENSE_ROWS_PER_IN = 1.5  # a dequantized tile stays within a core's L2 (measured: bench/packed_kernels.py)
 
 
 def _codes(q: QTensor) -> torch.Tensor:
@@ -76,6 +79,11 @@ class Int4Weight:
     def __rmatmul__(self, x: torch.Tensor) -> torch.Tensor:
         return int4_matmul(x, self)
 
+    def dense_bf16(self) -> torch.Tensor:
+        """The [in, out] matrix the kernel multiplies by, rounded to bfloat16: the kernel applied to the identity."""
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(self.shape[0], dtype=STATS_DTYPE), self.codes,
+                                                          self.group_size, self.scales_zeros)
+
     def dequantize(self) -> torch.Tensor:
         """The float32 [in, out] matrix the kernel multiplies by (tests and references; not on the hot path)."""
         k, n = self.shape
@@ -88,10 +96,15 @@ class Int4Weight:
 
 
 def int4_matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
-    """x: [..., in] -> x @ w: [..., out] in x's dtype (computed in bfloat16)."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, w.shape[0]).to(STATS_DTYPE)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, w.codes, w.group_size, w.scales_zeros)
+    """x: [..., in] -> x @ w: [..., out] in x's dtype (computed in bfloat16). Beyond DENSE_ROWS_PER_IN x in rows
+    (prefill) the kernel is compute bound at 2-3x a bfloat16 GEMM's time, so the matrix (only this one) is
+    restored to bfloat16 by the kernel itself and multiplied densely: measured in bench/packed_kernels.py."""
+    lead, k = x.shape[:-1], w.shape[0]
+    x2 = x.reshape(-1, k).to(STATS_DTYPE)
+    if x2.shape[0] > DENSE_ROWS_PER_IN * k:
+        y = x2 @ w.dense_bf16()
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, w.codes, w.group_size, w.scales_zeros)
     return y.to(x.dtype).view(*lead, w.shape[1])
 
 

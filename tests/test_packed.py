@@ -35,7 +35,7 @@ def test_int4_kernel_fits_says_no_where_the_kernel_cannot():
     assert not int4_kernel_fits((64, 64), QuantConfig(8, 32))
 
 
-@pytest.mark.parametrize("rows", [1, 5, 64])
+@pytest.mark.parametrize("rows", [1, 5, 64, 1000])  # 1000 > DENSE_ROWS_PER_IN x 256: the dense bfloat16 GEMM
 def test_int4_matmul_is_a_matmul_by_the_weights_it_stands_for(rows):
     torch.manual_seed(0)
     w = torch.randn(256, 96) * 0.05
