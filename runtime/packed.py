@@ -13,7 +13,8 @@ a scalar loop 30-60x slower: bench/packed_kernels.py), so the table is bfloat16 
 float16 scale + minimum are: the same size as runtime.quant's layout) and x is cast to bfloat16, the
 result back. Numerics: the weights the kernel uses are `Int4Weight.dequantize()` (scale and zero rounded
 to bfloat16: at most 2**-9 of their size off the FlexGen values), times bfloat16 activations, with a
-bfloat16 result: relative error about 1e-2 of a matmul's output (tests/test_packed.py).
+bfloat16 result: relative error about 1e-2 of a matmul's output (tests/test_packed.py). A matmul of many
+rows (prefill) instead restores its matrix to bfloat16 with the kernel and runs a dense GEMM (int4_matmul).
 8 bits, and 4-bit matrices the kernel cannot take (out not a multiple of 16, in not a multiple of the
 group size): `TiledWeight`, which dequantizes a block of output columns at a time into a small scratch
 and multiplies it, never the whole matrix.
