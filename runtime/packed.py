@@ -1,9 +1,11 @@
 """Matmuls on compressed weights without a dense copy of the layer.
 
-    >>> q = quantize(w, 0, QuantConfig(4, 32))              # w: [in, out], grouped along in
-    >>> buf = torch.empty(packed_nbytes(w.shape, cfg), dtype=torch.uint8)
+    >>> cfg = QuantConfig(4, 32)
+    >>> q = quantize(w, 0, cfg)                              # w: [in, out], grouped along in
+    >>> buf = torch.empty(sum(int4_packed_geometry(w.shape, cfg)), dtype=torch.uint8)
     >>> pack_into_int4(q, buf)                               # once, when the compressed copy is built
-    >>> y = Int4Weight.view(buf, w.shape, cfg) @ ...         # or: int4_matmul(x, Int4Weight.view(...))
+    >>> y = x @ Int4Weight.view(buf, w.shape, cfg)           # x: [..., in] -> y: [..., out]
+    >>> views = packed_layer_views(spec, layer, layer_buf, cfg)  # what the kernels compute on
 
 4 bits: torch's CPU kernel `_weight_int4pack_mm_for_cpu` reads a weight [out, in] repacked by
 `_convert_weight_to_int4pack_for_cpu` (an opaque tiled nibble order, the same bytes as the codes) and a
@@ -15,8 +17,8 @@ result back. Numerics: the weights the kernel uses are `Int4Weight.dequantize()`
 to bfloat16: at most 2**-9 of their size off the FlexGen values), times bfloat16 activations, with a
 bfloat16 result: relative error about 1e-2 of a matmul's output (tests/test_packed.py). A matmul of many
 rows (prefill) instead restores its matrix to bfloat16 with the kernel and runs a dense GEMM (int4_matmul).
-8 bits, and 4-bit matrices the kernel cannot take (out not a multiple of 16, in not a multiple of the
-group size): `TiledWeight`, which dequantizes a block of output columns at a time into a small scratch
+4-bit matrices the kernel cannot take (out not a multiple of 16, in not a multiple of the group size;
+8 bits has no packed kernel, bench/packed_kernels.py): `TiledWeight`, which dequantizes a block of output columns at a time into a small scratch
 and multiplies it, never the whole matrix.
 """
 
