@@ -11,7 +11,9 @@ planner sizes the plan's buffers with it, the runtime views and fills those buff
 Every tensor starts ALIGN_BYTES-aligned. Compression (FlexGen's scheme, arithmetic in runtime.quant):
 a matrix is grouped along its `quant_dim` in groups of `group_size` elements (a dim that is not a
 multiple is padded to one), each group stored as float16 scale and minimum plus packed codes; vectors
-(norms, biases) stay in the model dtype.
+(norms, biases) stay in the model dtype. A plan computing on packed weights (policy packed_weights) holds
+the linear maps the CPU int4 kernel takes in that kernel's layout instead (int4_packed_geometry): the same
+bytes per tensor, so every size here holds for it too.
 """
 
 from __future__ import annotations
