@@ -53,7 +53,7 @@ def _codes(q: QTensor) -> torch.Tensor:
 def pack_into_int4(q: QTensor, buf: torch.Tensor) -> None:
     """Write q (4-bit, [in, out] grouped along in) into buf in the int4 kernel's layout:
     [0, S): scales and zeros bfloat16 [G, out, 2]; [S, S + out * in / 2): the repacked codes [out, in / 2]."""
-    cfg, (k, n) = q.cfg, q.shape
+    cfg = q.cfg
     assert int4_kernel_fits(q.shape, cfg), f"pack_into_int4: {q.shape} at group size {cfg.group_size} does not fit"
     sz_bytes, code_bytes = int4_packed_geometry(q.shape, cfg)
     assert buf.numel() == sz_bytes + code_bytes, f"pack_into_int4: buffer {buf.numel()} != {sz_bytes + code_bytes}"
@@ -73,7 +73,7 @@ class Int4Weight:
     group_size: int
 
     @classmethod
-    def view(cls, buf: torch.Tensor, shape: tuple[int, int], cfg: QuantConfig) -> "Int4Weight":
+    def view(cls, buf: torch.Tensor, shape: tuple[int, int], cfg: QuantConfig) -> Int4Weight:
         sz_bytes, code_bytes = int4_packed_geometry(shape, cfg)
         k, n = shape
         sz = buf[:sz_bytes].view(STATS_DTYPE).view(k // cfg.group_size, n, 2)
@@ -89,7 +89,7 @@ class Int4Weight:
 
     def dequantize(self) -> torch.Tensor:
         """The float32 [in, out] matrix the kernel multiplies by (tests and references; not on the hot path)."""
-        k, n = self.shape
+        k = self.shape[0]
         ones = torch.ones_like(self.scales_zeros)
         ones[..., 1] = 8  # scale 1, zero 8: the kernel on the identity returns the codes themselves (exact in bf16)
         codes = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(k, dtype=STATS_DTYPE), self.codes,
@@ -120,7 +120,7 @@ class TiledWeight:
     cols: int  # output columns per tile
 
     @classmethod
-    def from_qtensor(cls, q: QTensor) -> "TiledWeight":
+    def from_qtensor(cls, q: QTensor) -> TiledWeight:
         k, n = q.shape
         return cls(q, max(16, min(n, TILE_BYTES // (4 * k) // 16 * 16)))
 

@@ -13,10 +13,21 @@ from flexgen_graph.app.api import compile_plan
 from flexgen_graph.errors import UserError
 from flexgen_graph.hardware import load_profile
 from flexgen_graph.ir import Workload
-from flexgen_graph.layout import compressed_nbytes, int4_kernel_fits, int4_packed_geometry
+from flexgen_graph.layout import (
+    compressed_nbytes,
+    int4_kernel_fits,
+    int4_packed_geometry,
+)
 from runtime.compressed import compressed_layers
 from runtime.engine import Engine
-from runtime.packed import Int4Weight, RowTable, TiledWeight, int4_matmul, packed_int4, packed_layer_views
+from runtime.packed import (
+    Int4Weight,
+    RowTable,
+    TiledWeight,
+    int4_matmul,
+    packed_int4,
+    packed_layer_views,
+)
 from runtime.quant import QuantConfig, dequantize, quantize
 
 
