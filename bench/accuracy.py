@@ -47,7 +47,8 @@ if str(ROOT) not in sys.path:
 
 from transformers import AutoConfig, AutoTokenizer, DynamicCache, LlamaForCausalLM  # noqa: E402
 
-from flexgen_graph import catalog, models  # noqa: E402
+from flexgen_graph import catalog  # noqa: E402
+from flexgen_graph.app import models  # noqa: E402
 from runtime.quant import QuantConfig, fake_quantize  # noqa: E402
 from runtime.weight_store import hf_state_dict  # noqa: E402
 

@@ -9,6 +9,7 @@ the table holds medians.
 
     python bench/compression.py --prompts 64 --gen-len 32 --repeats 2
     python bench/compression.py --disk --prompts 8 --prompt-len 128 --gen-len 8 --repeats 2
+    python bench/compression.py --prompts 1 --group-size 32 --modes off,weights,weights-packed
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--bits", type=int, choices=[4, 8], default=4)
-    ap.add_argument("--modes", default="off,weights,cache,both")
+    ap.add_argument("--modes", default="off,weights,cache,both",
+                    help="comma-separated --compress modes; weights-packed, both-packed compute on packed 4-bit weights")
     ap.add_argument("--profile", default="cpu-small")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args(argv)
@@ -75,8 +77,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         fixed = {"weights": Placement(1, 0, 0), "cache": Placement(1, 0, 0), "hidden": Placement(1, 0, 0)}
     p_len = args.prompt_len or max(map(len, prompts))
     wl = Workload(p_len, args.gen_len)
+    # "<mode>-packed": the same compression, computed on packed weights (runtime.packed), not dequantized
     plans = {m: compile_plan(spec, profile, wl, gpu_batch_size=args.prompts, num_gpu_batches=1, fixed=fixed,
-                             compress=m, group_size=args.group_size, compress_bits=args.bits) for m in modes}
+                             compress=m.removesuffix("-packed"), group_size=args.group_size, compress_bits=args.bits,
+                             packed=m.endswith("-packed")) for m in modes}
     tps: dict[str, list[float]] = {m: [] for m in modes}
     tokens: dict[str, list[list[int]]] = {}
     with tempfile.TemporaryDirectory() as off:

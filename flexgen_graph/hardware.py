@@ -87,12 +87,18 @@ class Curve:
         return cls(tuple(float(x) for x, _ in pts), tuple(float(y) for _, y in pts))
 
 
+LAYER_KINDS = ("embed", "decoder", "head")
+# "<kind>-packed4": the layer computed on packed 4-bit weights (a policy's packed_weights); a kind, not a
+# field, so profiles measured before it still read (they have no such curve, and no plan computes packed by them)
+PACKED_SUFFIX = "-packed4"
+
+
 @dataclass(frozen=True, slots=True)
 class LayerCurve:
     """One layer kind of one model, timed by running its kernel at the model's own shapes: applies to
     the graph layers of that kind with exactly that many weight bytes (the same model and dtype)."""
 
-    kind: str  # "embed", "decoder", "head"
+    kind: str  # "embed", "decoder", "head", or one of them + PACKED_SUFFIX
     weight_bytes: int
     model: str  # for people: what was measured
     rows: Curve  # seconds of one compute op against its rows (gpu batch x new tokens; the head: sequences)
@@ -115,8 +121,10 @@ class LayerCurve:
     @classmethod
     def from_dict(cls, d: Any, what: str) -> "LayerCurve":
         _exact_keys(d, {f.name for f in fields(cls)}, what)
-        if d["kind"] not in ("embed", "decoder", "head") or not isinstance(d["model"], str):
-            raise BadProfileError(f"{what}: kind must be embed, decoder or head and model a string, got "
+        if d["kind"] not in LAYER_KINDS + tuple(k + PACKED_SUFFIX for k in LAYER_KINDS) or \
+                not isinstance(d["model"], str):
+            raise BadProfileError(f"{what}: kind must be embed, decoder or head (or one + {PACKED_SUFFIX}) and model "
+                                  f"a string, got "
                                   f"{d['kind']!r}, {d['model']!r}")
         if not isinstance(d["weight_bytes"], int) or isinstance(d["weight_bytes"], bool) or d["weight_bytes"] < 0:
             raise BadProfileError(f"{what}.weight_bytes must be a whole number >= 0, got {d['weight_bytes']!r}")

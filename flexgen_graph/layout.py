@@ -11,7 +11,9 @@ planner sizes the plan's buffers with it, the runtime views and fills those buff
 Every tensor starts ALIGN_BYTES-aligned. Compression (FlexGen's scheme, arithmetic in runtime.quant):
 a matrix is grouped along its `quant_dim` in groups of `group_size` elements (a dim that is not a
 multiple is padded to one), each group stored as float16 scale and minimum plus packed codes; vectors
-(norms, biases) stay in the model dtype.
+(norms, biases) stay in the model dtype. A plan computing on packed weights (policy packed_weights) holds
+the linear maps the CPU int4 kernel takes in that kernel's layout instead (int4_packed_geometry): the same
+bytes per tensor, so every size here holds for it too.
 """
 
 from __future__ import annotations
@@ -115,6 +117,23 @@ def compressed_nbytes(shape: tuple[int, ...], dim: int, cfg: QuantConfig) -> int
     """Exact bytes of a tensor compressed along dim in its flat layout (scales + minimums + packed codes)."""
     _, rows, _, groups = quant_geometry(tuple(shape), dim, cfg)
     return prod(rows) * groups * (2 * STAT_BYTES + cfg.group_bytes)
+
+
+INT4_KERNEL_OUT_MULTIPLE = 16  # torch's CPU int4 kernel packs output channels in tiles of 16
+
+
+def int4_kernel_fits(shape: tuple[int, ...], cfg: QuantConfig) -> bool:
+    """Whether a [in, out] matrix grouped along in can be held in the CPU int4 kernel's packed layout:
+    4 bits, in a multiple of the group size (the kernel has no padding), out a multiple of 16."""
+    return (cfg.bits == 4 and len(shape) == 2 and shape[0] % cfg.group_size == 0
+            and shape[1] % INT4_KERNEL_OUT_MULTIPLE == 0 and cfg.group_size % 2 == 0)
+
+
+def int4_packed_geometry(shape: tuple[int, ...], cfg: QuantConfig) -> tuple[int, int]:
+    """(bytes of the bfloat16 (scale, zero) table [G, out, 2], bytes of the codes [out, in / 2]) of a matrix
+    in the int4 kernel's layout (runtime.packed): in all, compressed_nbytes of the same matrix."""
+    k, n = shape
+    return (k // cfg.group_size) * n * 2 * STAT_BYTES, n * k // 2
 
 
 def _pack(entries: Iterable[tuple[str, tuple[int, ...], int, int | None]]) -> tuple[TensorSlot, ...]:

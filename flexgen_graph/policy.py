@@ -58,12 +58,18 @@ class Policy:
     compress_cache: bool = False
     group_size: int = DEFAULT_GROUP_SIZE  # elements per group when a compress flag is on (flexgen_graph.layout)
     compress_bits: int = DEFAULT_BITS  # 4 (FlexGen's) or 8
+    # compressed weights computed on where they are (runtime.packed: the CPU int4 kernel), not dequantized
+    # into a dense scratch per compute: 4-bit weights computed on the CPU only
+    packed_weights: bool = False
 
     def __post_init__(self) -> None:
         try:
             self.quant_config
         except QuantError as e:
             raise UserError(f"policy compression: {e}") from None
+        if self.packed_weights and not (self.compress_weights and self.compress_bits == 4):
+            raise UserError(f"policy packed_weights needs 4-bit compressed weights, got compress_weights "
+                             f"{self.compress_weights}, compress_bits {self.compress_bits}")
 
     @property
     def quant_config(self) -> QuantConfig:
@@ -86,6 +92,8 @@ class Policy:
             "compress_cache": self.compress_cache,
             "group_size": self.group_size,
             "compress_bits": self.compress_bits,
+            # written only when on: plans without it read (and hash) as before
+            **({"packed_weights": True} if self.packed_weights else {}),
         }
 
     @classmethod
@@ -94,9 +102,9 @@ class Policy:
         for name in ("gpu_batch_size", "num_gpu_batches"):
             if type(d[name]) is not int or d[name] < 1:
                 raise UserError(f"policy {name} must be a positive integer, got {d[name]!r}")
-        for name in ("cpu_attention", "compress_weights", "compress_cache"):
-            if not isinstance(d[name], bool):
-                raise UserError(f"policy {name} must be true or false, got {d[name]!r}")
+        for name in ("cpu_attention", "compress_weights", "compress_cache", "packed_weights"):
+            if not isinstance(d.get(name, False), bool):
+                raise UserError(f"policy {name} must be true or false, got {d.get(name)!r}")
         for name in ("weights", "cache", "hidden"):
             if not isinstance(d[name], list) or len(d[name]) != 3:
                 raise UserError(f"policy {name} must be three fractions, got {d[name]!r}")
@@ -105,6 +113,7 @@ class Policy:
             weights=Placement(*d["weights"]), cache=Placement(*d["cache"]), hidden=Placement(*d["hidden"]),
             cpu_attention=d["cpu_attention"], compress_weights=d["compress_weights"],
             compress_cache=d["compress_cache"], group_size=d["group_size"], compress_bits=d["compress_bits"],
+            packed_weights=d.get("packed_weights", False),
         )
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from flexgen_graph.errors import UserError
-from flexgen_graph.hardware import HardwareProfile
+from flexgen_graph.hardware import PACKED_SUFFIX, HardwareProfile
 from flexgen_graph.ir import Block, LayerKind, Stage, Tier, Workload
 from flexgen_graph.layout import DEFAULT_BITS, DEFAULT_GROUP_SIZE
 from flexgen_graph.lower import lower
@@ -71,6 +71,7 @@ class CompileOptions:
     compress: str = "off"
     group_size: int = DEFAULT_GROUP_SIZE
     compress_bits: int = DEFAULT_BITS
+    packed: bool = False  # compressed weights computed on packed (4-bit, CPU: runtime.packed), not dequantized
     stages: int = 1
     stages_per_machine: int | None = None
     stage_link_bytes_per_s: float | None = None
@@ -91,6 +92,10 @@ class CompileOptions:
         if self.compress not in COMPRESS_MODES:
             raise UserError(f"compress must be one of {', '.join(COMPRESS_MODES)}, got {self.compress!r}")
         parse_fixed(self.fixed_map)  # names and ranges checked here, at the edge
+        if self.packed and (self.compress_bits != 4 or self.compress in ("off", "cache") or self.stages > 1):
+            raise UserError(f"packed weights need 4-bit compressed weights in one process (--compress weights, "
+                            f"both or auto, --compress-bits 4), got --compress {self.compress}, --compress-bits "
+                            f"{self.compress_bits}, stages {self.stages}")
 
     @property
     def fixed_map(self) -> dict[str, Placement | float | bool]:
@@ -151,6 +156,21 @@ def _search_flags(o: CompileOptions) -> tuple[dict, tuple[str, ...]]:
     return fixed, allowed
 
 
+def _packed_flags(spec: ModelSpec, profile: HardwareProfile, o: CompileOptions, fixed: dict,
+                  allowed: tuple[str, ...]) -> tuple[dict, tuple[str, ...]]:
+    """--packed forces packed weights; --compress auto may choose them where the profile measured this model's
+    layers on packed weights (runtime.profiler.packed_layer_curves), so the choice follows measured times."""
+    if o.packed:
+        return {**fixed, "packed_weights": True}, allowed
+    cal = profile.calibration
+    measured = cal is not None and not profile.has_gpu and o.compress_bits == 4 and all(
+        cal.layer(spec.layer_kind(j).value + PACKED_SUFFIX, spec.layer_bytes(j)) is not None
+        for j in range(spec.num_graph_layers))
+    if o.compress == "auto" and measured:
+        return fixed, allowed + ("packed_weights",)
+    return {**fixed, "packed_weights": False}, allowed
+
+
 def _search(spec: ModelSpec, profile: HardwareProfile, workload: Workload, o: CompileOptions, fixed: dict,
             allowed: tuple[str, ...], stage: Stage | None = None, gpu_batch_size: int | None = None,
             num_gpu_batches: int | None = None) -> SearchResult:
@@ -165,9 +185,14 @@ def _single(spec: ModelSpec, profile: HardwareProfile, workload: Workload, o: Co
     """One plan; a scoring workload's (Workload.score) is its prefill alone, priced and sized like any other."""
     check_workload(spec, workload)
     fixed, allowed = _search_flags(o)
+    if o.packed and profile.has_gpu:
+        raise UserError(f"packed weights are computed by the CPU int4 kernel; profile {profile.name} has a GPU, "
+                        "which computes there: drop --packed")
+    fixed, allowed = _packed_flags(spec, profile, o, fixed, allowed)
     r = _search(spec, profile, workload, o, fixed, allowed)
-    return Plan(spec=spec, profile=profile, workload=workload, weights_source=o.weights_source, policy=r.policy,
-                predictions=r.predictions.to_dict(), programs=programs_for(spec, workload, r.policy))
+    policy = r.policy
+    return Plan(spec=spec, profile=profile, workload=workload, weights_source=o.weights_source, policy=policy,
+                predictions=r.predictions.to_dict(), programs=programs_for(spec, workload, policy))
 
 
 def _pipeline(spec: ModelSpec, profile: HardwareProfile, workload: Workload, o: CompileOptions) -> list[Plan]:

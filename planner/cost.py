@@ -49,7 +49,7 @@ from typing import Mapping
 
 import networkx as nx
 
-from flexgen_graph.hardware import Calibration, Curve, HardwareProfile
+from flexgen_graph.hardware import PACKED_SUFFIX, Calibration, Curve, HardwareProfile
 from flexgen_graph.ir import TIERS, LayerKind, NodeKind, Phase, Tier
 from flexgen_graph.policy import Policy, assign_tiers
 from flexgen_graph.spec import ModelSpec
@@ -57,7 +57,7 @@ from planner.figures import BlockFigures, LayerSums, figures_of
 from planner.memory import Compression, needs_compression, peaks_of, policy_compression
 
 CLASSES: tuple[str, ...] = ("weights", "cache", "hidden")  # Policy field names
-FLAG_NAMES: tuple[str, ...] = ("cpu_attention", "compress_weights", "compress_cache")  # Policy flag names
+FLAG_NAMES: tuple[str, ...] = ("cpu_attention", "compress_weights", "compress_cache", "packed_weights")  # Policy flags
 # The cost terms of a step; "compute" first so that a tie names compute as binding.
 TERMS: tuple[str, ...] = ("compute", "cpu compute", "gpu<-cpu link", "cpu<-disk link", "cpu<-gpu link",
                           "disk<-cpu link", "stage link")
@@ -94,10 +94,16 @@ class Flags:
     cpu_attention: bool = False
     compress_weights: bool = False
     compress_cache: bool = False
+    packed_weights: bool = False  # compressed weights computed on packed (runtime.packed), never dequantized
 
     @classmethod
     def of(cls, policy: Policy) -> "Flags":
-        return cls(policy.cpu_attention, policy.compress_weights, policy.compress_cache)
+        return cls(policy.cpu_attention, policy.compress_weights, policy.compress_cache, policy.packed_weights)
+
+    @property
+    def valid(self) -> bool:
+        """Packed weights are compressed weights: the flag alone is no policy."""
+        return self.compress_weights or not self.packed_weights
 
     def on(self) -> tuple[str, ...]:
         return tuple(n for n in FLAG_NAMES if getattr(self, n))
@@ -288,7 +294,7 @@ def compute_parts(f: LayerFigures, hw: HardwareProfile, rows: int, flags: Flags)
     gpu_bw, cpu_bw = hw.gpu_mem_bytes_per_s, hw.cpu_mem_bytes_per_s
     dense_s = f.dense_flops * max(1.0, hw.matmul_min_rows / rows) / hw.gpu_matmul_flops_per_s
     base = max(dense_s, f.compute_ops * f.weight_full_bytes / gpu_bw) + f.compute_ops * hw.compute_op_overhead_s
-    if flags.compress_weights:
+    if flags.compress_weights and not flags.packed_weights:  # packed: priced as dense (no measured rate)
         base += f.weight_full_bytes / hw.gpu_dequant_bytes_per_s
     dequant = f.cache_full_bytes if flags.compress_cache else 0.0
     attn_gpu = max(f.attn_flops / hw.gpu_attn_flops_per_s, f.cache_full_bytes / gpu_bw) \
@@ -316,8 +322,9 @@ def _calibrated_parts(f: LayerFigures, hw: HardwareProfile, cal: Calibration, fl
         return 0.0, 0.0, 0.0
     rows, lc = op_rows(f), cal.layer(f.kind.value, int(f.weight_full_bytes))
     decode = f.tokens == 1 and f.attn_flops > 0
+    packed = _packed_rows_s(f, cal, rows) if flags.packed_weights else None
     if lc is not None:
-        dense = lc.rows.at(rows)
+        dense = lc.rows.at(rows) if packed is None else packed
         attn = (lc.attn_s * f.seqs * f.ctx) if decode else lc.prefill_attn_s * f.seqs * f.tokens ** 2
         attn_cpu = lc.attn_cpu_s * f.seqs * f.ctx if decode else attn
     else:
@@ -329,7 +336,7 @@ def _calibrated_parts(f: LayerFigures, hw: HardwareProfile, cal: Calibration, fl
     k = cal.compute_scale * (cal.prefill_scale if f.tokens > 1 else 1.0)
     base = k * n * dense + cal.compute_scale * n * cal.op_s
     w_deq = lc.dequant_s_per_byte if lc is not None and lc.dequant_s_per_byte else 1.0 / hw.gpu_dequant_bytes_per_s
-    if flags.compress_weights:
+    if flags.compress_weights and packed is None:
         base += k * f.weight_full_bytes * w_deq
     dequant = f.cache_full_bytes if flags.compress_cache else 0.0
     if decode:
@@ -343,6 +350,13 @@ def _calibrated_parts(f: LayerFigures, hw: HardwareProfile, cal: Calibration, fl
     host_deq = 1.0 / hw.cpu_dequant_bytes_per_s if hw.has_gpu or not c_deq else c_deq
     attn_host = k * (n * attn_cpu + dequant * host_deq)
     return base, attn_gpu, attn_host
+
+
+def _packed_rows_s(f: LayerFigures, cal: Calibration, rows: int) -> float | None:
+    """One compute op of the layer on packed 4-bit weights, as measured (runtime.profiler.packed_layer_curves),
+    or None where the calibration has no such curve (then the op is priced as dense plus dequantization)."""
+    lc = cal.layer(f.kind.value + PACKED_SUFFIX, int(f.weight_full_bytes))
+    return None if lc is None else lc.rows.at(rows)
 
 
 def _lin(const: float, parts: list[tuple[str, float]]) -> Linear:

@@ -131,6 +131,8 @@ def compute_transient(work_bytes: int, full_weight_bytes: int, full_cache_bytes:
 
     A CPU-attended op is charged its whole work bytes on both tiers: the graph does not split the
     attention's share from the MLP's, and an over-count keeps the prediction an upper bound."""
+    # packed weights (runtime.packed) hold no dense layer, but a prefill matmul of many rows restores its one
+    # matrix to bfloat16: charged as the dense layer, an upper bound
     gpu = work_bytes + (full_weight_bytes if policy.compress_weights else 0)
     dequant_cache = full_cache_bytes if policy.compress_cache else 0
     if attends_on_cpu:

@@ -167,6 +167,7 @@ def flag_sets(allowed: Collection[str], forced: dict[str, bool]) -> list[Flags]:
         raise ValueError(f"unknown flags {sorted(unknown)}: expected some of {FLAG_NAMES}")
     free = [f for f in FLAG_NAMES if f in allowed and f not in forced]
     out = [Flags(**forced, **dict(zip(free, on))) for on in itertools.product((False, True), repeat=len(free))]
+    out = [f for f in out if f.valid]
     return sorted(out, key=lambda f: (len(f.on()), f.on()))
 
 

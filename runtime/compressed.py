@@ -31,11 +31,12 @@ import torch
 from tqdm import tqdm
 
 from flexgen_graph.errors import UserError
-from flexgen_graph.layout import STAT_BYTES, ceil_div
+from flexgen_graph.layout import STAT_BYTES, ceil_div, int4_kernel_fits
 from flexgen_graph.spec import ModelSpec
 from runtime.backend import read_file_into
 from runtime.integrity import atomic_file, checksum, need_space
 from runtime.kernels import TORCH_DTYPES, layer_views
+from runtime.packed import pack_into_int4
 from runtime.quant import (
     STAT_DTYPE,
     QTensor,
@@ -48,13 +49,18 @@ from runtime.quant import (
 )
 
 
-def compress_layer(spec: ModelSpec, layer: int, dense: torch.Tensor, cfg: QuantConfig, out: torch.Tensor) -> None:
-    """dense: the layer's flat buffer (spec.layer_layout) -> out: its compressed flat buffer."""
+def compress_layer(spec: ModelSpec, layer: int, dense: torch.Tensor, cfg: QuantConfig, out: torch.Tensor,
+                   packed: bool = False) -> None:
+    """dense: the layer's flat buffer (spec.layer_layout) -> out: its compressed flat buffer. packed: the
+    linear maps the CPU int4 kernel takes are written in its layout (runtime.packed; same bytes per slot)."""
     views = layer_views(spec, layer, dense)
+    linear = {t.name for t in spec.layer_tensors(layer) if t.linear}
     for q in spec.compressed_layer_layout(layer, cfg):
         dst = out[q.offset:q.offset + q.nbytes]
         if q.dim is None:
             dst.copy_(views[q.name].reshape(-1).view(torch.uint8))
+        elif packed and q.name in linear and int4_kernel_fits(q.shape, cfg):
+            pack_into_int4(quantize(views[q.name], q.dim, cfg), dst)
         else:
             pack_into(quantize(views[q.name], q.dim, cfg), dst)
 
@@ -85,8 +91,8 @@ class CompressedLayers:
     rebuilt from the store (compression is deterministic) or refused by name."""
 
     def __init__(self, path: Path, spec: ModelSpec, cfg: QuantConfig, store=None,
-                 checksums: dict[str, str] | None = None) -> None:
-        self.path, self.spec, self.cfg = path, spec, cfg
+                 checksums: dict[str, str] | None = None, packed: bool = False) -> None:
+        self.path, self.spec, self.cfg, self.packed = path, spec, cfg, packed
         self.store, self.checksums = store, checksums if checksums is not None else {}
         self._verified: set[int] = set()
 
@@ -117,7 +123,7 @@ class CompressedLayers:
             if self.store is not None and want is not None:
                 dense = torch.empty(self.spec.layer_bytes(layer), dtype=torch.uint8)
                 self.store.read_layer_into(layer, dense)
-                compress_layer(self.spec, layer, dense, self.cfg, out)
+                compress_layer(self.spec, layer, dense, self.cfg, out, self.packed)
             if want is None or checksum(out.numpy()) != want:
                 raise UserError(f"{path} does not match the checksum recorded in {self.path / DONE} when it was "
                                 f"built (a file changed since): delete {self.path} to rebuild the compressed copy")
@@ -135,13 +141,14 @@ class CompressedLayers:
                                  f"{self.spec.compressed_layer_bytes(j, self.cfg)}; delete {self.path} to rebuild it")
 
 
-def compressed_layers(store, cfg: QuantConfig) -> CompressedLayers:
+def compressed_layers(store, cfg: QuantConfig, packed: bool = False) -> CompressedLayers:
     """The store's compressed copy for cfg, built on first use (a folder inside the store, completed
-    by a marker file written last, so an interrupted build is redone, never half used)."""
+    by a marker file written last, so an interrupted build is redone, never half used). packed: the
+    copy whose linear maps are in the CPU int4 kernel's layout (compress_layer), a folder of its own."""
     spec = store.spec
-    path = Path(store.path) / f"compressed-{cfg.bits}bit-g{cfg.group_size}"
+    path = Path(store.path) / f"compressed-{cfg.bits}bit-g{cfg.group_size}{'-int4cpu' if packed else ''}"
     meta = {"format": COMPRESSED_FORMAT, "version": COMPRESSED_VERSION, "fingerprint": spec.fingerprint(),
-            "bits": cfg.bits, "group_size": cfg.group_size}
+            "bits": cfg.bits, "group_size": cfg.group_size, **({"packed": "int4-cpu"} if packed else {})}
     done = path / DONE
     if done.is_file():
         try:
@@ -151,7 +158,7 @@ def compressed_layers(store, cfg: QuantConfig) -> CompressedLayers:
         except (OSError, ValueError, AttributeError):
             ok = False
         if ok:
-            layers = CompressedLayers(path, spec, cfg, store, sums)
+            layers = CompressedLayers(path, spec, cfg, store, sums, packed)
             layers.check()
             return layers
     shutil.rmtree(path, ignore_errors=True)
@@ -159,14 +166,14 @@ def compressed_layers(store, cfg: QuantConfig) -> CompressedLayers:
     n = spec.num_graph_layers
     need_space(path, sum(spec.compressed_layer_bytes(j, cfg) for j in range(n)), f"the {cfg.bits}-bit copy of {spec.name}")
     sums: dict[str, str] = {}
-    layers = CompressedLayers(path, spec, cfg, store, sums)
+    layers = CompressedLayers(path, spec, cfg, store, sums, packed)
     with tqdm(total=n, desc=f"compressing {spec.name} to {cfg.bits} bits", unit="layer",
               disable=not sys.stderr.isatty()) as bar:
         for j in range(n):
             dense = torch.empty(spec.layer_bytes(j), dtype=torch.uint8)
             store.read_layer_into(j, dense)
             out = torch.zeros(spec.compressed_layer_bytes(j, cfg), dtype=torch.uint8)
-            compress_layer(spec, j, dense, cfg, out)
+            compress_layer(spec, j, dense, cfg, out, packed)
             with atomic_file(layers.file(j), out.numel()) as f:
                 f.write(out.numpy())
             sums[str(j)] = checksum(out.numpy())

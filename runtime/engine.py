@@ -33,6 +33,7 @@ from runtime.compressed import (
     dense_cache_view,
 )
 from runtime.driver import BlockState, Generation
+from runtime.packed import packed_layer_views
 from runtime.quant import QuantConfig
 from runtime.sampling import Sampling, pick
 from runtime.stage_link import StageLink
@@ -73,10 +74,14 @@ class Engine:
         self.b, self.nb = pol.gpu_batch_size, pol.num_gpu_batches
         self.prompt_len, self.gen_len = plan.workload.prompt_len, plan.workload.gen_len
         self.max_seq = plan.workload.max_seq_len
-        # 4-bit compression: weight homes hold the store's compressed copy, dequantized into a dense
-        # scratch just before each compute; cache buffers hold compressed rows (runtime.compressed)
+        # compression: weight homes hold the store's compressed copy, dequantized into a dense scratch just
+        # before each compute, or (packed_weights) computed on as they are; cache buffers hold compressed rows
         self.qcfg = QuantConfig(pol.compress_bits, pol.group_size) if pol.compresses else None
-        self.weights = compressed_layers(store, self.qcfg) if pol.compress_weights else store
+        self.weights = compressed_layers(store, self.qcfg, pol.packed_weights) if pol.compress_weights else store
+        # how compute ops see their weights, as the plan says: typed views of dense bytes, a dense copy
+        # dequantized per layer, or the compressed bytes themselves (runtime.packed)
+        self._weights = (self._packed_weights if pol.packed_weights else
+                         self._dequantized_weights if pol.compress_weights else self._dense_weights)
         self.codec = CacheCodec(self.spec, self.b, self.qcfg) if pol.compress_cache else None
         self._tmp = None
         if offload_dir is None:
@@ -92,6 +97,9 @@ class Engine:
             # (visible at batch 1, where a step is many tiny ops)
             overlap = False
         try:
+            if pol.packed_weights and device != "cpu":
+                raise UserError(f"the plan computes on packed 4-bit weights with the CPU int4 kernel; run it with "
+                                 f"--device cpu, not {device}")
             preflight.check(plan, Path(offload_dir), device)
             self.backend: Backend = open_backend(device, budget, Path(offload_dir), overlap)
             self.device = self.backend.device
@@ -149,7 +157,8 @@ class Engine:
         self._wdense = self._cdense = self._cdense_host = None
         self._dense_layer = -1  # the layer whose weights _wdense holds (decoder caches go after them)
         cache = self.max_seq * self.b * s.kv_bytes_per_token() if self.codec else 0
-        w = {j: s.layer_bytes(j) if self.plan.policy.compress_weights else 0 for j in self.plan.layers}
+        pol = self.plan.policy
+        w = {j: s.layer_bytes(j) if pol.compress_weights and not pol.packed_weights else 0 for j in self.plan.layers}
         w_dec = max(w[j] for j in w if 0 < j < s.num_graph_layers - 1)  # every stage holds a decoder layer
         dev_cache = cache if kinds & {OpKind.DECODER_PREFILL, OpKind.DECODER_DECODE} else 0
         w_dec_aligned = align_up(w_dec)
@@ -210,10 +219,18 @@ class Engine:
             v = self._view_memo[key] = kernels.layer_views(self.spec, layer, buf)
         return v
 
-    def _weights(self, op: Op) -> dict[str, torch.Tensor]:
+    def _dense_weights(self, op: Op) -> dict[str, torch.Tensor]:
+        return self._views((op.weight, op.layer), op.layer, self.bufs[op.weight].tensor)
+
+    def _packed_weights(self, op: Op) -> dict[str, object]:
+        key = ("packed", op.weight, op.layer)
+        v = self._view_memo.get(key)
+        if v is None:
+            v = self._view_memo[key] = packed_layer_views(self.spec, op.layer, self.bufs[op.weight].tensor, self.qcfg)
+        return v
+
+    def _dequantized_weights(self, op: Op) -> dict[str, torch.Tensor]:
         buf = self.bufs[op.weight].tensor
-        if self._wdense is None:
-            return self._views((op.weight, op.layer), op.layer, buf)
         dense = self._wdense[: self.spec.layer_bytes(op.layer)]
         if self._dense_layer != op.layer:  # weights never change: the gpu batches of a layer share one copy
             decompress_layer(self.spec, op.layer, buf, self.qcfg, dense)

@@ -44,7 +44,8 @@ def layer_views(spec: ModelSpec, layer: int, buf: torch.Tensor) -> dict[str, tor
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w (+ b) with w stored input-major, [in, out] (see ModelSpec.layer_tensors)."""
+    """x @ w (+ b) with w stored input-major, [in, out] (see ModelSpec.layer_tensors); w may be a packed
+    weight (runtime.packed), which computes `x @ w` itself (__rmatmul__) on its compressed bytes."""
     y = x @ w
     return y if b is None else y + b
 
@@ -57,9 +58,10 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def embed(spec: ModelSpec, w: dict[str, torch.Tensor], tokens: torch.Tensor,
           positions: torch.Tensor) -> torch.Tensor:
-    h = F.embedding(tokens, w["embed_tokens"])  # h: [B, T, H]
+    # table[ids], not F.embedding: a compressed table (runtime.packed.RowTable) dequantizes only those rows
+    h = w["embed_tokens"][tokens]  # h: [B, T, H]
     if spec.positions == "learned":
-        h = h + F.embedding(positions + spec.position_offset, w["embed_positions"])
+        h = h + w["embed_positions"][positions + spec.position_offset]
     return h
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flexgen_graph.hardware import Calibration, Curve, HardwareProfile, LayerCurve, machine_id
+from flexgen_graph.hardware import PACKED_SUFFIX, Calibration, Curve, HardwareProfile, LayerCurve, machine_id
 from flexgen_graph.ir import LayerKind
 from flexgen_graph.spec import ModelSpec
 
@@ -401,6 +401,58 @@ def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
     return out
 
 
+PACKED_GROUP_SIZE = 32  # the packed curves are timed at groups of 32 (the accuracy-keeping size) and priced for any
+
+
+def packed_layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
+    """The model's embedding, decoder and head timed on packed 4-bit weights (runtime.packed, as an engine of a
+    packed_weights plan computes), against rows: LayerCurves of kinds "<kind>" + PACKED_SUFFIX, weight_bytes
+    the dense layer's, so the planner finds them beside the dense ones. CPU only (the kernel is the CPU's)."""
+    from runtime import kernels
+    from runtime.compressed import compress_layer
+    from runtime.packed import packed_layer_views
+    from runtime.quant import QuantConfig
+
+    assert device.type == "cpu", "packed_layer_curves: the int4 kernel is the CPU's"
+    cfg, dtype, n_layers = QuantConfig(4, PACKED_GROUP_SIZE), kernels.TORCH_DTYPES[spec.dtype], spec.num_graph_layers
+    H, KV, D = spec.hidden, spec.num_kv_heads, spec.head_dim
+    top = ROWS[-1]
+
+    def copies(layer: int) -> list[dict]:
+        """Packed copies of the layer, enough to rotate through ROTATE_BYTES of them (no cache-resident replay)."""
+        dense = torch.empty(spec.layer_bytes(layer), dtype=torch.uint8)
+        src = _layer(spec, layer, device)
+        for name, t in kernels.layer_views(spec, layer, dense).items():
+            t.copy_(src[name])
+        first = torch.empty(spec.compressed_layer_bytes(layer, cfg), dtype=torch.uint8)
+        compress_layer(spec, layer, dense, cfg, first, packed=True)
+        n = max(1, min(16, -(-ROTATE_BYTES // first.numel())))
+        return [packed_layer_views(spec, layer, b, cfg) for b in [first] + [first.clone() for _ in range(n - 1)]]
+    embs, decs, heads = copies(0), copies(1), copies(n_layers - 1)
+    turn = [0]
+
+    def next_of(ws: list) -> dict:
+        turn[0] += 1
+        return ws[turn[0] % len(ws)]
+    ids = torch.randint(3, spec.vocab, (top, 1))
+    pos = torch.zeros(top, 1, dtype=torch.long)
+    hidden = torch.randn(top, 1, H, dtype=dtype) * 0.1
+    sink = torch.empty(top, 1, H, dtype=dtype)
+    cache = torch.zeros(2, 2, top, KV, D, dtype=dtype)
+    mask = torch.ones(top, 1, dtype=torch.bool)
+
+    def embed(r: int) -> None:
+        sink[:r].copy_(kernels.embed(spec, next_of(embs), ids[:r], pos[:r]))
+
+    def decoder(r: int) -> None:
+        sink[:r].copy_(kernels.decoder(spec, next_of(decs), hidden[:r], cache[:, :, :r], 0, pos[:r], mask[:r]))
+
+    def head_op(r: int) -> None:
+        kernels.head(spec, next_of(heads), hidden[:r]).argmax(dim=-1)
+    return [LayerCurve(f"{kind}{PACKED_SUFFIX}", spec.layer_bytes(j), spec.name, _grow(fn))
+            for kind, j, fn in (("embed", 0, embed), ("decoder", 1, decoder), ("head", n_layers - 1, head_op))]
+
+
 # ---------------------------------------------------------------- how streams interact
 
 
@@ -541,6 +593,8 @@ def calibrate(device: torch.device, dtype: torch.dtype, folder: Path, models: li
     layers: list[LayerCurve] = []
     for spec in models:
         layers += layer_curves(spec, device)
+        if device.type == "cpu" and spec.dtype == "float32":  # where a plan may compute on packed weights
+            layers += packed_layer_curves(spec, device)
     cal = Calibration(
         method="curves", matmul_s_per_flop=matmul_curve(device, dtype), gpu_from_cpu_s=to_dev, cpu_from_gpu_s=to_host,
         disk_read_cold_s=cold, disk_read_warm_s=warm, disk_write_s=write, op_s=0.0, handoff_s=handoff(device),

@@ -115,6 +115,9 @@ def _add_compile_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--compress-bits", type=int, choices=[4, 8], default=4,
                    help="bits per compressed value: 4 (default, FlexGen's) or 8 (about half the savings, near "
                         "lossless)")
+    p.add_argument("--packed", action="store_true",
+                   help="compute on the packed 4-bit weights (CPU int4 kernel, bfloat16 arithmetic) instead of "
+                        "dequantizing each layer; 'auto' chooses it by itself where the profile measured it faster")
     p.add_argument("--gpu-batch-size", type=int, help="fix the gpu batch size instead of searching")
     p.add_argument("--num-gpu-batches", type=int, help="fix the number of gpu batches per block")
     p.add_argument("--max-block-size", type=int, help="cap sequences per block (gpu batch size x gpu batches)")
@@ -237,7 +240,8 @@ def compile_options(args, source: str = ""):
     return CompileOptions(
         gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches,
         max_block_size=args.max_block_size, fixed=tuple(sorted(_fixed(args).items())),
-        compress=args.compress, group_size=args.group_size, compress_bits=args.compress_bits, stages=args.stages,
+        compress=args.compress, group_size=args.group_size, compress_bits=args.compress_bits, packed=args.packed,
+        stages=args.stages,
         stages_per_machine=args.stages_per_machine, stage_link_bytes_per_s=None if link is None else link * 1e9,
         weights_source=source)
 

@@ -93,7 +93,7 @@ def _gib(n: int) -> str:
 def describe_text(plan: Plan, *, with_simulation: bool = True) -> str:
     d = describe(plan, with_simulation=with_simulation)
     pol, pred = d["policy"], d["predictions"]
-    flags = [f for f in ("cpu_attention", "compress_weights", "compress_cache") if pol[f]]
+    flags = [f for f in ("cpu_attention", "compress_weights", "compress_cache", "packed_weights") if pol.get(f)]
 
     def frac(v: list[float]) -> str:
         return " / ".join(f"{x:.3g}" for x in v)

@@ -1,0 +1,229 @@
+"""Compute on packed 4-bit weights (runtime.packed): the int4 kernel's layout has the compressed layout's
+sizes, its matmul equals a matmul by the weights it stands for within bfloat16 rounding, and generation
+with a packed plan equals transformers run on those same weights."""
+
+import copy
+
+import pytest
+import torch
+from test_compressed import tiny_store
+from test_numerics import GEN_LEN, POLICIES, PROMPT_LEN, hf_generate, prompts_for
+
+from flexgen_graph.app.api import compile_plan
+from flexgen_graph.errors import UserError
+from flexgen_graph.hardware import load_profile
+from flexgen_graph.ir import Workload
+from flexgen_graph.layout import (
+    compressed_nbytes,
+    int4_kernel_fits,
+    int4_packed_geometry,
+)
+from runtime.compressed import compressed_layers
+from runtime.engine import Engine
+from runtime.packed import (
+    Int4Weight,
+    RowTable,
+    TiledWeight,
+    int4_matmul,
+    packed_int4,
+    packed_layer_views,
+)
+from runtime.quant import QuantConfig, dequantize, quantize
+
+
+@pytest.mark.parametrize("shape", [(576, 576), (1536, 576), (64, 32), (96, 64)])
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_layout_has_the_compressed_size(shape, group):
+    cfg = QuantConfig(4, group)
+    if not int4_kernel_fits(shape, cfg):
+        pytest.skip(f"{shape} at group {group} is not the kernel's")
+    assert sum(int4_packed_geometry(shape, cfg)) == compressed_nbytes(shape, 0, cfg)
+
+
+def test_int4_kernel_fits_says_no_where_the_kernel_cannot():
+    assert not int4_kernel_fits((64, 1000), QuantConfig(4, 32))  # out not a multiple of 16
+    assert not int4_kernel_fits((48, 64), QuantConfig(4, 32))  # in not a multiple of the group
+    assert not int4_kernel_fits((64, 64), QuantConfig(8, 32))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64, 1000])  # 1000 > DENSE_ROWS_PER_IN x 256: the dense bfloat16 GEMM
+def test_int4_matmul_is_a_matmul_by_the_weights_it_stands_for(rows):
+    torch.manual_seed(0)
+    w = torch.randn(256, 96) * 0.05
+    q = quantize(w, 0, QuantConfig(4, 32))
+    pk = packed_int4(q)
+    wk = pk.dequantize()
+    # the kernel's weights: the FlexGen values with scale and zero rounded to bfloat16
+    assert (wk - dequantize(q)).abs().max() <= 2 ** -8 * w.abs().max()
+    x = torch.randn(rows, 256)
+    ref = x @ wk
+    got = x @ pk  # Int4Weight.__rmatmul__
+    assert got.dtype == torch.float32 and got.shape == (rows, 96)
+    # bfloat16 activations and result: each output within about 2**-8 of the largest term sum
+    assert (got - ref).abs().max() <= 2 ** -7 * (x.abs() @ wk.abs()).max()
+    assert torch.equal(got, int4_matmul(x, pk))
+
+
+def test_tiled_weight_and_row_table_equal_the_dequantized_tensor():
+    torch.manual_seed(0)
+    cfg = QuantConfig(8, 32)
+    w = torch.randn(96, 1000)
+    q = quantize(w, 0, cfg)
+    x = torch.randn(3, 96)
+    assert torch.allclose(x @ TiledWeight.from_qtensor(q), x @ dequantize(q), atol=1e-5, rtol=1e-5)
+    table = quantize(torch.randn(50, 64), -1, cfg)
+    ids = torch.tensor([[3, 49], [0, 3]])
+    assert torch.equal(RowTable(table, torch.float32)[ids], dequantize(table)[ids])
+
+
+def packed_reference(store, cfg: QuantConfig):
+    """The HF model with every matrix replaced by the numbers a packed run computes with: the int4
+    kernel's weights where it takes the matrix, else runtime.quant's fake-quantized ones."""
+    model, spec = copy.deepcopy(store.model), store.spec
+    layers = compressed_layers(store, cfg, packed=True)
+    sd = model.state_dict()
+    kinds = set()
+    with torch.no_grad():
+        for j in range(spec.num_graph_layers):
+            buf = torch.empty(layers.layer_nbytes(j), dtype=torch.uint8)
+            layers.read_layer_into(j, buf)
+            views = packed_layer_views(spec, j, buf, cfg)
+            for t in spec.checkpoint_tensors(j):
+                v = views[t.name]
+                kinds.add(type(v))
+                if isinstance(v, Int4Weight):
+                    sd[t.hf].copy_(v.dequantize().T)
+                elif isinstance(v, TiledWeight):
+                    sd[t.hf].copy_(dequantize(v.q).T)
+                elif isinstance(v, RowTable):
+                    sd[t.hf].copy_(dequantize(v.q))
+    return model, kinds
+
+
+@pytest.fixture(scope="module", params=["opt", "llama", "qwen2"])
+def family_store(request, tmp_path_factory):
+    return tiny_store(tmp_path_factory.mktemp(request.param), request.param)
+
+
+@pytest.mark.parametrize("policy", ["all-gpu", "weights-disk", "weights-50-cpu-50-disk+cache-50-gpu-50-cpu"])
+def test_packed_generation_equals_transformers_on_the_packed_numbers(family_store, policy, tmp_path):
+    store, cfg = family_store, QuantConfig(4, 32)
+    ref, kinds = packed_reference(store, cfg)
+    assert Int4Weight in kinds, "no matrix went through the int4 kernel: the test would be void"
+    prompts = prompts_for(store.model.config.vocab_size)
+    expected = hf_generate(ref, prompts)
+    w, c, h = POLICIES[policy]
+    plan = compile_plan(store.spec, load_profile("cpu-small"), Workload(PROMPT_LEN, GEN_LEN), gpu_batch_size=2,
+                        num_gpu_batches=2, fixed={"weights": w, "cache": c, "hidden": h}, compress="weights",
+                        group_size=32, packed=True)
+    assert plan.policy.packed_weights
+    got = []
+    with Engine(plan, store, tmp_path / "offload") as engine:
+        for start in range(0, len(prompts), plan.block_size):
+            got += [list(g.token_ids) for g in engine.generate(prompts[start:start + plan.block_size])]
+        for t, peak in engine.peak_bytes.items():
+            assert peak <= plan.predictions["peak_bytes"][t], f"{policy}: {t} peak over the plan's"
+    assert got == expected, policy
+
+
+def test_packed_is_refused_where_it_cannot_run():
+    from flexgen_graph.catalog import catalog_spec
+    spec, wl = catalog_spec("HuggingFaceTB/SmolLM2-135M-Instruct"), Workload(16, 8)
+    with pytest.raises(UserError, match="4-bit"):
+        compile_plan(spec, load_profile("cpu-small"), wl, compress="weights", compress_bits=8, packed=True)
+    with pytest.raises(UserError, match="GPU"):
+        compile_plan(spec, load_profile("t4-flexgen"), wl, compress="weights", packed=True)
+    plan = compile_plan(spec, load_profile("cpu-small"), wl, compress="weights", packed=True)
+    assert plan.policy.packed_weights and plan.policy.to_dict()["packed_weights"] is True
+
+
+def _with_packed_curves(spec, factor: float):
+    """A hand-made calibrated CPU profile whose packed curves are the dense ones times factor."""
+    import dataclasses
+
+    from flexgen_graph.hardware import PACKED_SUFFIX, Curve, LayerCurve
+    from tests.test_calibration import calibrated
+    prof = calibrated(spec)
+    cal = prof.calibration
+    packed = tuple(LayerCurve(lc.kind + PACKED_SUFFIX, lc.weight_bytes, lc.model,
+                              Curve(lc.rows.xs, tuple(y * factor for y in lc.rows.ys))) for lc in cal.layers)
+    return dataclasses.replace(prof, calibration=dataclasses.replace(cal, layers=cal.layers + packed))
+
+
+def test_auto_computes_on_packed_weights_exactly_where_measured_faster():
+    from tests.test_planner import tiny_spec
+    spec, wl = tiny_spec(), Workload(16, 8)
+    faster = compile_plan(spec, _with_packed_curves(spec, 0.5), wl, compress="auto")
+    assert faster.policy.compress_weights and faster.policy.packed_weights
+    slower = compile_plan(spec, _with_packed_curves(spec, 2.0), wl, compress="auto")
+    assert not slower.policy.packed_weights and not slower.policy.compress_weights
+    # the prediction follows the curve: the packed plan's compute is the packed curves'
+    off = compile_plan(spec, _with_packed_curves(spec, 0.5), wl, compress="off")
+    assert faster.predictions["tokens_per_s"] > off.predictions["tokens_per_s"]
+    # no packed curve for the model: auto never picks packed (nothing measured says it is faster)
+    from tests.test_calibration import calibrated
+    assert not compile_plan(spec, calibrated(spec), wl, compress="auto").policy.packed_weights
+
+
+def test_packed_layers_compute_what_their_weights_say_within_bfloat16_rounding(family_store):
+    """Each layer on packed views against the same layer on the dense weights those views stand for (the
+    reference's numbers): decoder outputs and head logits within 1e-2 of their scale (bfloat16 activations)."""
+    from runtime import kernels
+    store, cfg = family_store, QuantConfig(4, 32)
+    spec = store.spec
+    layers = compressed_layers(store, cfg, packed=True)
+    torch.manual_seed(0)
+    h = torch.randn(3, 4, spec.hidden)
+    pos = torch.arange(4).expand(3, 4)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    for j in (1, spec.num_graph_layers - 1):
+        buf = torch.empty(layers.layer_nbytes(j), dtype=torch.uint8)
+        layers.read_layer_into(j, buf)
+        packed = packed_layer_views(spec, j, buf, cfg)
+        dense = {k: v.dequantize() if isinstance(v, Int4Weight) else dequantize(v.q) if isinstance(v, TiledWeight)
+                 else v for k, v in packed.items()}
+        if j == 1:
+            cache = torch.zeros(4, 2, 3, spec.num_kv_heads, spec.head_dim)
+            got = kernels.decoder(spec, packed, h, cache.clone(), 0, pos, mask)
+            ref = kernels.decoder(spec, dense, h, cache.clone(), 0, pos, mask)
+        else:
+            got, ref = kernels.head(spec, packed, h), kernels.head(spec, dense, h)
+        assert (got - ref).abs().max() <= 1e-2 * ref.abs().max(), f"layer {j}"
+        assert not torch.equal(got, ref) or j != 1, "bfloat16 arithmetic left no trace: is the kernel in use?"
+
+
+def test_packed_curves_are_measured_read_back_and_charged():
+    """The profiler times each layer on packed weights (kinds + PACKED_SUFFIX); a profile file reads them back;
+    a packed decode step costs the packed curve at its rows, and no dequantization."""
+    import math
+
+    from flexgen_graph.hardware import PACKED_SUFFIX, LayerCurve
+    from flexgen_graph.ir import Block
+    from flexgen_graph.lower import lower
+    from planner.cost import Flags, phase_costs
+    from planner.memory import compression_of
+    from runtime.profiler import layer_curves, packed_layer_curves
+    from tests.test_calibration import calibrated
+    from tests.test_planner import tiny_spec
+
+    spec = tiny_spec("llama", layers=1)
+    dense, packed = layer_curves(spec, torch.device("cpu")), packed_layer_curves(spec, torch.device("cpu"))
+    assert [c.kind for c in packed] == [c.kind + PACKED_SUFFIX for c in dense]
+    assert [c.weight_bytes for c in packed] == [c.weight_bytes for c in dense]
+    assert all(math.isfinite(y) and y > 0 for c in packed for y in c.rows.ys)
+    assert [LayerCurve.from_dict(c.to_dict(), "t") for c in packed] == packed
+    hw = calibrated(layers=tuple(dense + packed), op_s=0.0)
+    b, P, G = 4, 8, 2
+    g = lower(spec, Workload(P, G), Block(b, 1))
+    comp = compression_of(spec, 32, 4)
+    costs = phase_costs(g, hw, Flags(compress_weights=True, packed_weights=True), comp)
+    [step] = [s for s in costs.decode if s.figures.weight_full_bytes == spec.layer_bytes(1)]
+    assert step.terms[0].const == pytest.approx(packed[1].rows.at(b) + dense[1].attn_s * b * (P + G / 2), rel=1e-9)
+
+
+def test_a_packed_plan_runs_on_the_cpu_only(family_store, tmp_path):
+    store = family_store
+    plan = compile_plan(store.spec, load_profile("cpu-small"), Workload(PROMPT_LEN, GEN_LEN), compress="weights",
+                        group_size=32, packed=True)
+    with pytest.raises(UserError, match="--device cpu"):
+        Engine(plan, store, tmp_path / "offload", device="cuda")
