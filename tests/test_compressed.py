@@ -36,6 +36,18 @@ from runtime.weight_store import import_hf_folder, make_dummy
 MODES = ("weights", "cache", "both")
 
 
+def generate_within_peaks(plan, store, prompts, offload, what: str) -> list[list[int]]:
+    """Greedy token ids of `prompts`, block after block of the plan, asserting each tier's measured peak is
+    within the plan's."""
+    got = []
+    with Engine(plan, store, offload) as engine:
+        for start in range(0, len(prompts), plan.block_size):
+            got += [list(g.token_ids) for g in engine.generate(prompts[start:start + plan.block_size])]
+        for t, peak in engine.peak_bytes.items():
+            assert peak <= plan.predictions["peak_bytes"][t], f"{what}: {t} peak over the plan's"
+    return got
+
+
 @pytest.mark.parametrize("group", [32, 64, 128, 48])
 @pytest.mark.parametrize("model", ["HuggingFaceTB/SmolLM2-135M-Instruct", "facebook/opt-1.3b",
                                    "meta-llama/Llama-2-7b-hf", "Qwen/Qwen2-0.5B"])
@@ -165,12 +177,7 @@ def test_compressed_generation_equals_transformers_on_compressed_numbers(family_
             plan = compile_plan(store.spec, load_profile("cpu-small"), Workload(PROMPT_LEN, GEN_LEN), gpu_batch_size=2,
                                 num_gpu_batches=2, fixed={"weights": w, "cache": c, "hidden": h},
                                 cpu_attention=cpu_attention, compress=mode, group_size=32)
-            got = []
-            with Engine(plan, store, tmp_path / "offload") as engine:
-                for start in range(0, len(prompts), plan.block_size):
-                    got += [list(g.token_ids) for g in engine.generate(prompts[start:start + plan.block_size])]
-                for t, peak in engine.peak_bytes.items():
-                    assert peak <= plan.predictions["peak_bytes"][t], f"{name}: {t} peak over the plan's"
+            got = generate_within_peaks(plan, store, prompts, tmp_path / "offload", name)
             assert got == expected, f"{mode} under {name}, cpu attention {cpu_attention}"
 
 

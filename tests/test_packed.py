@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from test_compressed import tiny_store
+from test_compressed import generate_within_peaks, tiny_store
 from test_numerics import GEN_LEN, POLICIES, PROMPT_LEN, hf_generate, prompts_for
 
 from flexgen_graph.app.api import compile_plan
@@ -117,13 +117,7 @@ def test_packed_generation_equals_transformers_on_the_packed_numbers(family_stor
                         num_gpu_batches=2, fixed={"weights": w, "cache": c, "hidden": h}, compress="weights",
                         group_size=32, packed=True)
     assert plan.policy.packed_weights
-    got = []
-    with Engine(plan, store, tmp_path / "offload") as engine:
-        for start in range(0, len(prompts), plan.block_size):
-            got += [list(g.token_ids) for g in engine.generate(prompts[start:start + plan.block_size])]
-        for t, peak in engine.peak_bytes.items():
-            assert peak <= plan.predictions["peak_bytes"][t], f"{policy}: {t} peak over the plan's"
-    assert got == expected, policy
+    assert generate_within_peaks(plan, store, prompts, tmp_path / "offload", policy) == expected, policy
 
 
 def test_packed_is_refused_where_it_cannot_run():
