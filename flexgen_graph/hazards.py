@@ -7,6 +7,8 @@ waits. From that, a happens-before relation; then for every buffer access:
 - a write is ordered after the previous writer and every read since (no load overwrites a
   slot that a pending op still reads).
 A program run ends with a drain, so steps do not overlap and each program is checked once.
+The dequantization scratch (program.SCRATCH_ROLES) is named by no op: only compute ops use it, and
+they run one at a time on the compute stream, so it carries no hazard.
 """
 
 from __future__ import annotations

@@ -41,6 +41,16 @@ def align_up(n: int, m: int = ALIGN_BYTES) -> int:
     return ceil_div(n, m) * m
 
 
+def dequant_scratch(dense_weight: int, dense_cache: int, attends_on_cpu: bool) -> tuple[int, int]:
+    """(compute-device bytes, host bytes) one compute op dequantizes into: its layer's dense weights
+    (0 when they are not compressed, or packed), then, ALIGN_BYTES-aligned after them, the dense cache
+    it attends (0 when not compressed); on the host when it attends there. The plan's scratch buffers
+    are the largest of this over their compute ops, and the peak charges each op this (one definition)."""
+    if attends_on_cpu:
+        return dense_weight, dense_cache
+    return (align_up(dense_weight) + dense_cache if dense_cache else dense_weight), 0
+
+
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
     name: str

@@ -83,6 +83,11 @@ class BufferRole(Enum):
     CACHE_SLOT = "cache_slot"
     HIDDEN_HOME = "hidden_home"
     HIDDEN_SLOT = "hidden_slot"
+    DEQUANT_SCRATCH = "dequant_scratch"  # compressed weights / cache dequantized for one compute op
+    DEQUANT_HOST = "dequant_host"  # a compressed cache dequantized for CPU-attended decode
+
+
+SCRATCH_ROLES = frozenset({BufferRole.DEQUANT_SCRATCH, BufferRole.DEQUANT_HOST})  # no op names them
 
 
 @dataclass(frozen=True, slots=True)

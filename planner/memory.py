@@ -4,7 +4,8 @@ compute that runs, and the sizes of 4-bit compressed weights and cache.
 The runtime allocates exactly the buffer table (`schedule.build_buffers`, resized here for
 compression), so this model and the runtime cannot drift apart. Transients are those of one
 compute op at the longest context: attention scores and MLP intermediates of one gpu batch, the
-logits (the graph's work bytes), plus the dequantized copy of compressed weights / cache it reads.
+logits (the graph's work bytes), plus the dequantized copy of compressed weights / cache it reads
+(its share of the plan's dequantization scratch buffers, which buffer_bytes leaves to the transients).
 
 4-bit (or 8-bit) compression (FlexGen's scheme): the compressed sizes are flexgen_graph.layout's,
 the one definition the runtime's buffers follow too (weights along a linear map's input dimension or
@@ -25,9 +26,9 @@ import networkx as nx
 
 from flexgen_graph.hardware import HardwareProfile
 from flexgen_graph.ir import TIERS, LayerKind, NodeKind, Phase, Tier
-from flexgen_graph.layout import DEFAULT_BITS, DEFAULT_GROUP_SIZE, QuantConfig, compressed_nbytes
+from flexgen_graph.layout import DEFAULT_BITS, DEFAULT_GROUP_SIZE, QuantConfig, compressed_nbytes, dequant_scratch
 from flexgen_graph.policy import Placement, Policy
-from flexgen_graph.program import Buffer, BufferRole
+from flexgen_graph.program import SCRATCH_ROLES, Buffer, BufferRole
 from flexgen_graph.spec import ModelSpec
 from planner.figures import BlockFigures, figures_of
 from planner.schedule import BufferPlan, GraphShape, build_buffers
@@ -96,9 +97,12 @@ def sized_buffers(shape: GraphShape, policy: Policy, comp: Compression | None = 
 
 
 def buffer_bytes(buffers: tuple[Buffer, ...]) -> dict[Tier, int]:
+    """The buffer table per tier, less the dequantization scratch: compute_transient charges each compute
+    op what it dequantizes there (the scratch's size is the largest of those)."""
     out = {t: 0 for t in TIERS}
     for b in buffers:
-        out[b.tier] += b.nbytes
+        if b.role not in SCRATCH_ROLES:
+            out[b.tier] += b.nbytes
     return out
 
 
@@ -131,13 +135,13 @@ def compute_transient(work_bytes: int, full_weight_bytes: int, full_cache_bytes:
 
     A CPU-attended op is charged its whole work bytes on both tiers: the graph does not split the
     attention's share from the MLP's, and an over-count keeps the prediction an upper bound."""
+    # the op's share of the plan's dequantization scratch (buffers sized by the same rule, charged here)
+    dense_w = full_weight_bytes if policy.compress_weights and not policy.packed_weights else 0
+    gpu, cpu = dequant_scratch(dense_w, full_cache_bytes if policy.compress_cache else 0, attends_on_cpu)
     # packed weights (runtime.packed) hold no dense layer, but a prefill matmul of many rows restores its one
     # matrix to bfloat16: charged as the dense layer, an upper bound
-    gpu = work_bytes + (full_weight_bytes if policy.compress_weights else 0)
-    dequant_cache = full_cache_bytes if policy.compress_cache else 0
-    if attends_on_cpu:
-        return Transient(gpu, work_bytes + dequant_cache)
-    return Transient(gpu + dequant_cache, 0)
+    gpu += work_bytes + (full_weight_bytes if policy.packed_weights else 0)
+    return Transient(gpu, work_bytes + cpu if attends_on_cpu else 0)
 
 
 def layer_transients(figs: BlockFigures, policy: Policy, ctx: int, cpu_attended_layers: frozenset[int],

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from flexgen_graph.ir import LayerKind, NodeKey, NodeKind, Phase, Tier
+from flexgen_graph.layout import dequant_scratch
 from flexgen_graph.policy import Policy, assign_tiers
 from flexgen_graph.program import Buffer, BufferRole, Op, OpKind, Programs
 
@@ -106,7 +107,28 @@ def build_buffers(shape: GraphShape, policy: Policy) -> BufferPlan:
     w_slots = slots(BufferRole.WEIGHT_SLOT, [shape.weight_bytes[j] for j, t in enumerate(w_tier) if t is not Tier.GPU])
     c_slots = slots(BufferRole.CACHE_SLOT, [shape.cache_bytes for t in c_tier.values() if streams_cache(t, policy)])
     h_slots = slots(BufferRole.HIDDEN_SLOT, [shape.hidden_bytes for t in h_tier if t is not Tier.GPU])
+    gpu_scratch, host_scratch = scratch_bytes(shape, policy, c_tier)
+    if gpu_scratch:
+        add(BufferRole.DEQUANT_SCRATCH, Tier.GPU, gpu_scratch)
+    if host_scratch:
+        add(BufferRole.DEQUANT_HOST, Tier.CPU, host_scratch)
     return BufferPlan(tuple(bufs), w_tier, c_tier, h_tier, w_home, c_home, h_home, w_slots, c_slots, h_slots)
+
+
+def scratch_bytes(shape: GraphShape, policy: Policy, c_tier: dict[tuple[int, int], Tier]) -> tuple[int, int]:
+    """(compute-device, host) bytes of the dequantization scratch: the largest layout.dequant_scratch of
+    the block's compute ops at the longest context. Sizes are the dense ones (compression does not
+    resize these buffers). Ops of the compute stream run one at a time, so one scratch per tier serves all."""
+    dense_w = policy.compress_weights and not policy.packed_weights  # packed weights are computed on as they are
+    needs = [(0, 0)]
+    for j, kind in enumerate(shape.layer_kinds):
+        w = shape.weight_bytes[j] if dense_w else 0
+        needs.append(dequant_scratch(w, 0, False))  # embedding, head, the prefill of a host-homed cache
+        if kind is LayerKind.DECODER and policy.compress_cache and not shape.score:
+            for k in range(shape.num_gpu_batches):
+                t = c_tier[(j, k)]
+                needs.append(dequant_scratch(w, shape.cache_bytes, t is not Tier.GPU and not streams_cache(t, policy)))
+    return max(n[0] for n in needs), max(n[1] for n in needs)
 
 
 def streams_cache(tier: Tier, policy: Policy) -> bool:

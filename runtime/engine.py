@@ -22,8 +22,8 @@ import torch
 from flexgen_graph.errors import UserError
 from flexgen_graph.ir import TIERS, Tier
 from flexgen_graph.planfile import Plan, check_model
-from flexgen_graph.program import COMPUTE_KINDS, BufferRole, Op, OpKind
-from flexgen_graph.layout import align_up
+from flexgen_graph.program import COMPUTE_KINDS, SCRATCH_ROLES, BufferRole, Op, OpKind
+from flexgen_graph.layout import align_up, dequant_scratch
 from runtime import driver, kernels, preflight
 from runtime.backend import Backend, Buf, open_backend
 from runtime.compressed import (
@@ -106,7 +106,7 @@ class Engine:
             self.bufs: dict[int, Buf | None] = {}
             self._view_memo: dict[tuple, dict[str, torch.Tensor]] = {}  # (buffer, layer) -> typed weight views
             self._allocate()
-            self._allocate_dense_scratch()
+            self._scratch_views()
         except BaseException:
             self.close()  # nothing half-built stays behind: scratch files and temp folders go
             raise
@@ -124,14 +124,46 @@ class Engine:
 
     # -- setup ---------------------------------------------------------------------------------
     def _expected_nbytes(self, b) -> int | None:
-        """What the runtime puts in a home or cache buffer; the plan's size must be exactly that."""
+        """What the runtime puts in a home, cache or scratch buffer; the plan's size must be exactly that."""
         if b.role is BufferRole.WEIGHT_HOME:
             return self.weights.layer_nbytes(b.layer)
         if b.role in (BufferRole.CACHE_HOME, BufferRole.CACHE_SLOT):
             return self.max_seq * self._row_bytes()
+        if b.role in SCRATCH_ROLES:
+            return self._scratch_need[b.role]
         return None
 
+    _DEV_CACHE_KINDS = frozenset({OpKind.DECODER_PREFILL, OpKind.DECODER_DECODE})  # attend a cache on the device
+
+    @functools.cached_property
+    def _dense_w(self) -> bool:
+        pol = self.plan.policy
+        return pol.compress_weights and not pol.packed_weights
+
+    @functools.cached_property
+    def _scratch_need(self) -> dict[BufferRole, int]:
+        """The largest layout.dequant_scratch of the plan's compute ops, per scratch role, in the runtime's
+        own sizes (the planner's scratch buffers must match them)."""
+        s, need = self.spec, {r: 0 for r in SCRATCH_ROLES}
+        cache = self.max_seq * self.b * s.kv_bytes_per_token() if self.codec else 0
+        for op in self.plan.programs.prefill + self.plan.programs.decode:
+            if op.kind not in COMPUTE_KINDS:
+                continue
+            cpu = op.kind is OpKind.DECODER_DECODE_CPU_ATTN
+            c = cache if op.kind in self._DEV_CACHE_KINDS or cpu else 0
+            g, h = dequant_scratch(s.layer_bytes(op.layer) if self._dense_w else 0, c, cpu)
+            need[BufferRole.DEQUANT_SCRATCH] = max(need[BufferRole.DEQUANT_SCRATCH], g)
+            need[BufferRole.DEQUANT_HOST] = max(need[BufferRole.DEQUANT_HOST], h)
+        return need
+
     def _allocate(self) -> None:
+        """Every buffer the run holds is one of the plan's (the peak the planner predicted counts them all)."""
+        have = {b.role for b in self.plan.programs.buffers}
+        for role, n in self._scratch_need.items():
+            if n and role not in have:
+                raise UserError(f"the plan has no {role.value} buffer, the runtime needs {n} bytes there "
+                                 f"(compression: weights {self.plan.policy.compress_weights}, cache "
+                                 f"{self.plan.policy.compress_cache}); recompile the plan")
         for b in self.plan.programs.buffers:
             what = f"{b.role.value}-L{b.layer}-B{b.batch}-S{b.slot}"
             want = self._expected_nbytes(b)
@@ -148,27 +180,21 @@ class Engine:
             if b.role is BufferRole.WEIGHT_HOME:
                 self.backend.read_layer(self.weights, b.layer, buf)
 
-    def _allocate_dense_scratch(self) -> None:
-        """Where compressed tensors are dequantized for one compute op (ops of the compute stream run one
-        at a time, so one scratch serves all). On the compute device: the layer's dense weights, then for a
-        decoder attending there its dense cache; on the host, the cache of CPU-attended decode. Within
-        the plan's transients (planner.memory.compute_transient), so within its budget."""
+    def _scratch_views(self) -> None:
+        """Views of the plan's dequantization scratch (layout.dequant_scratch): on the compute device a
+        layer's dense weights, then (aligned after them) the dense cache of a decoder attending there; on
+        the host, the cache of CPU-attended decode."""
         s, kinds = self.spec, {op.kind for op in self.plan.programs.prefill + self.plan.programs.decode}
-        self._wdense = self._cdense = self._cdense_host = None
+        scratch = {b.role: self.bufs[b.id].tensor for b in self.plan.programs.buffers if b.role in SCRATCH_ROLES}
+        dev, host = scratch.get(BufferRole.DEQUANT_SCRATCH), scratch.get(BufferRole.DEQUANT_HOST)
         self._dense_layer = -1  # the layer whose weights _wdense holds (decoder caches go after them)
-        cache = self.max_seq * self.b * s.kv_bytes_per_token() if self.codec else 0
-        pol = self.plan.policy
-        w = {j: s.layer_bytes(j) if pol.compress_weights and not pol.packed_weights else 0 for j in self.plan.layers}
-        w_dec = max(w[j] for j in w if 0 < j < s.num_graph_layers - 1)  # every stage holds a decoder layer
-        dev_cache = cache if kinds & {OpKind.DECODER_PREFILL, OpKind.DECODER_DECODE} else 0
-        w_dec_aligned = align_up(w_dec)
-        size = max(w.get(0, 0), w.get(s.num_graph_layers - 1, 0), w_dec_aligned + dev_cache)
-        if size:
-            buf = self.backend.alloc(Tier.GPU, size, "dequantized-scratch").tensor
-            self._wdense = buf if max(w.values()) else None
-            self._cdense = dense_cache_view(buf[w_dec_aligned:], self.max_seq, self.b, s) if dev_cache else None
+        self._wdense = dev if self._dense_w else None
+        w_dec = max((s.layer_bytes(j) for j in self.plan.layers if 0 < j < s.num_graph_layers - 1 and self._dense_w),
+                    default=0)
+        self._cdense = self._cdense_host = None
+        if self.codec and kinds & self._DEV_CACHE_KINDS:
+            self._cdense = dense_cache_view(dev[align_up(w_dec):], self.max_seq, self.b, s)
         if self.codec and OpKind.DECODER_DECODE_CPU_ATTN in kinds:
-            host = self.backend.alloc(Tier.CPU, cache, "dequantized-cache-host").tensor
             self._cdense_host = dense_cache_view(host, self.max_seq, self.b, s)
 
     def close(self) -> None:

@@ -266,3 +266,42 @@ def test_eight_bit_compression_through_the_same_code(tmp_path):
         for start in range(0, len(prompts), plan.block_size):
             got += [list(g.token_ids) for g in engine.generate(prompts[start:start + plan.block_size])]
     assert got == hf_compressed_reference(store.model, prompts, "both", QuantConfig(8, 16))
+
+
+@pytest.mark.parametrize("cpu_attention", [False, True])
+def test_engine_allocates_only_the_plans_buffers(tmp_path, cpu_attention):
+    """The dequantization scratch is a plan buffer: what the backend accounts, per tier, is exactly the
+    plan's buffer table, before and after a run (an allocation the plan does not name would show)."""
+    from flexgen_graph.ir import TIERS
+    from flexgen_graph.program import SCRATCH_ROLES
+
+    store = tiny_store(tmp_path, "llama")
+    w, c, h = POLICIES["weights-50-cpu-50-disk+cache-50-gpu-50-cpu"]
+    plan = compile_plan(store.spec, load_profile("cpu-small"), Workload(PROMPT_LEN, GEN_LEN), gpu_batch_size=2,
+                        num_gpu_batches=2, fixed={"weights": w, "cache": c, "hidden": h},
+                        cpu_attention=cpu_attention, compress="both", group_size=32)
+    roles = {b.role for b in plan.programs.buffers if b.role in SCRATCH_ROLES}
+    assert roles == ({BufferRole.DEQUANT_SCRATCH, BufferRole.DEQUANT_HOST} if cpu_attention
+                     else {BufferRole.DEQUANT_SCRATCH})
+    want = {t: sum(b.nbytes for b in plan.programs.buffers if b.tier is t) for t in TIERS}
+    with Engine(plan, store, tmp_path / "off") as engine:
+        assert engine.backend.memory.current == want
+        engine.generate(prompts_for(store.model.config.vocab_size)[:plan.block_size])
+        assert engine.backend.memory.current == want
+        assert engine.backend.memory.peak == want
+
+
+def test_plan_without_its_scratch_buffer_is_refused(tmp_path):
+    import dataclasses
+
+    from flexgen_graph.program import SCRATCH_ROLES, Programs
+
+    store = tiny_store(tmp_path, "llama")
+    plan = compile_plan(store.spec, load_profile("cpu-small"), Workload(PROMPT_LEN, GEN_LEN), gpu_batch_size=2,
+                        num_gpu_batches=1, compress="weights")
+    p = plan.programs
+    kept = tuple(b for b in p.buffers if b.role not in SCRATCH_ROLES)
+    assert len(kept) == len(p.buffers) - 1 and p.buffers[:len(kept)] == kept  # the scratch comes last
+    tampered = dataclasses.replace(plan, programs=Programs(kept, p.prefill, p.decode))
+    with pytest.raises(ValueError, match="no dequant_scratch buffer.*recompile the plan"):
+        Engine(tampered, store, tmp_path / "off")
