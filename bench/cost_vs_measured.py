@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.report import write_section  # noqa: E402
+from bench.report import cpu_name, usable_cores, write_section  # noqa: E402
 
 from flexgen_graph.app.api import compile_plan  # noqa: E402
 from flexgen_graph.app.models import default_cache_dir, open_store  # noqa: E402
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     table = [
         f"Model {spec.name} ({spec.dtype}, weights `{source}`), profile `{args.profile}`, prompt {args.prompt_len}, "
         f"generation {args.gen_len}, block {args.gpu_batch_size} x {args.num_gpu_batches}. Machine: "
-        f"{_cpu_name()}, {_cores()} cores, Python {platform.python_version()}, "
+        f"{cpu_name()}, {usable_cores()} cores, Python {platform.python_version()}, "
         f"load average {os.getloadavg()[0]:.2f} at the end (other jobs share the cores). "
         f"Command: `{command.strip()}`. Date: {datetime.date.today().isoformat()}.",
         "",
@@ -118,19 +118,6 @@ def main(argv: list[str] | None = None) -> int:
         write_section(args.write, SECTION, text)
     return 0
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.report import write_section  # noqa: E402
+from bench.report import cpu_name, write_section  # noqa: E402
 
 from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec  # noqa: E402
 from flexgen_graph.ir import TIERS, Workload  # noqa: E402
@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     cal = profile.calibration
     head = [f"Profile `{args.profile}` ({profile.name}; calibration: {cal.method if cal else 'none, scalar rates'}), "
             f"{'quick' if args.quick else 'full'} mode: prompt {sizes.prompt_len}, {sizes.gen_len} new tokens. "
-            f"Machine: {_cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}; load average "
+            f"Machine: {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}; load average "
             f"{os.getloadavg()[0]:.2f} at the end. Command: `{cmd.strip()}`. Date: {datetime.date.today().isoformat()}. "
             f"Took {time.perf_counter() - t0:.0f} s.", ""]
     parts = parts_table(rows)
@@ -526,16 +526,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.write is not None:
         write_section(args.write, SECTION, text)
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 if __name__ == "__main__":
