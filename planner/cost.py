@@ -339,10 +339,8 @@ def _calibrated_parts(f: LayerFigures, hw: HardwareProfile, cal: Calibration, fl
     if flags.compress_weights and packed is None:
         base += k * f.weight_full_bytes * w_deq
     dequant = f.cache_full_bytes if flags.compress_cache else 0.0
-    if decode:
-        c_deq = lc.cache_dequant_s_per_byte if lc is not None and lc.cache_dequant_s_per_byte else 0.0
-    else:
-        c_deq = lc.cache_quant_s_per_byte if lc is not None and lc.cache_quant_s_per_byte else 0.0
+    # decode restores the cache it attends; prefill compresses its rows and reads them back
+    c_deq = 0.0 if lc is None else lc.cache_dequant_s_per_byte if decode else lc.cache_quant_s_per_byte
     if flags.compress_cache and decode and lc is not None:  # each op compresses its new row and reads it back
         attn += lc.cache_store_s
         attn_cpu += lc.cache_store_s

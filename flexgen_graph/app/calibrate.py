@@ -149,16 +149,21 @@ def fit_constants(rows: list[list[float]], ys: list[float]) -> list[float]:
     head = [*scales, per_op]
     rest = [0.0] * (len(rows[0]) - STILL + 1)
     if moving:
-        first = [sum(c * x for c, x in zip(head, rows[i])) for i in moving]
+        first = [_still_time(rows[i], head) for i in moving]
         rest = nnls([rows[i][STILL:] + [f if rows[i][HANDOFF] else 0.0] for i, f in zip(moving, first)],
                     [ys[i] - f for i, f in zip(moving, first)], [1 / ys[i] for i in moving])
     return [*head, *rest]
 
 
+def _still_time(row: list[float], x: list[float]) -> float:
+    """The part of a run's time the first stage's constants (x[:STILL]) give: its kernels and ops."""
+    return sum(c * v for c, v in zip(x[:STILL], row))
+
+
 def fitted(row: list[float], x: list[float]) -> float:
     """The time fit_constants' constants x give a run of FEATURES `row`."""
-    first = sum(c * v for c, v in zip(x[:STILL], row))
-    return first * (1 + (x[-1] if row[HANDOFF] else 0.0)) + sum(c * v for c, v in zip(x[STILL:-1], row[STILL:]))
+    stretch = x[-1] if row[HANDOFF] else 0.0
+    return _still_time(row, x) * (1 + stretch) + sum(c * v for c, v in zip(x[STILL:-1], row[STILL:]))
 
 
 def _time(plan, store, prompts: list[list[int]], repeats: int = 2, cold: bool = False) -> dict[Phase, float]:
