@@ -7,8 +7,8 @@ waits. From that, a happens-before relation; then for every buffer access:
 - a write is ordered after the previous writer and every read since (no load overwrites a
   slot that a pending op still reads).
 A program run ends with a drain, so steps do not overlap and each program is checked once.
-The dequantization scratch (program.SCRATCH_ROLES) is named by no op: only compute ops use it, and
-they run one at a time on the compute stream, so it carries no hazard.
+The dequantization scratch (program.SCRATCH_ROLES) is written by DEQUANT_WEIGHT and by compressed-cache
+computes (their `scratch`) and read by compute ops, all on the compute stream: checked like any buffer.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Iterator
 from flexgen_graph.program import COMPUTE_KINDS, BufferRole, Op, OpKind, Programs
 
 SLOT_ROLES = frozenset({BufferRole.WEIGHT_SLOT, BufferRole.CACHE_SLOT, BufferRole.HIDDEN_SLOT})
+_WRITES_CACHE = frozenset({OpKind.DECODER_PREFILL, OpKind.DECODER_PREFILL_QCACHE})  # never read what was there
 
 
 class PlanHazardError(AssertionError):
@@ -28,11 +29,12 @@ def accesses(op: Op) -> tuple[list[int], list[int]]:
     """(buffers read, buffers written) by an op."""
     if op.kind in COMPUTE_KINDS:
         # prefill writes the cache rows it then reads: for it the cache is output only
-        reads = [op.weight] + ([op.cache] if op.cache >= 0 and op.kind is not OpKind.DECODER_PREFILL else [])
+        reads = [op.weight] + ([op.cache] if op.cache >= 0 and op.kind not in _WRITES_CACHE else [])
         if op.kind is not OpKind.EMBED:
             reads.append(op.hidden)
         heads = (OpKind.HEAD, OpKind.HEAD_SCORE)  # a head's output is the engine's, not a plan buffer
-        writes = ([op.cache] if op.cache >= 0 else []) + ([op.hidden] if op.kind not in heads else [])
+        writes = ([op.cache] if op.cache >= 0 else []) + ([op.hidden] if op.kind not in heads else []) \
+            + ([op.scratch] if op.scratch >= 0 else [])
         return reads, writes
     if op.kind in (OpKind.LOAD_WEIGHT, OpKind.RECV_HIDDEN):
         return [], [op.dst]  # the weight store, or another process, is the source

@@ -27,8 +27,9 @@ from flexgen_graph.spec import ModelSpec
 
 PLAN_FORMAT = "flexgen-graph-plan"
 PLANSET_FORMAT = "flexgen-graph-planset"  # several plans of one model and profile, one per prompt length
-PLAN_VERSION = 5  # 2: policy.group_size; compressed buffers at their compressed sizes. 3: pipeline stages.
+PLAN_VERSION = 6  # 2: policy.group_size; compressed buffers at their compressed sizes. 3: pipeline stages.
 # 4: profile version 2 (its calibration and machine). 5: profile version 3 (prefill scale, cache compress rate)
+# 6: compression as op kinds (dequant_weight, *_qcache) and an op's scratch buffer; scratch counted as buffers
 MAX_PLAN_BYTES = 256 << 20
 
 

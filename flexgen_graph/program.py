@@ -42,6 +42,14 @@ class OpKind(Enum):
     # from the compute device, decode attends on the CPU (FlexGen's attention delegation)
     DECODER_PREFILL_HOST_CACHE = "decoder_prefill_host_cache"
     DECODER_DECODE_CPU_ATTN = "decoder_decode_cpu_attn"
+    # the same four over a compressed cache: each restores the rows it attends into its `scratch` buffer
+    DECODER_PREFILL_QCACHE = "decoder_prefill_qcache"
+    DECODER_DECODE_QCACHE = "decoder_decode_qcache"
+    DECODER_PREFILL_HOST_QCACHE = "decoder_prefill_host_qcache"
+    DECODER_DECODE_CPU_ATTN_QCACHE = "decoder_decode_cpu_attn_qcache"
+    # compressed weights `src` (a layer's home or slot) dequantized into `dst`, the scratch the layer's
+    # compute ops then name as their weights (once per layer: its gpu batches share the dense copy)
+    DEQUANT_WEIGHT = "dequant_weight"
     HEAD = "head"
     # a scoring plan (Workload.score): prefill without a cache, the prompt's k, v live only while the op
     # runs; its head gives the log-probabilities of the scored positions' next tokens, not a token
@@ -64,6 +72,11 @@ OP_STREAM: dict[OpKind, Stream] = {
     OpKind.DECODER_DECODE: Stream.COMPUTE,
     OpKind.DECODER_PREFILL_HOST_CACHE: Stream.COMPUTE,
     OpKind.DECODER_DECODE_CPU_ATTN: Stream.COMPUTE,
+    OpKind.DECODER_PREFILL_QCACHE: Stream.COMPUTE,
+    OpKind.DECODER_DECODE_QCACHE: Stream.COMPUTE,
+    OpKind.DECODER_PREFILL_HOST_QCACHE: Stream.COMPUTE,
+    OpKind.DECODER_DECODE_CPU_ATTN_QCACHE: Stream.COMPUTE,
+    OpKind.DEQUANT_WEIGHT: Stream.COMPUTE,
     OpKind.HEAD: Stream.COMPUTE,
     OpKind.DECODER_SCORE: Stream.COMPUTE,
     OpKind.HEAD_SCORE: Stream.COMPUTE,
@@ -73,7 +86,13 @@ OP_STREAM: dict[OpKind, Stream] = {
     OpKind.RECV_TOKENS: Stream.RECV,
 }
 
-COMPUTE_KINDS = frozenset(k for k, s in OP_STREAM.items() if s is Stream.COMPUTE)
+# the ops that realize the task graph's compute nodes (a weight's dequantization serves them, on their stream)
+COMPUTE_KINDS = frozenset(k for k, s in OP_STREAM.items() if s is Stream.COMPUTE and k is not OpKind.DEQUANT_WEIGHT)
+# compute over a compressed cache -> the same compute over a dense one
+QCACHE_TWIN = {OpKind.DECODER_PREFILL_QCACHE: OpKind.DECODER_PREFILL, OpKind.DECODER_DECODE_QCACHE: OpKind.DECODER_DECODE,
+               OpKind.DECODER_PREFILL_HOST_QCACHE: OpKind.DECODER_PREFILL_HOST_CACHE,
+               OpKind.DECODER_DECODE_CPU_ATTN_QCACHE: OpKind.DECODER_DECODE_CPU_ATTN}
+QCACHE_KINDS = frozenset(QCACHE_TWIN)
 
 
 class BufferRole(Enum):
@@ -83,11 +102,11 @@ class BufferRole(Enum):
     CACHE_SLOT = "cache_slot"
     HIDDEN_HOME = "hidden_home"
     HIDDEN_SLOT = "hidden_slot"
-    DEQUANT_SCRATCH = "dequant_scratch"  # compressed weights / cache dequantized for one compute op
+    DEQUANT_SCRATCH = "dequant_scratch"  # compressed weights / cache dequantized on the compute device
     DEQUANT_HOST = "dequant_host"  # a compressed cache dequantized for CPU-attended decode
 
 
-SCRATCH_ROLES = frozenset({BufferRole.DEQUANT_SCRATCH, BufferRole.DEQUANT_HOST})  # no op names them
+SCRATCH_ROLES = frozenset({BufferRole.DEQUANT_SCRATCH, BufferRole.DEQUANT_HOST})
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +136,9 @@ class Buffer:
 
 @dataclass(frozen=True, slots=True)
 class Op:
-    """One instruction. Transfers copy `src` buffer -> `dst` buffer; computes use `weight`,
-    `cache` (-1 for none) and `hidden` buffers. `node` names the task-graph node it realizes."""
+    """One instruction. Transfers (and DEQUANT_WEIGHT) read `src` and write `dst`; computes use `weight`,
+    `cache` (-1 for none) and `hidden` buffers, and a compressed cache's compute the dense `scratch`.
+    `node` names the task-graph node it realizes."""
 
     kind: OpKind
     layer: int
@@ -130,6 +150,7 @@ class Op:
     cache: int = -1
     hidden: int = -1
     node: str = ""
+    scratch: int = -1
 
     @property
     def stream(self) -> Stream:
@@ -137,18 +158,18 @@ class Op:
 
     def to_list(self) -> list:
         return [self.kind.value, self.layer, self.batch, list(self.waits), self.src, self.dst,
-                self.weight, self.cache, self.hidden, self.node]
+                self.weight, self.cache, self.hidden, self.node, self.scratch]
 
     @classmethod
     def from_list(cls, v: list) -> "Op":
-        kind, layer, batch, waits, src, dst, weight, cache, hidden, node = v
+        kind, layer, batch, waits, src, dst, weight, cache, hidden, node, scratch = v
         if not isinstance(waits, list) or not isinstance(node, str):
             raise ValueError(f"op {node!r}: waits must be a list and node a string")
         f = [strict_int(x, f"op field {n}") for n, x in (("layer", layer), ("batch", batch), ("src", src),
                                                           ("dst", dst), ("weight", weight), ("cache", cache),
-                                                          ("hidden", hidden))]
+                                                          ("hidden", hidden), ("scratch", scratch))]
         return cls(OpKind(kind), f[0], f[1], tuple(strict_int(w, "op wait") for w in waits), f[2], f[3], f[4], f[5],
-                   f[6], node)
+                   f[6], node, f[7])
 
 
 @dataclass(frozen=True, slots=True)

@@ -294,8 +294,7 @@ def compute_parts(f: LayerFigures, hw: HardwareProfile, rows: int, flags: Flags)
     gpu_bw, cpu_bw = hw.gpu_mem_bytes_per_s, hw.cpu_mem_bytes_per_s
     dense_s = f.dense_flops * max(1.0, hw.matmul_min_rows / rows) / hw.gpu_matmul_flops_per_s
     base = max(dense_s, f.compute_ops * f.weight_full_bytes / gpu_bw) + f.compute_ops * hw.compute_op_overhead_s
-    if flags.compress_weights and not flags.packed_weights:  # packed: priced as dense (no measured rate)
-        base += f.weight_full_bytes / hw.gpu_dequant_bytes_per_s
+    base += weight_dequant_s(f, hw, flags)
     dequant = f.cache_full_bytes if flags.compress_cache else 0.0
     attn_gpu = max(f.attn_flops / hw.gpu_attn_flops_per_s, f.cache_full_bytes / gpu_bw) \
         + dequant / hw.gpu_dequant_bytes_per_s
@@ -333,11 +332,8 @@ def _calibrated_parts(f: LayerFigures, hw: HardwareProfile, cal: Calibration, fl
         attn = max(f.attn_flops / n / hw.gpu_attn_flops_per_s, cache_op / hw.gpu_mem_bytes_per_s)
         cpu_rate = hw.cpu_matmul_flops_per_s if hw.has_gpu else hw.gpu_attn_flops_per_s
         attn_cpu = max(f.attn_flops / n / cpu_rate, cache_op / hw.cpu_mem_bytes_per_s)
-    k = cal.compute_scale * (cal.prefill_scale if f.tokens > 1 else 1.0)
-    base = k * n * dense + cal.compute_scale * n * cal.op_s
-    w_deq = lc.dequant_s_per_byte if lc is not None and lc.dequant_s_per_byte else 1.0 / hw.gpu_dequant_bytes_per_s
-    if flags.compress_weights and packed is None:
-        base += k * f.weight_full_bytes * w_deq
+    k = _kernel_scale(f, cal)
+    base = k * n * dense + cal.compute_scale * n * cal.op_s + weight_dequant_s(f, hw, flags)
     dequant = f.cache_full_bytes if flags.compress_cache else 0.0
     # decode restores the cache it attends; prefill compresses its rows and reads them back
     c_deq = 0.0 if lc is None else lc.cache_dequant_s_per_byte if decode else lc.cache_quant_s_per_byte
@@ -348,6 +344,26 @@ def _calibrated_parts(f: LayerFigures, hw: HardwareProfile, cal: Calibration, fl
     host_deq = 1.0 / hw.cpu_dequant_bytes_per_s if hw.has_gpu or not c_deq else c_deq
     attn_host = k * (n * attn_cpu + dequant * host_deq)
     return base, attn_gpu, attn_host
+
+
+def _kernel_scale(f: LayerFigures, cal: Calibration) -> float:
+    return cal.compute_scale * (cal.prefill_scale if f.tokens > 1 else 1.0)
+
+
+def weight_dequant_s(f: LayerFigures, hw: HardwareProfile, flags: Flags) -> float:
+    """One step's dequantization of the layer's compressed weights (the plan's DEQUANT_WEIGHT op: once per
+    step, its gpu batches share the dense copy); 0 for dense weights, and for packed ones computed on as they
+    are (uncalibrated, or with a measured packed curve; without one they are priced as dequantized)."""
+    if not flags.compress_weights or not f.compute_ops:
+        return 0.0
+    cal = hw.calibration
+    if cal is None:
+        return 0.0 if flags.packed_weights else f.weight_full_bytes / hw.gpu_dequant_bytes_per_s
+    if flags.packed_weights and _packed_rows_s(f, cal, op_rows(f)) is not None:
+        return 0.0
+    lc = cal.layer(f.kind.value, int(f.weight_full_bytes))
+    w_deq = lc.dequant_s_per_byte if lc is not None and lc.dequant_s_per_byte else 1.0 / hw.gpu_dequant_bytes_per_s
+    return _kernel_scale(f, cal) * f.weight_full_bytes * w_deq
 
 
 def _packed_rows_s(f: LayerFigures, cal: Calibration, rows: int) -> float | None:

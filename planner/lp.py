@@ -25,6 +25,7 @@ max_rounds rounds reserves a whole item per class on the CPU and disk tiers, whi
 
 from __future__ import annotations
 
+
 import math
 import warnings
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ from planner.memory import (
     layer_transients,
     needs_compression,
     peaks_of,
+    scratch_bound,
 )
 from planner.schedule import NUM_SLOTS
 
@@ -105,8 +107,8 @@ class MemoryFigures:
     total_bytes: dict[str, int]  # class -> bytes of all its homes (at their stored size)
     item_bytes: dict[str, int]  # class -> bytes of its largest item (a layer's weights, one cache, one hidden)
     slot_bytes: dict[str, int]  # class -> bytes of its GPU slots when any item needs one
-    workspace_bytes: int  # GPU transients of the largest compute
-    cpu_workspace_bytes: int = 0  # CPU attention's transients (when any cache is attended on the CPU)
+    workspace_bytes: int  # GPU transients of the largest compute, and the device's dequantization scratch
+    cpu_workspace_bytes: int = 0  # CPU attention's transients and host scratch (when any cache is attended there)
     staging_bytes: int = 0  # pinned staging buffers on the CPU (a bound: largest items)
     delegated_cache_needs_slots: bool = True  # what schedule.build_buffers does for CPU-attended cache
 
@@ -146,11 +148,13 @@ def memory_figures(g: "nx.DiGraph | BlockFigures", flags: Flags = Flags(), comp:
     decoders = frozenset(shape.decoder_layers)
     on_gpu = layer_transients(figs, pol, figs.max_seq_len, frozenset(), frozenset(range(len(figs.decode))))
     cpu_ws = layer_transients(figs, pol, figs.max_seq_len, decoders, frozenset()).cpu if flags.cpu_attention else 0
+    dev_scratch, host_scratch = scratch_bound(shape, pol)  # the scratch buffers, placed with the cache
+    cpu_ws += host_scratch
     # memory.staging_bytes: GPU-homed weights, disk reads and disk writes, each bounded by its largest item
     staging = item["weights"] + max(item.values()) + max(item["cache"], item["hidden"]) if pinned_staging else 0
     # the weight slot is sized for the largest streamed layer; the largest of all bounds it
-    return MemoryFigures(total, item, {c: NUM_SLOTS * b for c, b in item.items()}, on_gpu.gpu, cpu_ws, staging,
-                         cache_slots_for_cpu_attention(shape) if flags.cpu_attention else True)
+    return MemoryFigures(total, item, {c: NUM_SLOTS * b for c, b in item.items()}, on_gpu.gpu + dev_scratch, cpu_ws,
+                         staging, cache_slots_for_cpu_attention(shape) if flags.cpu_attention else True)
 
 
 def parse_fixed(fixed: FixedSpec | None) -> tuple[dict[str, float], dict[str, Placement], dict[str, bool]]:

@@ -4,8 +4,8 @@ compute that runs, and the sizes of 4-bit compressed weights and cache.
 The runtime allocates exactly the buffer table (`schedule.build_buffers`, resized here for
 compression), so this model and the runtime cannot drift apart. Transients are those of one
 compute op at the longest context: attention scores and MLP intermediates of one gpu batch, the
-logits (the graph's work bytes), plus the dequantized copy of compressed weights / cache it reads
-(its share of the plan's dequantization scratch buffers, which buffer_bytes leaves to the transients).
+logits (the graph's work bytes). The dequantization scratch is a buffer of the table, held the whole
+run at the size of its largest use (schedule.scratch_bytes), so it counts as one.
 
 4-bit (or 8-bit) compression (FlexGen's scheme): the compressed sizes are flexgen_graph.layout's,
 the one definition the runtime's buffers follow too (weights along a linear map's input dimension or
@@ -26,12 +26,12 @@ import networkx as nx
 
 from flexgen_graph.hardware import HardwareProfile
 from flexgen_graph.ir import TIERS, LayerKind, NodeKind, Phase, Tier
-from flexgen_graph.layout import DEFAULT_BITS, DEFAULT_GROUP_SIZE, QuantConfig, compressed_nbytes, dequant_scratch
+from flexgen_graph.layout import DEFAULT_BITS, DEFAULT_GROUP_SIZE, QuantConfig, compressed_nbytes
 from flexgen_graph.policy import Placement, Policy
-from flexgen_graph.program import SCRATCH_ROLES, Buffer, BufferRole
+from flexgen_graph.program import Buffer, BufferRole
 from flexgen_graph.spec import ModelSpec
 from planner.figures import BlockFigures, figures_of
-from planner.schedule import BufferPlan, GraphShape, build_buffers
+from planner.schedule import BufferPlan, GraphShape, build_buffers, scratch_bytes
 
 @dataclass(frozen=True, slots=True)
 class Compression:
@@ -97,12 +97,10 @@ def sized_buffers(shape: GraphShape, policy: Policy, comp: Compression | None = 
 
 
 def buffer_bytes(buffers: tuple[Buffer, ...]) -> dict[Tier, int]:
-    """The buffer table per tier, less the dequantization scratch: compute_transient charges each compute
-    op what it dequantizes there (the scratch's size is the largest of those)."""
+    """The buffer table per tier (all of it is allocated once, for the whole run)."""
     out = {t: 0 for t in TIERS}
     for b in buffers:
-        if b.role not in SCRATCH_ROLES:
-            out[b.tier] += b.nbytes
+        out[b.tier] += b.nbytes
     return out
 
 
@@ -125,23 +123,20 @@ class Transient:
     """Bytes one compute op holds while it runs, beyond the buffer table."""
 
     gpu: int
-    cpu: int  # CPU attention's scores and dequantized cache
+    cpu: int  # CPU attention's scores
 
 
-def compute_transient(work_bytes: int, full_weight_bytes: int, full_cache_bytes: int, policy: Policy,
-                      attends_on_cpu: bool) -> Transient:
+def compute_transient(work_bytes: int, full_weight_bytes: int, policy: Policy, attends_on_cpu: bool) -> Transient:
     """The one rule for a compute op's transients (the memory model at the longest context, the
     verifier at every context). work_bytes: the graph's transient activations at the context.
 
     A CPU-attended op is charged its whole work bytes on both tiers: the graph does not split the
     attention's share from the MLP's, and an over-count keeps the prediction an upper bound."""
-    # the op's share of the plan's dequantization scratch (buffers sized by the same rule, charged here)
-    dense_w = full_weight_bytes if policy.compress_weights and not policy.packed_weights else 0
-    gpu, cpu = dequant_scratch(dense_w, full_cache_bytes if policy.compress_cache else 0, attends_on_cpu)
-    # packed weights (runtime.packed) hold no dense layer, but a prefill matmul of many rows restores its one
-    # matrix to bfloat16: charged as the dense layer, an upper bound
-    gpu += work_bytes + (full_weight_bytes if policy.packed_weights else 0)
-    return Transient(gpu, work_bytes + cpu if attends_on_cpu else 0)
+    # what it dequantizes goes into the plan's scratch buffers (counted with the buffer table). Packed weights
+    # (runtime.packed) hold no dense layer, but a prefill matmul of many rows restores its one matrix to
+    # bfloat16: charged as the dense layer, an upper bound
+    gpu = work_bytes + (full_weight_bytes if policy.packed_weights else 0)
+    return Transient(gpu, work_bytes if attends_on_cpu else 0)
 
 
 def layer_transients(figs: BlockFigures, policy: Policy, ctx: int, cpu_attended_layers: frozenset[int],
@@ -158,15 +153,22 @@ def layer_transients(figs: BlockFigures, policy: Policy, ctx: int, cpu_attended_
             if decode and ls.kind is LayerKind.DECODER:
                 modes = tuple(m for m, on in ((True, j in cpu_attended_layers), (False, j in gpu_attended_layers))
                               if on)
-            work = comp.work_bytes_at(ctx if decode else 0)
-            cache = ls.of(NodeKind.LOAD_CACHE).bytes_per_ctx * ctx if decode else 0
-            cases.add((work, figs.shape.weight_bytes[j], cache, modes))
+            cases.add((comp.work_bytes_at(ctx if decode else 0), figs.shape.weight_bytes[j], modes))
     gpu = cpu = 0
-    for work, full_w, cache, modes in cases:
+    for work, full_w, modes in cases:
         for on_cpu in modes:
-            t = compute_transient(work, full_w, cache, policy, on_cpu)
+            t = compute_transient(work, full_w, policy, on_cpu)
             gpu, cpu = max(gpu, t.gpu), max(cpu, t.cpu)
     return Transient(gpu, cpu)
+
+
+def scratch_bound(shape: GraphShape, policy: Policy) -> tuple[int, int]:
+    """(device, host) dequantization scratch whatever the placement: the device's if every cache attends
+    there, the host's if every cache is attended on the CPU (for the LP, which places cache after)."""
+    items = [(j, k) for j in shape.decoder_layers for k in range(shape.num_gpu_batches)]
+    dev = scratch_bytes(shape, policy, dict.fromkeys(items, Tier.GPU))[0]
+    host = scratch_bytes(shape, policy, dict.fromkeys(items, Tier.CPU))[1] if policy.cpu_attention else 0
+    return dev, host
 
 
 def staging_bytes(buffers: tuple[Buffer, ...]) -> int:

@@ -77,6 +77,8 @@ class BufferPlan:
     weight_slots: tuple[int, ...]
     cache_slots: tuple[int, ...]
     hidden_slots: tuple[int, ...]
+    scratch: int = -1  # the compute device's dequantization scratch (-1: none)
+    host_scratch: int = -1  # the host's, for a compressed cache attended there
 
 
 def build_buffers(shape: GraphShape, policy: Policy) -> BufferPlan:
@@ -108,11 +110,10 @@ def build_buffers(shape: GraphShape, policy: Policy) -> BufferPlan:
     c_slots = slots(BufferRole.CACHE_SLOT, [shape.cache_bytes for t in c_tier.values() if streams_cache(t, policy)])
     h_slots = slots(BufferRole.HIDDEN_SLOT, [shape.hidden_bytes for t in h_tier if t is not Tier.GPU])
     gpu_scratch, host_scratch = scratch_bytes(shape, policy, c_tier)
-    if gpu_scratch:
-        add(BufferRole.DEQUANT_SCRATCH, Tier.GPU, gpu_scratch)
-    if host_scratch:
-        add(BufferRole.DEQUANT_HOST, Tier.CPU, host_scratch)
-    return BufferPlan(tuple(bufs), w_tier, c_tier, h_tier, w_home, c_home, h_home, w_slots, c_slots, h_slots)
+    dev = add(BufferRole.DEQUANT_SCRATCH, Tier.GPU, gpu_scratch) if gpu_scratch else -1
+    host = add(BufferRole.DEQUANT_HOST, Tier.CPU, host_scratch) if host_scratch else -1
+    return BufferPlan(tuple(bufs), w_tier, c_tier, h_tier, w_home, c_home, h_home, w_slots, c_slots, h_slots,
+                      dev, host)
 
 
 def scratch_bytes(shape: GraphShape, policy: Policy, c_tier: dict[tuple[int, int], Tier]) -> tuple[int, int]:
@@ -174,16 +175,27 @@ def emit_programs(g: nx.DiGraph, policy: Policy) -> Programs:
     return Programs(bp.buffers, _emit(g, shape, bp, policy, Phase.PREFILL), _emit(g, shape, bp, policy, Phase.DECODE))
 
 
-def _compute_kind(kind: LayerKind, phase: Phase, host_cache: bool, score: bool = False) -> OpKind:
+_DECODER_KINDS = {  # (phase, cache used in place on the host, compressed cache) -> op kind
+    (Phase.PREFILL, False, False): OpKind.DECODER_PREFILL,
+    (Phase.DECODE, False, False): OpKind.DECODER_DECODE,
+    (Phase.PREFILL, True, False): OpKind.DECODER_PREFILL_HOST_CACHE,
+    (Phase.DECODE, True, False): OpKind.DECODER_DECODE_CPU_ATTN,
+    (Phase.PREFILL, False, True): OpKind.DECODER_PREFILL_QCACHE,
+    (Phase.DECODE, False, True): OpKind.DECODER_DECODE_QCACHE,
+    (Phase.PREFILL, True, True): OpKind.DECODER_PREFILL_HOST_QCACHE,
+    (Phase.DECODE, True, True): OpKind.DECODER_DECODE_CPU_ATTN_QCACHE,
+}
+
+
+def _compute_kind(kind: LayerKind, phase: Phase, host_cache: bool, score: bool = False,
+                  qcache: bool = False) -> OpKind:
     if kind is LayerKind.EMBED:
         return OpKind.EMBED
     if kind is LayerKind.HEAD:
         return OpKind.HEAD_SCORE if score else OpKind.HEAD
     if score:
         return OpKind.DECODER_SCORE
-    if phase is Phase.PREFILL:
-        return OpKind.DECODER_PREFILL_HOST_CACHE if host_cache else OpKind.DECODER_PREFILL
-    return OpKind.DECODER_DECODE_CPU_ATTN if host_cache else OpKind.DECODER_DECODE
+    return _DECODER_KINDS[(phase, host_cache, qcache)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +209,8 @@ class _Rings:
     h_slot: dict[tuple[int, int], int]  # (layer, batch) -> hidden slot index
     h_prev: dict[tuple[int, int], tuple[int, int]]
     host_cache: frozenset[tuple[int, int]]  # cache used in place off the GPU (CPU attention)
+    dequant_weights: bool = False  # compressed weights dequantized per layer (not packed)
+    qcache: bool = False  # the cache is compressed
 
 
 def _rings(shape: GraphShape, bp: BufferPlan, policy: Policy) -> _Rings:
@@ -210,7 +224,8 @@ def _rings(shape: GraphShape, bp: BufferPlan, policy: Policy) -> _Rings:
     c_stream = [jk for jk in items if streams_cache(bp.cache_tier.get(jk, Tier.GPU), policy)]
     host_cache = frozenset(jk for jk, t in bp.cache_tier.items() if t is not Tier.GPU and not streams_cache(t, policy))
     h_stream = [jk for jk in items if bp.hidden_tier[jk[1]] is not Tier.GPU]
-    return _Rings(*_ring(w_stream), *_ring(c_stream), *_ring(h_stream), host_cache)
+    return _Rings(*_ring(w_stream), *_ring(c_stream), *_ring(h_stream), host_cache,
+                  policy.compress_weights and not policy.packed_weights, policy.compress_cache and not shape.score)
 
 
 class _Emitter:
@@ -221,6 +236,7 @@ class _Emitter:
         self.shape, self.bp, self.r, self.phase = shape, bp, rings, phase
         self.ops: list[Op] = []
         self._index: dict[tuple[NodeKind, int, int], int] = {}  # (kind, layer, batch) -> op index
+        self._dense_layer = -1  # the layer whose weights the scratch holds
 
     def idx(self, kind: NodeKind, layer: int, batch: int) -> list[int]:
         i = self._index.get((kind, layer, batch))
@@ -235,6 +251,9 @@ class _Emitter:
 
     def emit(self, key: NodeKey) -> None:
         gj = self.shape.first_layer + key.layer  # programs name the model's layers
+        if key.kind is NodeKind.COMPUTE and self.r.dequant_weights and self._dense_layer != key.layer:
+            self.ops.append(self._dequant_weight(key.layer, gj))
+            self._dense_layer = key.layer
         op = self.BUILD[key.kind](self, key.layer, key.batch, gj, key._replace(layer=gj).label())
         if op is None:  # the tensor stays where it is used: no op
             return
@@ -296,6 +315,15 @@ class _Emitter:
         return Op(OpKind.SEND_TOKENS, gj, k, tuple(self.idx(NodeKind.COMPUTE, j, k)), node=label)
 
     # -- compute ---------------------------------------------------------------------------------------
+    def _weight(self, j: int) -> int:
+        """Where layer j's compressed or dense weights are when it computes: its slot, else its home."""
+        return self.bp.weight_slots[self.r.w_slot[j]] if j in self.r.w_slot else self.bp.weight_home[j]
+
+    def _dequant_weight(self, j: int, gj: int) -> Op:
+        """Layer j's weights restored into the scratch before its first compute (after their load)."""
+        return Op(OpKind.DEQUANT_WEIGHT, gj, -1, tuple(self.idx(NodeKind.LOAD_WEIGHT, j, -1)), src=self._weight(j),
+                  dst=self.bp.scratch, node=f"dequant_weight:L{gj}")
+
     def _compute(self, j: int, k: int, gj: int, label: str) -> Op:
         jk, r, bp = (j, k), self.r, self.bp
         waits = self.idx(NodeKind.LOAD_WEIGHT, j, -1) + self.idx(NodeKind.LOAD_CACHE, j, k) \
@@ -308,13 +336,21 @@ class _Emitter:
         if jk in r.h_slot and not self.idx(NodeKind.LOAD_HIDDEN, j, k):
             waits += self.freed(r.h_prev, jk, NodeKind.STORE_HIDDEN)  # the embedding writes the slot without a load
         lkind = self.shape.layer_kinds[j]
-        weight = bp.weight_slots[r.w_slot[j]] if j in r.w_slot else bp.weight_home[j]
+        weight = bp.scratch if r.dequant_weights else self._weight(j)
         cache = -1
         if lkind is LayerKind.DECODER and not self.shape.score:  # a scoring plan keeps no cache
             cache = bp.cache_slots[r.c_slot[jk]] if jk in r.c_slot else bp.cache_home[jk]
         hidden = bp.hidden_slots[r.h_slot[jk]] if jk in r.h_slot else bp.hidden_home[k]
-        return Op(_compute_kind(lkind, self.phase, jk in r.host_cache, self.shape.score), gj, k, tuple(sorted(waits)), weight=weight,
-                  cache=cache, hidden=hidden, node=label)
+        kind = _compute_kind(lkind, self.phase, jk in r.host_cache, self.shape.score, r.qcache and cache >= 0)
+        return Op(kind, gj, k, tuple(sorted(waits)), weight=weight, cache=cache, hidden=hidden, node=label,
+                  scratch=self._cache_scratch(kind))
+
+    def _cache_scratch(self, kind: OpKind) -> int:
+        """The buffer a compressed cache's compute restores the rows it attends into (prefill of a host-homed
+        cache attends its new rows alone: none)."""
+        if kind is OpKind.DECODER_DECODE_CPU_ATTN_QCACHE:
+            return self.bp.host_scratch
+        return self.bp.scratch if kind in (OpKind.DECODER_PREFILL_QCACHE, OpKind.DECODER_DECODE_QCACHE) else -1
 
     BUILD = {
         NodeKind.LOAD_WEIGHT: _load_weight,

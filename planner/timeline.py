@@ -20,7 +20,7 @@ from flexgen_graph.ir import Block, Phase, Tier
 from flexgen_graph.lower import TOKEN_BYTES, lower
 from flexgen_graph.planfile import Plan
 from flexgen_graph.program import OpKind
-from planner.cost import Flags, compute_parts, layer_figures
+from planner.cost import Flags, compute_parts, layer_figures, weight_dequant_s
 from planner.figures import block_figures
 from planner.memory import buffer_bytes, policy_compression, staging_bytes
 from planner.verify import op_transients
@@ -97,9 +97,12 @@ def step_timeline(plan: Plan, phase: Phase = Phase.DECODE, ctx: int | None = Non
             return link_s(f.cache_store_bytes / nb, bufs[op.dst].tier, False)
         if op.kind is OpKind.STORE_HIDDEN:
             return link_s(f.hidden_store_bytes / nb, bufs[op.dst].tier, False)
+        deq = weight_dequant_s(f, hw, flags) if not pol.packed_weights else 0.0  # the plan's DEQUANT_WEIGHT ops
+        if op.kind is OpKind.DEQUANT_WEIGHT:
+            return deq
         base, attn_gpu, attn_cpu = compute_parts(f, hw, rows, flags)
         on_cpu = phase is Phase.DECODE and op.cache >= 0 and bufs[op.cache].tier is Tier.CPU and pol.cpu_attention
-        return (base + (attn_cpu if on_cpu else attn_gpu)) / f.compute_ops if f.compute_ops else 0.0
+        return (base - deq + (attn_cpu if on_cpu else attn_gpu)) / f.compute_ops if f.compute_ops else 0.0
 
     free: dict[str, float] = {}
     spans: list[Span] = []

@@ -4,7 +4,7 @@ Hazards: the check loading a plan makes, defined in flexgen_graph.hazards (re-ex
 
 Memory. What a tier holds is the plan's buffer table (allocated once) plus the transients of the
 compute op that runs (one at a time: the compute stream is serial): the graph's work bytes at the
-step's context, and the dequantized copies of compressed tensors (planner.memory.compute_transient).
+step's context (planner.memory.compute_transient; the dequantization scratch is a buffer of the table).
 A decode compute that reads a cache buffer on the CPU attends there, so its transients are the CPU's.
 
     >>> from flexgen_graph.app.api import compile_plan
@@ -72,12 +72,11 @@ class _OpCost:
     work_bytes: int
     work_bytes_per_ctx: int
     full_weight_bytes: int
-    cache_bytes_per_ctx: int
     on_cpu: bool
 
     def at(self, ctx: int, policy: Policy) -> Transient:
-        return compute_transient(self.work_bytes + self.work_bytes_per_ctx * ctx, self.full_weight_bytes,
-                                 self.cache_bytes_per_ctx * ctx, policy, self.on_cpu)
+        return compute_transient(self.work_bytes + self.work_bytes_per_ctx * ctx, self.full_weight_bytes, policy,
+                                 self.on_cpu)
 
 
 def _op_costs(program: tuple[Op, ...], programs: Programs, g: nx.DiGraph, phase: Phase) -> list[_OpCost | None]:
@@ -86,8 +85,6 @@ def _op_costs(program: tuple[Op, ...], programs: Programs, g: nx.DiGraph, phase:
              if key.phase is phase}
     weights = {first + key.layer: data["node"].bytes for key, data in g.nodes(data=True)
                if key.phase is Phase.PREFILL and key.kind is NodeKind.LOAD_WEIGHT}
-    cache_per_ctx = {(first + key.layer, key.batch): data["node"].bytes_per_ctx for key, data in g.nodes(data=True)
-                     if key.phase is Phase.DECODE and key.kind is NodeKind.LOAD_CACHE}
     out: list[_OpCost | None] = []
     for op in program:
         if op.kind not in COMPUTE_KINDS:
@@ -97,8 +94,7 @@ def _op_costs(program: tuple[Op, ...], programs: Programs, g: nx.DiGraph, phase:
         assert n is not None and n.key.kind is NodeKind.COMPUTE, f"op {op.node} realizes no compute node of the graph"
         decode = phase is Phase.DECODE
         on_cpu = decode and 0 <= op.cache < len(programs.buffers) and programs.buffers[op.cache].tier is Tier.CPU
-        out.append(_OpCost(n.work_bytes, n.work_bytes_per_ctx if decode else 0, weights[op.layer],
-                           cache_per_ctx.get((op.layer, op.batch), 0) if decode else 0, on_cpu))
+        out.append(_OpCost(n.work_bytes, n.work_bytes_per_ctx if decode else 0, weights[op.layer], on_cpu))
     return out
 
 

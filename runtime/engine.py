@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from flexgen_graph.errors import UserError
+from flexgen_graph.hazards import accesses
 from flexgen_graph.ir import TIERS, Tier
 from flexgen_graph.planfile import Plan, check_model
-from flexgen_graph.program import COMPUTE_KINDS, SCRATCH_ROLES, BufferRole, Op, OpKind
-from flexgen_graph.layout import align_up, dequant_scratch
+from flexgen_graph.program import QCACHE_KINDS, SCRATCH_ROLES, BufferRole, Op, OpKind, Stream
+from flexgen_graph.layout import align_up
 from runtime import driver, kernels, preflight
 from runtime.backend import Backend, Buf, open_backend
 from runtime.compressed import (
@@ -74,15 +75,14 @@ class Engine:
         self.b, self.nb = pol.gpu_batch_size, pol.num_gpu_batches
         self.prompt_len, self.gen_len = plan.workload.prompt_len, plan.workload.gen_len
         self.max_seq = plan.workload.max_seq_len
-        # compression: weight homes hold the store's compressed copy, dequantized into a dense scratch just
-        # before each compute, or (packed_weights) computed on as they are; cache buffers hold compressed rows
-        self.qcfg = QuantConfig(pol.compress_bits, pol.group_size) if pol.compresses else None
+        # compression, as the plan's ops say: weight homes hold the store's compressed copy (DEQUANT_WEIGHT
+        # restores a layer into the scratch its computes name, or packed weights are computed on as they are);
+        # the *_QCACHE computes keep compressed cache rows (runtime.compressed.CacheCodec)
+        self.qcfg = QuantConfig(pol.compress_bits, pol.group_size)
         self.weights = compressed_layers(store, self.qcfg, pol.packed_weights) if pol.compress_weights else store
-        # how compute ops see their weights, as the plan says: typed views of dense bytes, a dense copy
-        # dequantized per layer, or the compressed bytes themselves (runtime.packed)
-        self._weights = (self._packed_weights if pol.packed_weights else
-                         self._dequantized_weights if pol.compress_weights else self._dense_weights)
-        self.codec = CacheCodec(self.spec, self.b, self.qcfg) if pol.compress_cache else None
+        self._weights = self._packed_weights if pol.packed_weights else self._dense_weights
+        ops = plan.programs.prefill + plan.programs.decode
+        self.codec = CacheCodec(self.spec, self.b, self.qcfg) if any(op.kind in QCACHE_KINDS for op in ops) else None
         self._tmp = None
         if offload_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="flexgen-offload-")
@@ -92,7 +92,7 @@ class Engine:
         budget = {Tier.GPU: prof.gpu_bytes, Tier.CPU: prof.cpu_bytes, Tier.DISK: prof.disk_bytes}
         if device == "auto":
             device = "cuda" if prof.has_gpu and torch.cuda.is_available() else "cpu"
-        if not any(op.kind not in COMPUTE_KINDS for op in plan.programs.prefill + plan.programs.decode):
+        if all(op.stream is Stream.COMPUTE for op in plan.programs.prefill + plan.programs.decode):
             # nothing moves: no transfer to overlap, and the stream threads' hand-offs would only cost
             # (visible at batch 1, where a step is many tiny ops)
             overlap = False
@@ -128,42 +128,44 @@ class Engine:
         if b.role is BufferRole.WEIGHT_HOME:
             return self.weights.layer_nbytes(b.layer)
         if b.role in (BufferRole.CACHE_HOME, BufferRole.CACHE_SLOT):
-            return self.max_seq * self._row_bytes()
+            return self.max_seq * (self.codec.row_bytes if self.codec else self.b * self.spec.kv_bytes_per_token())
         if b.role in SCRATCH_ROLES:
-            return self._scratch_need[b.role]
+            return self._scratch_need.get(b.id, 0)
         return None
 
-    _DEV_CACHE_KINDS = frozenset({OpKind.DECODER_PREFILL, OpKind.DECODER_DECODE})  # attend a cache on the device
+    @functools.cached_property
+    def _dense_cache_at(self) -> dict[int, int]:
+        """Scratch buffer -> where the dense cache its ops restore starts in it: after the largest decoder
+        layer dequantized there (layout.dequant_scratch's layout)."""
+        ops = self.plan.programs.prefill + self.plan.programs.decode
+        qlayers = {op.layer for op in ops if op.kind in QCACHE_KINDS}
+        at = {op.scratch: 0 for op in ops if op.kind in QCACHE_KINDS and op.scratch >= 0}
+        for op in ops:
+            if op.kind is OpKind.DEQUANT_WEIGHT and op.dst in at and op.layer in qlayers:
+                at[op.dst] = max(at[op.dst], align_up(self.spec.layer_bytes(op.layer)))
+        return at
 
     @functools.cached_property
-    def _dense_w(self) -> bool:
-        pol = self.plan.policy
-        return pol.compress_weights and not pol.packed_weights
-
-    @functools.cached_property
-    def _scratch_need(self) -> dict[BufferRole, int]:
-        """The largest layout.dequant_scratch of the plan's compute ops, per scratch role, in the runtime's
-        own sizes (the planner's scratch buffers must match them)."""
-        s, need = self.spec, {r: 0 for r in SCRATCH_ROLES}
-        cache = self.max_seq * self.b * s.kv_bytes_per_token() if self.codec else 0
+    def _scratch_need(self) -> dict[int, int]:
+        """Bytes the plan's ops use of each scratch buffer, in the runtime's own sizes (the planner's must
+        match): a layer DEQUANT_WEIGHT restores there, or a dense cache after its offset."""
+        need: dict[int, int] = {}
+        cache = self.max_seq * self.b * self.spec.kv_bytes_per_token()
         for op in self.plan.programs.prefill + self.plan.programs.decode:
-            if op.kind not in COMPUTE_KINDS:
-                continue
-            cpu = op.kind is OpKind.DECODER_DECODE_CPU_ATTN
-            c = cache if op.kind in self._DEV_CACHE_KINDS or cpu else 0
-            g, h = dequant_scratch(s.layer_bytes(op.layer) if self._dense_w else 0, c, cpu)
-            need[BufferRole.DEQUANT_SCRATCH] = max(need[BufferRole.DEQUANT_SCRATCH], g)
-            need[BufferRole.DEQUANT_HOST] = max(need[BufferRole.DEQUANT_HOST], h)
+            if op.kind is OpKind.DEQUANT_WEIGHT:
+                need[op.dst] = max(need.get(op.dst, 0), self.spec.layer_bytes(op.layer))
+            elif op.kind in QCACHE_KINDS and op.scratch >= 0:
+                need[op.scratch] = max(need.get(op.scratch, 0), self._dense_cache_at[op.scratch] + cache)
         return need
 
     def _allocate(self) -> None:
         """Every buffer the run holds is one of the plan's (the peak the planner predicted counts them all)."""
-        have = {b.role for b in self.plan.programs.buffers}
-        for role, n in self._scratch_need.items():
-            if n and role not in have:
-                raise UserError(f"the plan has no {role.value} buffer, the runtime needs {n} bytes there "
-                                 f"(compression: weights {self.plan.policy.compress_weights}, cache "
-                                 f"{self.plan.policy.compress_cache}); recompile the plan")
+        n = len(self.plan.programs.buffers)
+        for op in self.plan.programs.prefill + self.plan.programs.decode:
+            named = [i for i in (*accesses(op)[0], *accesses(op)[1], op.scratch) if i >= 0]
+            if any(i >= n for i in named):
+                raise UserError(f"op {op.node} names buffer {max(named)} the plan does not have ({n} buffers); "
+                                "recompile the plan")
         for b in self.plan.programs.buffers:
             what = f"{b.role.value}-L{b.layer}-B{b.batch}-S{b.slot}"
             want = self._expected_nbytes(b)
@@ -181,21 +183,9 @@ class Engine:
                 self.backend.read_layer(self.weights, b.layer, buf)
 
     def _scratch_views(self) -> None:
-        """Views of the plan's dequantization scratch (layout.dequant_scratch): on the compute device a
-        layer's dense weights, then (aligned after them) the dense cache of a decoder attending there; on
-        the host, the cache of CPU-attended decode."""
-        s, kinds = self.spec, {op.kind for op in self.plan.programs.prefill + self.plan.programs.decode}
-        scratch = {b.role: self.bufs[b.id].tensor for b in self.plan.programs.buffers if b.role in SCRATCH_ROLES}
-        dev, host = scratch.get(BufferRole.DEQUANT_SCRATCH), scratch.get(BufferRole.DEQUANT_HOST)
-        self._dense_layer = -1  # the layer whose weights _wdense holds (decoder caches go after them)
-        self._wdense = dev if self._dense_w else None
-        w_dec = max((s.layer_bytes(j) for j in self.plan.layers if 0 < j < s.num_graph_layers - 1 and self._dense_w),
-                    default=0)
-        self._cdense = self._cdense_host = None
-        if self.codec and kinds & self._DEV_CACHE_KINDS:
-            self._cdense = dense_cache_view(dev[align_up(w_dec):], self.max_seq, self.b, s)
-        if self.codec and OpKind.DECODER_DECODE_CPU_ATTN in kinds:
-            self._cdense_host = dense_cache_view(host, self.max_seq, self.b, s)
+        """The dense cache views of the scratch buffers compressed-cache computes restore into."""
+        self._dense_cache = {i: dense_cache_view(self.bufs[i].tensor[at:], self.max_seq, self.b, self.spec)
+                             for i, at in self._dense_cache_at.items()}
 
     def close(self) -> None:
         self.backend.close() if hasattr(self, "backend") else None
@@ -255,15 +245,11 @@ class Engine:
             v = self._view_memo[key] = packed_layer_views(self.spec, op.layer, self.bufs[op.weight].tensor, self.qcfg)
         return v
 
-    def _dequantized_weights(self, op: Op) -> dict[str, torch.Tensor]:
-        buf = self.bufs[op.weight].tensor
-        dense = self._wdense[: self.spec.layer_bytes(op.layer)]
-        if self._dense_layer != op.layer:  # weights never change: the gpu batches of a layer share one copy
-            decompress_layer(self.spec, op.layer, buf, self.qcfg, dense)
-            self._dense_layer = op.layer
-        return self._views(("dense", op.layer), op.layer, dense)
-
     # -- handlers ------------------------------------------------------------------------------
+    def _dequant_weight(self, op: Op) -> None:
+        dense = self.bufs[op.dst].tensor[: self.spec.layer_bytes(op.layer)]
+        decompress_layer(self.spec, op.layer, self.bufs[op.src].tensor, self.qcfg, dense)
+
     def _load_weight(self, op: Op) -> None:
         src, dst = self.bufs[op.src], self.bufs[op.dst]
         if src is None:
@@ -271,15 +257,16 @@ class Engine:
         else:
             self.backend.copy(dst, src, 0, self.weights.layer_nbytes(op.layer))
 
-    def _row_bytes(self) -> int:
-        """Cache bytes of one token of one gpu batch (the cache buffers are token-major)."""
-        return self.codec.row_bytes if self.codec else self.b * self.spec.kv_bytes_per_token()
+    def _row_bytes(self, buf_id: int) -> int:
+        """Cache bytes of one token of one gpu batch, compressed or not: cache buffers are token-major and
+        hold max_seq rows (checked at allocation)."""
+        return self.plan.programs.buffers[buf_id].nbytes // self.max_seq
 
     def _load_cache(self, op: Op) -> None:
-        self.backend.copy(self.bufs[op.dst], self.bufs[op.src], 0, self._start * self._row_bytes())
+        self.backend.copy(self.bufs[op.dst], self.bufs[op.src], 0, self._start * self._row_bytes(op.src))
 
     def _store_cache(self, op: Op) -> None:
-        rb = self._row_bytes()
+        rb = self._row_bytes(op.src)
         self.backend.copy(self.bufs[op.dst], self.bufs[op.src], self._start * rb, self._t * rb)
 
     def _hidden_bytes(self, rows: int) -> int:
@@ -334,15 +321,26 @@ class Engine:
 
     def _decoder(self, op: Op) -> None:
         k, a, t, r = op.batch, self._start, self._t, self._rows(op)
-        hv, w = self._hidden_view(op.hidden, r), self._weights(op)
+        hv = self._hidden_view(op.hidden, r)
         pos, mask = self.state.pos[k][:, a:a + t], self.state.mask[k][:, : a + t]
-        if self.codec is None:
-            out = kernels.decoder(self.spec, w, hv, self._cache_view(op.cache, r), a, pos, mask)
-        else:
-            q, kk, v = kernels.attention_inputs(self.spec, w, hv, pos)
-            att = self._attend_compressed(q, kk, v, self.bufs[op.cache].tensor, self._cdense[:, :, :r], a, mask)
-            out = kernels.attention_output_and_mlp(self.spec, w, hv, att)
-        hv.copy_(out)
+        hv.copy_(kernels.decoder(self.spec, self._weights(op), hv, self._cache_view(op.cache, r), a, pos, mask))
+
+    def _qkv(self, op: Op) -> tuple:
+        """A decoder's first half: (hidden view, weights, q, k, v of the new tokens, mask)."""
+        k, a, t = op.batch, self._start, self._t
+        hv, w = self._hidden_view(op.hidden, self._rows(op)), self._weights(op)
+        q, kk, v = kernels.attention_inputs(self.spec, w, hv, self.state.pos[k][:, a:a + t])
+        return hv, w, q, kk, v, self.state.mask[k][:, : a + t]
+
+    def _finish(self, hv: torch.Tensor, w, att: torch.Tensor) -> None:
+        """A decoder's second half, back on the compute device."""
+        hv.copy_(kernels.attention_output_and_mlp(self.spec, w, hv, att.to(hv.device)))
+
+    def _decoder_qcache(self, op: Op) -> None:
+        """Attends a compressed cache on the compute device (runtime.compressed: _attend_compressed)."""
+        hv, w, q, kk, v, mask = self._qkv(op)
+        dense = self._dense_cache[op.scratch][:, :, :self._rows(op)]
+        self._finish(hv, w, self._attend_compressed(q, kk, v, self.bufs[op.cache].tensor, dense, self._start, mask))
 
     def _attend_compressed(self, q, k, v, cbuf: torch.Tensor, dense: torch.Tensor, a: int,
                            mask: torch.Tensor) -> torch.Tensor:
@@ -352,30 +350,42 @@ class Engine:
         self.codec.load(cbuf, dense, a)
         return kernels.attend(self.spec, q, k, v, dense, a, mask)
 
-    def _decoder_host_cache(self, op: Op) -> None:
-        """The cache stays in host memory: decode attends there (q, k, v cross, the cache never does);
-        prefill attends on the compute device over the new tokens, then writes their k, v home."""
-        k, a, t, r = op.batch, self._start, self._t, self._rows(op)
-        hv, cbuf = self._hidden_view(op.hidden, r), self.bufs[op.cache].tensor
-        w = self._weights(op)
-        mask = self.state.mask[k][:, : a + t]
-        q, kk, v = kernels.attention_inputs(self.spec, w, hv, self.state.pos[k][:, a:a + t])
-        if op.kind is OpKind.DECODER_DECODE_CPU_ATTN:
-            host = cbuf.device
-            q, kk, v, mask = q.to(host), kk.to(host), v.to(host), mask.to(host)
-            if self.codec is None:
-                att = kernels.attend(self.spec, q, kk, v, self._cache_view(op.cache, r), a, mask)
-            else:
-                att = self._attend_compressed(q, kk, v, cbuf, self._cdense_host[:, :, :r], a, mask)
-        else:
-            s = self.spec
-            tmp = torch.empty((t, 2, r, s.num_kv_heads, s.head_dim), dtype=self.dtype, device=hv.device)
-            if self.codec is not None:
-                kk, v = self.codec.store_new(cbuf, kk, v, 0)
-            att = kernels.attend(self.spec, q, kk, v, tmp, 0, mask)
-            if self.codec is None:
-                self._cache_view(op.cache, r)[:t].copy_(tmp)
-        hv.copy_(kernels.attention_output_and_mlp(self.spec, w, hv, att.to(hv.device)))
+    def _on_host(self, op: Op, *ts: torch.Tensor) -> list[torch.Tensor]:
+        """CPU attention: q, k, v cross to the host cache's device (the cache never does)."""
+        return [x.to(self.bufs[op.cache].tensor.device) for x in ts]
+
+    def _decode_cpu_attn(self, op: Op) -> None:
+        hv, w, *qkvm = self._qkv(op)
+        q, kk, v, mask = self._on_host(op, *qkvm)
+        self._finish(hv, w, kernels.attend(self.spec, q, kk, v, self._cache_view(op.cache, self._rows(op)),
+                                           self._start, mask))
+
+    def _decode_cpu_attn_qcache(self, op: Op) -> None:
+        hv, w, *qkvm = self._qkv(op)
+        q, kk, v, mask = self._on_host(op, *qkvm)
+        dense = self._dense_cache[op.scratch][:, :, :self._rows(op)]
+        self._finish(hv, w, self._attend_compressed(q, kk, v, self.bufs[op.cache].tensor, dense, self._start, mask))
+
+    def _new_kv(self, op: Op, hv: torch.Tensor) -> torch.Tensor:
+        """k, v of the op's new tokens alone, [t, 2, rows, KV, D]: the op's own work memory."""
+        s = self.spec
+        return torch.empty((self._t, 2, self._rows(op), s.num_kv_heads, s.head_dim), dtype=self.dtype,
+                           device=hv.device)
+
+    def _prefill_host_cache(self, op: Op) -> None:
+        """The cache stays in host memory: prefill attends on the compute device over the new tokens, then
+        writes their k, v home."""
+        hv, w, q, kk, v, mask = self._qkv(op)
+        kv = self._new_kv(op, hv)
+        att = kernels.attend(self.spec, q, kk, v, kv, 0, mask)
+        self._cache_view(op.cache, self._rows(op))[: self._t].copy_(kv)
+        self._finish(hv, w, att)
+
+    def _prefill_host_qcache(self, op: Op) -> None:
+        """As _prefill_host_cache, the new rows compressed home first and attended as they read back."""
+        hv, w, q, kk, v, mask = self._qkv(op)
+        kk, v = self.codec.store_new(self.bufs[op.cache].tensor, kk, v, 0)
+        self._finish(hv, w, kernels.attend(self.spec, q, kk, v, self._new_kv(op, hv), 0, mask))
 
     def _decoder_score(self, op: Op) -> None:
         """A scoring plan's decoder: no cache, the prompt's k, v live only while the op runs."""
@@ -412,8 +422,13 @@ class Engine:
         OpKind.EMBED: _embed,
         OpKind.DECODER_PREFILL: _decoder,
         OpKind.DECODER_DECODE: _decoder,
-        OpKind.DECODER_PREFILL_HOST_CACHE: _decoder_host_cache,
-        OpKind.DECODER_DECODE_CPU_ATTN: _decoder_host_cache,
+        OpKind.DECODER_PREFILL_HOST_CACHE: _prefill_host_cache,
+        OpKind.DECODER_DECODE_CPU_ATTN: _decode_cpu_attn,
+        OpKind.DECODER_PREFILL_QCACHE: _decoder_qcache,
+        OpKind.DECODER_DECODE_QCACHE: _decoder_qcache,
+        OpKind.DECODER_PREFILL_HOST_QCACHE: _prefill_host_qcache,
+        OpKind.DECODER_DECODE_CPU_ATTN_QCACHE: _decode_cpu_attn_qcache,
+        OpKind.DEQUANT_WEIGHT: _dequant_weight,
         OpKind.HEAD: _head,
         OpKind.DECODER_SCORE: _decoder_score,
         OpKind.HEAD_SCORE: _head_score,

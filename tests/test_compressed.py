@@ -20,7 +20,7 @@ from flexgen_graph.app.api import compile_plan
 from flexgen_graph.catalog import catalog_spec
 from flexgen_graph.hardware import load_profile
 from flexgen_graph.ir import Workload
-from flexgen_graph.program import BufferRole
+from flexgen_graph.program import QCACHE_TWIN, BufferRole
 from planner.memory import compression_of
 from runtime.compressed import (
     CacheCodec,
@@ -164,6 +164,14 @@ def family_store(request, tmp_path_factory):
     return tiny_store(tmp_path_factory.mktemp(request.param), request.param)
 
 
+def compressed_plan(spec, policy: str, mode: str, cpu_attention: bool):
+    """The plans the compressed replay test runs (test_op_kinds counts their op kinds)."""
+    w, c, h = POLICIES[policy]
+    return compile_plan(spec, load_profile("cpu-small"), Workload(PROMPT_LEN, GEN_LEN), gpu_batch_size=2,
+                        num_gpu_batches=2, fixed={"weights": w, "cache": c, "hidden": h},
+                        cpu_attention=cpu_attention, compress=mode, group_size=32)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_compressed_generation_equals_transformers_on_compressed_numbers(family_store, mode, tmp_path):
     store = family_store
@@ -172,11 +180,9 @@ def test_compressed_generation_equals_transformers_on_compressed_numbers(family_
     expected = hf_compressed_reference(store.model, prompts, mode, cfg)
     if store.model.config.model_type == "llama" and mode != "cache":  # (the tiny qwen2 repeats one token)
         assert expected != hf_generate(store.model, prompts), "compression changed nothing: the test would be void"
-    for name, (w, c, h) in POLICIES.items():
+    for name in POLICIES:
         for cpu_attention in (False, True):
-            plan = compile_plan(store.spec, load_profile("cpu-small"), Workload(PROMPT_LEN, GEN_LEN), gpu_batch_size=2,
-                                num_gpu_batches=2, fixed={"weights": w, "cache": c, "hidden": h},
-                                cpu_attention=cpu_attention, compress=mode, group_size=32)
+            plan = compressed_plan(store.spec, name, mode, cpu_attention)
             got = generate_within_peaks(plan, store, prompts, tmp_path / "offload", name)
             assert got == expected, f"{mode} under {name}, cpu attention {cpu_attention}"
 
@@ -203,7 +209,11 @@ def test_plan_and_store_disagreeing_on_sizes_is_refused(tmp_path):
     store = tiny_store(tmp_path, "llama")
     plan = compile_plan(store.spec, load_profile("cpu-small"), Workload(PROMPT_LEN, GEN_LEN), gpu_batch_size=2,
                         num_gpu_batches=1, compress="cache")
-    tampered = dataclasses.replace(plan, policy=dataclasses.replace(plan.policy, compress_cache=False))
+    # the ops say how the cache is kept: dense decoder kinds over the plan's compressed cache buffers
+    undo = {name: tuple(dataclasses.replace(op, kind=QCACHE_TWIN.get(op.kind, op.kind), scratch=-1)
+                        for op in getattr(plan.programs, name)) for name in ("prefill", "decode")}
+    assert undo["decode"] != plan.programs.decode
+    tampered = dataclasses.replace(plan, programs=dataclasses.replace(plan.programs, **undo))
     with pytest.raises(ValueError, match="recompile the plan"):
         Engine(tampered, store, tmp_path / "off")
 
@@ -303,5 +313,5 @@ def test_plan_without_its_scratch_buffer_is_refused(tmp_path):
     kept = tuple(b for b in p.buffers if b.role not in SCRATCH_ROLES)
     assert len(kept) == len(p.buffers) - 1 and p.buffers[:len(kept)] == kept  # the scratch comes last
     tampered = dataclasses.replace(plan, programs=Programs(kept, p.prefill, p.decode))
-    with pytest.raises(ValueError, match="no dequant_scratch buffer.*recompile the plan"):
+    with pytest.raises(ValueError, match="names buffer .* the plan does not have.*recompile the plan"):
         Engine(tampered, store, tmp_path / "off")

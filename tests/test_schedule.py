@@ -96,3 +96,36 @@ def test_memory_model_counts_slots_only_when_streaming():
     slots = [b for b in bufs if b.role is BufferRole.WEIGHT_SLOT]
     assert len(slots) == 2 and all(b.nbytes == max(shape.weight_bytes) for b in slots)
     assert buffer_bytes(bufs)[Tier.CPU] == SPEC.weight_bytes()
+
+
+@pytest.mark.parametrize("weights,cache", [(True, False), (False, True), (True, True)])
+def test_compression_arrives_as_op_kinds(weights, cache):
+    """The runtime decides nothing about compression: compressed weights get one DEQUANT_WEIGHT per layer and
+    step, into the scratch that layer's computes name as their weights; a compressed cache gets the *_QCACHE
+    kinds, each naming the scratch it restores into (none for a host-homed cache's prefill)."""
+    from flexgen_graph.program import QCACHE_TWIN
+
+    spec = catalog_spec("facebook/opt-125m")
+    g = lower(spec, Workload(8, 4), Block(2, 3))
+    pol = Policy(2, 3, Placement(0.0, 0.5, 0.5), Placement(0.5, 0.5, 0.0), Placement.all_on(Tier.GPU),
+                 cpu_attention=True, compress_weights=weights, compress_cache=cache)
+    programs = emit_programs(g, pol)
+    verify(programs)
+    scratch = {b.role: b.id for b in programs.buffers if b.role in (BufferRole.DEQUANT_SCRATCH, BufferRole.DEQUANT_HOST)}
+    for ops in (programs.prefill, programs.decode):
+        deq = [i for i, op in enumerate(ops) if op.kind is OpKind.DEQUANT_WEIGHT]
+        assert [ops[i].layer for i in deq] == (list(range(spec.num_graph_layers)) if weights else [])
+        for i in deq:  # before the layer's first compute, after its load
+            first = next(j for j, op in enumerate(ops) if op.layer == ops[i].layer and op.weight >= 0)
+            assert i < first and ops[i].dst == scratch[BufferRole.DEQUANT_SCRATCH]
+            assert all(w < i for w in ops[i].waits) and programs.buffers[ops[i].src].layer in (ops[i].layer, -1)
+        computes = [op for op in ops if op.weight >= 0]
+        assert all((op.weight == scratch.get(BufferRole.DEQUANT_SCRATCH)) == weights for op in computes)
+        decoders = [op for op in computes if op.cache >= 0]
+        assert decoders and all((op.kind in QCACHE_TWIN) == cache for op in decoders)
+        for op in decoders:
+            host = programs.buffers[op.cache].tier is Tier.CPU
+            want = -1 if not cache or (host and op.kind is OpKind.DECODER_PREFILL_HOST_QCACHE) else \
+                scratch[BufferRole.DEQUANT_HOST if op.kind is OpKind.DECODER_DECODE_CPU_ATTN_QCACHE
+                        else BufferRole.DEQUANT_SCRATCH]
+            assert op.scratch == want, op.node

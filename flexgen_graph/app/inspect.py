@@ -21,7 +21,7 @@ from __future__ import annotations
 from flexgen_graph.hardware import assumed_fields
 from flexgen_graph.ir import TIERS, Phase, Tier
 from flexgen_graph.planfile import Plan
-from flexgen_graph.program import OpKind
+from flexgen_graph.program import QCACHE_TWIN, OpKind
 from planner.cost import Predictions
 from planner.predict import BlockRun, full_block, predict_plan
 from planner.timeline import Span, StepTimeline, plan_graph, step_timeline  # noqa: F401  (re-exported)
@@ -140,7 +140,9 @@ def describe_text(plan: Plan, *, with_simulation: bool = True) -> str:
 _TAB20 = ("#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#2ca02c", "#98df8a", "#d62728", "#ff9896", "#9467bd",
           "#c5b0d5", "#8c564b", "#c49c94", "#e377c2", "#f7b6d2", "#7f7f7f", "#c7c7c7", "#bcbd22", "#dbdb8d",
           "#17becf", "#9edae5")
-COLORS = {k.value: (_TAB20[0::2] + _TAB20[1::2])[i] for i, k in enumerate(OpKind)}
+# (a plan compresses its cache or does not: a compressed-cache kind takes its dense twin's colour)
+COLORS = {k.value: (_TAB20[0::2] + _TAB20[1::2])[i] for i, k in enumerate(k for k in OpKind if k not in QCACHE_TWIN)}
+COLORS.update({q.value: COLORS[d.value] for q, d in QCACHE_TWIN.items()})
 
 
 def plot(plan: Plan, path, *, ctx: int | None = None):
