@@ -352,9 +352,10 @@ def _kernel_scale(f: LayerFigures, cal: Calibration) -> float:
 
 def weight_dequant_s(f: LayerFigures, hw: HardwareProfile, flags: Flags) -> float:
     """One step's dequantization of the layer's compressed weights (the plan's DEQUANT_WEIGHT op: once per
-    step, its gpu batches share the dense copy); 0 for dense weights, and for packed ones computed on as they
-    are (uncalibrated, or with a measured packed curve; without one they are priced as dequantized)."""
-    if not flags.compress_weights or not f.compute_ops:
+    step, its gpu batches share the dense copy, planner.schedule.dequantizes); 0 for dense weights, an
+    embedding's, and packed ones computed on as they are (uncalibrated, or with a measured packed curve;
+    without one they are priced as dequantized)."""
+    if not flags.compress_weights or not f.compute_ops or f.kind is LayerKind.EMBED:  # (it dequantizes rows)
         return 0.0
     cal = hw.calibration
     if cal is None:

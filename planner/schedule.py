@@ -120,16 +120,21 @@ def scratch_bytes(shape: GraphShape, policy: Policy, c_tier: dict[tuple[int, int
     """(compute-device, host) bytes of the dequantization scratch: the largest layout.dequant_scratch of
     the block's compute ops at the longest context. Sizes are the dense ones (compression does not
     resize these buffers). Ops of the compute stream run one at a time, so one scratch per tier serves all."""
-    dense_w = policy.compress_weights and not policy.packed_weights  # packed weights are computed on as they are
     needs = [(0, 0)]
     for j, kind in enumerate(shape.layer_kinds):
-        w = shape.weight_bytes[j] if dense_w else 0
+        w = shape.weight_bytes[j] if dequantizes(kind, policy) else 0
         needs.append(dequant_scratch(w, 0, False))  # embedding, head, the prefill of a host-homed cache
         if kind is LayerKind.DECODER and policy.compress_cache and not shape.score:
             for k in range(shape.num_gpu_batches):
                 t = c_tier[(j, k)]
                 needs.append(dequant_scratch(w, shape.cache_bytes, t is not Tier.GPU and not streams_cache(t, policy)))
     return max(n[0] for n in needs), max(n[1] for n in needs)
+
+
+def dequantizes(kind: LayerKind, policy: Policy) -> bool:
+    """Whether a layer's compressed weights are restored to a dense copy before it computes: not when they are
+    packed (computed on as they are), nor an embedding's (it reads the rows of its ids, dequantizing those)."""
+    return policy.compress_weights and not policy.packed_weights and kind is not LayerKind.EMBED
 
 
 def streams_cache(tier: Tier, policy: Policy) -> bool:
@@ -209,7 +214,7 @@ class _Rings:
     h_slot: dict[tuple[int, int], int]  # (layer, batch) -> hidden slot index
     h_prev: dict[tuple[int, int], tuple[int, int]]
     host_cache: frozenset[tuple[int, int]]  # cache used in place off the GPU (CPU attention)
-    dequant_weights: bool = False  # compressed weights dequantized per layer (not packed)
+    dequant: frozenset[int] = frozenset()  # layers whose compressed weights are restored before computing
     qcache: bool = False  # the cache is compressed
 
 
@@ -224,8 +229,9 @@ def _rings(shape: GraphShape, bp: BufferPlan, policy: Policy) -> _Rings:
     c_stream = [jk for jk in items if streams_cache(bp.cache_tier.get(jk, Tier.GPU), policy)]
     host_cache = frozenset(jk for jk, t in bp.cache_tier.items() if t is not Tier.GPU and not streams_cache(t, policy))
     h_stream = [jk for jk in items if bp.hidden_tier[jk[1]] is not Tier.GPU]
-    return _Rings(*_ring(w_stream), *_ring(c_stream), *_ring(h_stream), host_cache,
-                  policy.compress_weights and not policy.packed_weights, policy.compress_cache and not shape.score)
+    dequant = frozenset(j for j, kind in enumerate(shape.layer_kinds) if dequantizes(kind, policy))
+    return _Rings(*_ring(w_stream), *_ring(c_stream), *_ring(h_stream), host_cache, dequant,
+                  policy.compress_cache and not shape.score)
 
 
 class _Emitter:
@@ -251,7 +257,7 @@ class _Emitter:
 
     def emit(self, key: NodeKey) -> None:
         gj = self.shape.first_layer + key.layer  # programs name the model's layers
-        if key.kind is NodeKind.COMPUTE and self.r.dequant_weights and self._dense_layer != key.layer:
+        if key.kind is NodeKind.COMPUTE and key.layer in self.r.dequant and self._dense_layer != key.layer:
             self.ops.append(self._dequant_weight(key.layer, gj))
             self._dense_layer = key.layer
         op = self.BUILD[key.kind](self, key.layer, key.batch, gj, key._replace(layer=gj).label())
@@ -336,7 +342,7 @@ class _Emitter:
         if jk in r.h_slot and not self.idx(NodeKind.LOAD_HIDDEN, j, k):
             waits += self.freed(r.h_prev, jk, NodeKind.STORE_HIDDEN)  # the embedding writes the slot without a load
         lkind = self.shape.layer_kinds[j]
-        weight = bp.scratch if r.dequant_weights else self._weight(j)
+        weight = bp.scratch if j in r.dequant else self._weight(j)
         cache = -1
         if lkind is LayerKind.DECODER and not self.shape.score:  # a scoring plan keeps no cache
             cache = bp.cache_slots[r.c_slot[jk]] if jk in r.c_slot else bp.cache_home[jk]

@@ -75,12 +75,14 @@ class Engine:
         self.b, self.nb = pol.gpu_batch_size, pol.num_gpu_batches
         self.prompt_len, self.gen_len = plan.workload.prompt_len, plan.workload.gen_len
         self.max_seq = plan.workload.max_seq_len
-        # compression, as the plan's ops say: weight homes hold the store's compressed copy (DEQUANT_WEIGHT
-        # restores a layer into the scratch its computes name, or packed weights are computed on as they are);
-        # the *_QCACHE computes keep compressed cache rows (runtime.compressed.CacheCodec)
+        # compression, as the plan says: weight homes and slots hold the store's compressed copy; a compute
+        # naming one computes on it as it is (runtime.packed: packed matmuls, embedding rows), one naming the
+        # scratch reads the dense copy DEQUANT_WEIGHT restored there; the *_QCACHE computes keep compressed
+        # cache rows (runtime.compressed.CacheCodec)
         self.qcfg = QuantConfig(pol.compress_bits, pol.group_size)
         self.weights = compressed_layers(store, self.qcfg, pol.packed_weights) if pol.compress_weights else store
-        self._weights = self._packed_weights if pol.packed_weights else self._dense_weights
+        self._compressed_bufs = frozenset(b.id for b in plan.programs.buffers if pol.compress_weights and b.role in (
+            BufferRole.WEIGHT_HOME, BufferRole.WEIGHT_SLOT))
         ops = plan.programs.prefill + plan.programs.decode
         self.codec = CacheCodec(self.spec, self.b, self.qcfg) if any(op.kind in QCACHE_KINDS for op in ops) else None
         self._tmp = None
@@ -227,22 +229,16 @@ class Engine:
         """Filled rows of the op's gpu batch (its ops run only when there are some)."""
         return self.state.rows[op.batch]
 
-    def _views(self, key: tuple, layer: int, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-        """A buffer's typed views for a layer, made once: views follow the buffer, whatever it holds, and
-        rebuilding them per op showed in a profile of small-batch decode steps."""
+    def _weights(self, op: Op) -> dict[str, object]:
+        """What a compute op computes on: typed views of dense bytes, or the compressed bytes themselves. Made
+        once per (buffer, layer): views follow the buffer, whatever it holds, and rebuilding them per op showed
+        in a profile of small-batch decode steps."""
+        key = (op.weight, op.layer)
         v = self._view_memo.get(key)
         if v is None:
-            v = self._view_memo[key] = kernels.layer_views(self.spec, layer, buf)
-        return v
-
-    def _dense_weights(self, op: Op) -> dict[str, torch.Tensor]:
-        return self._views((op.weight, op.layer), op.layer, self.bufs[op.weight].tensor)
-
-    def _packed_weights(self, op: Op) -> dict[str, object]:
-        key = ("packed", op.weight, op.layer)
-        v = self._view_memo.get(key)
-        if v is None:
-            v = self._view_memo[key] = packed_layer_views(self.spec, op.layer, self.bufs[op.weight].tensor, self.qcfg)
+            buf = self.bufs[op.weight].tensor
+            v = self._view_memo[key] = packed_layer_views(self.spec, op.layer, buf, self.qcfg) \
+                if op.weight in self._compressed_bufs else kernels.layer_views(self.spec, op.layer, buf)
         return v
 
     # -- handlers ------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def test_memory_model_counts_slots_only_when_streaming():
 @pytest.mark.parametrize("weights,cache", [(True, False), (False, True), (True, True)])
 def test_compression_arrives_as_op_kinds(weights, cache):
     """The runtime decides nothing about compression: compressed weights get one DEQUANT_WEIGHT per layer and
-    step, into the scratch that layer's computes name as their weights; a compressed cache gets the *_QCACHE
+    step (the embedding's excepted), into the scratch that layer's computes name as their weights; a compressed cache gets the *_QCACHE
     kinds, each naming the scratch it restores into (none for a host-homed cache's prefill)."""
     from flexgen_graph.program import QCACHE_TWIN
 
@@ -114,13 +114,15 @@ def test_compression_arrives_as_op_kinds(weights, cache):
     scratch = {b.role: b.id for b in programs.buffers if b.role in (BufferRole.DEQUANT_SCRATCH, BufferRole.DEQUANT_HOST)}
     for ops in (programs.prefill, programs.decode):
         deq = [i for i, op in enumerate(ops) if op.kind is OpKind.DEQUANT_WEIGHT]
-        assert [ops[i].layer for i in deq] == (list(range(spec.num_graph_layers)) if weights else [])
+        # an embedding reads the rows of its ids from the compressed table: no dense copy of it
+        assert [ops[i].layer for i in deq] == (list(range(1, spec.num_graph_layers)) if weights else [])
         for i in deq:  # before the layer's first compute, after its load
             first = next(j for j, op in enumerate(ops) if op.layer == ops[i].layer and op.weight >= 0)
             assert i < first and ops[i].dst == scratch[BufferRole.DEQUANT_SCRATCH]
             assert all(w < i for w in ops[i].waits) and programs.buffers[ops[i].src].layer in (ops[i].layer, -1)
         computes = [op for op in ops if op.weight >= 0]
-        assert all((op.weight == scratch.get(BufferRole.DEQUANT_SCRATCH)) == weights for op in computes)
+        assert all((op.weight == scratch.get(BufferRole.DEQUANT_SCRATCH)) == (weights and op.kind is not OpKind.EMBED)
+                   for op in computes)
         decoders = [op for op in computes if op.cache >= 0]
         assert decoders and all((op.kind in QCACHE_TWIN) == cache for op in decoders)
         for op in decoders:
