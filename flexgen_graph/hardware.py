@@ -109,9 +109,22 @@ class LayerCurve:
     cache_dequant_s_per_byte: float = 0.0  # 4-bit cache of this layer: seconds per dense byte restored
     cache_store_s: float = 0.0  # 4-bit cache: one decode op's new rows compressed and read back
     cache_quant_s_per_byte: float = 0.0  # 4-bit cache: prefill's rows compressed and read back, per dense byte
+    # decode attention on the compute device at ATTN_WIDE_SEQS sequences (attn_s is at ATTN_SEQS): per sequence
+    # it grows with the batch once the cache outgrows the CPU's caches; 0: not measured (attn_s at any batch)
+    attn_wide_s: float = 0.0
 
     NUMBERS = ("attn_s", "attn_cpu_s", "prefill_attn_s", "dequant_s_per_byte", "cache_dequant_s_per_byte",
-               "cache_store_s", "cache_quant_s_per_byte")
+               "cache_store_s", "cache_quant_s_per_byte", "attn_wide_s")
+    OPTIONAL = {"attn_wide_s": 0.0}  # fields profiles measured before them lack
+    ATTN_SEQS, ATTN_WIDE_SEQS = 8, 64
+
+    def attn_at(self, seqs: int) -> float:
+        """Decode attention seconds per sequence per context token for an op of `seqs` sequences: linear
+        between the two measured batches, held beyond them."""
+        if not self.attn_wide_s:
+            return self.attn_s
+        x = min(1.0, max(0.0, (seqs - self.ATTN_SEQS) / (self.ATTN_WIDE_SEQS - self.ATTN_SEQS)))
+        return self.attn_s + x * (self.attn_wide_s - self.attn_s)
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -120,6 +133,8 @@ class LayerCurve:
 
     @classmethod
     def from_dict(cls, d: Any, what: str) -> "LayerCurve":
+        if isinstance(d, dict):
+            d = {**cls.OPTIONAL, **d}
         _exact_keys(d, {f.name for f in fields(cls)}, what)
         if d["kind"] not in LAYER_KINDS + tuple(k + PACKED_SUFFIX for k in LAYER_KINDS) or \
                 not isinstance(d["model"], str):

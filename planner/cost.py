@@ -324,7 +324,7 @@ def _calibrated_parts(f: LayerFigures, hw: HardwareProfile, cal: Calibration, fl
     packed = _packed_rows_s(f, cal, rows) if flags.packed_weights else None
     if lc is not None:
         dense = lc.rows.at(rows) if packed is None else packed
-        attn = (lc.attn_s * f.seqs * f.ctx) if decode else lc.prefill_attn_s * f.seqs * f.tokens ** 2
+        attn = (lc.attn_at(f.seqs) * f.seqs * f.ctx) if decode else lc.prefill_attn_s * f.seqs * f.tokens ** 2
         attn_cpu = lc.attn_cpu_s * f.seqs * f.ctx if decode else attn
     else:
         dense = max(f.dense_flops / n * cal.matmul_s_per_flop.at(rows), f.weight_full_bytes / hw.gpu_mem_bytes_per_s)

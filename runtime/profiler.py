@@ -339,9 +339,9 @@ def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
         sink[:r].copy_(kernels.decoder(spec, next_of(decs), hidden[:r], cache[:, :, :r], 0, pos[:r], mask[:r]))
     rows = _grow(decoder, sync=sync)
 
-    def attend_slope(dev: torch.device) -> float:
+    def attend_slope(dev: torch.device, b: int = LayerCurve.ATTN_SEQS) -> float:
         """Decode attention: seconds per sequence per context token (kernels.attend at growing context)."""
-        b, ctxs = 8, (64, 512, 1024)
+        ctxs = (64, 512, 1024) if b <= LayerCurve.ATTN_SEQS else (64, 256, 512)  # (a wide cache: its size bounded)
         c = torch.zeros(ctxs[-1], 2, b, KV, D, device=dev, dtype=dtype)
         q = torch.randn(b, 1, spec.num_heads, D, device=dev, dtype=dtype)
         kv = torch.randn(b, 1, KV, D, device=dev, dtype=dtype)
@@ -390,7 +390,8 @@ def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
     out.append(LayerCurve("decoder", spec.layer_bytes(1), spec.name, rows, attn_s=on_dev,
                           attn_cpu_s=on_dev if device.type == "cpu" else attend_slope(host),
                           prefill_attn_s=prefill_slope(), dequant_s_per_byte=w_deq, cache_dequant_s_per_byte=c_deq,
-                          cache_store_s=c_store, cache_quant_s_per_byte=c_quant))
+                          cache_store_s=c_store, cache_quant_s_per_byte=c_quant,
+                          attn_wide_s=attend_slope(device, LayerCurve.ATTN_WIDE_SEQS)))
 
     def head_op(r: int) -> None:
         kernels.head(spec, next_of(heads), hidden[:r]).argmax(dim=-1)

@@ -266,6 +266,31 @@ def test_cost_terms_follow_the_measured_curve_they_came_from():
     assert step.terms[0].const == pytest.approx(want, rel=1e-9)
 
 
+@pytest.mark.parametrize("b, slope", [(4, 1e-6), (8, 1e-6), (36, 2e-6), (64, 3e-6), (128, 3e-6)])
+def test_decode_attention_is_priced_at_the_batch_it_runs(b, slope):
+    """Per sequence, decode attention costs more at 64 sequences than at 8 (measured: the cache outgrows the
+    CPU's caches): priced linearly between the two measured batches, held beyond them."""
+    spec = tiny_spec("llama", layers=1)
+    hw = calibrated(spec, op_s=0.0)
+    layers = list(hw.calibration.layers)
+    layers[1] = dataclasses.replace(layers[1], attn_s=1e-6, attn_wide_s=3e-6)
+    hw = dataclasses.replace(hw, calibration=dataclasses.replace(hw.calibration, layers=tuple(layers)))
+    P, G = 8, 2
+    [step] = [s for s in phase_costs(lower(spec, Workload(P, G), Block(b, 1)), hw).decode
+              if s.figures.weight_full_bytes == spec.layer_bytes(1)]
+    assert step.terms[0].const == pytest.approx(layers[1].rows.at(b) + slope * b * (P + G / 2), rel=1e-9)
+
+
+def test_a_profile_measured_before_the_wide_attention_slope_reads_and_prices_one_slope(tmp_path):
+    d = calibrated(tiny_spec("llama")).to_dict()
+    for layer in d["calibration"]["layers"]:
+        del layer["attn_wide_s"]
+    path = tmp_path / "older.json"
+    path.write_text(json.dumps(d))
+    dec = load_profile(str(path)).calibration.layers[1]
+    assert dec.attn_wide_s == 0.0 and dec.attn_at(64) == dec.attn_at(8) == dec.attn_s > 0
+
+
 # ---------------------------------------------------------------- the fit
 
 
