@@ -1,7 +1,8 @@
 """A model larger than RAM on a CPU box: Llama-2-7B's shape (seeded dummy weights), whose float32 weights
 (25 GiB) this machine cannot hold, run in RAM as 4-bit against the same model's float32 plan with every
-weight homed on disk and read cold. Reports tokens/s of both, their ratio, and measured / predicted
-(the float32 row predicted with every disk read cold, bench.compression.cold_prediction).
+weight homed on disk and read cold. Reports tokens/s of both, their ratio, measured / predicted (the
+float32 row predicted with every disk read cold, bench.compression.cold_predictions), and prefill and
+decode step seconds beside the predicted ones.
 
 The dummy store is written once into the product's cache (flexgen_graph.app.models.default_cache_dir(),
 weights/<key>: one file per tensor, streamed in row chunks) and its 4-bit copy is built once beside it,
@@ -23,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,17 +32,19 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.compression import cold_prediction  # noqa: E402
+from bench.compression import cold_predictions  # noqa: E402
 from bench.report import cpu_name, usable_cores  # noqa: E402
 from flexgen_graph.app.api import compile_plan  # noqa: E402
 from flexgen_graph.app.cli import _profile  # noqa: E402
 from flexgen_graph.app.models import default_cache_dir, open_store  # noqa: E402
 from flexgen_graph.catalog import catalog_spec  # noqa: E402
 from flexgen_graph.ir import Workload  # noqa: E402
+from flexgen_graph.planfile import Plan  # noqa: E402
 from flexgen_graph.policy import Placement  # noqa: E402
 from flexgen_graph.spec import ModelSpec  # noqa: E402
 from runtime.compressed import compressed_layers  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
+from planner.cost import Predictions  # noqa: E402
 from runtime.quant import QuantConfig  # noqa: E402
 
 GiB = 2**30
@@ -73,6 +77,33 @@ def evict(store) -> None:
             fd = os.open(store.tensor_file(layer, slot.name), os.O_RDONLY)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    name: str
+    plan: Plan
+    cold: bool  # weights read from the disk, evicted after each read
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    tokens_per_s: float
+    prefill_s: float
+    decode_step_s: float  # mean over the run's decode steps
+
+
+def timed_run(engine: Engine, prompts: list[list[int]], gen_len: int, evict_first=None) -> Run:
+    """One block through the engine, timed whole and by program (the engine's step_times)."""
+    if evict_first is not None:
+        evict(evict_first)
+    engine.step_times.clear()
+    t = time.perf_counter()
+    engine.generate(prompts, [gen_len] * len(prompts), ignore_eos=True)
+    wall = time.perf_counter() - t
+    decode = [s for k, s in engine.step_times if k == "decode"] or [0.0]
+    return Run(len(prompts) * gen_len / wall, sum(s for k, s in engine.step_times if k == "prefill"),
+               statistics.mean(decode))
 
 
 def weight_home_bytes(plan) -> int:
@@ -110,31 +141,26 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     prompts = [torch.randint(3, spec.vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
     wl = Workload(args.prompt_len, args.gen_len)
     common = dict(gpu_batch_size=args.prompts, num_gpu_batches=1)
-    rows = {
-        "float32, weights on disk (cold)": (compile_plan(
+    rows = [
+        Row("float32, weights on disk (cold)", compile_plan(
             spec, profile, wl, fixed={"weights": ON_DISK, "cache": IN_RAM, "hidden": IN_RAM}, **common), True),
-        f"4-bit g{args.group_size}{', packed' if packed else ''}, weights in RAM": (compile_plan(
+        Row(f"4-bit g{args.group_size}{', packed' if packed else ''}, weights in RAM", compile_plan(
             spec, profile, wl, fixed={"weights": IN_RAM, "cache": IN_RAM, "hidden": IN_RAM}, compress="weights",
             compress_bits=4, group_size=args.group_size, packed=packed, **common), False),
-    }
-    tps: dict[str, list[float]] = {name: [] for name in rows}
+    ]
+    runs: dict[str, list[Run]] = {r.name: [] for r in rows}
     with tempfile.TemporaryDirectory() as off:
         engines = {}
         try:
-            for i, (name, (plan, cold)) in enumerate(rows.items()):
-                engines[name] = Engine(plan, store, Path(off) / str(i), cold_weights=cold)
+            for i, r in enumerate(rows):
+                engines[r.name] = Engine(r.plan, store, Path(off) / str(i), cold_weights=r.cold)
             for _ in range(args.repeats):
-                for name, e in engines.items():
-                    if rows[name][1]:
-                        evict(store)
-                    t = time.perf_counter()
-                    e.generate(prompts, [args.gen_len] * len(prompts), ignore_eos=True)
-                    tps[name].append(len(prompts) * args.gen_len / (time.perf_counter() - t))
+                for r in rows:
+                    runs[r.name].append(timed_run(engines[r.name], prompts, args.gen_len, store if r.cold else None))
         finally:
             for e in engines.values():
                 e.close()
 
-    dense, four = list(rows)
     print(f"command: {prog or 'python bench/big_model.py'} " + " ".join(sys.argv[1:] if argv is None else argv))
     print(f"{spec.name} (dummy weights, seed 0): float32 {spec.weight_bytes() / GiB:.1f} GiB, this machine's RAM "
           f"{ram_bytes() / GiB:.1f} GiB; {cpu_name()}, {usable_cores()} cores; profile {profile.name}; "
@@ -142,14 +168,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
           f"{args.prompts} x 1; {args.repeats} repetition(s) (medians); {datetime.date.today()}")
     print(f"store {store.path} ready in {t_store:.0f} s, its 4-bit copy in {t_copy:.0f} s (both written on first "
           f"use only); peak RSS {peak_rss() / GiB:.1f} GiB\n")
-    print("| weights | weights home | tokens/s | vs float32 on disk | predicted | measured / predicted |")
-    print("|---|---|---|---|---|---|")
-    base = statistics.median(tps[dense])
-    for name, (plan, cold) in rows.items():
-        med = statistics.median(tps[name])
-        pred = cold_prediction(plan) if cold else plan.predictions["tokens_per_s"]
-        print(f"| {name} | {weight_home_bytes(plan) / GiB:.2f} GiB | {med:.3f} | {med / base:.2f}x | {pred:.3f} | "
-              f"{med / pred:.2f} |")
+    print("| weights | weights home | tokens/s | vs float32 on disk | predicted | measured / predicted | "
+          "prefill s (predicted) | decode s a step (predicted) |")
+    print("|---|---|---|---|---|---|---|---|")
+    base = statistics.median(x.tokens_per_s for x in runs[rows[0].name])
+    for r in rows:
+        tps = statistics.median(x.tokens_per_s for x in runs[r.name])
+        pre = statistics.median(x.prefill_s for x in runs[r.name])
+        dec = statistics.median(x.decode_step_s for x in runs[r.name])
+        p = cold_predictions(r.plan) if r.cold else Predictions.from_dict(r.plan.predictions)
+        print(f"| {r.name} | {weight_home_bytes(r.plan) / GiB:.2f} GiB | {tps:.3f} | {tps / base:.2f}x | "
+              f"{p.tokens_per_s:.3f} | {tps / p.tokens_per_s:.2f} | {pre:.1f} ({p.prefill_s:.1f}) | "
+              f"{dec:.1f} ({p.decode_step_s:.1f}) |")
     return 0
 
 
