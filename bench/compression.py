@@ -46,13 +46,18 @@ def prefix_agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return statistics.mean(shares)
 
 
-def cold_prediction(plan) -> float:
-    """tokens/s predicted with every disk read cold, as the --disk runs read (the plan's own prediction takes
-    reads as warm wherever its profile's page cache holds the model)."""
+def cold_predictions(plan):
+    """The plan's predictions (planner.cost.Predictions) with every disk read cold, as the --disk runs read
+    (the plan's own prediction takes reads as warm wherever its profile's page cache holds the model)."""
     from planner.cost import evaluate
     from planner.timeline import plan_graph
 
-    return evaluate(plan_graph(plan), plan.profile, plan.policy, spec=plan.spec, disk="cold").tokens_per_s
+    return evaluate(plan_graph(plan), plan.profile, plan.policy, spec=plan.spec, disk="cold")
+
+
+def cold_prediction(plan) -> float:
+    """tokens/s predicted with every disk read cold (cold_predictions)."""
+    return cold_predictions(plan).tokens_per_s
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

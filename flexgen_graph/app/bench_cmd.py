@@ -20,6 +20,8 @@ SCENARIOS = {
     "c2": "the embedded SmolLM2-135M at batch 1/16/64 vs transformers generate (CPU)",
     "g1": "OPT-13B fp16, 16 GB GPU cap, prompt 512, generation 32 (needs a CUDA GPU; prints 'not run' without one)",
     "compression": "4-bit / 8-bit weights and cache through the runtime vs uncompressed: tokens/s and agreement",
+    "big_model": "Llama-2-7B's shape (dummy weights), past RAM as float32: 4-bit in RAM vs float32 homed on disk "
+                 "(CPU; writes a 25 GiB store into the cache once)",
     "pipeline": "the same job as one process and as an S-stage pipeline under torchrun (outputs checked equal)",
     "fidelity": "the plans' predicted tokens/s, prefill and decode step against the engine's, scenario by scenario",
     "ranking": "the planner's fastest predicted policies and a few random ones, ranked as predicted and as measured",
