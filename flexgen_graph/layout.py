@@ -51,6 +51,16 @@ def dequant_scratch(dense_weight: int, dense_cache: int, attends_on_cpu: bool) -
     return (align_up(dense_weight) + dense_cache if dense_cache else dense_weight), 0
 
 
+DEFAULT_ATTEND_CHUNK_ROWS = 128  # cache rows attention over a compressed cache restores at a time (bench/qattention.py)
+
+
+def attend_chunk_bytes(kv_bytes_per_token: int, gpu_batch_size: int, chunk_rows: int) -> int:
+    """Bytes of the scratch that attention over a compressed cache (runtime.qattention) restores one chunk of
+    cache rows into: chunk_rows rows of a gpu batch's dense cache (kv_bytes_per_token: spec.kv_bytes_per_token();
+    pass min(chunk_rows, the plan's rows) when the cache is shorter than a chunk)."""
+    return chunk_rows * gpu_batch_size * kv_bytes_per_token
+
+
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
     name: str
