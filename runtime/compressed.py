@@ -221,12 +221,15 @@ class CacheCodec:
         rec.data.copy_(q.data)
         return q
 
+    def store_kv(self, buf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> QTensor:
+        """Compress new tokens' k and v ([B, T, KV, D]) into records [start, start + T); returns them quantized."""
+        return self.store(buf, torch.stack((k, v)).permute(2, 0, 1, 3, 4), start)  # [T, 2, B, KV, D]
+
     def store_new(self, buf: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Compress new tokens' k and v ([B, T, KV, D]) into records [start, start + T); returns them as
         they read back, so a token attends to the same values now as at every later step."""
-        q = self.store(buf, torch.stack((k, v)).permute(2, 0, 1, 3, 4), start)  # [T, 2, B, KV, D]
-        back = dequantize(q, dtype=k.dtype)
+        back = dequantize(self.store_kv(buf, k, v, start), dtype=k.dtype)
         return back[:, 0].transpose(0, 1), back[:, 1].transpose(0, 1)
 
     def load(self, buf: torch.Tensor, dense: torch.Tensor, n: int) -> None:

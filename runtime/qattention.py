@@ -73,9 +73,9 @@ def attend_quantized(spec: ModelSpec, codec: CacheCodec, q: torch.Tensor, k_new:
     G, L = NH // KV, start + T
     assert key_mask.shape == (B, L), f"attend_quantized: key_mask {tuple(key_mask.shape)} != {(B, L)}"
     assert chunk_rows >= 1, f"attend_quantized: chunk_rows {chunk_rows} < 1"
-    k, v = codec.store_new(cbuf, k_new, v_new, start)  # as they read back
-    if start == 0:
-        return _attend_new_only(spec, q, k, v, key_mask)
+    if start == 0:  # prefill: no cache rows to read; the new rows as they read back
+        return _attend_new_only(spec, q, *codec.store_new(cbuf, k_new, v_new, 0), key_mask)
+    codec.store_kv(cbuf, k_new, v_new, start)  # read back below with the cache rows, by the same restore
     c = min(chunk_rows, L)
     chunk = _chunk_view(spec, scratch, c, B, q.device)
     scale = 1.0 if spec.query_prescaled else D ** -0.5
@@ -85,12 +85,7 @@ def attend_quantized(spec: ModelSpec, codec: CacheCodec, q: torch.Tensor, k_new:
     for s in range(0, L, c):
         e = min(s + c, L)
         rows = chunk[:e - s]  # rows: [n, 2, B, KV, D]
-        if s < start:
-            codec.load_rows(cbuf, rows[:min(e, start) - s], s)
-        if e > start:  # the new tokens' rows, as attend writes them into its cache
-            lo = max(s, start)
-            rows[lo - s:, 0] = k[:, lo - start:e - start].transpose(0, 1)
-            rows[lo - s:, 1] = v[:, lo - start:e - start].transpose(0, 1)
+        codec.load_rows(cbuf, rows, s)
         keys = rows[:, 0].permute(1, 2, 3, 0)  # keys: [B, KV, D, n]
         values = rows[:, 1].permute(1, 2, 0, 3)  # values: [B, KV, n, D]
         sc = torch.matmul(qf, keys).float()  # sc: [B, KV, G*T, n]

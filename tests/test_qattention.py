@@ -97,7 +97,8 @@ def test_half_precision_tracks_restore_and_attend():
 
 @pytest.mark.parametrize("a, chunk", [(40, 7), (40, 64), (0, 4)])
 def test_restores_at_most_a_chunk_at_a_time(monkeypatch, a, chunk):
-    """Every cache row [0, a) is restored exactly once, in pieces of at most chunk rows; prefill restores none."""
+    """Every row [0, a + 1) (the new one as it reads back) is restored exactly once, in pieces of at most chunk
+    rows; prefill restores none."""
     spec = SPECS["smollm2"]
     codec, cbuf, q, k, v, mask = _case(spec, QuantConfig(4, 64), a, 1)
     seen = []
@@ -111,7 +112,7 @@ def test_restores_at_most_a_chunk_at_a_time(monkeypatch, a, chunk):
     monkeypatch.setattr(CacheCodec, "load", lambda *_: pytest.fail("the whole cache was restored"))
     attend_quantized(spec, codec, q, k, v, cbuf, a, mask, chunk)
     assert all(n <= chunk for _, n in seen)
-    assert sorted(r for s, n in seen for r in range(s, s + n)) == list(range(a))
+    assert sorted(r for s, n in seen for r in range(s, s + n)) == list(range(a + 1 if a else 0))
 
 
 def test_scratch_bytes_by_hand():
