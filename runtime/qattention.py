@@ -3,8 +3,8 @@ each restored into a small scratch and folded into an online softmax (running ma
 values, as flash attention), so only one chunk of the dense cache exists at a time.
 
     >>> codec = CacheCodec(spec, gpu_batch_size, cfg)             # runtime.compressed
-    >>> scratch = torch.empty(chunk_scratch_bytes(spec, gpu_batch_size, rows), dtype=torch.uint8, device=dev)
-    >>> a_out = attend_quantized(spec, codec, q, k, v, cbuf, start, key_mask, rows, scratch)  # [B, T, NH * D]
+    >>> scratch = torch.empty(chunk_scratch_bytes(spec, gpu_batch_size), dtype=torch.uint8, device=dev)
+    >>> a_out = attend_quantized(spec, codec, q, k, v, cbuf, start, key_mask, scratch=scratch)  # [B, T, NH * D]
 
 Same result as `codec.store_new` + `codec.load` of rows [0, start) + `kernels.attend`, within float32
 rounding: the new tokens' k, v are stored first and attended as they read back (every token sees the same
@@ -19,19 +19,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flexgen_graph.layout import DEFAULT_ATTEND_CHUNK_ROWS, attend_chunk_bytes
+from flexgen_graph.layout import attend_chunk_bytes, attend_chunk_rows
 from flexgen_graph.spec import ModelSpec
 from runtime.compressed import CacheCodec
 from runtime.kernels import TORCH_DTYPES, _attention_mask
 
-__all__ = ["DEFAULT_ATTEND_CHUNK_ROWS", "attend_quantized", "chunk_scratch_bytes"]
+__all__ = ["attend_quantized", "chunk_rows", "chunk_scratch_bytes"]
 
 MASKED = torch.finfo(torch.float32).min  # finite: a chunk without a valid key gives no NaN, its weight is rescaled to 0
 
 
-def chunk_scratch_bytes(spec: ModelSpec, gpu_batch_size: int, chunk_rows: int = DEFAULT_ATTEND_CHUNK_ROWS) -> int:
-    """Bytes of the scratch attend_quantized restores a chunk into (layout.attend_chunk_bytes)."""
-    return attend_chunk_bytes(spec.kv_bytes_per_token(), gpu_batch_size, chunk_rows)
+def chunk_rows(spec: ModelSpec, gpu_batch_size: int) -> int:
+    """The default cache rows per chunk (layout.attend_chunk_rows: a few MiB of dense rows)."""
+    return attend_chunk_rows(spec.kv_bytes_per_token(), gpu_batch_size)
+
+
+def chunk_scratch_bytes(spec: ModelSpec, gpu_batch_size: int, rows: int | None = None) -> int:
+    """Bytes of the scratch attend_quantized restores a chunk of `rows` (default: chunk_rows) into."""
+    rows = chunk_rows(spec, gpu_batch_size) if rows is None else rows
+    return attend_chunk_bytes(spec.kv_bytes_per_token(), gpu_batch_size, rows)
 
 
 def _chunk_view(spec: ModelSpec, scratch: torch.Tensor | None, rows: int, batch: int,
@@ -64,19 +70,21 @@ def _attend_new_only(spec: ModelSpec, q: torch.Tensor, k: torch.Tensor, v: torch
 
 def attend_quantized(spec: ModelSpec, codec: CacheCodec, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                      cbuf: torch.Tensor, start: int, key_mask: torch.Tensor,
-                     chunk_rows: int = DEFAULT_ATTEND_CHUNK_ROWS, scratch: torch.Tensor | None = None) -> torch.Tensor:
+                     rows: int | None = None, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Store k_new, v_new ([B, T, KV, D]) at records [start, start + T) of cbuf, then attend q ([B, T, NH, D])
-    over rows [0, start + T) chunk_rows at a time: [B, T, NH * D]. key_mask: [B, start + T]; scratch: flat
-    uint8 on q's device, chunk_scratch_bytes(spec, B, min(chunk_rows, start + T)) bytes at least (else new)."""
+    over rows [0, start + T) `rows` at a time (default: chunk_rows of the codec's gpu batch): [B, T, NH * D].
+    key_mask: [B, start + T]; scratch: flat uint8 on q's device, chunk_scratch_bytes(spec, B, min(rows,
+    start + T)) bytes at least (else a new one)."""
     B, T, NH, D = q.shape
     KV = spec.num_kv_heads
     G, L = NH // KV, start + T
     assert key_mask.shape == (B, L), f"attend_quantized: key_mask {tuple(key_mask.shape)} != {(B, L)}"
-    assert chunk_rows >= 1, f"attend_quantized: chunk_rows {chunk_rows} < 1"
+    rows = chunk_rows(spec, codec.row_shape[1]) if rows is None else rows
+    assert rows >= 1, f"attend_quantized: rows {rows} < 1"
     if start == 0:  # prefill: no cache rows to read; the new rows as they read back
         return _attend_new_only(spec, q, *codec.store_new(cbuf, k_new, v_new, 0), key_mask)
     codec.store_kv(cbuf, k_new, v_new, start)  # read back below with the cache rows, by the same restore
-    c = min(chunk_rows, L)
+    c = min(rows, L)
     chunk = _chunk_view(spec, scratch, c, B, q.device)
     scale = 1.0 if spec.query_prescaled else D ** -0.5
     qf = (q * scale).permute(0, 2, 1, 3).reshape(B, KV, G * T, D)  # qf: [B, KV, G*T, D], G query heads per kv head
@@ -84,10 +92,10 @@ def attend_quantized(spec: ModelSpec, codec: CacheCodec, q: torch.Tensor, k_new:
     m = l = acc = None
     for s in range(0, L, c):
         e = min(s + c, L)
-        rows = chunk[:e - s]  # rows: [n, 2, B, KV, D]
-        codec.load_rows(cbuf, rows, s)
-        keys = rows[:, 0].permute(1, 2, 3, 0)  # keys: [B, KV, D, n]
-        values = rows[:, 1].permute(1, 2, 0, 3)  # values: [B, KV, n, D]
+        dense = chunk[:e - s]  # dense: [n, 2, B, KV, D]
+        codec.load_rows(cbuf, dense, s)
+        keys = dense[:, 0].permute(1, 2, 3, 0)  # keys: [B, KV, D, n]
+        values = dense[:, 1].permute(1, 2, 0, 3)  # values: [B, KV, n, D]
         sc = torch.matmul(qf, keys).float()  # sc: [B, KV, G*T, n]
         sc.view(B, KV, G, T, e - s).masked_fill_(blocked[..., s:e], MASKED)
         top = sc.amax(-1, keepdim=True)

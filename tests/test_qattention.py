@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from flexgen_graph.catalog import catalog_spec
-from flexgen_graph.layout import attend_chunk_bytes
+from flexgen_graph.layout import attend_chunk_bytes, attend_chunk_rows
 from runtime import kernels
 from runtime.compressed import CacheCodec
-from runtime.qattention import attend_quantized, chunk_scratch_bytes
+from runtime.qattention import attend_quantized, chunk_rows, chunk_scratch_bytes
 from runtime.quant import QuantConfig
 
 SPECS = {
@@ -46,11 +46,12 @@ def _restore_and_attend(spec, codec, q, k, v, cbuf, a, mask):
     return kernels.attend(spec, q, k, v, dense, a, mask)
 
 
-def _check(spec, cfg, a, t, chunk, scratch=False, seed=0):
+def _check(spec, cfg, a, t, chunk=None, scratch=False, seed=0):
     codec, cbuf, q, k, v, mask = _case(spec, cfg, a, t, seed)
     want_buf = cbuf.clone()
     want = _restore_and_attend(spec, codec, q, k, v, want_buf, a, mask)
-    s = torch.empty(chunk_scratch_bytes(spec, B, min(chunk, a + t)), dtype=torch.uint8) if scratch else None
+    rows = chunk_rows(spec, B) if chunk is None else chunk
+    s = torch.empty(chunk_scratch_bytes(spec, B, min(rows, a + t)), dtype=torch.uint8) if scratch else None
     got = attend_quantized(spec, codec, q, k, v, cbuf, a, mask, chunk, s)
     assert got.shape == want.shape == (B, t, spec.num_heads * spec.head_dim)
     assert torch.isfinite(got).all()
@@ -119,3 +120,17 @@ def test_scratch_bytes_by_hand():
     spec = SPECS["smollm2"]  # 3 kv heads of 64, float32: 1536 bytes of k and v per token and sequence
     assert chunk_scratch_bytes(spec, 16, 128) == 128 * 16 * 2 * 3 * 64 * 4
     assert attend_chunk_bytes(spec.kv_bytes_per_token(), 16, 128) == chunk_scratch_bytes(spec, 16, 128)
+
+
+@pytest.mark.parametrize("model", list(SPECS))
+def test_default_chunk(model):
+    _check(SPECS[model], QuantConfig(4, 64), 50, 1, scratch=True)
+
+
+def test_default_rows_fill_a_few_mib_by_hand():
+    kv = SPECS["smollm2"].kv_bytes_per_token()  # 1536
+    assert attend_chunk_rows(kv, 16) == 160  # 4 MiB / (16 x 1536) = 170.7, down to a multiple of 16
+    assert attend_chunk_rows(kv, 64) == 32  # 42.7
+    assert attend_chunk_rows(kv, 4096) == 16  # never below 16 rows
+    assert chunk_rows(SPECS["smollm2"], 16) == 160
+    assert chunk_scratch_bytes(SPECS["smollm2"], 16) == 160 * 16 * kv <= 4 << 20
