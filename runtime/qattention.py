@@ -11,7 +11,8 @@ rounding: the new tokens' k, v are stored first and attended as they read back (
 cache values whenever it reads them), the mask is kernels' (causal within the new tokens, padding keys
 never attended, a query without any valid key sees all keys). Prefill (start 0) reads no cache: it
 attends over the new tokens in one call. Runs wherever q lives; the compressed records are moved there
-chunk by chunk when the cache buffer lives elsewhere.
+chunk by chunk when the cache buffer lives elsewhere. Each chunk costs about fifteen torch ops: the default
+rows (a few MiB of dense rows) suit a CPU; on a GPU, where each op is a kernel launch, pass more rows.
 """
 
 from __future__ import annotations
