@@ -51,6 +51,25 @@ def dequant_scratch(dense_weight: int, dense_cache: int, attends_on_cpu: bool) -
     return (align_up(dense_weight) + dense_cache if dense_cache else dense_weight), 0
 
 
+# attention over a compressed cache (runtime.qattention) restores this many bytes of dense cache rows at a time:
+# on a 2-core CPU (bench/qattention.py) 3-6 MiB was fastest at batch 16 (128-256 rows) and 64 (32-64 rows) alike
+ATTEND_CHUNK_BYTES = 4 << 20
+ATTEND_CHUNK_ROW_MULTIPLE = 16
+
+
+def attend_chunk_rows(kv_bytes_per_token: int, gpu_batch_size: int, target_bytes: int = ATTEND_CHUNK_BYTES) -> int:
+    """Cache rows per chunk: as many as fit target_bytes of a gpu batch's dense cache, a multiple of 16 and at
+    least 16 (kv_bytes_per_token: spec.kv_bytes_per_token())."""
+    rows = target_bytes // (gpu_batch_size * kv_bytes_per_token)
+    return max(ATTEND_CHUNK_ROW_MULTIPLE, rows - rows % ATTEND_CHUNK_ROW_MULTIPLE)
+
+
+def attend_chunk_bytes(kv_bytes_per_token: int, gpu_batch_size: int, chunk_rows: int) -> int:
+    """Bytes of the scratch attention over a compressed cache restores one chunk of rows into: chunk_rows rows of
+    a gpu batch's dense cache (pass min(chunk_rows, the plan's rows) when the cache is shorter than a chunk)."""
+    return chunk_rows * gpu_batch_size * kv_bytes_per_token
+
+
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
     name: str

@@ -8,6 +8,7 @@ the codecs that fill and read them (runtime.quant does the arithmetic).
     >>> codec = CacheCodec(spec, gpu_batch_size, cfg)
     >>> k, v = codec.store_new(cbuf, k, v, start)     # new tokens' rows compressed; k, v as they read back
     >>> codec.load(cbuf, dense_cache, n)              # rows [0, n) restored
+    >>> codec.load_rows(cbuf, chunk, s)               # rows [s, s + len(chunk)) restored (runtime.qattention)
 
 Compressed layer layout: spec.compressed_layer_layout (flexgen_graph.layout, the definition the planner
 sizes buffers by): the tensors of spec.layer_layout in the same order, each starting ALIGN_BYTES-aligned;
@@ -220,24 +221,31 @@ class CacheCodec:
         rec.data.copy_(q.data)
         return q
 
+    def store_kv(self, buf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> QTensor:
+        """Compress new tokens' k and v ([B, T, KV, D]) into records [start, start + T); returns them quantized."""
+        return self.store(buf, torch.stack((k, v)).permute(2, 0, 1, 3, 4), start)  # [T, 2, B, KV, D]
+
     def store_new(self, buf: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Compress new tokens' k and v ([B, T, KV, D]) into records [start, start + T); returns them as
         they read back, so a token attends to the same values now as at every later step."""
-        q = self.store(buf, torch.stack((k, v)).permute(2, 0, 1, 3, 4), start)  # [T, 2, B, KV, D]
-        back = dequantize(q, dtype=k.dtype)
+        back = dequantize(self.store_kv(buf, k, v, start), dtype=k.dtype)
         return back[:, 0].transpose(0, 1), back[:, 1].transpose(0, 1)
 
     def load(self, buf: torch.Tensor, dense: torch.Tensor, n: int) -> None:
         """Restore rows [0, n) of dense ([S, 2, b, KV, D], its first b <= B sequences) from buf's records, on
         dense's device."""
-        if n <= 0:
-            return
-        rec = self._records(buf, 0, n, dense.shape[2])
-        if rec.data.device != dense.device:
-            rec = QTensor(rec.data.to(dense.device), rec.scale.to(dense.device), rec.mn.to(dense.device),
+        if n > 0:
+            self.load_rows(buf, dense[:n], 0)
+
+    def load_rows(self, buf: torch.Tensor, out: torch.Tensor, start: int) -> None:
+        """Restore records [start, start + n) into out ([n, 2, b, KV, D], the first b <= B sequences), on
+        out's device: a chunk of the cache, as load restores it."""
+        rec = self._records(buf, start, out.shape[0], out.shape[2])
+        if rec.data.device != out.device:
+            rec = QTensor(rec.data.to(out.device), rec.scale.to(out.device), rec.mn.to(out.device),
                           rec.shape, rec.dim, rec.cfg)
-        dequantize(rec, out=dense[:n])
+        dequantize(rec, out=out)
 
 
 def dense_cache_view(buf: torch.Tensor, max_seq: int, gpu_batch_size: int, spec: ModelSpec) -> torch.Tensor:

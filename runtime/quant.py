@@ -120,7 +120,13 @@ def dequantize(q: QTensor, out: torch.Tensor | None = None, dtype: torch.dtype =
     codes = _unpack(q.data, q.cfg, d + 1)  # codes: [*pre, G, g, *post] uint8
     mn, scale = q.mn.float().unsqueeze(d + 1), q.scale.float().unsqueeze(d + 1)
     if out is not None and out.dtype == torch.float32 and out.is_contiguous() and groups * q.cfg.group_size == n:
-        torch.addcmul(mn, codes, scale, out=out.view(codes.shape))  # one pass, in place
+        o = out.view(codes.shape)
+        if o.device.type == "cpu":
+            # the CPU's addcmul on uint8 codes takes a slow mixed-dtype path: widen, then scale and shift in place;
+            # code * scale is exact in float32 (8-bit code, 11-bit mantissa), so this rounds as addcmul does
+            o.copy_(codes).mul_(scale).add_(mn)
+        else:
+            torch.addcmul(mn, codes, scale, out=o)  # one pass, in place
         return out
     x = torch.addcmul(mn, codes, scale).flatten(d, d + 1).narrow(d, 0, n)  # mn + code * scale: q.shape
     if out is None:
