@@ -106,8 +106,10 @@ class LayerCurve:
     attn_cpu_s: float = 0.0  # the same on the host (CPU attention)
     prefill_attn_s: float = 0.0  # prefill attention: seconds per sequence per prompt_len squared
     dequant_s_per_byte: float = 0.0  # 4-bit weights of this layer: seconds per dense byte restored
-    cache_dequant_s_per_byte: float = 0.0  # 4-bit cache of this layer: seconds per dense byte restored
-    cache_store_s: float = 0.0  # 4-bit cache: one decode op's new rows compressed and read back
+    # 4-bit cache, decode attention beyond the dense cache's (runtime.qattention): per dense byte attended, and
+    # per op (its new rows stored, fixed costs)
+    cache_dequant_s_per_byte: float = 0.0
+    cache_store_s: float = 0.0
     cache_quant_s_per_byte: float = 0.0  # 4-bit cache: prefill's rows compressed and read back, per dense byte
     # decode attention on the compute device at ATTN_WIDE_SEQS sequences (attn_s is at ATTN_SEQS): per sequence
     # it grows with the batch once the cache outgrows the CPU's caches; 0: not measured (attn_s at any batch)

@@ -41,14 +41,15 @@ def align_up(n: int, m: int = ALIGN_BYTES) -> int:
     return ceil_div(n, m) * m
 
 
-def dequant_scratch(dense_weight: int, dense_cache: int, attends_on_cpu: bool) -> tuple[int, int]:
+def dequant_scratch(dense_weight: int, cache_chunk: int, attends_on_cpu: bool) -> tuple[int, int]:
     """(compute-device bytes, host bytes) one compute op dequantizes into: its layer's dense weights
-    (0 when they are not compressed, or packed), then, ALIGN_BYTES-aligned after them, the dense cache
-    it attends (0 when not compressed); on the host when it attends there. The plan's scratch buffers
-    are the largest of this over their compute ops, and the peak charges each op this (one definition)."""
+    (0 when they are not compressed, or packed), then, ALIGN_BYTES-aligned after them, the chunk of dense
+    cache rows attention over a compressed cache restores at a time (attend_scratch_bytes; 0 when the cache
+    is not compressed); on the host when it attends there. The plan's scratch buffers are the largest of this
+    over their compute ops (one definition, for the planner and the runtime)."""
     if attends_on_cpu:
-        return dense_weight, dense_cache
-    return (align_up(dense_weight) + dense_cache if dense_cache else dense_weight), 0
+        return dense_weight, cache_chunk
+    return (align_up(dense_weight) + cache_chunk if cache_chunk else dense_weight), 0
 
 
 # attention over a compressed cache (runtime.qattention) restores this many bytes of dense cache rows at a time:
@@ -62,6 +63,12 @@ def attend_chunk_rows(kv_bytes_per_token: int, gpu_batch_size: int, target_bytes
     least 16 (kv_bytes_per_token: spec.kv_bytes_per_token())."""
     rows = target_bytes // (gpu_batch_size * kv_bytes_per_token)
     return max(ATTEND_CHUNK_ROW_MULTIPLE, rows - rows % ATTEND_CHUNK_ROW_MULTIPLE)
+
+
+def attend_scratch_bytes(row_bytes: int, max_seq: int) -> int:
+    """The chunk scratch of attention over a compressed cache whose dense rows (one token of a gpu batch) are
+    row_bytes, max_seq of them: attend_chunk_rows rows, no more than the cache holds."""
+    return min(max_seq, attend_chunk_rows(row_bytes, 1)) * row_bytes
 
 
 def attend_chunk_bytes(kv_bytes_per_token: int, gpu_batch_size: int, chunk_rows: int) -> int:

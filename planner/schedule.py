@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from flexgen_graph.ir import LayerKind, NodeKey, NodeKind, Phase, Tier
-from flexgen_graph.layout import dequant_scratch
+from flexgen_graph.layout import attend_scratch_bytes, dequant_scratch
 from flexgen_graph.policy import Policy, assign_tiers
 from flexgen_graph.program import Buffer, BufferRole, Op, OpKind, Programs
 
@@ -118,16 +118,18 @@ def build_buffers(shape: GraphShape, policy: Policy) -> BufferPlan:
 
 def scratch_bytes(shape: GraphShape, policy: Policy, c_tier: dict[tuple[int, int], Tier]) -> tuple[int, int]:
     """(compute-device, host) bytes of the dequantization scratch: the largest layout.dequant_scratch of
-    the block's compute ops at the longest context. Sizes are the dense ones (compression does not
-    resize these buffers). Ops of the compute stream run one at a time, so one scratch per tier serves all."""
+    the block's compute ops (a compressed cache is attended a chunk of rows at a time, runtime.qattention).
+    Sizes are the dense ones. Ops of the compute stream run one at a time, so one scratch per tier serves all."""
     needs = [(0, 0)]
+    max_seq = shape.prompt_len + shape.gen_len
+    chunk = attend_scratch_bytes(shape.cache_bytes // max_seq, max_seq) if shape.cache_bytes else 0
     for j, kind in enumerate(shape.layer_kinds):
         w = shape.weight_bytes[j] if dequantizes(kind, policy) else 0
         needs.append(dequant_scratch(w, 0, False))  # embedding, head, the prefill of a host-homed cache
         if kind is LayerKind.DECODER and policy.compress_cache and not shape.score:
             for k in range(shape.num_gpu_batches):
                 t = c_tier[(j, k)]
-                needs.append(dequant_scratch(w, shape.cache_bytes, t is not Tier.GPU and not streams_cache(t, policy)))
+                needs.append(dequant_scratch(w, chunk, t is not Tier.GPU and not streams_cache(t, policy)))
     return max(n[0] for n in needs), max(n[1] for n in needs)
 
 
@@ -352,11 +354,10 @@ class _Emitter:
                   scratch=self._cache_scratch(kind))
 
     def _cache_scratch(self, kind: OpKind) -> int:
-        """The buffer a compressed cache's compute restores the rows it attends into (prefill of a host-homed
-        cache attends its new rows alone: none)."""
-        if kind is OpKind.DECODER_DECODE_CPU_ATTN_QCACHE:
-            return self.bp.host_scratch
-        return self.bp.scratch if kind in (OpKind.DECODER_PREFILL_QCACHE, OpKind.DECODER_DECODE_QCACHE) else -1
+        """The buffer a compressed cache's decode restores the rows it attends into, a chunk at a time
+        (prefill attends its new rows alone: none)."""
+        return {OpKind.DECODER_DECODE_QCACHE: self.bp.scratch,
+                OpKind.DECODER_DECODE_CPU_ATTN_QCACHE: self.bp.host_scratch}.get(kind, -1)
 
     BUILD = {
         NodeKind.LOAD_WEIGHT: _load_weight,

@@ -24,7 +24,7 @@ from flexgen_graph.hazards import accesses
 from flexgen_graph.ir import TIERS, Tier
 from flexgen_graph.planfile import Plan, check_model
 from flexgen_graph.program import QCACHE_KINDS, SCRATCH_ROLES, BufferRole, Op, OpKind, Stream
-from flexgen_graph.layout import align_up
+from flexgen_graph.layout import align_up, attend_chunk_rows, attend_scratch_bytes
 from runtime import driver, kernels, preflight
 from runtime.backend import Backend, Buf, open_backend
 from runtime.compressed import (
@@ -35,6 +35,7 @@ from runtime.compressed import (
 )
 from runtime.driver import BlockState, Generation
 from runtime.packed import packed_layer_views
+from runtime.qattention import attend_quantized
 from runtime.quant import QuantConfig
 from runtime.sampling import Sampling, pick
 from runtime.stage_link import StageLink
@@ -136,9 +137,9 @@ class Engine:
         return None
 
     @functools.cached_property
-    def _dense_cache_at(self) -> dict[int, int]:
-        """Scratch buffer -> where the dense cache its ops restore starts in it: after the largest decoder
-        layer dequantized there (layout.dequant_scratch's layout)."""
+    def _chunk_at(self) -> dict[int, int]:
+        """Scratch buffer -> where the chunk of cache rows its ops restore starts in it: after the largest
+        decoder layer dequantized there (layout.dequant_scratch's layout)."""
         ops = self.plan.programs.prefill + self.plan.programs.decode
         qlayers = {op.layer for op in ops if op.kind in QCACHE_KINDS}
         at = {op.scratch: 0 for op in ops if op.kind in QCACHE_KINDS and op.scratch >= 0}
@@ -148,16 +149,20 @@ class Engine:
         return at
 
     @functools.cached_property
+    def _chunk_bytes(self) -> int:
+        """The chunk of dense cache rows attention over a compressed cache restores at a time (runtime.qattention)."""
+        return attend_scratch_bytes(self.b * self.spec.kv_bytes_per_token(), self.max_seq)
+
+    @functools.cached_property
     def _scratch_need(self) -> dict[int, int]:
         """Bytes the plan's ops use of each scratch buffer, in the runtime's own sizes (the planner's must
-        match): a layer DEQUANT_WEIGHT restores there, or a dense cache after its offset."""
+        match): a layer DEQUANT_WEIGHT restores there, or a chunk of cache rows after its offset."""
         need: dict[int, int] = {}
-        cache = self.max_seq * self.b * self.spec.kv_bytes_per_token()
         for op in self.plan.programs.prefill + self.plan.programs.decode:
             if op.kind is OpKind.DEQUANT_WEIGHT:
                 need[op.dst] = max(need.get(op.dst, 0), self.spec.layer_bytes(op.layer))
             elif op.kind in QCACHE_KINDS and op.scratch >= 0:
-                need[op.scratch] = max(need.get(op.scratch, 0), self._dense_cache_at[op.scratch] + cache)
+                need[op.scratch] = max(need.get(op.scratch, 0), self._chunk_at[op.scratch] + self._chunk_bytes)
         return need
 
     def _allocate(self) -> None:
@@ -185,9 +190,9 @@ class Engine:
                 self.backend.read_layer(self.weights, b.layer, buf)
 
     def _scratch_views(self) -> None:
-        """The dense cache views of the scratch buffers compressed-cache computes restore into."""
-        self._dense_cache = {i: dense_cache_view(self.bufs[i].tensor[at:], self.max_seq, self.b, self.spec)
-                             for i, at in self._dense_cache_at.items()}
+        """Where in each scratch buffer compressed-cache decode restores its chunks of rows."""
+        self._chunk = {i: self.bufs[i].tensor[at:at + self._chunk_bytes] for i, at in self._chunk_at.items()}
+        self._chunk_rows = min(self.max_seq, attend_chunk_rows(self.spec.kv_bytes_per_token(), self.b))
 
     def close(self) -> None:
         self.backend.close() if hasattr(self, "backend") else None
@@ -333,18 +338,15 @@ class Engine:
         hv.copy_(kernels.attention_output_and_mlp(self.spec, w, hv, att.to(hv.device)))
 
     def _decoder_qcache(self, op: Op) -> None:
-        """Attends a compressed cache on the compute device (runtime.compressed: _attend_compressed)."""
+        """Attends a compressed cache on the compute device, a chunk of rows at a time (runtime.qattention)."""
         hv, w, q, kk, v, mask = self._qkv(op)
-        dense = self._dense_cache[op.scratch][:, :, :self._rows(op)]
-        self._finish(hv, w, self._attend_compressed(q, kk, v, self.bufs[op.cache].tensor, dense, self._start, mask))
+        self._finish(hv, w, self._attend_compressed(op, q, kk, v, mask))
 
-    def _attend_compressed(self, q, k, v, cbuf: torch.Tensor, dense: torch.Tensor, a: int,
-                           mask: torch.Tensor) -> torch.Tensor:
-        """attend over a compressed cache: store the new rows, restore rows [0, a), attend with the new
-        k, v as they read back (so every token sees the same cache values, whenever it reads them)."""
-        k, v = self.codec.store_new(cbuf, k, v, a)
-        self.codec.load(cbuf, dense, a)
-        return kernels.attend(self.spec, q, k, v, dense, a, mask)
+    def _attend_compressed(self, op: Op, q, k, v, mask: torch.Tensor) -> torch.Tensor:
+        """attend over the op's compressed cache: the new rows stored, then every row restored a chunk at a
+        time into the op's scratch (prefill: none) and attended as it reads back."""
+        return attend_quantized(self.spec, self.codec, q, k, v, self.bufs[op.cache].tensor, self._start, mask,
+                                self._chunk_rows, self._chunk.get(op.scratch))
 
     def _on_host(self, op: Op, *ts: torch.Tensor) -> list[torch.Tensor]:
         """CPU attention: q, k, v cross to the host cache's device (the cache never does)."""
@@ -358,9 +360,7 @@ class Engine:
 
     def _decode_cpu_attn_qcache(self, op: Op) -> None:
         hv, w, *qkvm = self._qkv(op)
-        q, kk, v, mask = self._on_host(op, *qkvm)
-        dense = self._dense_cache[op.scratch][:, :, :self._rows(op)]
-        self._finish(hv, w, self._attend_compressed(q, kk, v, self.bufs[op.cache].tensor, dense, self._start, mask))
+        self._finish(hv, w, self._attend_compressed(op, *self._on_host(op, *qkvm)))
 
     def _new_kv(self, op: Op, hv: torch.Tensor) -> torch.Tensor:
         """k, v of the op's new tokens alone, [t, 2, rows, KV, D]: the op's own work memory."""
@@ -380,8 +380,7 @@ class Engine:
     def _prefill_host_qcache(self, op: Op) -> None:
         """As _prefill_host_cache, the new rows compressed home first and attended as they read back."""
         hv, w, q, kk, v, mask = self._qkv(op)
-        kk, v = self.codec.store_new(self.bufs[op.cache].tensor, kk, v, 0)
-        self._finish(hv, w, kernels.attend(self.spec, q, kk, v, self._new_kv(op, hv), 0, mask))
+        self._finish(hv, w, self._attend_compressed(op, q, kk, v, mask))
 
     def _decoder_score(self, op: Op) -> None:
         """A scoring plan's decoder: no cache, the prompt's k, v live only while the op runs."""

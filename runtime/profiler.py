@@ -300,6 +300,27 @@ def _slope(xs: list[float], ys: list[float]) -> float:
     return max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var) if var else 0.0
 
 
+def qcache_rates(spec: ModelSpec, codec, cbuf: torch.Tensor, dense: torch.Tensor, sync) -> tuple[float, float]:
+    """(seconds per dense byte of cache attended, seconds per decode op) that attention over a compressed cache
+    (runtime.qattention, as the engine calls it) costs beyond attention over the dense cache (kernels.attend):
+    the extra time at two contexts, its slope per byte and its intercept (storing the new row, fixed costs)."""
+    from runtime import kernels
+    from runtime.qattention import attend_quantized
+
+    n_max, b = dense.shape[0], dense.shape[2]
+    q = torch.randn(b, 1, spec.num_heads, spec.head_dim, device=dense.device, dtype=dense.dtype)
+    k = torch.randn(b, 1, spec.num_kv_heads, spec.head_dim, device=dense.device, dtype=dense.dtype)
+    mask = torch.ones(b, n_max, dtype=torch.bool, device=dense.device)
+
+    def extra(n: int) -> float:
+        quant = _best_time(lambda: attend_quantized(spec, codec, q, k, k, cbuf, n - 1, mask[:, :n]), sync=sync)
+        return quant - _best_time(lambda: kernels.attend(spec, q, k, k, dense, n - 1, mask[:, :n]), sync=sync)
+    points = [(n * dense[0].numel() * dense.element_size(), extra(n)) for n in (n_max // 8, n_max)]
+    (x0, y0), (x1, y1) = points
+    per_byte = max(0.0, (y1 - y0) / (x1 - x0))
+    return per_byte, max(0.0, y0 - per_byte * x0)
+
+
 def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
     """The model's embedding, decoder and head kernels timed as the engine calls them (runtime.engine),
     on random weights of the model's shapes and dtype, cycling through copies of each layer (ROTATE_BYTES)."""
@@ -378,10 +399,7 @@ def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
     cbuf = torch.zeros(n * codec.row_bytes, dtype=torch.uint8, device=device)
     rows_kv = torch.randn(n, 2, b, KV, D, device=device, dtype=dtype)
     codec.store(cbuf, rows_kv, 0)
-    dense_c = torch.empty(n, 2, b, KV, D, device=device, dtype=dtype)
-    c_deq = _best_time(lambda: codec.load(cbuf, dense_c, n), sync=sync) / dense_c.numel() / dense_c.element_size()
-    new_k = torch.randn(b, 1, KV, D, device=device, dtype=dtype)
-    c_store = _best_time(lambda: codec.store_new(cbuf, new_k, new_k, n - 1), sync=sync)
+    c_deq, c_store = qcache_rates(spec, codec, cbuf, rows_kv, sync)
     t = 64  # prefill: a prompt's rows compressed and read back, per dense byte (well above the per-call cost)
     prompt_k = torch.randn(b, t, KV, D, device=device, dtype=dtype)
     c_quant = _best_time(lambda: codec.store_new(cbuf, prompt_k, prompt_k, 0), sync=sync) \

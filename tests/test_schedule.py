@@ -102,7 +102,7 @@ def test_memory_model_counts_slots_only_when_streaming():
 def test_compression_arrives_as_op_kinds(weights, cache):
     """The runtime decides nothing about compression: compressed weights get one DEQUANT_WEIGHT per layer and
     step (the embedding's excepted), into the scratch that layer's computes name as their weights; a compressed cache gets the *_QCACHE
-    kinds, each naming the scratch it restores into (none for a host-homed cache's prefill)."""
+    kinds, decode naming the scratch it restores cache rows into."""
     from flexgen_graph.program import QCACHE_TWIN
 
     spec = catalog_spec("facebook/opt-125m")
@@ -125,9 +125,7 @@ def test_compression_arrives_as_op_kinds(weights, cache):
                    for op in computes)
         decoders = [op for op in computes if op.cache >= 0]
         assert decoders and all((op.kind in QCACHE_TWIN) == cache for op in decoders)
-        for op in decoders:
-            host = programs.buffers[op.cache].tier is Tier.CPU
-            want = -1 if not cache or (host and op.kind is OpKind.DECODER_PREFILL_HOST_QCACHE) else \
-                scratch[BufferRole.DEQUANT_HOST if op.kind is OpKind.DECODER_DECODE_CPU_ATTN_QCACHE
-                        else BufferRole.DEQUANT_SCRATCH]
-            assert op.scratch == want, op.node
+        for op in decoders:  # decode restores the rows it attends, a chunk at a time; prefill none
+            want = {OpKind.DECODER_DECODE_QCACHE: BufferRole.DEQUANT_SCRATCH,
+                    OpKind.DECODER_DECODE_CPU_ATTN_QCACHE: BufferRole.DEQUANT_HOST}.get(op.kind)
+            assert op.scratch == (scratch[want] if want else -1), op.node
