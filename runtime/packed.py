@@ -45,6 +45,7 @@ TILE_BYTES = 1 << 19
 # (SmolLM2 shapes: 2.3-3.4x faster at 2816 rows, slower at 512 rows of a 576-wide input)
 DENSE_ROWS_PER_IN = 1.5  # a dequantized tile stays within a core's L2 (measured: bench/packed_kernels.py)
 HI = 16  # 8 bits: code = HI * hi + lo
+_HI_LO = torch.tensor([[HI], [1]], dtype=STATS_DTYPE)  # a group's input for its high, then low nibbles
 RESTORE_ROWS = 256  # rows of the identity per kernel call when a matrix is restored (bounds the transient)
 
 
@@ -119,7 +120,7 @@ class PackedWeight:
         if self.bits == 4:
             return x2
         xg = x2.reshape(x2.shape[0], -1, 1, self.group_size)
-        return torch.cat((xg * HI, xg), 2).view(x2.shape[0], -1)
+        return (xg * _HI_LO).view(x2.shape[0], -1)  # one broadcast op: decode calls this per matmul
 
     def kernel(self, x2: torch.Tensor, scales_zeros: torch.Tensor | None = None) -> torch.Tensor:
         """The kernel on its own input rows x2 (kernel_input), bfloat16 [rows, out]."""
