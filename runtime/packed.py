@@ -116,11 +116,13 @@ class PackedWeight:
         return packed_kernel_group(QuantConfig(self.bits, self.group_size))
 
     def kernel_input(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2: bfloat16 [rows, in] -> the kernel's input: x2 itself (4 bits), or (16 x_g, x_g) per group."""
+        """x2: [rows, in] -> the kernel's bfloat16 input: x2 (4 bits), or (16 x_g, x_g) per group (8 bits; x16
+        commutes with the rounding to bfloat16). One op either way: decode calls this per matmul."""
         if self.bits == 4:
-            return x2
-        xg = x2.reshape(x2.shape[0], -1, 1, self.group_size)
-        return (xg * _HI_LO).view(x2.shape[0], -1)  # one broadcast op: decode calls this per matmul
+            return x2.to(STATS_DTYPE)
+        rows, g = x2.shape[0], self.group_size
+        out = torch.empty(rows, x2.shape[1] // g, 2, g, dtype=STATS_DTYPE)
+        return torch.mul(x2.reshape(rows, -1, 1, g), _HI_LO, out=out).view(rows, -1)
 
     def kernel(self, x2: torch.Tensor, scales_zeros: torch.Tensor | None = None) -> torch.Tensor:
         """The kernel on its own input rows x2 (kernel_input), bfloat16 [rows, out]."""
@@ -161,9 +163,9 @@ def packed_matmul(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     (prefill) the kernel is compute bound at 2-3x a bfloat16 GEMM's time, so the matrix (only this one) is
     restored to bfloat16 by the kernel itself and multiplied densely: measured in bench/packed_kernels.py."""
     lead, k = x.shape[:-1], w.shape[0]
-    x2 = x.reshape(-1, k).to(STATS_DTYPE)
+    x2 = x.reshape(-1, k)
     if x2.shape[0] > DENSE_ROWS_PER_IN * k:
-        y = x2 @ w.dense_bf16()
+        y = x2.to(STATS_DTYPE) @ w.dense_bf16()
     else:
         y = w.kernel(w.kernel_input(x2))
     return y.to(x.dtype).view(*lead, w.shape[1])
