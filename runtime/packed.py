@@ -17,12 +17,15 @@ same size as runtime.quant's layout) and x is cast to bfloat16, the result back.
 - 8 bits: each code split into nibbles, code = 16 hi + lo; each group's hi nibbles then its lo nibbles go
   side by side along the kernel's input (a kernel group of 2 x group_size), and x enters as (16 x_g, x_g) per
   group (exact in bfloat16). One table entry serves both halves: 16 ((hi - 8) S + Z) + ((lo - 8) S + Z) =
-  s code + mn with S = s, Z = (mn + 136 s) / 17. Same bytes as the 8-bit codes, one kernel call; it beats a
-  per-group `_weight_int8pack_mm` (per-channel scales only: one call per group) by 5-20x at 1 row.
-Numerics: the weights the kernel uses are `PackedWeight.dequantize()` (S and Z rounded to bfloat16: at most
-2**-9 of their size off the FlexGen values), times bfloat16 activations, with a bfloat16 result: relative
-error about 1e-2 of a matmul's output (tests/test_packed.py). A matmul of many rows (prefill) instead
-restores its matrix to bfloat16 with the kernel and runs a dense GEMM (packed_matmul).
+  S code - 136 S + 17 Z = s code + mn with S = s, Z = (mn + 136 s) / 17. Same bytes as the 8-bit codes, one
+  kernel call, twice the kernel's work per weight of 4 bits; as fast as two int4 calls (a table each) and
+  5-10x faster than a per-group `_weight_int8pack_mm` (per-channel scales only) at 1 row.
+Numerics: the weights the kernel uses are `PackedWeight.dequantize()`: S and Z rounded to bfloat16 (2**-9 of
+their size; Z set against the rounded S, _scales_zeros), at most 2**-8 of the matrix's largest weight off the
+FlexGen values at either bits (at 8 bits about half a quantization step at worst, unbiased), times bfloat16
+activations, with a bfloat16 result: relative error about 1e-2 of a matmul's output (tests/test_packed.py).
+A matmul of many rows (prefill) instead restores its matrix to bfloat16 with the kernel and runs a dense GEMM
+(packed_matmul).
 Matrices the kernel cannot take (out not a multiple of 16, in not a multiple of the group size, a group size
 it lacks): `TiledWeight`, which dequantizes a block of output columns at a time into a small scratch and
 multiplies it, never the whole matrix.
