@@ -1,5 +1,5 @@
-"""4-bit compression through the runtime on this machine: tokens/s, measured / predicted, and greedy agreement
-with the uncompressed run, for --compress off / weights / cache / both.
+"""4- or 8-bit (--bits) compression through the runtime on this machine: tokens/s, measured / predicted, and
+greedy agreement with the uncompressed run, for --compress off / weights / cache / both.
 
 Default scenario: the embedded SmolLM2-135M (float32) on the sample prompts (chat templated), one block of
 --prompts sequences, --gen-len tokens each (EOS ignored). `--disk`: OPT-1.3B with seeded dummy weights, every
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--bits", type=int, choices=[4, 8], default=4)
     ap.add_argument("--modes", default="off,weights,cache,both",
-                    help="comma-separated --compress modes; weights-packed, both-packed compute on packed 4-bit weights")
+                    help="comma-separated --compress modes; weights-packed, both-packed compute on packed weights")
     ap.add_argument("--profile", default="cpu-small")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args(argv)

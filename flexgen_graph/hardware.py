@@ -88,9 +88,17 @@ class Curve:
 
 
 LAYER_KINDS = ("embed", "decoder", "head")
-# "<kind>-packed4": the layer computed on packed 4-bit weights (a policy's packed_weights); a kind, not a
-# field, so profiles measured before it still read (they have no such curve, and no plan computes packed by them)
-PACKED_SUFFIX = "-packed4"
+# "<kind>-packed4" / "-packed8": the layer computed on packed 4- / 8-bit weights (a policy's packed_weights); a
+# kind, not a field, so profiles measured before it still read (they have no such curve, and no plan computes
+# packed by them)
+PACKED_BITS = (4, 8)
+
+
+def packed_suffix(bits: int) -> str:
+    return f"-packed{bits}"
+
+
+PACKED_KINDS = tuple(k + packed_suffix(b) for b in PACKED_BITS for k in LAYER_KINDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +106,7 @@ class LayerCurve:
     """One layer kind of one model, timed by running its kernel at the model's own shapes: applies to
     the graph layers of that kind with exactly that many weight bytes (the same model and dtype)."""
 
-    kind: str  # "embed", "decoder", "head", or one of them + PACKED_SUFFIX
+    kind: str  # "embed", "decoder", "head", or one of them + packed_suffix(bits)
     weight_bytes: int
     model: str  # for people: what was measured
     rows: Curve  # seconds of one compute op against its rows (gpu batch x new tokens; the head: sequences)
@@ -138,11 +146,9 @@ class LayerCurve:
         if isinstance(d, dict):
             d = {**cls.OPTIONAL, **d}
         _exact_keys(d, {f.name for f in fields(cls)}, what)
-        if d["kind"] not in LAYER_KINDS + tuple(k + PACKED_SUFFIX for k in LAYER_KINDS) or \
-                not isinstance(d["model"], str):
-            raise BadProfileError(f"{what}: kind must be embed, decoder or head (or one + {PACKED_SUFFIX}) and model "
-                                  f"a string, got "
-                                  f"{d['kind']!r}, {d['model']!r}")
+        if d["kind"] not in LAYER_KINDS + PACKED_KINDS or not isinstance(d["model"], str):
+            raise BadProfileError(f"{what}: kind must be embed, decoder or head (or one + -packed4 or -packed8) and "
+                                  f"model a string, got {d['kind']!r}, {d['model']!r}")
         if not isinstance(d["weight_bytes"], int) or isinstance(d["weight_bytes"], bool) or d["weight_bytes"] < 0:
             raise BadProfileError(f"{what}.weight_bytes must be a whole number >= 0, got {d['weight_bytes']!r}")
         return cls(d["kind"], d["weight_bytes"], d["model"], Curve.from_list(d["rows"], f"{what}.rows"),

@@ -12,8 +12,8 @@ Every tensor starts ALIGN_BYTES-aligned. Compression (FlexGen's scheme, arithmet
 a matrix is grouped along its `quant_dim` in groups of `group_size` elements (a dim that is not a
 multiple is padded to one), each group stored as float16 scale and minimum plus packed codes; vectors
 (norms, biases) stay in the model dtype. A plan computing on packed weights (policy packed_weights) holds
-the linear maps the CPU int4 kernel takes in that kernel's layout instead (int4_packed_geometry): the same
-bytes per tensor, so every size here holds for it too.
+the linear maps the CPU int4 kernel takes in that kernel's layout instead (packed_geometry; 8-bit codes as two
+nibbles): the same bytes per tensor, so every size here holds for it too.
 """
 
 from __future__ import annotations
@@ -156,20 +156,43 @@ def compressed_nbytes(shape: tuple[int, ...], dim: int, cfg: QuantConfig) -> int
 
 
 INT4_KERNEL_OUT_MULTIPLE = 16  # torch's CPU int4 kernel packs output channels in tiles of 16
+INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes (along its input) the kernel takes
 
 
-def int4_kernel_fits(shape: tuple[int, ...], cfg: QuantConfig) -> bool:
-    """Whether a [in, out] matrix grouped along in can be held in the CPU int4 kernel's packed layout:
-    4 bits, in a multiple of the group size (the kernel has no padding), out a multiple of 16."""
-    return (cfg.bits == 4 and len(shape) == 2 and shape[0] % cfg.group_size == 0
-            and shape[1] % INT4_KERNEL_OUT_MULTIPLE == 0 and cfg.group_size % 2 == 0)
+def packed_kernel_group(cfg: QuantConfig) -> int:
+    """The int4 kernel's group size for a matrix packed at cfg: 8-bit codes are split into their high and low
+    nibbles, a group's two halves side by side along the kernel's input (runtime.packed), so 2 x group_size."""
+    return cfg.group_size * cfg.bits // 4
 
 
-def int4_packed_geometry(shape: tuple[int, ...], cfg: QuantConfig) -> tuple[int, int]:
-    """(bytes of the bfloat16 (scale, zero) table [G, out, 2], bytes of the codes [out, in / 2]) of a matrix
-    in the int4 kernel's layout (runtime.packed): in all, compressed_nbytes of the same matrix."""
+_PACKED_GROUP_CANDIDATES = tuple(sorted({g // m for g in INT4_KERNEL_GROUP_SIZES for m in (1, 2)}))
+
+
+def packed_group_fits(cfg: QuantConfig) -> bool:
+    """Whether the int4 kernel takes matrices packed at cfg's bits and group size at all."""
+    return packed_kernel_group(cfg) in INT4_KERNEL_GROUP_SIZES
+
+
+def packed_groups_text() -> str:
+    """The group sizes the kernel takes, per bits, for messages."""
+    def sizes(bits: int) -> str:
+        return ", ".join(str(g) for g in _PACKED_GROUP_CANDIDATES if packed_group_fits(QuantConfig(bits, g)))
+    return "; ".join(f"{b} bits: {sizes(b)}" for b in SUPPORTED_BITS)
+
+
+def packed_kernel_fits(shape: tuple[int, ...], cfg: QuantConfig) -> bool:
+    """Whether a [in, out] matrix grouped along in can be held in the CPU int4 kernel's packed layout (4 or
+    8 bits): in a multiple of the group size (the kernel has no padding), out a multiple of 16, a group size
+    the kernel takes."""
+    return (len(shape) == 2 and shape[0] % cfg.group_size == 0 and shape[1] % INT4_KERNEL_OUT_MULTIPLE == 0
+            and packed_group_fits(cfg))
+
+
+def packed_geometry(shape: tuple[int, ...], cfg: QuantConfig) -> tuple[int, int]:
+    """(bytes of the bfloat16 (scale, zero) table [G, out, 2], bytes of the codes [out, in x bits / 8]) of a
+    matrix in the int4 kernel's layout (runtime.packed): in all, compressed_nbytes of the same matrix."""
     k, n = shape
-    return (k // cfg.group_size) * n * 2 * STAT_BYTES, n * k // 2
+    return (k // cfg.group_size) * n * 2 * STAT_BYTES, n * k * cfg.bits // 8
 
 
 def _pack(entries: Iterable[tuple[str, tuple[int, ...], int, int | None]]) -> tuple[TensorSlot, ...]:

@@ -11,7 +11,14 @@ from dataclasses import dataclass
 
 from flexgen_graph.errors import UserError
 from flexgen_graph.ir import Tier
-from flexgen_graph.layout import DEFAULT_BITS, DEFAULT_GROUP_SIZE, QuantConfig, QuantError
+from flexgen_graph.layout import (
+    DEFAULT_BITS,
+    DEFAULT_GROUP_SIZE,
+    QuantConfig,
+    QuantError,
+    packed_group_fits,
+    packed_groups_text,
+)
 
 FRAC_DIGITS = 6  # fractions are rounded so plans are byte-identical across solver runs
 FRAC_TOL = 1e-6
@@ -59,7 +66,7 @@ class Policy:
     group_size: int = DEFAULT_GROUP_SIZE  # elements per group when a compress flag is on (flexgen_graph.layout)
     compress_bits: int = DEFAULT_BITS  # 4 (FlexGen's) or 8
     # compressed weights computed on where they are (runtime.packed: the CPU int4 kernel), not dequantized
-    # into a dense scratch per compute: 4-bit weights computed on the CPU only
+    # into a dense scratch per compute: 4- or 8-bit weights computed on the CPU only
     packed_weights: bool = False
 
     def __post_init__(self) -> None:
@@ -67,9 +74,10 @@ class Policy:
             self.quant_config
         except QuantError as e:
             raise UserError(f"policy compression: {e}") from None
-        if self.packed_weights and not (self.compress_weights and self.compress_bits == 4):
-            raise UserError(f"policy packed_weights needs 4-bit compressed weights, got compress_weights "
-                             f"{self.compress_weights}, compress_bits {self.compress_bits}")
+        if self.packed_weights and not (self.compress_weights and packed_group_fits(self.quant_config)):
+            raise UserError(f"policy packed_weights needs compressed weights at a group size the CPU int4 kernel "
+                            f"takes ({packed_groups_text()}), got compress_weights {self.compress_weights}, "
+                            f"compress_bits {self.compress_bits}, group_size {self.group_size}")
 
     @property
     def quant_config(self) -> QuantConfig:

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from flexgen_graph.errors import UserError
-from flexgen_graph.hardware import PACKED_SUFFIX, HardwareProfile
+from flexgen_graph.hardware import HardwareProfile, packed_suffix
 from flexgen_graph.ir import Block, LayerKind, Stage, Tier, Workload
-from flexgen_graph.layout import DEFAULT_BITS, DEFAULT_GROUP_SIZE
+from flexgen_graph.layout import DEFAULT_BITS, DEFAULT_GROUP_SIZE, QuantConfig, packed_group_fits, packed_groups_text
 from flexgen_graph.lower import lower
 from flexgen_graph.planfile import Plan
 from flexgen_graph.policy import Placement, Policy
@@ -71,7 +71,7 @@ class CompileOptions:
     compress: str = "off"
     group_size: int = DEFAULT_GROUP_SIZE
     compress_bits: int = DEFAULT_BITS
-    packed: bool = False  # compressed weights computed on packed (4-bit, CPU: runtime.packed), not dequantized
+    packed: bool = False  # compressed weights computed on packed (4 or 8 bits, CPU: runtime.packed), not dequantized
     stages: int = 1
     stages_per_machine: int | None = None
     stage_link_bytes_per_s: float | None = None
@@ -92,10 +92,12 @@ class CompileOptions:
         if self.compress not in COMPRESS_MODES:
             raise UserError(f"compress must be one of {', '.join(COMPRESS_MODES)}, got {self.compress!r}")
         parse_fixed(self.fixed_map)  # names and ranges checked here, at the edge
-        if self.packed and (self.compress_bits != 4 or self.compress in ("off", "cache") or self.stages > 1):
-            raise UserError(f"packed weights need 4-bit compressed weights in one process (--compress weights, "
-                            f"both or auto, --compress-bits 4), got --compress {self.compress}, --compress-bits "
-                            f"{self.compress_bits}, stages {self.stages}")
+        if self.packed and (self.compress in ("off", "cache") or self.stages > 1):
+            raise UserError(f"packed weights need compressed weights in one process (--compress weights, both or "
+                            f"auto), got --compress {self.compress}, stages {self.stages}")
+        if self.packed and not packed_group_fits(QuantConfig(self.compress_bits, self.group_size)):
+            raise UserError(f"packed weights need a group size the CPU int4 kernel takes ({packed_groups_text()}), "
+                            f"got --compress-bits {self.compress_bits} --group-size {self.group_size}")
 
     @property
     def fixed_map(self) -> dict[str, Placement | float | bool]:
@@ -163,8 +165,9 @@ def _packed_flags(spec: ModelSpec, profile: HardwareProfile, o: CompileOptions, 
     if o.packed:
         return {**fixed, "packed_weights": True}, allowed
     cal = profile.calibration
-    measured = cal is not None and not profile.has_gpu and o.compress_bits == 4 and all(
-        cal.layer(spec.layer_kind(j).value + PACKED_SUFFIX, spec.layer_bytes(j)) is not None
+    fits = packed_group_fits(QuantConfig(o.compress_bits, o.group_size))
+    measured = cal is not None and not profile.has_gpu and fits and all(
+        cal.layer(spec.layer_kind(j).value + packed_suffix(o.compress_bits), spec.layer_bytes(j)) is not None
         for j in range(spec.num_graph_layers))
     if o.compress == "auto" and measured:
         return fixed, allowed + ("packed_weights",)

@@ -44,12 +44,13 @@ second copy) and CPU attention moves nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import networkx as nx
 
-from flexgen_graph.hardware import PACKED_SUFFIX, Calibration, Curve, HardwareProfile
+from flexgen_graph.hardware import Calibration, Curve, HardwareProfile, packed_suffix
 from flexgen_graph.ir import TIERS, LayerKind, NodeKind, Phase, Tier
 from flexgen_graph.policy import Policy, assign_tiers
 from flexgen_graph.spec import ModelSpec
@@ -95,10 +96,13 @@ class Flags:
     compress_weights: bool = False
     compress_cache: bool = False
     packed_weights: bool = False  # compressed weights computed on packed (runtime.packed), never dequantized
+    # which packed curves price them: not a switch (no part of equality), phase_costs takes it from the compression
+    packed_bits: int = field(default=4, compare=False)
 
     @classmethod
     def of(cls, policy: Policy) -> "Flags":
-        return cls(policy.cpu_attention, policy.compress_weights, policy.compress_cache, policy.packed_weights)
+        return cls(policy.cpu_attention, policy.compress_weights, policy.compress_cache, policy.packed_weights,
+                   policy.compress_bits)
 
     @property
     def valid(self) -> bool:
@@ -321,7 +325,7 @@ def _calibrated_parts(f: LayerFigures, hw: HardwareProfile, cal: Calibration, fl
         return 0.0, 0.0, 0.0
     rows, lc = op_rows(f), cal.layer(f.kind.value, int(f.weight_full_bytes))
     decode = f.tokens == 1 and f.attn_flops > 0
-    packed = _packed_rows_s(f, cal, rows) if flags.packed_weights else None
+    packed = _packed_rows_s(f, cal, rows, flags.packed_bits) if flags.packed_weights else None
     if lc is not None:
         dense = lc.rows.at(rows) if packed is None else packed
         attn = (lc.attn_at(f.seqs) * f.seqs * f.ctx) if decode else lc.prefill_attn_s * f.seqs * f.tokens ** 2
@@ -360,17 +364,17 @@ def weight_dequant_s(f: LayerFigures, hw: HardwareProfile, flags: Flags) -> floa
     cal = hw.calibration
     if cal is None:
         return 0.0 if flags.packed_weights else f.weight_full_bytes / hw.gpu_dequant_bytes_per_s
-    if flags.packed_weights and _packed_rows_s(f, cal, op_rows(f)) is not None:
+    if flags.packed_weights and _packed_rows_s(f, cal, op_rows(f), flags.packed_bits) is not None:
         return 0.0
     lc = cal.layer(f.kind.value, int(f.weight_full_bytes))
     w_deq = lc.dequant_s_per_byte if lc is not None and lc.dequant_s_per_byte else 1.0 / hw.gpu_dequant_bytes_per_s
     return _kernel_scale(f, cal) * f.weight_full_bytes * w_deq
 
 
-def _packed_rows_s(f: LayerFigures, cal: Calibration, rows: int) -> float | None:
-    """One compute op of the layer on packed 4-bit weights, as measured (runtime.profiler.packed_layer_curves),
+def _packed_rows_s(f: LayerFigures, cal: Calibration, rows: int, bits: int) -> float | None:
+    """One compute op of the layer on packed weights, as measured (runtime.profiler.packed_layer_curves),
     or None where the calibration has no such curve (then the op is priced as dense plus dequantization)."""
-    lc = cal.layer(f.kind.value + PACKED_SUFFIX, int(f.weight_full_bytes))
+    lc = cal.layer(f.kind.value + packed_suffix(bits), int(f.weight_full_bytes))
     return None if lc is None else lc.rows.at(rows)
 
 
@@ -536,6 +540,8 @@ def warm_reads(figs: BlockFigures, profile: HardwareProfile, disk: str | None = 
 def phase_costs(g: "nx.DiGraph | BlockFigures", profile: HardwareProfile, flags: Flags = Flags(),
                 comp: Compression | None = None, disk: str | None = None) -> PhaseCosts:
     figs = figures_of(g)
+    if comp is not None and flags.packed_bits != comp.bits:
+        flags = dataclasses.replace(flags, packed_bits=comp.bits)
     lf = layer_figures(figs, decode_ctx(figs), flags, comp)
     b, warm = figs.gpu_batch_size, warm_reads(figs, profile, disk)
     return PhaseCosts(_group(Phase.PREFILL, lf[Phase.PREFILL], profile, b * figs.prompt_len, flags, warm),

@@ -32,12 +32,12 @@ import torch
 from tqdm import tqdm
 
 from flexgen_graph.errors import UserError
-from flexgen_graph.layout import STAT_BYTES, ceil_div, int4_kernel_fits
+from flexgen_graph.layout import STAT_BYTES, ceil_div, packed_kernel_fits
 from flexgen_graph.spec import ModelSpec
 from runtime.backend import read_file_into
 from runtime.integrity import atomic_file, checksum, need_space
 from runtime.kernels import TORCH_DTYPES, layer_views
-from runtime.packed import pack_into_int4
+from runtime.packed import pack_for_kernel
 from runtime.quant import (
     STAT_DTYPE,
     QTensor,
@@ -60,8 +60,8 @@ def compress_layer(spec: ModelSpec, layer: int, dense: torch.Tensor, cfg: QuantC
         dst = out[q.offset:q.offset + q.nbytes]
         if q.dim is None:
             dst.copy_(views[q.name].reshape(-1).view(torch.uint8))
-        elif packed and q.name in linear and int4_kernel_fits(q.shape, cfg):
-            pack_into_int4(quantize(views[q.name], q.dim, cfg), dst)
+        elif packed and q.name in linear and packed_kernel_fits(q.shape, cfg):
+            pack_for_kernel(quantize(views[q.name], q.dim, cfg), dst)
         else:
             pack_into(quantize(views[q.name], q.dim, cfg), dst)
 

@@ -101,8 +101,8 @@ class Engine:
             overlap = False
         try:
             if pol.packed_weights and device != "cpu":
-                raise UserError(f"the plan computes on packed 4-bit weights with the CPU int4 kernel; run it with "
-                                 f"--device cpu, not {device}")
+                raise UserError(f"the plan computes on packed {pol.compress_bits}-bit weights with the CPU int4 "
+                                f"kernel; run it with --device cpu, not {device}")
             preflight.check(plan, Path(offload_dir), device)
             self.backend: Backend = open_backend(device, budget, Path(offload_dir), overlap)
             self.device = self.backend.device

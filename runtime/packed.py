@@ -1,25 +1,34 @@
 """Matmuls on compressed weights without a dense copy of the layer.
 
-    >>> cfg = QuantConfig(4, 32)
+    >>> cfg = QuantConfig(4, 32)                             # or QuantConfig(8, 32)
     >>> q = quantize(w, 0, cfg)                              # w: [in, out], grouped along in
-    >>> buf = torch.empty(sum(int4_packed_geometry(w.shape, cfg)), dtype=torch.uint8)
-    >>> pack_into_int4(q, buf)                               # once, when the compressed copy is built
-    >>> y = x @ Int4Weight.view(buf, w.shape, cfg)           # x: [..., in] -> y: [..., out]
+    >>> buf = torch.empty(sum(packed_geometry(w.shape, cfg)), dtype=torch.uint8)
+    >>> pack_for_kernel(q, buf)                              # once, when the compressed copy is built
+    >>> y = x @ PackedWeight.view(buf, w.shape, cfg)         # x: [..., in] -> y: [..., out]
     >>> views = packed_layer_views(spec, layer, layer_buf, cfg)  # what the kernels compute on
 
-4 bits: torch's CPU kernel `_weight_int4pack_mm_for_cpu` reads a weight [out, in] repacked by
+torch's CPU kernel `_weight_int4pack_mm_for_cpu` reads a weight [out, in] repacked by
 `_convert_weight_to_int4pack_for_cpu` (an opaque tiled nibble order, the same bytes as the codes) and a
-[G, out, 2] table of (scale, zero) per group, computing w = (code - 8) * scale + zero; our scheme is
-w = mn + code * scale, so zero = mn + 8 * scale. The kernel is vectorized for bfloat16 only (float32 runs
-a scalar loop 30-60x slower: bench/packed_kernels.py), so the table is bfloat16 (4 bytes a group, as
-float16 scale + minimum are: the same size as runtime.quant's layout) and x is cast to bfloat16, the
-result back. Numerics: the weights the kernel uses are `Int4Weight.dequantize()` (scale and zero rounded
-to bfloat16: at most 2**-9 of their size off the FlexGen values), times bfloat16 activations, with a
-bfloat16 result: relative error about 1e-2 of a matmul's output (tests/test_packed.py). A matmul of many
-rows (prefill) instead restores its matrix to bfloat16 with the kernel and runs a dense GEMM (int4_matmul).
-4-bit matrices the kernel cannot take (out not a multiple of 16, in not a multiple of the group size;
-8 bits has no packed kernel, bench/packed_kernels.py): `TiledWeight`, which dequantizes a block of output columns at a time into a small scratch
-and multiplies it, never the whole matrix.
+[G, out, 2] table of (scale S, zero Z) per group, computing w = (code - 8) * S + Z; our scheme is
+w = mn + code * s. The kernel is vectorized for bfloat16 only (float32 runs a scalar loop 30-60x slower:
+bench/packed_kernels.py), so the table is bfloat16 (4 bytes a group, as float16 scale + minimum are: the
+same size as runtime.quant's layout) and x is cast to bfloat16, the result back.
+- 4 bits: S = s, Z = mn + 8 s.
+- 8 bits: each code split into nibbles, code = 16 hi + lo; each group's hi nibbles then its lo nibbles go
+  side by side along the kernel's input (a kernel group of 2 x group_size), and x enters as (16 x_g, x_g) per
+  group (exact in bfloat16). One table entry serves both halves: 16 ((hi - 8) S + Z) + ((lo - 8) S + Z) =
+  S code - 136 S + 17 Z = s code + mn with S = s, Z = (mn + 136 s) / 17. Same bytes as the 8-bit codes, one
+  kernel call, twice the kernel's work per weight of 4 bits; as fast as two int4 calls (a table each) and
+  5-10x faster than a per-group `_weight_int8pack_mm` (per-channel scales only) at 1 row.
+Numerics: the weights the kernel uses are `PackedWeight.dequantize()`: S and Z rounded to bfloat16 (2**-9 of
+their size; Z set against the rounded S, _scales_zeros), at most 2**-8 of the matrix's largest weight off the
+FlexGen values at either bits (at 8 bits about half a quantization step at worst, unbiased), times bfloat16
+activations, with a bfloat16 result: relative error about 1e-2 of a matmul's output (tests/test_packed.py).
+A matmul of many rows (prefill) instead restores its matrix to bfloat16 with the kernel and runs a dense GEMM
+(packed_matmul).
+Matrices the kernel cannot take (out not a multiple of 16, in not a multiple of the group size, a group size
+it lacks): `TiledWeight`, which dequantizes a block of output columns at a time into a small scratch and
+multiplies it, never the whole matrix.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flexgen_graph.layout import QuantConfig, int4_kernel_fits, int4_packed_geometry
+from flexgen_graph.layout import QuantConfig, packed_geometry, packed_kernel_fits, packed_kernel_group
 from flexgen_graph.spec import ModelSpec
 from runtime.kernels import TORCH_DTYPES
 from runtime.quant import QTensor, dequantize, unpack_from
@@ -38,6 +47,9 @@ TILE_BYTES = 1 << 19
 # rows per input element above which restoring the matrix to bfloat16 and a dense GEMM beat the int4 kernel
 # (SmolLM2 shapes: 2.3-3.4x faster at 2816 rows, slower at 512 rows of a 576-wide input)
 DENSE_ROWS_PER_IN = 1.5  # a dequantized tile stays within a core's L2 (measured: bench/packed_kernels.py)
+HI = 16  # 8 bits: code = HI * hi + lo
+_HI_LO = torch.tensor([[HI], [1]], dtype=STATS_DTYPE)  # a group's input for its high, then low nibbles
+RESTORE_ROWS = 256  # rows of the identity per kernel call when a matrix is restored (bounds the transient)
 
 
 def _codes(q: QTensor) -> torch.Tensor:
@@ -50,64 +62,115 @@ def _codes(q: QTensor) -> torch.Tensor:
     return c.flatten(0, 1).int()
 
 
-def pack_into_int4(q: QTensor, buf: torch.Tensor) -> None:
-    """Write q (4-bit, [in, out] grouped along in) into buf in the int4 kernel's layout:
-    [0, S): scales and zeros bfloat16 [G, out, 2]; [S, S + out * in / 2): the repacked codes [out, in / 2]."""
+def _nibbles(q: QTensor) -> torch.Tensor:
+    """The kernel's input rows of q's codes, int32 [in x bits / 4, out]: 4 bits, the codes; 8 bits, per group
+    its high nibbles then its low ones (the kernel's group is both)."""
+    c = _codes(q)
+    if q.cfg.bits == 4:
+        return c
+    g, n = q.cfg.group_size, c.shape[1]
+    return torch.stack(((c >> 4).view(-1, g, n), (c & 15).view(-1, g, n)), 1).reshape(-1, n)
+
+
+def _scales_zeros(q: QTensor) -> torch.Tensor:
+    """(S, Z) float32 [G, out, 2] such that the kernel's weights are FlexGen's (module docstring). Z is taken
+    against S as rounded to bfloat16 and centres that rounding's error over the codes (at 8 bits 255 x S's
+    rounding reaches half a step; centred, a quarter)."""
+    s, mn = q.scale.float(), q.mn.float()
+    sb = s.to(STATS_DTYPE).float()
+    centre = (mn + q.cfg.levels / 2 * (s - sb))  # the minimum that centres code x (s - sb) over the codes
+    zero = centre + 8 * sb if q.cfg.bits == 4 else (centre + 8 * (HI + 1) * sb) / (HI + 1)
+    return torch.stack((sb, zero), -1)
+
+
+def pack_for_kernel(q: QTensor, buf: torch.Tensor) -> None:
+    """Write q (4 or 8 bits, [in, out] grouped along in) into buf in the int4 kernel's layout: [0, T): scales and
+    zeros bfloat16 [G, out, 2]; [T, T + out * in * bits / 8): the repacked nibbles [out, in * bits / 8]."""
     cfg = q.cfg
-    assert int4_kernel_fits(q.shape, cfg), f"pack_into_int4: {q.shape} at group size {cfg.group_size} does not fit"
-    sz_bytes, code_bytes = int4_packed_geometry(q.shape, cfg)
-    assert buf.numel() == sz_bytes + code_bytes, f"pack_into_int4: buffer {buf.numel()} != {sz_bytes + code_bytes}"
-    s, mn = q.scale.float(), q.mn.float()  # [G, out]
-    buf[:sz_bytes].view(STATS_DTYPE).view(*s.shape, 2).copy_(torch.stack((s, mn + 8 * s), -1))
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_codes(q).t().contiguous(), 1)  # [out, in / 2]
+    assert packed_kernel_fits(q.shape, cfg), f"pack_for_kernel: {q.shape} at {cfg} does not fit"
+    sz_bytes, code_bytes = packed_geometry(q.shape, cfg)
+    assert buf.numel() == sz_bytes + code_bytes, f"pack_for_kernel: buffer {buf.numel()} != {sz_bytes + code_bytes}"
+    sz = _scales_zeros(q)
+    buf[:sz_bytes].view(STATS_DTYPE).view(sz.shape).copy_(sz)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_nibbles(q).t().contiguous(), 1)
     buf[sz_bytes:].copy_(packed.view(torch.uint8).reshape(-1))
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class Int4Weight:
+class PackedWeight:
     """Views into a layer buffer holding one matrix in the int4 kernel's layout; `x @ w` computes on it."""
 
-    codes: torch.Tensor  # uint8 [out, in / 2], the kernel's nibble order
+    codes: torch.Tensor  # uint8 [out, in * bits / 8], the kernel's nibble order
     scales_zeros: torch.Tensor  # bfloat16 [G, out, 2]
     shape: tuple[int, int]  # (in, out) of the dense matrix
     group_size: int
+    bits: int
 
     @classmethod
-    def view(cls, buf: torch.Tensor, shape: tuple[int, int], cfg: QuantConfig) -> Int4Weight:
-        sz_bytes, code_bytes = int4_packed_geometry(shape, cfg)
+    def view(cls, buf: torch.Tensor, shape: tuple[int, int], cfg: QuantConfig) -> PackedWeight:
+        sz_bytes, code_bytes = packed_geometry(shape, cfg)
         k, n = shape
         sz = buf[:sz_bytes].view(STATS_DTYPE).view(k // cfg.group_size, n, 2)
-        return cls(buf[sz_bytes:sz_bytes + code_bytes].view(n, k // 2), sz, (int(k), int(n)), cfg.group_size)
+        codes = buf[sz_bytes:sz_bytes + code_bytes].view(n, code_bytes // n)
+        return cls(codes, sz, (int(k), int(n)), cfg.group_size, cfg.bits)
+
+    @property
+    def kernel_group(self) -> int:
+        return packed_kernel_group(QuantConfig(self.bits, self.group_size))
+
+    def kernel_input(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2: [rows, in] -> the kernel's bfloat16 input: x2 (4 bits), or (16 x_g, x_g) per group (8 bits; x16
+        commutes with the rounding to bfloat16). One op either way: decode calls this per matmul."""
+        if self.bits == 4:
+            return x2.to(STATS_DTYPE)
+        rows, g = x2.shape[0], self.group_size
+        out = torch.empty(rows, x2.shape[1] // g, 2, g, dtype=STATS_DTYPE)
+        return torch.mul(x2.reshape(rows, -1, 1, g), _HI_LO, out=out).view(rows, -1)
+
+    def kernel(self, x2: torch.Tensor, scales_zeros: torch.Tensor | None = None) -> torch.Tensor:
+        """The kernel on its own input rows x2 (kernel_input), bfloat16 [rows, out]."""
+        sz = self.scales_zeros if scales_zeros is None else scales_zeros
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.codes, self.kernel_group, sz)
 
     def __rmatmul__(self, x: torch.Tensor) -> torch.Tensor:
-        return int4_matmul(x, self)
+        return packed_matmul(x, self)
 
     def dense_bf16(self) -> torch.Tensor:
-        """The [in, out] matrix the kernel multiplies by, rounded to bfloat16: the kernel applied to the identity."""
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(self.shape[0], dtype=STATS_DTYPE), self.codes,
-                                                          self.group_size, self.scales_zeros)
+        """The [in, out] matrix the kernel multiplies by, rounded to bfloat16: the kernel applied to the identity
+        (a block of its rows at a time, so the transient stays small)."""
+        k = self.shape[0]
+        out = torch.empty(k, self.shape[1], dtype=STATS_DTYPE)
+        for r0 in range(0, k, RESTORE_ROWS):
+            r1 = min(k, r0 + RESTORE_ROWS)
+            eye = torch.zeros(r1 - r0, k, dtype=STATS_DTYPE)
+            eye[torch.arange(r1 - r0), torch.arange(r0, r1)] = 1
+            out[r0:r1] = self.kernel(self.kernel_input(eye))
+        return out
 
     def dequantize(self) -> torch.Tensor:
         """The float32 [in, out] matrix the kernel multiplies by (tests and references; not on the hot path)."""
-        k = self.shape[0]
+        rows = self.codes.shape[1] * 2  # the kernel's input width
         ones = torch.ones_like(self.scales_zeros)
-        ones[..., 1] = 8  # scale 1, zero 8: the kernel on the identity returns the codes themselves (exact in bf16)
-        codes = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(k, dtype=STATS_DTYPE), self.codes,
-                                                           self.group_size, ones).float()  # [in, out]
-        s, z = (self.scales_zeros[..., i].float().repeat_interleave(self.group_size, 0) for i in (0, 1))
-        return (codes - 8) * s + z
+        ones[..., 1] = 8  # scale 1, zero 8: the kernel on the identity returns the nibbles themselves (exact in bf16)
+        nib = self.kernel(torch.eye(rows, dtype=STATS_DTYPE), ones).float()  # [rows, out]
+        s, z = (self.scales_zeros[..., i].float().repeat_interleave(self.kernel_group, 0) for i in (0, 1))
+        w = (nib - 8) * s + z  # per kernel input row
+        if self.bits == 4:
+            return w
+        w = w.view(-1, 2, self.group_size, self.shape[1])
+        return (HI * w[:, 0] + w[:, 1]).reshape(self.shape)
 
 
-def int4_matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+def packed_matmul(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """x: [..., in] -> x @ w: [..., out] in x's dtype (computed in bfloat16). Beyond DENSE_ROWS_PER_IN x in rows
     (prefill) the kernel is compute bound at 2-3x a bfloat16 GEMM's time, so the matrix (only this one) is
     restored to bfloat16 by the kernel itself and multiplied densely: measured in bench/packed_kernels.py."""
     lead, k = x.shape[:-1], w.shape[0]
-    x2 = x.reshape(-1, k).to(STATS_DTYPE)
+    x2 = x.reshape(-1, k)
     if x2.shape[0] > DENSE_ROWS_PER_IN * k:
-        y = x2 @ w.dense_bf16()
+        y = x2.to(STATS_DTYPE) @ w.dense_bf16()
     else:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, w.codes, w.group_size, w.scales_zeros)
+        y = w.kernel(w.kernel_input(x2))
     return y.to(x.dtype).view(*lead, w.shape[1])
 
 
@@ -139,12 +202,12 @@ class TiledWeight:
         return self.matmul(x)
 
 
-def packed_int4(q: QTensor) -> Int4Weight:
+def packed_weight(q: QTensor) -> PackedWeight:
     """q in the int4 kernel's layout, in a buffer of its own (benchmarks and tests)."""
-    sz, code = int4_packed_geometry(q.shape, q.cfg)
+    sz, code = packed_geometry(q.shape, q.cfg)
     buf = torch.empty(sz + code, dtype=torch.uint8)
-    pack_into_int4(q, buf)
-    return Int4Weight.view(buf, q.shape, q.cfg)
+    pack_for_kernel(q, buf)
+    return PackedWeight.view(buf, q.shape, q.cfg)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -162,7 +225,7 @@ class RowTable:
 
 def packed_layer_views(spec: ModelSpec, layer: int, buf: torch.Tensor, cfg: QuantConfig) -> dict[str, object]:
     """What the kernels compute on, one per tensor name, over a compressed layer buffer written with
-    packed=True (runtime.compressed.compress_layer): a linear map the int4 kernel takes as an Int4Weight,
+    packed=True (runtime.compressed.compress_layer): a linear map the int4 kernel takes as a PackedWeight,
     any other linear map as a TiledWeight, an embedding table as a RowTable, a vector as a typed view.
     None of them copies the layer: `x @ w` and `table[ids]` read the compressed bytes."""
     dtype = TORCH_DTYPES[spec.dtype]
@@ -172,8 +235,8 @@ def packed_layer_views(spec: ModelSpec, layer: int, buf: torch.Tensor, cfg: Quan
         src = buf[s.offset:s.offset + s.nbytes]
         if s.dim is None:
             out[s.name] = src.view(dtype).view(s.shape)
-        elif s.name in linear and int4_kernel_fits(s.shape, cfg):
-            out[s.name] = Int4Weight.view(src, s.shape, cfg)
+        elif s.name in linear and packed_kernel_fits(s.shape, cfg):
+            out[s.name] = PackedWeight.view(src, s.shape, cfg)
         elif s.name in linear:
             out[s.name] = TiledWeight.from_qtensor(unpack_from(src, s.shape, s.dim, cfg))
         else:

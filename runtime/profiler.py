@@ -35,7 +35,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flexgen_graph.hardware import PACKED_SUFFIX, Calibration, Curve, HardwareProfile, LayerCurve, machine_id
+from flexgen_graph.hardware import (
+    PACKED_BITS,
+    Calibration,
+    Curve,
+    HardwareProfile,
+    LayerCurve,
+    machine_id,
+    packed_suffix,
+)
 from flexgen_graph.ir import LayerKind
 from flexgen_graph.spec import ModelSpec
 
@@ -423,9 +431,9 @@ def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
 PACKED_GROUP_SIZE = 32  # the packed curves are timed at groups of 32 (the accuracy-keeping size) and priced for any
 
 
-def packed_layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
-    """The model's embedding, decoder and head timed on packed 4-bit weights (runtime.packed, as an engine of a
-    packed_weights plan computes), against rows: LayerCurves of kinds "<kind>" + PACKED_SUFFIX, weight_bytes
+def packed_layer_curves(spec: ModelSpec, device: torch.device, bits: int = 4) -> list[LayerCurve]:
+    """The model's embedding, decoder and head timed on packed weights of `bits` (runtime.packed, as an engine of
+    a packed_weights plan computes), against rows: LayerCurves of kinds "<kind>" + packed_suffix(bits), weight_bytes
     the dense layer's, so the planner finds them beside the dense ones. CPU only (the kernel is the CPU's)."""
     from runtime import kernels
     from runtime.compressed import compress_layer
@@ -433,7 +441,7 @@ def packed_layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurv
     from runtime.quant import QuantConfig
 
     assert device.type == "cpu", "packed_layer_curves: the int4 kernel is the CPU's"
-    cfg, dtype, n_layers = QuantConfig(4, PACKED_GROUP_SIZE), kernels.TORCH_DTYPES[spec.dtype], spec.num_graph_layers
+    cfg, dtype, n_layers = QuantConfig(bits, PACKED_GROUP_SIZE), kernels.TORCH_DTYPES[spec.dtype], spec.num_graph_layers
     H, KV, D = spec.hidden, spec.num_kv_heads, spec.head_dim
     top = ROWS[-1]
 
@@ -468,7 +476,7 @@ def packed_layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurv
 
     def head_op(r: int) -> None:
         kernels.head(spec, next_of(heads), hidden[:r]).argmax(dim=-1)
-    return [LayerCurve(f"{kind}{PACKED_SUFFIX}", spec.layer_bytes(j), spec.name, _grow(fn))
+    return [LayerCurve(f"{kind}{packed_suffix(bits)}", spec.layer_bytes(j), spec.name, _grow(fn))
             for kind, j, fn in (("embed", 0, embed), ("decoder", 1, decoder), ("head", n_layers - 1, head_op))]
 
 
@@ -613,7 +621,7 @@ def calibrate(device: torch.device, dtype: torch.dtype, folder: Path, models: li
     for spec in models:
         layers += layer_curves(spec, device)
         if device.type == "cpu" and spec.dtype == "float32":  # where a plan may compute on packed weights
-            layers += packed_layer_curves(spec, device)
+            layers += [c for bits in PACKED_BITS for c in packed_layer_curves(spec, device, bits)]
     cal = Calibration(
         method="curves", matmul_s_per_flop=matmul_curve(device, dtype), gpu_from_cpu_s=to_dev, cpu_from_gpu_s=to_host,
         disk_read_cold_s=cold, disk_read_warm_s=warm, disk_write_s=write, op_s=0.0, handoff_s=handoff(device),

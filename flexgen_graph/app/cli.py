@@ -116,7 +116,7 @@ def _add_compile_args(p: argparse.ArgumentParser, required: bool) -> None:
                    help="bits per compressed value: 4 (default, FlexGen's) or 8 (about half the savings, near "
                         "lossless)")
     p.add_argument("--packed", action="store_true",
-                   help="compute on the packed 4-bit weights (CPU int4 kernel, bfloat16 arithmetic) instead of "
+                   help="compute on the packed 4- or 8-bit weights (CPU int4 kernel, bfloat16 arithmetic) instead of "
                         "dequantizing each layer; 'auto' chooses it by itself where the profile measured it faster")
     p.add_argument("--gpu-batch-size", type=int, help="fix the gpu batch size instead of searching")
     p.add_argument("--num-gpu-batches", type=int, help="fix the number of gpu batches per block")
