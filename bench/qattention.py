@@ -5,7 +5,7 @@
 
 SmolLM2-135M's attention shape (9 query heads, 3 kv heads, head dim 64, float32), one new token (decode):
 - dense: kernels.attend over an uncompressed cache (writes the new k, v, attends rows [0, a + 1));
-- restore: today's path, codec.store_new + codec.load of rows [0, a) into a dense scratch + kernels.attend;
+- restore: the path before runtime.qattention, codec.store_new + codec.load of rows [0, a) into a dense scratch + kernels.attend;
 - chunk N: runtime.qattention.attend_quantized with N rows a chunk into a preallocated scratch;
 - default: the same with its default rows (qattention.chunk_rows: 4 MiB of dense rows; 160 at batch 16, 32 at 64).
 ms per call, and each compressed path's time over dense's (dense / path: above 1 is faster than dense),
