@@ -44,6 +44,10 @@ FIT_RUNS = (
     ("in RAM, batch 64", 64, 1, {"weights": GPU, "cache": GPU, "hidden": GPU}),
     ("in RAM, 8 x 2", 8, 2, {"weights": GPU, "cache": GPU, "hidden": GPU}),
     ("hidden states on the CPU tier (threads)", 8, 1, {"weights": GPU, "cache": GPU, "hidden": CPU}),
+    # threads at a batch of 1 and of 32: ops and compute no longer in one proportion, so the hand-off per op
+    # and the stretch of compute separate (at batch 8 alone they were nearly collinear)
+    ("threads, batch 1", 1, 1, {"weights": GPU, "cache": GPU, "hidden": CPU}),
+    ("threads, batch 32", 32, 1, {"weights": GPU, "cache": GPU, "hidden": CPU}),
     ("weights on the CPU tier", 8, 1, {"weights": CPU, "cache": GPU, "hidden": GPU}),
     ("cache on the CPU tier", 8, 1, {"weights": GPU, "cache": CPU, "hidden": GPU}),
     ("weights on disk", 8, 1, {"weights": DISK, "cache": GPU, "hidden": GPU}),
