@@ -42,7 +42,8 @@ class OpKind(Enum):
     # from the compute device, decode attends on the CPU (FlexGen's attention delegation)
     DECODER_PREFILL_HOST_CACHE = "decoder_prefill_host_cache"
     DECODER_DECODE_CPU_ATTN = "decoder_decode_cpu_attn"
-    # the same four over a compressed cache: each restores the rows it attends into its `scratch` buffer
+    # the same four over a compressed cache: decode restores the rows it attends, a chunk at a time, into its
+    # `scratch` buffer (prefill attends its new rows as they read back)
     DECODER_PREFILL_QCACHE = "decoder_prefill_qcache"
     DECODER_DECODE_QCACHE = "decoder_decode_qcache"
     DECODER_PREFILL_HOST_QCACHE = "decoder_prefill_host_qcache"

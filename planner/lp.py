@@ -25,7 +25,6 @@ max_rounds rounds reserves a whole item per class on the CPU and disk tiers, whi
 
 from __future__ import annotations
 
-
 import math
 import warnings
 from dataclasses import dataclass

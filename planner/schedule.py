@@ -24,7 +24,7 @@ import networkx as nx
 from flexgen_graph.ir import LayerKind, NodeKey, NodeKind, Phase, Tier
 from flexgen_graph.layout import attend_scratch_bytes, dequant_scratch
 from flexgen_graph.policy import Policy, assign_tiers
-from flexgen_graph.program import Buffer, BufferRole, Op, OpKind, Programs
+from flexgen_graph.program import QCACHE_TWIN, Buffer, BufferRole, Op, OpKind, Programs
 
 NUM_SLOTS = 2  # double buffering
 
@@ -125,7 +125,7 @@ def scratch_bytes(shape: GraphShape, policy: Policy, c_tier: dict[tuple[int, int
     chunk = attend_scratch_bytes(shape.cache_bytes // max_seq, max_seq) if shape.cache_bytes else 0
     for j, kind in enumerate(shape.layer_kinds):
         w = shape.weight_bytes[j] if dequantizes(kind, policy) else 0
-        needs.append(dequant_scratch(w, 0, False))  # embedding, head, the prefill of a host-homed cache
+        needs.append(dequant_scratch(w, 0, False))  # the layer's weights alone (the head; any prefill)
         if kind is LayerKind.DECODER and policy.compress_cache and not shape.score:
             for k in range(shape.num_gpu_batches):
                 t = c_tier[(j, k)]
@@ -182,16 +182,7 @@ def emit_programs(g: nx.DiGraph, policy: Policy) -> Programs:
     return Programs(bp.buffers, _emit(g, shape, bp, policy, Phase.PREFILL), _emit(g, shape, bp, policy, Phase.DECODE))
 
 
-_DECODER_KINDS = {  # (phase, cache used in place on the host, compressed cache) -> op kind
-    (Phase.PREFILL, False, False): OpKind.DECODER_PREFILL,
-    (Phase.DECODE, False, False): OpKind.DECODER_DECODE,
-    (Phase.PREFILL, True, False): OpKind.DECODER_PREFILL_HOST_CACHE,
-    (Phase.DECODE, True, False): OpKind.DECODER_DECODE_CPU_ATTN,
-    (Phase.PREFILL, False, True): OpKind.DECODER_PREFILL_QCACHE,
-    (Phase.DECODE, False, True): OpKind.DECODER_DECODE_QCACHE,
-    (Phase.PREFILL, True, True): OpKind.DECODER_PREFILL_HOST_QCACHE,
-    (Phase.DECODE, True, True): OpKind.DECODER_DECODE_CPU_ATTN_QCACHE,
-}
+_QCACHE_OF = {dense: q for q, dense in QCACHE_TWIN.items()}  # a decoder kind -> the same over a compressed cache
 
 
 def _compute_kind(kind: LayerKind, phase: Phase, host_cache: bool, score: bool = False,
@@ -202,7 +193,11 @@ def _compute_kind(kind: LayerKind, phase: Phase, host_cache: bool, score: bool =
         return OpKind.HEAD_SCORE if score else OpKind.HEAD
     if score:
         return OpKind.DECODER_SCORE
-    return _DECODER_KINDS[(phase, host_cache, qcache)]
+    if phase is Phase.PREFILL:
+        kind = OpKind.DECODER_PREFILL_HOST_CACHE if host_cache else OpKind.DECODER_PREFILL
+    else:
+        kind = OpKind.DECODER_DECODE_CPU_ATTN if host_cache else OpKind.DECODER_DECODE
+    return _QCACHE_OF[kind] if qcache else kind
 
 
 @dataclass(frozen=True, slots=True)

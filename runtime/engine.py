@@ -84,8 +84,9 @@ class Engine:
         self.weights = compressed_layers(store, self.qcfg, pol.packed_weights) if pol.compress_weights else store
         self._compressed_bufs = frozenset(b.id for b in plan.programs.buffers if pol.compress_weights and b.role in (
             BufferRole.WEIGHT_HOME, BufferRole.WEIGHT_SLOT))
-        ops = plan.programs.prefill + plan.programs.decode
-        self.codec = CacheCodec(self.spec, self.b, self.qcfg) if any(op.kind in QCACHE_KINDS for op in ops) else None
+        self._ops = plan.programs.prefill + plan.programs.decode  # both programs, for the set-up checks
+        self.codec = CacheCodec(self.spec, self.b, self.qcfg) if any(op.kind in QCACHE_KINDS for op in self._ops) \
+            else None
         self._tmp = None
         if offload_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="flexgen-offload-")
@@ -95,7 +96,7 @@ class Engine:
         budget = {Tier.GPU: prof.gpu_bytes, Tier.CPU: prof.cpu_bytes, Tier.DISK: prof.disk_bytes}
         if device == "auto":
             device = "cuda" if prof.has_gpu and torch.cuda.is_available() else "cpu"
-        if all(op.stream is Stream.COMPUTE for op in plan.programs.prefill + plan.programs.decode):
+        if all(op.stream is Stream.COMPUTE for op in self._ops):
             # nothing moves: no transfer to overlap, and the stream threads' hand-offs would only cost
             # (visible at batch 1, where a step is many tiny ops)
             overlap = False
@@ -140,10 +141,9 @@ class Engine:
     def _chunk_at(self) -> dict[int, int]:
         """Scratch buffer -> where the chunk of cache rows its ops restore starts in it: after the largest
         decoder layer dequantized there (layout.dequant_scratch's layout)."""
-        ops = self.plan.programs.prefill + self.plan.programs.decode
-        qlayers = {op.layer for op in ops if op.kind in QCACHE_KINDS}
-        at = {op.scratch: 0 for op in ops if op.kind in QCACHE_KINDS and op.scratch >= 0}
-        for op in ops:
+        qlayers = {op.layer for op in self._ops if op.kind in QCACHE_KINDS}
+        at = {op.scratch: 0 for op in self._ops if op.kind in QCACHE_KINDS and op.scratch >= 0}
+        for op in self._ops:
             if op.kind is OpKind.DEQUANT_WEIGHT and op.dst in at and op.layer in qlayers:
                 at[op.dst] = max(at[op.dst], align_up(self.spec.layer_bytes(op.layer)))
         return at
@@ -158,7 +158,7 @@ class Engine:
         """Bytes the plan's ops use of each scratch buffer, in the runtime's own sizes (the planner's must
         match): a layer DEQUANT_WEIGHT restores there, or a chunk of cache rows after its offset."""
         need: dict[int, int] = {}
-        for op in self.plan.programs.prefill + self.plan.programs.decode:
+        for op in self._ops:
             if op.kind is OpKind.DEQUANT_WEIGHT:
                 need[op.dst] = max(need.get(op.dst, 0), self.spec.layer_bytes(op.layer))
             elif op.kind in QCACHE_KINDS and op.scratch >= 0:
@@ -168,8 +168,8 @@ class Engine:
     def _allocate(self) -> None:
         """Every buffer the run holds is one of the plan's (the peak the planner predicted counts them all)."""
         n = len(self.plan.programs.buffers)
-        for op in self.plan.programs.prefill + self.plan.programs.decode:
-            named = [i for i in (*accesses(op)[0], *accesses(op)[1], op.scratch) if i >= 0]
+        for op in self._ops:
+            named = [i for side in accesses(op) for i in side]  # (a compute's scratch among its writes)
             if any(i >= n for i in named):
                 raise UserError(f"op {op.node} names buffer {max(named)} the plan does not have ({n} buffers); "
                                 "recompile the plan")
@@ -338,7 +338,8 @@ class Engine:
         hv.copy_(kernels.attention_output_and_mlp(self.spec, w, hv, att.to(hv.device)))
 
     def _decoder_qcache(self, op: Op) -> None:
-        """Attends a compressed cache on the compute device, a chunk of rows at a time (runtime.qattention)."""
+        """Attends a compressed cache on the compute device, a chunk of rows at a time (runtime.qattention); a
+        prefill (host-homed cache or not) stores its new rows and attends them as they read back."""
         hv, w, q, kk, v, mask = self._qkv(op)
         self._finish(hv, w, self._attend_compressed(op, q, kk, v, mask))
 
@@ -376,11 +377,6 @@ class Engine:
         att = kernels.attend(self.spec, q, kk, v, kv, 0, mask)
         self._cache_view(op.cache, self._rows(op))[: self._t].copy_(kv)
         self._finish(hv, w, att)
-
-    def _prefill_host_qcache(self, op: Op) -> None:
-        """As _prefill_host_cache, the new rows compressed home first and attended as they read back."""
-        hv, w, q, kk, v, mask = self._qkv(op)
-        self._finish(hv, w, self._attend_compressed(op, q, kk, v, mask))
 
     def _decoder_score(self, op: Op) -> None:
         """A scoring plan's decoder: no cache, the prompt's k, v live only while the op runs."""
@@ -421,7 +417,7 @@ class Engine:
         OpKind.DECODER_DECODE_CPU_ATTN: _decode_cpu_attn,
         OpKind.DECODER_PREFILL_QCACHE: _decoder_qcache,
         OpKind.DECODER_DECODE_QCACHE: _decoder_qcache,
-        OpKind.DECODER_PREFILL_HOST_QCACHE: _prefill_host_qcache,
+        OpKind.DECODER_PREFILL_HOST_QCACHE: _decoder_qcache,
         OpKind.DECODER_DECODE_CPU_ATTN_QCACHE: _decode_cpu_attn_qcache,
         OpKind.DEQUANT_WEIGHT: _dequant_weight,
         OpKind.HEAD: _head,
