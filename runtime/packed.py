@@ -24,8 +24,8 @@ Numerics: the weights the kernel uses are `PackedWeight.dequantize()`: S and Z r
 their size; Z set against the rounded S, _scales_zeros), at most 2**-8 of the matrix's largest weight off the
 FlexGen values at either bits (at 8 bits about half a quantization step at worst, unbiased), times bfloat16
 activations, with a bfloat16 result: relative error about 1e-2 of a matmul's output (tests/test_packed.py).
-A matmul of many rows (prefill) instead restores its matrix to bfloat16 with the kernel and runs a dense GEMM
-(packed_matmul).
+A matmul of many rows (prefill) instead restores its matrix to bfloat16 (its codes unpacked from the kernel's
+layout, PackedWeight.dense) and runs a dense GEMM (packed_matmul).
 Matrices the kernel cannot take (out not a multiple of 16, in not a multiple of the group size, a group size
 it lacks): `TiledWeight`, which dequantizes a block of output columns at a time into a small scratch and
 multiplies it, never the whole matrix.
@@ -44,12 +44,13 @@ from runtime.quant import QTensor, dequantize, unpack_from
 
 STATS_DTYPE = torch.bfloat16  # the kernel's fast path: activations and stats in bfloat16
 TILE_BYTES = 1 << 19
-# rows per input element above which restoring the matrix to bfloat16 and a dense GEMM beat the int4 kernel
-# (SmolLM2 shapes: 2.3-3.4x faster at 2816 rows, slower at 512 rows of a 576-wide input)
-DENSE_ROWS_PER_IN = 1.5  # a dequantized tile stays within a core's L2 (measured: bench/packed_kernels.py)
+# rows above which restoring the matrix to bfloat16 and a dense GEMM beat the int4 kernel, per bits: the
+# kernel's time grows with rows x weights, the restore's with weights alone (bench/packed_kernels.py)
+DENSE_ROWS = {4: 192, 8: 128}
+KERNEL_BLOCK_N = 64  # output channels per block of the CPU kernel's nibble layout
 HI = 16  # 8 bits: code = HI * hi + lo
 _HI_LO = torch.tensor([[HI], [1]], dtype=STATS_DTYPE)  # a group's input for its high, then low nibbles
-RESTORE_ROWS = 256  # rows of the identity per kernel call when a matrix is restored (bounds the transient)
+RESTORE_BYTES = 4 << 20  # float32 bytes restored at a time: a restore's transient is a few of these
 
 
 def _codes(q: QTensor) -> torch.Tensor:
@@ -135,40 +136,54 @@ class PackedWeight:
     def __rmatmul__(self, x: torch.Tensor) -> torch.Tensor:
         return packed_matmul(x, self)
 
-    def dense_bf16(self) -> torch.Tensor:
-        """The [in, out] matrix the kernel multiplies by, rounded to bfloat16: the kernel applied to the identity
-        (a block of its rows at a time, so the transient stays small)."""
-        k = self.shape[0]
-        out = torch.empty(k, self.shape[1], dtype=STATS_DTYPE)
-        for r0 in range(0, k, RESTORE_ROWS):
-            r1 = min(k, r0 + RESTORE_ROWS)
-            eye = torch.zeros(r1 - r0, k, dtype=STATS_DTYPE)
-            eye[torch.arange(r1 - r0), torch.arange(r0, r1)] = 1
-            out[r0:r1] = self.kernel(self.kernel_input(eye))
+    def nibble_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """The codes of the kernel's input rows [r0, r1), uint8 [r1 - r0, out], read off its layout: blocks of
+        KERNEL_BLOCK_N output channels, each [in', 32] bytes holding channel j low and 32 + j high; a last block
+        of fewer channels [in', r / 2] bytes holding channels 2i low and 2i + 1 high (tests check it against
+        the kernel)."""
+        flat, n = self.codes.reshape(-1), self.shape[1]
+        width = self.codes.shape[1] * 2  # the kernel's input rows
+        full = n // KERNEL_BLOCK_N * KERNEL_BLOCK_N
+        parts = []
+        if full:
+            b = flat[:full * width // 2].view(full // KERNEL_BLOCK_N, width, KERNEL_BLOCK_N // 2)[:, r0:r1]
+            parts.append(torch.cat((b & 15, b >> 4), -1).permute(1, 0, 2).reshape(r1 - r0, full))
+        if n > full:
+            b = flat[full * width // 2:].view(width, (n - full) // 2)[r0:r1]
+            parts.append(torch.stack((b & 15, b >> 4), -1).reshape(r1 - r0, n - full))
+        return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The [in, out] matrix the kernel multiplies by, in dtype: the codes unpacked and scaled a block of
+        groups (RESTORE_BYTES of float32) at a time, never through the kernel (applied to the identity the
+        kernel costs in x in x out: 1.8 s for an 8192 x 2048 matrix, against about 30 ms here)."""
+        k, n = self.shape
+        g, kg = self.group_size, self.kernel_group
+        out = torch.empty(k, n, dtype=dtype)
+        step = max(1, RESTORE_BYTES // (4 * g * n))  # groups per block
+        for g0 in range(0, k // g, step):
+            g1 = min(k // g, g0 + step)
+            codes = self.nibble_rows(g0 * kg, g1 * kg).view(g1 - g0, kg, n)
+            sz = self.scales_zeros[g0:g1, None].float()  # [groups, 1, out, 2]
+            w = torch.addcmul(sz[..., 1] - 8 * sz[..., 0], codes.float(), sz[..., 0])  # the kernel's (code - 8) S + Z
+            if self.bits == 8:
+                w = w[:, :g].mul_(HI).add_(w[:, g:])  # a group's high nibbles, then its low ones
+            out[g0 * g:g1 * g] = w.reshape(-1, n)
         return out
 
     def dequantize(self) -> torch.Tensor:
-        """The float32 [in, out] matrix the kernel multiplies by (tests and references; not on the hot path)."""
-        rows = self.codes.shape[1] * 2  # the kernel's input width
-        ones = torch.ones_like(self.scales_zeros)
-        ones[..., 1] = 8  # scale 1, zero 8: the kernel on the identity returns the nibbles themselves (exact in bf16)
-        nib = self.kernel(torch.eye(rows, dtype=STATS_DTYPE), ones).float()  # [rows, out]
-        s, z = (self.scales_zeros[..., i].float().repeat_interleave(self.kernel_group, 0) for i in (0, 1))
-        w = (nib - 8) * s + z  # per kernel input row
-        if self.bits == 4:
-            return w
-        w = w.view(-1, 2, self.group_size, self.shape[1])
-        return (HI * w[:, 0] + w[:, 1]).reshape(self.shape)
+        """The float32 [in, out] matrix the kernel multiplies by (tests and references)."""
+        return self.dense(torch.float32)
 
 
 def packed_matmul(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-    """x: [..., in] -> x @ w: [..., out] in x's dtype (computed in bfloat16). Beyond DENSE_ROWS_PER_IN x in rows
+    """x: [..., in] -> x @ w: [..., out] in x's dtype (computed in bfloat16). Beyond DENSE_ROWS[bits] rows
     (prefill) the kernel is compute bound at 2-3x a bfloat16 GEMM's time, so the matrix (only this one) is
-    restored to bfloat16 by the kernel itself and multiplied densely: measured in bench/packed_kernels.py."""
+    restored to bfloat16 and multiplied densely: measured in bench/packed_kernels.py."""
     lead, k = x.shape[:-1], w.shape[0]
     x2 = x.reshape(-1, k)
-    if x2.shape[0] > DENSE_ROWS_PER_IN * k:
-        y = x2.to(STATS_DTYPE) @ w.dense_bf16()
+    if x2.shape[0] > DENSE_ROWS[w.bits]:
+        y = x2.to(STATS_DTYPE) @ w.dense(STATS_DTYPE)
     else:
         y = w.kernel(w.kernel_input(x2))
     return y.to(x.dtype).view(*lead, w.shape[1])

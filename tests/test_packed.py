@@ -50,7 +50,20 @@ def test_packed_kernel_fits_says_no_where_the_kernel_cannot():
     assert packed_kernel_fits((64, 64), QuantConfig(8, 32)) and packed_kernel_fits((64, 64), QuantConfig(8, 16))
 
 
-@pytest.mark.parametrize("rows", [1, 5, 64, 1000])  # 1000 > DENSE_ROWS_PER_IN x 256: the dense bfloat16 GEMM
+@pytest.mark.parametrize("shape", [(256, 96), (64, 208), (128, 16)])  # out: a whole block of 64 and a part, parts only
+@pytest.mark.parametrize("bits", [4, 8])
+def test_restored_matrix_is_the_kernel_applied_to_the_identity(shape, bits):
+    """PackedWeight.dense reads the kernel's nibble layout itself: it must equal what the kernel computes."""
+    torch.manual_seed(0)
+    pk = packed_weight(quantize(torch.randn(*shape) * 0.05, 0, QuantConfig(bits, 32)))
+    kernel = pk.kernel(pk.kernel_input(torch.eye(shape[0], dtype=torch.bfloat16))).float()
+    restored = pk.dense(torch.bfloat16).float()
+    # one rounding to bfloat16 apart at most (the kernel sums 8 bits' two nibbles in its own order)
+    assert ((restored - kernel).abs() <= 2 ** -8 * kernel.abs()).all()
+    assert torch.allclose(pk.dequantize(), restored, rtol=2 ** -8, atol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64, 1000])  # 1000 > DENSE_ROWS: the restored matrix's bfloat16 GEMM
 @pytest.mark.parametrize("bits,group", [(4, 32), (8, 32), (8, 64), (8, 128)])
 def test_packed_matmul_is_a_matmul_by_the_weights_it_stands_for(rows, bits, group):
     torch.manual_seed(0)
