@@ -18,8 +18,8 @@ And a Calibration (flexgen_graph.hardware), what the cost model needs at the sha
   and warm, and disk writes, against the bytes of one transfer;
 - the fixed hand-off an op pays when the streams run on worker threads (the backends' workers),
 - and the share of a copy's or a read's time that a compute running beside it loses.
-Every figure is the best of a few repeats: on a loaded machine the best is what the hardware does
-when it gets its cores, which is what a quiet run sees.
+Every figure is the median of a few repeats (_typical_time): what a run's many calls take on this
+machine, its jitter included.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import dataclasses
 import mmap
 import os
 import shutil
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -62,18 +63,19 @@ def _sync_for(device: torch.device):
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def _best_time(fn, repeats: int = 3, sync=lambda: None, max_repeats: int = 8) -> float:
-    """The best of `repeats` timed calls (after one untimed), and of more, up to max_repeats, while the two
-    best still differ by over 10%: a call slowed by another job on the cores is not the machine's figure."""
+def _typical_time(fn, repeats: int = 5, sync=lambda: None) -> float:
+    """The median of `repeats` timed calls (after one untimed). The median, not the best: calls on a shared
+    machine vary (a 2-core VM measured: +-15% around a median 20% above its best call), and a run's
+    thousands of calls take the typical time, so best-of figures priced runs 10-25% fast."""
     fn()
     sync()
     times: list[float] = []
-    while len(times) < repeats or (len(times) < max_repeats and sorted(times)[1] > 1.1 * min(times)):
+    for _ in range(repeats):
         t = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - t)
-    return min(times)
+    return statistics.median(times)
 
 
 def machine(device: torch.device | None = None) -> str:
@@ -88,7 +90,7 @@ def machine(device: torch.device | None = None) -> str:
 def matmul_rate(device: torch.device, dtype: torch.dtype, rows: int, k: int = 2048, n: int = 2048) -> float:
     x = torch.randn(rows, k, device=device, dtype=dtype)
     w = torch.randn(k, n, device=device, dtype=dtype)  # input-major, as the engine stores linear weights
-    return 2 * rows * k * n / _best_time(lambda: x @ w, sync=_sync_for(device))
+    return 2 * rows * k * n / _typical_time(lambda: x @ w, sync=_sync_for(device))
 
 
 def min_rows(device: torch.device, dtype: torch.dtype) -> tuple[int, float]:
@@ -106,12 +108,12 @@ def attention_rate(device: torch.device, dtype: torch.dtype) -> float:
     q = torch.randn(b, h, 1, d, device=device, dtype=dtype)
     k = torch.randn(b, h, s, d, device=device, dtype=dtype)
     v = torch.randn(b, h, s, d, device=device, dtype=dtype)
-    return 4 * b * h * s * d / _best_time(lambda: F.scaled_dot_product_attention(q, k, v), sync=_sync_for(device))
+    return 4 * b * h * s * d / _typical_time(lambda: F.scaled_dot_product_attention(q, k, v), sync=_sync_for(device))
 
 
 def memory_bandwidth(device: torch.device) -> float:
     x = torch.ones(256 << 20 >> 2, device=device)  # 256 MiB of float32
-    return x.numel() * 4 / _best_time(lambda: x.sum(), sync=_sync_for(device))
+    return x.numel() * 4 / _typical_time(lambda: x.sum(), sync=_sync_for(device))
 
 
 def dequant_rate(device: torch.device) -> float:
@@ -121,7 +123,7 @@ def dequant_rate(device: torch.device) -> float:
 
     w = torch.randn(2048, 2048, device=device)
     q, out = quantize(w, 0, QuantConfig(4, 64)), torch.empty_like(w)
-    return w.numel() * 4 / _best_time(lambda: dequantize(q, out=out), sync=_sync_for(device))
+    return w.numel() * 4 / _typical_time(lambda: dequantize(q, out=out), sync=_sync_for(device))
 
 
 def op_overhead(device: torch.device) -> float:
@@ -132,7 +134,7 @@ def op_overhead(device: torch.device) -> float:
     def ops():
         for _ in range(100):
             F.linear(x, w)
-    return _best_time(ops, sync=_sync_for(device)) / 100 * 10  # ~10 torch calls per layer op
+    return _typical_time(ops, sync=_sync_for(device)) / 100 * 10  # ~10 torch calls per layer op
 
 
 def _link_peer(rank: int, store: str, n: int, result: str) -> None:
@@ -144,7 +146,7 @@ def _link_peer(rank: int, store: str, n: int, result: str) -> None:
 
         def hop() -> None:
             dist.send(t, 1) if rank == 0 else dist.recv(t, 0)
-        rate = n / _best_time(hop, repeats=5, max_repeats=5)  # both ranks must hop the same number of times
+        rate = n / _typical_time(hop, repeats=5)  # both ranks must hop the same number of times
         if rank == 1:
             Path(result).write_text(repr(rate))
     finally:
@@ -156,8 +158,8 @@ def copy_rates(device: torch.device) -> tuple[float, float]:
     host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty(n, dtype=torch.uint8, device=device)
     sync = torch.cuda.synchronize
-    h2d = n / _best_time(lambda: dev.copy_(host, non_blocking=True), sync=sync)
-    d2h = n / _best_time(lambda: host.copy_(dev, non_blocking=True), sync=sync)
+    h2d = n / _typical_time(lambda: dev.copy_(host, non_blocking=True), sync=sync)
+    d2h = n / _typical_time(lambda: host.copy_(dev, non_blocking=True), sync=sync)
     return h2d, d2h
 
 
@@ -167,7 +169,7 @@ def stage_link_rate(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda" and torch.cuda.device_count() > 1:
         a = torch.empty(n, dtype=torch.uint8, device="cuda:0")
         b = torch.empty(n, dtype=torch.uint8, device="cuda:1")
-        return n / _best_time(lambda: b.copy_(a), sync=torch.cuda.synchronize), "a copy cuda:0 -> cuda:1"
+        return n / _typical_time(lambda: b.copy_(a), sync=torch.cuda.synchronize), "a copy cuda:0 -> cuda:1"
     if device.type == "cuda":
         return copy_rates(device)[1], "one GPU: hidden states would leave through the host (device -> host rate)"
     import tempfile
@@ -190,13 +192,13 @@ def copy_curves(device: torch.device) -> tuple[Curve, Curve]:
     if device.type != "cuda":
         a, b = torch.empty(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
         a.fill_(1)
-        c = monotone(Curve(COPY_SIZES, tuple(_best_time(lambda m=m: b[:m].copy_(a[:m])) for m in COPY_SIZES)))
+        c = monotone(Curve(COPY_SIZES, tuple(_typical_time(lambda m=m: b[:m].copy_(a[:m])) for m in COPY_SIZES)))
         return c, c
     host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty(n, dtype=torch.uint8, device=device)
     sync = torch.cuda.synchronize
-    up = tuple(_best_time(lambda m=m: dev[:m].copy_(host[:m], non_blocking=True), sync=sync) for m in COPY_SIZES)
-    down = tuple(_best_time(lambda m=m: host[:m].copy_(dev[:m], non_blocking=True), sync=sync) for m in COPY_SIZES)
+    up = tuple(_typical_time(lambda m=m: dev[:m].copy_(host[:m], non_blocking=True), sync=sync) for m in COPY_SIZES)
+    down = tuple(_typical_time(lambda m=m: host[:m].copy_(dev[:m], non_blocking=True), sync=sync) for m in COPY_SIZES)
     return monotone(Curve(COPY_SIZES, up)), monotone(Curve(COPY_SIZES, down))
 
 
@@ -272,7 +274,7 @@ def _grow(fn, rows: tuple[int, ...] = ROWS, limit: int = ROWS[-1], sync=lambda: 
     for r in rows:
         if r > limit:
             break
-        t = _best_time(lambda: fn(r), sync=sync)
+        t = _typical_time(lambda: fn(r), sync=sync)
         xs.append(float(r))
         ys.append(t)
         if t > POINT_BUDGET_S:
@@ -321,8 +323,8 @@ def qcache_rates(spec: ModelSpec, codec, cbuf: torch.Tensor, dense: torch.Tensor
     mask = torch.ones(b, n_max, dtype=torch.bool, device=dense.device)
 
     def extra(n: int) -> float:
-        quant = _best_time(lambda: attend_quantized(spec, codec, q, k, k, cbuf, n - 1, mask[:, :n]), sync=sync)
-        return quant - _best_time(lambda: kernels.attend(spec, q, k, k, dense, n - 1, mask[:, :n]), sync=sync)
+        quant = _typical_time(lambda: attend_quantized(spec, codec, q, k, k, cbuf, n - 1, mask[:, :n]), sync=sync)
+        return quant - _typical_time(lambda: kernels.attend(spec, q, k, k, dense, n - 1, mask[:, :n]), sync=sync)
     points = [(n * dense[0].numel() * dense.element_size(), extra(n)) for n in (n_max // 8, n_max)]
     (x0, y0), (x1, y1) = points
     per_byte = max(0.0, (y1 - y0) / (x1 - x0))
@@ -375,7 +377,7 @@ def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
         q = torch.randn(b, 1, spec.num_heads, D, device=dev, dtype=dtype)
         kv = torch.randn(b, 1, KV, D, device=dev, dtype=dtype)
         m = torch.ones(b, ctxs[-1], dtype=torch.bool, device=dev)
-        ts = [_best_time(lambda n=n: kernels.attend(spec, q, kv, kv, c, n - 1, m[:, :n]), sync=_sync_for(dev))
+        ts = [_typical_time(lambda n=n: kernels.attend(spec, q, kv, kv, c, n - 1, m[:, :n]), sync=_sync_for(dev))
               for n in ctxs]
         return _slope([b * n for n in ctxs], ts)
 
@@ -387,7 +389,7 @@ def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
             q = torch.randn(b, t, spec.num_heads, D, device=device, dtype=dtype)
             kv = torch.randn(b, t, KV, D, device=device, dtype=dtype)
             m = torch.ones(b, t, dtype=torch.bool, device=device)
-            pts.append((b * t * t, _best_time(lambda: kernels.attend(spec, q, kv, kv, c, 0, m), sync=sync)))
+            pts.append((b * t * t, _typical_time(lambda: kernels.attend(spec, q, kv, kv, c, 0, m), sync=sync)))
         return sum(x * y for x, y in pts) / sum(x * x for x, _ in pts)  # through the origin
 
     cfg = QuantConfig(4, 64)
@@ -400,7 +402,7 @@ def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
         packed = torch.empty(spec.compressed_layer_bytes(layer, cfg), dtype=torch.uint8, device=device)
         compress_layer(spec, layer, src, cfg, packed)
         dense = torch.empty_like(src)
-        return _best_time(lambda: decompress_layer(spec, layer, packed, cfg, dense), sync=sync) / spec.layer_bytes(layer)
+        return _typical_time(lambda: decompress_layer(spec, layer, packed, cfg, dense), sync=sync) / spec.layer_bytes(layer)
     w_deq = dequant(1, dec)
     b, n = 8, 512
     codec = CacheCodec(spec, b, cfg)
@@ -410,7 +412,7 @@ def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
     c_deq, c_store = qcache_rates(spec, codec, cbuf, rows_kv, sync)
     t = 64  # prefill: a prompt's rows compressed and read back, per dense byte (well above the per-call cost)
     prompt_k = torch.randn(b, t, KV, D, device=device, dtype=dtype)
-    c_quant = _best_time(lambda: codec.store_new(cbuf, prompt_k, prompt_k, 0), sync=sync) \
+    c_quant = _typical_time(lambda: codec.store_new(cbuf, prompt_k, prompt_k, 0), sync=sync) \
         / (2 * prompt_k.numel() * prompt_k.element_size())
     on_dev = attend_slope(device)
     out.append(LayerCurve("decoder", spec.layer_bytes(1), spec.name, rows, attn_s=on_dev,
@@ -505,7 +507,7 @@ def handoff(device: torch.device) -> float:
             for i in range(n):
                 backend.submit(streams[i % 2], lambda: x @ w, [events[i - 1]] if i else [], events[i])
             backend.drain(events)
-        return _best_time(run, sync=sync)
+        return _typical_time(run, sync=sync)
 
     budget = {t: 1 << 40 for t in Tier}
     threaded, inline = CpuBackend(budget, Path("."), overlap=True), CpuBackend(budget, Path("."), overlap=False)
@@ -520,7 +522,7 @@ def _busy_loop(device: torch.device, seconds: float = 0.15):
     """A compute workload of about `seconds` on the device (matmuls, as a layer's), returned as a callable."""
     k = 1024
     x, w = torch.randn(256, k, device=device), torch.randn(k, k, device=device)
-    one = _best_time(lambda: x @ w, sync=_sync_for(device))
+    one = _typical_time(lambda: x @ w, sync=_sync_for(device))
     reps = max(1, int(seconds / max(one, 1e-6)))
 
     def work() -> None:
@@ -533,8 +535,8 @@ def _busy_loop(device: torch.device, seconds: float = 0.15):
 def share_of(transfer, work) -> float:
     """The compute time lost per second of transfer running beside it (0: no interference, 1: they take
     turns), where `transfer()` does one unit and returns its isolated seconds."""
-    alone = _best_time(work)
-    unit = _best_time(transfer)
+    alone = _typical_time(work)
+    unit = _typical_time(transfer)
     stop, done = threading.Event(), [0]
 
     def background() -> None:

@@ -171,22 +171,19 @@ def fitted(row: list[float], x: list[float]) -> float:
 
 
 def _time(plan, store, prompts: list[list[int]], repeats: int = 2, cold: bool = False) -> dict[Phase, float]:
-    """Prefill seconds and the median decode step of the fastest of `repeats` runs of the engine (after a
-    warm-up run): the profile's curves are best-of figures too."""
+    """Prefill seconds and decode-step seconds, each the median over `repeats` runs of the engine (after a
+    warm-up run; decode over every step of them): typical figures, as the profile's curves are."""
     from runtime.engine import Engine
 
-    best = None
+    prefill, decode = [], []
     with tempfile.TemporaryDirectory(prefix="flexgen-fit-") as off, Engine(plan, store, off, cold_weights=cold) as eng:
         eng.generate(prompts, ignore_eos=True)
         for _ in range(repeats):
             eng.step_times.clear()
             eng.generate(prompts, ignore_eos=True)
-            times = list(eng.step_times)
-            got = {Phase.PREFILL: next(s for n, s in times if n == "prefill"),
-                   Phase.DECODE: statistics.median(s for n, s in times if n == "decode")}
-            if best is None or sum(got.values()) < sum(best.values()):
-                best = got
-    return best
+            prefill += [s for n, s in eng.step_times if n == "prefill"]
+            decode += [s for n, s in eng.step_times if n == "decode"]
+    return {Phase.PREFILL: statistics.median(prefill), Phase.DECODE: statistics.median(decode)}
 
 
 def fit(profile: HardwareProfile, notes: list[str], cache_dir: Path | None = None) -> HardwareProfile:
