@@ -26,7 +26,14 @@ import networkx as nx
 
 from flexgen_graph.hardware import HardwareProfile
 from flexgen_graph.ir import TIERS, LayerKind, NodeKind, Phase, Tier
-from flexgen_graph.layout import DEFAULT_BITS, DEFAULT_GROUP_SIZE, QuantConfig, compressed_nbytes
+from flexgen_graph.layout import (
+    DEFAULT_BITS,
+    DEFAULT_GROUP_SIZE,
+    PACKED_RESTORE_BLOCKS,
+    PACKED_RESTORE_BYTES,
+    QuantConfig,
+    compressed_nbytes,
+)
 from flexgen_graph.policy import Placement, Policy
 from flexgen_graph.program import Buffer, BufferRole
 from flexgen_graph.spec import ModelSpec
@@ -134,8 +141,9 @@ def compute_transient(work_bytes: int, full_weight_bytes: int, policy: Policy, a
     attention's share from the MLP's, and an over-count keeps the prediction an upper bound."""
     # what it dequantizes goes into the plan's scratch buffers (counted with the buffer table). Packed weights
     # (runtime.packed) hold no dense layer, but a prefill matmul of many rows restores its one matrix to
-    # bfloat16: charged as the dense layer, an upper bound
-    gpu = work_bytes + (full_weight_bytes if policy.packed_weights else 0)
+    # bfloat16 a few float32 blocks at a time: charged as the dense layer plus those blocks, an upper bound
+    restore = full_weight_bytes + PACKED_RESTORE_BLOCKS * PACKED_RESTORE_BYTES
+    gpu = work_bytes + (restore if policy.packed_weights else 0)
     return Transient(gpu, work_bytes if attends_on_cpu else 0)
 
 

@@ -37,7 +37,13 @@ from dataclasses import dataclass
 
 import torch
 
-from flexgen_graph.layout import QuantConfig, packed_geometry, packed_kernel_fits, packed_kernel_group
+from flexgen_graph.layout import (
+    PACKED_RESTORE_BYTES,
+    QuantConfig,
+    packed_geometry,
+    packed_kernel_fits,
+    packed_kernel_group,
+)
 from flexgen_graph.spec import ModelSpec
 from runtime.kernels import TORCH_DTYPES
 from runtime.quant import QTensor, dequantize, unpack_from
@@ -50,7 +56,6 @@ DENSE_ROWS = {4: 192, 8: 128}
 KERNEL_BLOCK_N = 64  # output channels per block of the CPU kernel's nibble layout
 HI = 16  # 8 bits: code = HI * hi + lo
 _HI_LO = torch.tensor([[HI], [1]], dtype=STATS_DTYPE)  # a group's input for its high, then low nibbles
-RESTORE_BYTES = 4 << 20  # float32 bytes restored at a time: a restore's transient is a few of these
 
 
 def _codes(q: QTensor) -> torch.Tensor:
@@ -155,12 +160,12 @@ class PackedWeight:
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The [in, out] matrix the kernel multiplies by, in dtype: the codes unpacked and scaled a block of
-        groups (RESTORE_BYTES of float32) at a time, never through the kernel (applied to the identity the
+        groups (PACKED_RESTORE_BYTES of float32) at a time, never through the kernel (applied to the identity the
         kernel costs in x in x out: 1.8 s for an 8192 x 2048 matrix, against about 30 ms here)."""
         k, n = self.shape
         g, kg = self.group_size, self.kernel_group
         out = torch.empty(k, n, dtype=dtype)
-        step = max(1, RESTORE_BYTES // (4 * g * n))  # groups per block
+        step = max(1, PACKED_RESTORE_BYTES // (4 * kg * n))  # groups per block
         for g0 in range(0, k // g, step):
             g1 = min(k // g, g0 + step)
             codes = self.nibble_rows(g0 * kg, g1 * kg).view(g1 - g0, kg, n)

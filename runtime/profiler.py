@@ -610,6 +610,14 @@ def available_ram() -> int:
 # ---------------------------------------------------------------- the profile
 
 
+def model_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
+    """A model's layer curves: dense, and on packed 4- and 8-bit weights where a plan may compute on them."""
+    curves = layer_curves(spec, device)
+    if device.type == "cpu" and spec.dtype == "float32":
+        curves += [c for bits in PACKED_BITS for c in packed_layer_curves(spec, device, bits)]
+    return curves
+
+
 def calibrate(device: torch.device, dtype: torch.dtype, folder: Path, models: list[ModelSpec] = (),
               notes: list[str] | None = None, disk: tuple | None = None) -> Calibration:
     """The Calibration of this machine, with layer curves for each model (disk: disk_curves(folder)'s
@@ -619,11 +627,7 @@ def calibrate(device: torch.device, dtype: torch.dtype, folder: Path, models: li
     to_dev, to_host = copy_curves(device)
     cold, warm, write, _, _ = disk if disk is not None else disk_curves(folder)
     copy_share, disk_share, cold_share = interference(device, folder)
-    layers: list[LayerCurve] = []
-    for spec in models:
-        layers += layer_curves(spec, device)
-        if device.type == "cpu" and spec.dtype == "float32":  # where a plan may compute on packed weights
-            layers += [c for bits in PACKED_BITS for c in packed_layer_curves(spec, device, bits)]
+    layers = [c for spec in models for c in model_curves(spec, device)]
     cal = Calibration(
         method="curves", matmul_s_per_flop=matmul_curve(device, dtype), gpu_from_cpu_s=to_dev, cpu_from_gpu_s=to_host,
         disk_read_cold_s=cold, disk_read_warm_s=warm, disk_write_s=write, op_s=0.0, handoff_s=handoff(device),
@@ -692,9 +696,7 @@ def add_models(profile: HardwareProfile, models: list[ModelSpec], notes: list[st
     if not new:
         return profile
     t = time.perf_counter()
-    layers = list(cal.layers)
-    for spec in new:
-        layers += layer_curves(spec, device)
+    layers = list(cal.layers) + [c for spec in new for c in model_curves(spec, device)]
     if notes is not None:
         notes.append(f"timed the layers of {', '.join(s.name for s in new)} in {time.perf_counter() - t:.0f} s")
     return dataclasses.replace(profile, calibration=dataclasses.replace(cal, layers=tuple(layers)))

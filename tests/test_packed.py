@@ -276,6 +276,20 @@ def test_packed_curves_are_measured_read_back_and_charged():
         assert step.terms[0].const == pytest.approx(want, rel=1e-9), bits
 
 
+def test_a_model_added_to_a_profile_later_gets_its_packed_curves_too():
+    """`--profile auto` adds a model it has not timed (runtime.profiler.add_models): with packed curves, as
+    `profile --model` times them, else --compress auto and packed predictions price that model without them."""
+    from runtime.profiler import add_models
+    from tests.test_calibration import calibrated
+    from tests.test_planner import tiny_spec
+
+    spec = tiny_spec("llama", layers=1).with_dtype("float32")
+    hw = add_models(calibrated(layers=()), [spec])
+    kinds = {(lc.kind, lc.weight_bytes) for lc in hw.calibration.layers}
+    for bits in (4, 8):
+        assert ("decoder" + packed_suffix(bits), spec.layer_bytes(1)) in kinds, bits
+
+
 def test_a_packed_plan_runs_on_the_cpu_only(family_store, tmp_path):
     store = family_store
     plan = compile_plan(store.spec, load_profile("cpu-small"), Workload(PROMPT_LEN, GEN_LEN), compress="weights",
