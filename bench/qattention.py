@@ -8,6 +8,8 @@ SmolLM2-135M's attention shape (9 query heads, 3 kv heads, head dim 64, float32)
 - restore: the path before runtime.qattention, codec.store_new + codec.load of rows [0, a) into a dense scratch + kernels.attend;
 - chunk N: runtime.qattention.attend_quantized with N rows a chunk into a preallocated scratch;
 - default: the same with its default rows (qattention.chunk_rows: 4 MiB of dense rows; 160 at batch 16, 32 at 64).
+--parts: a second table with two parts of the default path alone: storing the new token's k, v
+(codec.store_kv: their quantization) and restoring the a cached rows (codec.load_rows).
 ms per call, and each compressed path's time over dense's (dense / path: above 1 is faster than dense),
 all measured in the same run, interleaved.
 """
@@ -46,8 +48,9 @@ def ms(fn, budget_s: float = 0.3, rounds: int = 5, clock=time.perf_counter) -> f
     return best * 1e3
 
 
-def case(spec, cfg: QuantConfig, b: int, a: int, chunks: list[int], clock) -> dict[str, float]:
-    """ms per decode-step attention of one layer, b sequences over a cached rows, each path."""
+def case(spec, cfg: QuantConfig, b: int, a: int, chunks: list[int], clock, parts: bool = False) -> dict[str, float]:
+    """ms per decode-step attention of one layer, b sequences over a cached rows, each path (parts: and
+    "store", "restore rows", two parts of the default path)."""
     KV, D, NH = spec.num_kv_heads, spec.head_dim, spec.num_heads
     S = a + 1
     codec = CacheCodec(spec, b, cfg)
@@ -69,6 +72,9 @@ def case(spec, cfg: QuantConfig, b: int, a: int, chunks: list[int], clock) -> di
     for c in chunks:
         paths[f"chunk {c}"] = lambda c=c: attend_quantized(spec, codec, q, k, v, cbuf, a, mask, c, scratch)
     paths["default"] = lambda: attend_quantized(spec, codec, q, k, v, cbuf, a, mask, scratch=scratch)
+    if parts:
+        paths["store"] = lambda: codec.store_kv(cbuf, k, v, a)
+        paths["restore rows"] = lambda: codec.load_rows(cbuf, dense[:a], 0)
     best = {p: float("inf") for p in paths}
     for _ in range(5):  # interleaved rounds: load from other processes hits every path alike
         for p, fn in paths.items():
@@ -83,6 +89,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     ap.add_argument("--bits", type=int, nargs="+", default=[4])
     ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--parts", action="store_true", help="also time the default path's store and restore alone")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 steadies figures under load)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time this thread's CPU time, not wall time (with --threads 1: what other processes cost it "
@@ -102,13 +109,21 @@ def main() -> None:
     print("| bits | batch | context | " + " | ".join(f"{n} ms" for n in names) + " | "
           + " | ".join(f"dense/{n}" for n in names[1:]) + " |")
     print("|" + "---|" * (3 + 2 * len(names) - 1))
+    split = []
     for bits in args.bits:
         cfg = QuantConfig(bits, args.group_size)
         for b in args.batch:
             for a in args.context:
-                t = case(spec, cfg, b, a, args.chunks, clock)
+                t = case(spec, cfg, b, a, args.chunks, clock, args.parts)
                 print(f"| {bits} | {b} | {a} | " + " | ".join(f"{t[n]:.3f}" for n in names) + " | "
                       + " | ".join(f"{t['dense'] / t[n]:.2f}x" for n in names[1:]) + " |", flush=True)
+                split.append((bits, b, a, t))
+    if args.parts:
+        print("\n| bits | batch | context | dense ms | default ms | of it: store new row ms | restore rows ms |")
+        print("|---|---|---|---|---|---|---|")
+        for bits, b, a, t in split:
+            print(f"| {bits} | {b} | {a} | {t['dense']:.3f} | {t['default']:.3f} | {t['store']:.3f} | "
+                  f"{t['restore rows']:.3f} |")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 

@@ -65,7 +65,7 @@ def _sync_for(device: torch.device):
 
 def _typical_time(fn, repeats: int = 5, sync=lambda: None) -> float:
     """The median of `repeats` timed calls (after one untimed). The median, not the best: calls on a shared
-    machine vary (a 2-core VM measured: +-15% around a median 20% above its best call), and a run's
+    machine vary (a 2-core VM, bench/machine_noise.py: +-20% around a median 30% above its best call), and a run's
     thousands of calls take the typical time, so best-of figures priced runs 10-25% fast."""
     fn()
     sync()
