@@ -122,11 +122,15 @@ class LayerCurve:
     # decode attention on the compute device at ATTN_WIDE_SEQS sequences (attn_s is at ATTN_SEQS): per sequence
     # it grows with the batch once the cache outgrows the CPU's caches; 0: not measured (attn_s at any batch)
     attn_wide_s: float = 0.0
+    # without a GPU: `rows` with the cores split between PAIRED processes, the others computing beside it (each
+    # stage of a pipeline sharing this machine); None: not measured
+    paired_rows: Curve | None = None
 
     NUMBERS = ("attn_s", "attn_cpu_s", "prefill_attn_s", "dequant_s_per_byte", "cache_dequant_s_per_byte",
                "cache_store_s", "cache_quant_s_per_byte", "attn_wide_s")
-    OPTIONAL = {"attn_wide_s": 0.0}  # fields profiles measured before them lack
+    OPTIONAL = {"attn_wide_s": 0.0, "paired_rows": None}  # fields profiles measured before them lack
     ATTN_SEQS, ATTN_WIDE_SEQS = 8, 64
+    PAIRED = 2  # paired_rows: the processes sharing the machine
 
     def attn_at(self, seqs: int) -> float:
         """Decode attention seconds per sequence per context token for an op of `seqs` sequences: linear
@@ -139,6 +143,10 @@ class LayerCurve:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["rows"] = self.rows.to_list()
+        if self.paired_rows is None:
+            del d["paired_rows"]  # a profile without it reads (and hashes) as before
+        else:
+            d["paired_rows"] = self.paired_rows.to_list()
         return d
 
     @classmethod
@@ -151,8 +159,9 @@ class LayerCurve:
                                   f"model a string, got {d['kind']!r}, {d['model']!r}")
         if not isinstance(d["weight_bytes"], int) or isinstance(d["weight_bytes"], bool) or d["weight_bytes"] < 0:
             raise BadProfileError(f"{what}.weight_bytes must be a whole number >= 0, got {d['weight_bytes']!r}")
+        paired = None if d["paired_rows"] is None else Curve.from_list(d["paired_rows"], f"{what}.paired_rows")
         return cls(d["kind"], d["weight_bytes"], d["model"], Curve.from_list(d["rows"], f"{what}.rows"),
-                   **{k: float(_finite(d[k], f"{what}.{k}")) for k in cls.NUMBERS})
+                   **{k: float(_finite(d[k], f"{what}.{k}")) for k in cls.NUMBERS}, paired_rows=paired)
 
 
 @dataclass(frozen=True, slots=True)

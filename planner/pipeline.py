@@ -17,7 +17,7 @@ import dataclasses
 from typing import Sequence
 
 from flexgen_graph.errors import UserError
-from flexgen_graph.hardware import HardwareProfile
+from flexgen_graph.hardware import Calibration, HardwareProfile, LayerCurve
 from flexgen_graph.layout import ceil_div
 from planner.cost import Predictions, sig
 
@@ -111,7 +111,19 @@ def stage_share(profile: HardwareProfile, stages_per_machine: int) -> HardwarePr
         shared += ["gpu_bytes", "gpu_matmul_flops_per_s", "gpu_attn_flops_per_s", "gpu_mem_bytes_per_s",
                    "gpu_dequant_bytes_per_s"]
     caps = {f: getattr(profile, f) // n if f.endswith("_bytes") else getattr(profile, f) / n for f in shared}
-    cal = profile.calibration
-    if cal is not None and not profile.has_gpu:  # measured compute times stretch as the host's cores are shared
-        caps["calibration"] = dataclasses.replace(cal, compute_scale=cal.compute_scale * n)
+    if profile.calibration is not None and not profile.has_gpu:
+        caps["calibration"] = shared_calibration(profile.calibration, n)
     return dataclasses.replace(profile, name=f"{profile.name} (1/{n} per stage)", **caps)
+
+
+def shared_calibration(cal: Calibration, n: int) -> Calibration:
+    """The calibration of one of n processes sharing a machine without a GPU: a layer's kernels at its curve
+    measured with the cores so shared (LayerCurve.paired_rows, n == LayerCurve.PAIRED), else n times its own
+    curve; every other measured time (attention, restores, the generic matmul, the cost per op) n times."""
+    def share(lc: LayerCurve) -> LayerCurve:
+        paired = lc.paired_rows if n == LayerCurve.PAIRED else None
+        return dataclasses.replace(lc, rows=paired or lc.rows.scaled(n), paired_rows=None,
+                                   **{k: getattr(lc, k) * n for k in LayerCurve.NUMBERS})
+    return dataclasses.replace(cal, layers=tuple(share(lc) for lc in cal.layers),
+                               matmul_s_per_flop=cal.matmul_s_per_flop.scaled(n), op_s=cal.op_s * n,
+                               handoff_s=cal.handoff_s * n)

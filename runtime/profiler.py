@@ -49,6 +49,7 @@ from flexgen_graph.ir import LayerKind
 from flexgen_graph.spec import ModelSpec
 
 DISK_TEST_BYTES = 256 << 20
+LAYER_ORDER = ("embed", "decoder", "head")  # _engine_ops' order
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 POINT_BUDGET_S = 0.25  # a curve stops growing once one call takes this long (beyond: proportional)
 COPY_SIZES = (1 << 12, 1 << 16, 1 << 20, 1 << 23, 1 << 26, 1 << 28)
@@ -302,6 +303,42 @@ def _layer(spec: ModelSpec, layer: int, device: torch.device) -> dict[str, torch
     return views
 
 
+def _copies(spec: ModelSpec, layer: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Random copies of a layer, enough to rotate through ROTATE_BYTES of them (no cache-resident replay)."""
+    n = max(1, min(16, -(-ROTATE_BYTES // spec.layer_bytes(layer))))
+    return [_layer(spec, layer, device) for _ in range(n)]
+
+
+def _engine_ops(spec: ModelSpec, embs: list, decs: list, heads: list, device: torch.device):
+    """(embed, decoder, head) ops of r rows as the engine calls them (runtime.kernels; a decode step: one new
+    token per sequence, nothing cached before it), each cycling through its layer's copies (dense or packed
+    views), so no call finds the last one's weights in the CPU's caches."""
+    from runtime import kernels
+
+    dtype, top = kernels.TORCH_DTYPES[spec.dtype], ROWS[-1]
+    turn = [0]
+
+    def next_of(ws: list) -> dict:
+        turn[0] += 1
+        return ws[turn[0] % len(ws)]
+    ids = torch.randint(3, spec.vocab, (top, 1), device=device)
+    pos = torch.zeros(top, 1, dtype=torch.long, device=device)
+    hidden = torch.randn(top, 1, spec.hidden, device=device, dtype=dtype) * 0.1
+    sink = torch.empty(top, 1, spec.hidden, device=device, dtype=dtype)
+    cache = torch.zeros(2, 2, top, spec.num_kv_heads, spec.head_dim, device=device, dtype=dtype)
+    mask = torch.ones(top, 1, dtype=torch.bool, device=device)
+
+    def embed(r: int) -> None:
+        sink[:r].copy_(kernels.embed(spec, next_of(embs), ids[:r], pos[:r]))
+
+    def decoder(r: int) -> None:
+        sink[:r].copy_(kernels.decoder(spec, next_of(decs), hidden[:r], cache[:, :, :r], 0, pos[:r], mask[:r]))
+
+    def head(r: int) -> None:
+        kernels.head(spec, next_of(heads), hidden[:r]).argmax(dim=-1)
+    return embed, decoder, head
+
+
 def _slope(xs: list[float], ys: list[float]) -> float:
     """Least-squares slope of y against x (with an intercept), at least 0."""
     n = len(xs)
@@ -339,35 +376,14 @@ def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
     from runtime.quant import QuantConfig
 
     dtype, sync, host = kernels.TORCH_DTYPES[spec.dtype], _sync_for(device), torch.device("cpu")
-    H, KV, D = spec.hidden, spec.num_kv_heads, spec.head_dim
-    top = ROWS[-1]
+    KV, D = spec.num_kv_heads, spec.head_dim
     out = []
     n_layers = spec.num_graph_layers
 
-    def copies(layer: int) -> list[dict[str, torch.Tensor]]:
-        n = max(1, min(16, -(-ROTATE_BYTES // spec.layer_bytes(layer))))
-        return [_layer(spec, layer, device) for _ in range(n)]
-    embs, decs, heads = copies(0), copies(1), copies(n_layers - 1)
-    turn = [0]
-
-    def next_of(ws: list) -> dict[str, torch.Tensor]:
-        turn[0] += 1
-        return ws[turn[0] % len(ws)]
+    embs, decs, heads = (_copies(spec, j, device) for j in (0, 1, n_layers - 1))
     dec = decs[0]
-    ids = torch.randint(3, spec.vocab, (top, 1), device=device)
-    pos = torch.zeros(top, 1, dtype=torch.long, device=device)
-    hidden = torch.randn(top, 1, H, device=device, dtype=dtype) * 0.1
-    sink = torch.empty(top, 1, H, device=device, dtype=dtype)
-
-    def embed(r: int) -> None:
-        sink[:r].copy_(kernels.embed(spec, next_of(embs), ids[:r], pos[:r]))
+    embed, decoder, head_op = _engine_ops(spec, embs, decs, heads, device)
     out.append(LayerCurve("embed", spec.layer_bytes(0), spec.name, _grow(embed, sync=sync)))
-
-    cache = torch.zeros(2, 2, top, KV, D, device=device, dtype=dtype)
-    mask = torch.ones(top, 1, dtype=torch.bool, device=device)
-
-    def decoder(r: int) -> None:  # one new token per sequence, nothing cached before it
-        sink[:r].copy_(kernels.decoder(spec, next_of(decs), hidden[:r], cache[:, :, :r], 0, pos[:r], mask[:r]))
     rows = _grow(decoder, sync=sync)
 
     def attend_slope(dev: torch.device, b: int = LayerCurve.ATTN_SEQS) -> float:
@@ -420,9 +436,6 @@ def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
                           prefill_attn_s=prefill_slope(), dequant_s_per_byte=w_deq, cache_dequant_s_per_byte=c_deq,
                           cache_store_s=c_store, cache_quant_s_per_byte=c_quant,
                           attn_wide_s=attend_slope(device, LayerCurve.ATTN_WIDE_SEQS)))
-
-    def head_op(r: int) -> None:
-        kernels.head(spec, next_of(heads), hidden[:r]).argmax(dim=-1)
     out.append(LayerCurve("head", spec.layer_bytes(n_layers - 1), spec.name, _grow(head_op, sync=sync),
                           dequant_s_per_byte=dequant(n_layers - 1, heads[0])))
     out[0] = dataclasses.replace(out[0], dequant_s_per_byte=dequant(0, embs[0]))
@@ -443,9 +456,7 @@ def packed_layer_curves(spec: ModelSpec, device: torch.device, bits: int = 4) ->
     from runtime.quant import QuantConfig
 
     assert device.type == "cpu", "packed_layer_curves: the int4 kernel is the CPU's"
-    cfg, dtype, n_layers = QuantConfig(bits, PACKED_GROUP_SIZE), kernels.TORCH_DTYPES[spec.dtype], spec.num_graph_layers
-    H, KV, D = spec.hidden, spec.num_kv_heads, spec.head_dim
-    top = ROWS[-1]
+    cfg, n_layers = QuantConfig(bits, PACKED_GROUP_SIZE), spec.num_graph_layers
 
     def copies(layer: int) -> list[dict]:
         """Packed copies of the layer, enough to rotate through ROTATE_BYTES of them (no cache-resident replay)."""
@@ -457,29 +468,90 @@ def packed_layer_curves(spec: ModelSpec, device: torch.device, bits: int = 4) ->
         compress_layer(spec, layer, dense, cfg, first, packed=True)
         n = max(1, min(16, -(-ROTATE_BYTES // first.numel())))
         return [packed_layer_views(spec, layer, b, cfg) for b in [first] + [first.clone() for _ in range(n - 1)]]
-    embs, decs, heads = copies(0), copies(1), copies(n_layers - 1)
-    turn = [0]
-
-    def next_of(ws: list) -> dict:
-        turn[0] += 1
-        return ws[turn[0] % len(ws)]
-    ids = torch.randint(3, spec.vocab, (top, 1))
-    pos = torch.zeros(top, 1, dtype=torch.long)
-    hidden = torch.randn(top, 1, H, dtype=dtype) * 0.1
-    sink = torch.empty(top, 1, H, dtype=dtype)
-    cache = torch.zeros(2, 2, top, KV, D, dtype=dtype)
-    mask = torch.ones(top, 1, dtype=torch.bool)
-
-    def embed(r: int) -> None:
-        sink[:r].copy_(kernels.embed(spec, next_of(embs), ids[:r], pos[:r]))
-
-    def decoder(r: int) -> None:
-        sink[:r].copy_(kernels.decoder(spec, next_of(decs), hidden[:r], cache[:, :, :r], 0, pos[:r], mask[:r]))
-
-    def head_op(r: int) -> None:
-        kernels.head(spec, next_of(heads), hidden[:r]).argmax(dim=-1)
+    ops = _engine_ops(spec, copies(0), copies(1), copies(n_layers - 1), device)
     return [LayerCurve(f"{kind}{packed_suffix(bits)}", spec.layer_bytes(j), spec.name, _grow(fn))
-            for kind, j, fn in (("embed", 0, embed), ("decoder", 1, decoder), ("head", n_layers - 1, head_op))]
+            for (kind, j), fn in zip((("embed", 0), ("decoder", 1), ("head", n_layers - 1)), ops)]
+
+
+PAIR_WAIT_S = 300.0  # a twin must finish an op within this (its start, weights built, included)
+
+
+def _twin(folder: str) -> None:
+    """The other process of a pair (paired_curves; run as a fresh interpreter): the decoder of the model pickled
+    in folder/spec at the rows in folder/flags[0], over and over, on folder/threads torch threads, counting its
+    ops in flags[1], until the rows are < 0."""
+    import pickle
+
+    d = Path(folder)
+    spec = pickle.loads((d / "spec").read_bytes())
+    torch.set_num_threads(int((d / "threads").read_text()))
+    flags = torch.from_file(str(d / "flags"), shared=True, size=2, dtype=torch.int64)
+    cpu = torch.device("cpu")
+    _, decoder, _ = _engine_ops(spec, [], _copies(spec, 1, cpu), [], cpu)
+    while (r := int(flags[0])) >= 0:
+        decoder(max(r, 1))
+        flags[1] += 1  # one writer: the parent only reads it
+
+
+def paired_curves(spec: ModelSpec, cores: int | None = None) -> dict[str, Curve]:
+    """The model's embed, decoder and head ops (CPU) timed against rows with the cores split between
+    LayerCurve.PAIRED processes, the others running its decoder at the same rows meanwhile: what each stage
+    of a pipeline whose stages share this machine computes at (planner.pipeline.stage_share). Two 1-thread
+    processes on 2 cores are not one 2-thread process at half speed: at a few rows a thread is as fast as two,
+    at many the pair shares the memory bandwidth. {} where there are fewer cores than processes."""
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+
+    n = LayerCurve.PAIRED
+    if cores is None:  # the cores this process may run on (a cgroup or taskset can allow fewer)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cores < n:
+        return {}
+    threads, cpu, last = cores // n, torch.device("cpu"), spec.num_graph_layers - 1
+    before = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="flexgen-pair-") as tmp:
+        d = Path(tmp)
+        (d / "spec").write_bytes(pickle.dumps(spec))
+        (d / "threads").write_text(str(threads))
+        (d / "flags").write_bytes(bytes(16))
+        flags = torch.from_file(str(d / "flags"), shared=True, size=2, dtype=torch.int64)
+        flags[0] = 1
+        root = str(Path(__file__).resolve().parents[1])  # this checkout, whatever the caller's sys.path
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+        cmd = [sys.executable, "-c", "import sys; from runtime.profiler import _twin; _twin(sys.argv[1])", tmp]
+        twins = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for _ in range(n - 1)]
+        try:
+            torch.set_num_threads(threads)
+            ops = _engine_ops(spec, _copies(spec, 0, cpu), _copies(spec, 1, cpu), _copies(spec, last, cpu), cpu)
+            now = [0]
+
+            def beside_twins(fn):
+                def at(r: int) -> None:
+                    if r != now[0]:  # the twins move to r rows: wait until they have finished ops begun at r
+                        flags[0] = r
+                        seen, deadline = int(flags[1]), time.monotonic() + PAIR_WAIT_S
+                        while int(flags[1]) < seen + 2 * len(twins):
+                            if any(t.poll() is not None for t in twins) or time.monotonic() > deadline:
+                                err = b"".join(t.stderr.read() for t in twins if t.poll() is not None)
+                                raise RuntimeError(f"paired_curves: the process running {spec.name}'s decoder beside "
+                                                   f"this one stopped or stalled: {err.decode()[-400:]}")
+                            time.sleep(0.001)
+                        now[0] = r
+                    fn(r)
+                return at
+            return {kind: _grow(beside_twins(fn)) for kind, fn in zip(LAYER_ORDER, ops)}
+        finally:
+            flags[0] = -1
+            for t in twins:
+                try:
+                    t.wait(30)
+                except subprocess.TimeoutExpired:
+                    t.kill()
+                    t.wait()
+            torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- how streams interact
@@ -613,6 +685,9 @@ def available_ram() -> int:
 def model_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
     """A model's layer curves: dense, and on packed 4- and 8-bit weights where a plan may compute on them."""
     curves = layer_curves(spec, device)
+    if device.type == "cpu":  # a pipeline's stages share this machine's cores
+        paired = paired_curves(spec)
+        curves = [dataclasses.replace(c, paired_rows=paired.get(c.kind)) for c in curves]
     if device.type == "cpu" and spec.dtype == "float32":
         curves += [c for bits in PACKED_BITS for c in packed_layer_curves(spec, device, bits)]
     return curves

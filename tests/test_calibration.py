@@ -266,6 +266,30 @@ def test_cost_terms_follow_the_measured_curve_they_came_from():
     assert step.terms[0].const == pytest.approx(want, rel=1e-9)
 
 
+def test_paired_curves_time_each_layer_beside_a_twin_process_and_round_trip_in_the_profile(tmp_path):
+    """runtime.profiler.paired_curves: the layers of a tiny model timed with another process running its decoder
+    beside them (a pipeline's other stage), saved with the profile and read back; none on a single core."""
+    import torch
+
+    from runtime.profiler import paired_curves
+
+    spec = tiny_spec("llama", layers=1)
+    threads = torch.get_num_threads()
+    curves = paired_curves(spec, cores=2)
+    assert torch.get_num_threads() == threads  # restored, not left at cores // 2
+    assert sorted(curves) == ["decoder", "embed", "head"]
+    for c in curves.values():
+        assert all(math.isfinite(y) and y > 0 for y in c.ys) and c.xs[0] == 1.0
+    assert paired_curves(spec, cores=1) == {}
+    hw = calibrated(spec)
+    layers = tuple(dataclasses.replace(lc, paired_rows=curves.get(lc.kind)) for lc in hw.calibration.layers)
+    hw = dataclasses.replace(hw, calibration=dataclasses.replace(hw.calibration, layers=layers))
+    save_profile(hw, tmp_path / "p.json")
+    assert load_profile(str(tmp_path / "p.json")) == hw
+    plain = calibrated(spec).to_dict()  # a profile without them writes no such key (plans hash as before)
+    assert all("paired_rows" not in lc for lc in plain["calibration"]["layers"])
+
+
 @pytest.mark.parametrize("b, slope", [(4, 1e-6), (8, 1e-6), (36, 2e-6), (64, 3e-6), (128, 3e-6)])
 def test_decode_attention_is_priced_at_the_batch_it_runs(b, slope):
     """Per sequence, decode attention costs more at 64 sequences than at 8 (measured: the cache outgrows the

@@ -99,6 +99,40 @@ def test_stages_sharing_a_machine_share_its_host_and_without_a_gpu_its_gpu_tier_
     assert pipeline.stage_share(gpu, 1) is gpu
 
 
+def test_a_stage_sharing_a_machine_is_priced_at_its_kernels_measured_beside_the_other_stage():
+    """Without a GPU, 2 stages on one machine: a layer's kernels at the curve measured with the cores split
+    between two processes (paired_rows), not at twice the whole machine's (two 1-thread stages on 2 cores run
+    a 4-row decoder op at ~1.5x a 2-thread one's time, not 2x); a layer without one, or 3 stages, at n times."""
+    from test_calibration import calibrated
+    from test_planner import tiny_spec
+
+    from flexgen_graph.hardware import Curve
+    from planner.cost import phase_costs
+    from flexgen_graph.lower import lower
+
+    spec = tiny_spec("llama", layers=1)
+    hw = calibrated(spec, op_s=1e-5)
+    cal = hw.calibration
+    paired = Curve((1.0, 64.0), (7e-3, 9e-3))
+    dec_i = next(i for i, lc in enumerate(cal.layers) if lc.kind == "decoder")
+    layers = list(cal.layers)
+    layers[dec_i] = dataclasses.replace(layers[dec_i], paired_rows=paired)
+    hw = dataclasses.replace(hw, calibration=dataclasses.replace(cal, layers=tuple(layers)))
+    two, three = (pipeline.stage_share(hw, n).calibration for n in (2, 3))
+    assert two.layers[dec_i].rows == paired and two.compute_scale == cal.compute_scale
+    for i, lc in enumerate(layers):
+        assert three.layers[i].rows == lc.rows.scaled(3)  # no curve measured for 3 processes
+        assert three.layers[i].attn_s == pytest.approx(3 * lc.attn_s)
+        if i != dec_i:
+            assert two.layers[i].rows == lc.rows.scaled(2)
+    assert (two.op_s, two.matmul_s_per_flop) == (2 * cal.op_s, cal.matmul_s_per_flop.scaled(2))
+    b, P_, G = 4, 8, 2
+    [step] = [s for s in phase_costs(lower(spec, Workload(P_, G), Block(b, 1)), pipeline.stage_share(hw, 2)).decode
+              if s.figures.weight_full_bytes == spec.layer_bytes(1)]
+    want = paired.at(b) + 2 * layers[dec_i].attn_s * b * (P_ + G / 2) + 2 * cal.op_s
+    assert step.terms[0].const == pytest.approx(want, rel=1e-9)
+
+
 # ---------------------------------------------------------------- stage plans
 
 CASES = {  # model, dtype, profile, stages, stages per machine
