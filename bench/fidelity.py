@@ -13,8 +13,8 @@ of tokens/s and the worst scenario.
 
 Tokens/s is block x gen_len over the wall time of one generation (prefill, every decode step and the
 driver's per-step work); prefill is the engine's prefill program, a decode step the mean of its decode
-programs. The first generation of a plan warms up (page cache, allocator, threads); of the next --repeats,
-the fastest is kept, as the profile keeps the best of its measurements (--quick times the first).
+programs. The first generation of a plan warms up (page cache, allocator, threads); the next --repeats are
+all counted, as a job's blocks all count (the profile's figures are typical ones, not best-of).
 "Cold" scenarios evict every weight file from the page cache after reading it (the engine's
 cold_weights), and are predicted with cold disk reads; "warm" ones with the page cache's. The README's
 main job runs as `run` runs it, predicted by planner.predict for the blocks it ran (where that module is
@@ -183,12 +183,12 @@ def warm_files(folder: Path) -> None:
 
 def time_engine(plan, store, prompts: list[list[int]], *, cold: bool = False, warmup: bool = True,
                 device: str = "cpu", repeats: int = 1) -> dict:
-    """tokens/s, prefill seconds and mean decode step of the fastest of `repeats` timed generations (after a
-    warm-up one)."""
+    """tokens/s, prefill seconds and mean decode step over `repeats` timed generations (after a warm-up one):
+    all of them, as a job's many blocks run, not the fastest (the profile's figures are typical ones too)."""
     from runtime.engine import Engine
 
     gen = plan.workload.gen_len
-    best = None
+    wall, times = 0.0, []
     with tempfile.TemporaryDirectory(prefix="fidelity-") as off, \
             Engine(plan, store, off, cold_weights=cold, device=device) as eng:
         if warmup:
@@ -197,14 +197,12 @@ def time_engine(plan, store, prompts: list[list[int]], *, cold: bool = False, wa
             eng.step_times.clear()
             t = time.perf_counter()
             out = eng.generate(prompts, ignore_eos=True)
-            wall = time.perf_counter() - t
+            wall += time.perf_counter() - t
             assert all(len(g.token_ids) == gen for g in out), "ignore_eos generations are full length"
-            if best is None or wall < best[0]:
-                best = (wall, list(eng.step_times))
-    wall, times = best
+            times += eng.step_times
     decode = [s for n, s in times if n == "decode"]
-    return {"tokens_per_s": plan.block_size * gen / wall,
-            "prefill_s": next(s for n, s in times if n == "prefill"),
+    return {"tokens_per_s": repeats * plan.block_size * gen / wall,
+            "prefill_s": statistics.fmean(s for n, s in times if n == "prefill"),
             "decode_step_s": statistics.fmean(decode) if decode else None}
 
 
@@ -470,8 +468,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--cache-dir", type=Path, default=None, help="where dummy weights are imported (default: "
                                                                 "flexgen-graph's cache)")
     ap.add_argument("--write", type=Path, default=None, help="replace the section of this markdown file")
-    ap.add_argument("--repeats", type=int, default=None, help="timed generations per scenario, the fastest kept "
-                                                               "(default 2; --quick 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed generations per scenario, all of them "
+                                                               "counted (default 2; --quick 1)")
     ap.add_argument("--compare", default=None, metavar="PROFILE",
                     help="also predict every measured policy with this profile (e.g. another calibration method's): "
                          "its ratios and summary, from the same runs")

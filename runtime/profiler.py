@@ -52,6 +52,7 @@ DISK_TEST_BYTES = 256 << 20
 LAYER_ORDER = ("embed", "decoder", "head")  # _engine_ops' order
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 POINT_BUDGET_S = 0.25  # a curve stops growing once one call takes this long (beyond: proportional)
+GROW_PASSES = 3  # a curve is measured this many times over (_grow)
 COPY_SIZES = (1 << 12, 1 << 16, 1 << 20, 1 << 23, 1 << 26, 1 << 28)
 DISK_SIZES = (1 << 16, 1 << 20, 1 << 24, DISK_TEST_BYTES)
 GENERIC = 2048  # the generic matmul curve's weight is GENERIC x GENERIC
@@ -270,17 +271,22 @@ def monotone(c: Curve) -> Curve:
 
 
 def _grow(fn, rows: tuple[int, ...] = ROWS, limit: int = ROWS[-1], sync=lambda: None) -> Curve:
-    """fn(rows) timed at growing rows until one call takes POINT_BUDGET_S or rows pass limit (made monotone)."""
-    xs, ys = [], []
-    for r in rows:
-        if r > limit:
-            break
-        t = _typical_time(lambda: fn(r), sync=sync)
-        xs.append(float(r))
-        ys.append(t)
-        if t > POINT_BUDGET_S:
-            break
-    return monotone(Curve(tuple(xs), tuple(ys)))
+    """fn(rows) timed at growing rows until one call takes POINT_BUDGET_S or rows pass limit, GROW_PASSES times
+    over; each point the median of its passes (then made monotone): a few seconds of another job's work on the
+    cores slow one pass's points, not the curve."""
+    passes = []
+    for _ in range(GROW_PASSES):
+        ys = []
+        for r in rows:
+            if r > limit:
+                break
+            ys.append(_typical_time(lambda: fn(r), sync=sync))
+            if ys[-1] > POINT_BUDGET_S:
+                break
+        passes.append(ys)
+    n = min(len(ys) for ys in passes)  # the points every pass reached
+    return monotone(Curve(tuple(float(r) for r in rows[:n]), tuple(statistics.median(ys[i] for ys in passes)
+                                                                  for i in range(n))))
 
 
 def matmul_curve(device: torch.device, dtype: torch.dtype) -> Curve:
