@@ -5,8 +5,9 @@ typical (median) timings and behind the pipeline's stage pricing (BENCHMARKS.md,
 
 - jitter: a SmolLM2-sized matmul pair (x[256, 576] @ [576, 1536] @ [1536, 576]), timed every 0.2 s for
   --seconds: best, p10, median, p90, worst ms. The profile keeps medians because a run takes the typical call.
-- threads: x[rows, 2048] @ eight 2048 x 2048 weights, alone with every core, then as two Python threads at
-  once with cores // 2 torch threads each (two pipeline stages sharing the machine): their time over alone's.
+- pairs: SmolLM2's decoder op as the engine calls it, against rows, alone with every core, then with the cores
+  split between two processes, the other running the same op beside it (runtime.profiler.paired_curves, what
+  `profile --model` measures for two pipeline stages sharing the machine): paired time over alone's.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import threading
 import time
 
 import torch
@@ -43,25 +43,17 @@ def jitter(seconds: float) -> list[float]:
     return sorted(out)
 
 
-def shared_over_alone(rows: int, cores: int) -> tuple[float, float]:
-    """(ms alone with every core, ms each of two at once with cores // 2 threads each)."""
-    ws = [torch.randn(2048, 2048) for _ in range(8)]
-    x = torch.randn(rows, 2048)
+def paired_over_alone() -> list[tuple[int, float, float]]:
+    """(rows, ms alone with every core, ms with the cores split between two processes) for SmolLM2's decoder op,
+    both curves as the profile measures them (runtime.profiler)."""
+    from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec
+    from runtime import profiler
 
-    def work() -> None:
-        for w in ws:
-            x @ w
-    torch.set_num_threads(cores)
-    alone = median_s(work)
-    torch.set_num_threads(max(1, cores // 2))
-    each: list[float] = []
-    threads = [threading.Thread(target=lambda: each.append(median_s(work))) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    torch.set_num_threads(cores)
-    return alone * 1e3, statistics.fmean(each) * 1e3
+    spec, cpu = catalog_spec(DEFAULT_MODEL), torch.device("cpu")
+    _, decoder, _ = profiler._engine_ops(spec, [], profiler._copies(spec, 1, cpu), [], cpu)
+    alone = profiler._grow(decoder)
+    paired = profiler.paired_curves(spec)["decoder"]
+    return [(int(r), alone.at(r) * 1e3, paired.at(r) * 1e3) for r in (1, 4, 16, 64, 256)]
 
 
 def main() -> None:
@@ -75,10 +67,9 @@ def main() -> None:
             "worst": j[-1]}
     print(f"jitter ({len(j)} samples over {args.seconds:.0f} s), ms: "
           + ", ".join(f"{k} {v:.2f}" for k, v in pick.items()))
-    print("| rows | alone, every core, ms | each of two at once, ms | shared / alone |")
+    print("| rows | decoder op alone, every core, ms | one of two processes at once, ms | paired / alone |")
     print("|---|---|---|---|")
-    for rows in (1, 4, 16, 64, 256):
-        alone, each = shared_over_alone(rows, cores)
+    for rows, alone, each in paired_over_alone():
         print(f"| {rows} | {alone:.2f} | {each:.2f} | {each / alone:.2f} |", flush=True)
     print(f"load average {os.getloadavg()[0]:.2f}")
 
