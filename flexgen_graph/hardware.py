@@ -122,14 +122,16 @@ class LayerCurve:
     # decode attention on the compute device at ATTN_WIDE_SEQS sequences (attn_s is at ATTN_SEQS): per sequence
     # it grows with the batch once the cache outgrows the CPU's caches; 0: not measured (attn_s at any batch)
     attn_wide_s: float = 0.0
+    dequant8_s_per_byte: float = 0.0  # the same for 8-bit weights (no nibbles to split: ~2x faster); 0: not measured
     # without a GPU: `rows` with the cores split between PAIRED processes, the others computing beside it (each
     # stage of a pipeline sharing this machine); None: not measured
     paired_rows: Curve | None = None
 
     NUMBERS = ("attn_s", "attn_cpu_s", "prefill_attn_s", "dequant_s_per_byte", "cache_dequant_s_per_byte",
-               "cache_store_s", "cache_quant_s_per_byte", "attn_wide_s")
-    OPTIONAL = {"attn_wide_s": 0.0, "paired_rows": None}  # fields profiles measured before them lack
+               "cache_store_s", "cache_quant_s_per_byte", "attn_wide_s", "dequant8_s_per_byte")
+    OPTIONAL = {"attn_wide_s": 0.0, "dequant8_s_per_byte": 0.0, "paired_rows": None}  # fields profiles measured before them lack
     ATTN_SEQS, ATTN_WIDE_SEQS = 8, 64
+    UNWRITTEN_IF_UNSET = ("dequant8_s_per_byte", "paired_rows")
     PAIRED = 2  # paired_rows: the processes sharing the machine
 
     def attn_at(self, seqs: int) -> float:
@@ -143,9 +145,10 @@ class LayerCurve:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["rows"] = self.rows.to_list()
-        if self.paired_rows is None:
-            del d["paired_rows"]  # a profile without it reads (and hashes) as before
-        else:
+        for k in self.UNWRITTEN_IF_UNSET:  # a profile without them reads (and hashes) as before
+            if d[k] is None or d[k] == 0.0:
+                del d[k]
+        if self.paired_rows is not None:
             d["paired_rows"] = self.paired_rows.to_list()
         return d
 

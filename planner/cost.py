@@ -96,7 +96,8 @@ class Flags:
     compress_weights: bool = False
     compress_cache: bool = False
     packed_weights: bool = False  # compressed weights computed on packed (runtime.packed), never dequantized
-    # which packed curves price them: not a switch (no part of equality), phase_costs takes it from the compression
+    # the compression's bits (which packed curves, which dequantization rate price the weights): not a switch (no
+    # part of equality), phase_costs takes it from the compression
     packed_bits: int = field(default=4, compare=False)
 
     @classmethod
@@ -367,7 +368,9 @@ def weight_dequant_s(f: LayerFigures, hw: HardwareProfile, flags: Flags) -> floa
     if flags.packed_weights and _packed_rows_s(f, cal, op_rows(f), flags.packed_bits) is not None:
         return 0.0
     lc = cal.layer(f.kind.value, int(f.weight_full_bytes))
-    w_deq = lc.dequant_s_per_byte if lc is not None and lc.dequant_s_per_byte else 1.0 / hw.gpu_dequant_bytes_per_s
+    w_deq = 0.0 if lc is None else lc.dequant8_s_per_byte if flags.packed_bits == 8 else 0.0
+    w_deq = w_deq or (lc.dequant_s_per_byte if lc is not None and lc.dequant_s_per_byte
+                      else 1.0 / hw.gpu_dequant_bytes_per_s)
     return _kernel_scale(f, cal) * f.weight_full_bytes * w_deq
 
 

@@ -416,8 +416,9 @@ def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
 
     cfg = QuantConfig(4, 64)
 
-    def dequant(layer: int, views: dict[str, torch.Tensor]) -> float:
-        """Seconds per dense byte of restoring the layer's 4-bit weights (runtime.compressed, as the engine)."""
+    def dequant(layer: int, views: dict[str, torch.Tensor], bits: int = 4) -> float:
+        """Seconds per dense byte of restoring the layer's weights of `bits` (runtime.compressed, as the engine)."""
+        cfg = QuantConfig(bits, 64)
         src = torch.empty(spec.layer_bytes(layer), dtype=torch.uint8, device=device)
         for name, t in kernels.layer_views(spec, layer, src).items():
             t.copy_(views[name])
@@ -439,11 +440,13 @@ def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
     on_dev = attend_slope(device)
     out.append(LayerCurve("decoder", spec.layer_bytes(1), spec.name, rows, attn_s=on_dev,
                           attn_cpu_s=on_dev if device.type == "cpu" else attend_slope(host),
-                          prefill_attn_s=prefill_slope(), dequant_s_per_byte=w_deq, cache_dequant_s_per_byte=c_deq,
+                          prefill_attn_s=prefill_slope(), dequant_s_per_byte=w_deq,
+                          dequant8_s_per_byte=dequant(1, dec, 8), cache_dequant_s_per_byte=c_deq,
                           cache_store_s=c_store, cache_quant_s_per_byte=c_quant,
                           attn_wide_s=attend_slope(device, LayerCurve.ATTN_WIDE_SEQS)))
     out.append(LayerCurve("head", spec.layer_bytes(n_layers - 1), spec.name, _grow(head_op, sync=sync),
-                          dequant_s_per_byte=dequant(n_layers - 1, heads[0])))
+                          dequant_s_per_byte=dequant(n_layers - 1, heads[0]),
+                          dequant8_s_per_byte=dequant(n_layers - 1, heads[0], 8)))
     out[0] = dataclasses.replace(out[0], dequant_s_per_byte=dequant(0, embs[0]))
     assert spec.layer_kind(n_layers - 1) is LayerKind.HEAD
     return out

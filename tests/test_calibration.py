@@ -258,6 +258,7 @@ def test_cost_terms_follow_the_measured_curve_they_came_from():
     assert [c.kind for c in curves] == ["embed", "decoder", "head"]
     dec = curves[1]
     assert all(math.isfinite(y) and y > 0 for y in dec.rows.ys) and list(dec.rows.xs) == sorted(dec.rows.xs)
+    assert dec.dequant_s_per_byte > 0 and dec.dequant8_s_per_byte > 0 and curves[2].dequant8_s_per_byte > 0
     hw = calibrated(layers=tuple(curves), op_s=0.0)
     b, P, G = 4, 8, 2
     costs = phase_costs(lower(spec, Workload(P, G), Block(b, 1)), hw)
@@ -288,6 +289,23 @@ def test_paired_curves_time_each_layer_beside_a_twin_process_and_round_trip_in_t
     assert load_profile(str(tmp_path / "p.json")) == hw
     plain = calibrated(spec).to_dict()  # a profile without them writes no such key (plans hash as before)
     assert all("paired_rows" not in lc for lc in plain["calibration"]["layers"])
+
+
+@pytest.mark.parametrize("bits, measured8, want", [(4, 2e-10, 5e-10), (8, 2e-10, 2e-10), (8, 0.0, 5e-10)])
+def test_dequantized_weights_are_priced_at_the_rate_measured_for_their_bits(bits, measured8, want):
+    """8-bit weights restore about twice as fast per byte as 4-bit (no nibbles to split): an 8-bit plan's
+    dequantization is priced at the 8-bit rate where the profile measured one, else at the 4-bit one."""
+    from planner.cost import Flags, weight_dequant_s
+
+    spec = tiny_spec("llama", layers=1)
+    hw = calibrated(spec)
+    layers = tuple(dataclasses.replace(lc, dequant_s_per_byte=5e-10, dequant8_s_per_byte=measured8)
+                   for lc in hw.calibration.layers)
+    hw = dataclasses.replace(hw, calibration=dataclasses.replace(hw.calibration, layers=layers))
+    [step] = [s for s in phase_costs(lower(spec, Workload(8, 2), Block(4, 1)), hw).decode
+              if s.figures.weight_full_bytes == spec.layer_bytes(1)]
+    flags = dataclasses.replace(Flags(compress_weights=True), packed_bits=bits)
+    assert weight_dequant_s(step.figures, hw, flags) == pytest.approx(want * spec.layer_bytes(1))
 
 
 @pytest.mark.parametrize("b, slope", [(4, 1e-6), (8, 1e-6), (36, 2e-6), (64, 3e-6), (128, 3e-6)])
