@@ -53,6 +53,7 @@ LAYER_ORDER = ("embed", "decoder", "head")  # _engine_ops' order
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 POINT_BUDGET_S = 0.25  # a curve stops growing once one call takes this long (beyond: proportional)
 GROW_PASSES = 3  # a curve is measured this many times over (_grow)
+DEQUANT_CALLS = 15  # a dequantization rate is the median of this many restores
 COPY_SIZES = (1 << 12, 1 << 16, 1 << 20, 1 << 23, 1 << 26, 1 << 28)
 DISK_SIZES = (1 << 16, 1 << 20, 1 << 24, DISK_TEST_BYTES)
 GENERIC = 2048  # the generic matmul curve's weight is GENERIC x GENERIC
@@ -417,15 +418,22 @@ def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
     cfg = QuantConfig(4, 64)
 
     def dequant(layer: int, views: dict[str, torch.Tensor], bits: int = 4) -> float:
-        """Seconds per dense byte of restoring the layer's weights of `bits` (runtime.compressed, as the engine)."""
+        """Seconds per dense byte of restoring the layer's weights of `bits` (runtime.compressed, as the engine),
+        cycling through compressed copies (ROTATE_BYTES of dense weights' worth) as the engine restores each
+        layer from memory, not from the CPU's caches; the median of DEQUANT_CALLS restores."""
         cfg = QuantConfig(bits, 64)
         src = torch.empty(spec.layer_bytes(layer), dtype=torch.uint8, device=device)
         for name, t in kernels.layer_views(spec, layer, src).items():
             t.copy_(views[name])
         packed = torch.empty(spec.compressed_layer_bytes(layer, cfg), dtype=torch.uint8, device=device)
         compress_layer(spec, layer, src, cfg, packed)
-        dense = torch.empty_like(src)
-        return _typical_time(lambda: decompress_layer(spec, layer, packed, cfg, dense), sync=sync) / spec.layer_bytes(layer)
+        n = max(1, min(16, -(-ROTATE_BYTES // spec.layer_bytes(layer))))
+        sources, dense, turn = [packed] + [packed.clone() for _ in range(n - 1)], torch.empty_like(src), [0]
+
+        def restore() -> None:
+            turn[0] += 1
+            decompress_layer(spec, layer, sources[turn[0] % n], cfg, dense)
+        return _typical_time(restore, repeats=DEQUANT_CALLS, sync=sync) / spec.layer_bytes(layer)
     w_deq = dequant(1, dec)
     b, n = 8, 512
     codec = CacheCodec(spec, b, cfg)
