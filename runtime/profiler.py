@@ -1,4 +1,4 @@
-"""Measure this machine into a HardwareProfile (`flexgen-graph profile`), in about a minute.
+"""Measure this machine into a HardwareProfile (`flexgen-graph profile`), in a few minutes.
 
     from runtime.profiler import measure
     profile, notes = measure(Path("/tmp/offload"), models=[spec])
@@ -12,7 +12,8 @@ And a Calibration (flexgen_graph.hardware), what the cost model needs at the sha
 - for each model asked for, its embedding, decoder and head kernels (runtime.kernels, as the
   engine calls them) timed against rows at the model's own shapes, decode attention against
   sequences x context on the compute device and on the host, prefill attention against
-  sequences x prompt_len^2, and 4-bit dequantization of its weights and cache;
+  sequences x prompt_len^2, 4- and 8-bit dequantization of its weights, 4-bit of its cache, and (without a
+  GPU) the same kernels with the cores split between two processes (a pipeline's stages sharing the machine);
 - a generic matmul curve (seconds per FLOP against rows) for layers of other models;
 - copy curves per link and disk reads cold (evicted from the page cache, as the engine's cold reads)
   and warm, and disk writes, against the bytes of one transfer;
@@ -538,8 +539,8 @@ def paired_curves(spec: ModelSpec, cores: int | None = None) -> dict[str, Curve]
         root = str(Path(__file__).resolve().parents[1])  # this checkout, whatever the caller's sys.path
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
         cmd = [sys.executable, "-c", "import sys; from runtime.profiler import _twin; _twin(sys.argv[1])", tmp]
-        twins = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                 for _ in range(n - 1)]
+        errs = [open(d / f"err{i}", "wb") for i in range(n - 1)]  # a file, not a pipe: a full pipe would stall it
+        twins = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=e) for e in errs]
         try:
             torch.set_num_threads(threads)
             ops = _engine_ops(spec, _copies(spec, 0, cpu), _copies(spec, 1, cpu), _copies(spec, last, cpu), cpu)
@@ -552,7 +553,7 @@ def paired_curves(spec: ModelSpec, cores: int | None = None) -> dict[str, Curve]
                         seen, deadline = int(flags[1]), time.monotonic() + PAIR_WAIT_S
                         while int(flags[1]) < seen + 2 * len(twins):
                             if any(t.poll() is not None for t in twins) or time.monotonic() > deadline:
-                                err = b"".join(t.stderr.read() for t in twins if t.poll() is not None)
+                                err = b"".join((d / f"err{i}").read_bytes() for i in range(n - 1))
                                 raise RuntimeError(f"paired_curves: the process running {spec.name}'s decoder beside "
                                                    f"this one stopped or stalled: {err.decode()[-400:]}")
                             time.sleep(0.001)
@@ -568,6 +569,8 @@ def paired_curves(spec: ModelSpec, cores: int | None = None) -> dict[str, Curve]
                 except subprocess.TimeoutExpired:
                     t.kill()
                     t.wait()
+            for e in errs:
+                e.close()
             torch.set_num_threads(before)
 
 

@@ -291,6 +291,22 @@ def test_paired_curves_time_each_layer_beside_a_twin_process_and_round_trip_in_t
     assert all("paired_rows" not in lc for lc in plain["calibration"]["layers"])
 
 
+def test_paired_curves_fail_naming_the_other_process_when_it_dies(monkeypatch):
+    """No silent half-measurement: a twin that exits is an error naming it, and this process's threads are restored."""
+    import shutil
+    import sys
+
+    import torch
+
+    from runtime.profiler import paired_curves
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(sys, "executable", shutil.which("false"))
+    with pytest.raises(RuntimeError, match="the process running tiny.*decoder beside this one stopped"):
+        paired_curves(tiny_spec("llama", layers=1), cores=2)
+    assert torch.get_num_threads() == threads
+
+
 @pytest.mark.parametrize("bits, measured8, want", [(4, 2e-10, 5e-10), (8, 2e-10, 2e-10), (8, 0.0, 5e-10)])
 def test_dequantized_weights_are_priced_at_the_rate_measured_for_their_bits(bits, measured8, want):
     """8-bit weights restore about twice as fast per byte as 4-bit (no nibbles to split): an 8-bit plan's
