@@ -202,9 +202,6 @@ class Calibration:
     prefill_scale: float = 1.0
     threaded_share: float = 0.0
     layers: tuple[LayerCurve, ...] = ()
-    # what a weight restore's measured time is multiplied by, fitted to an engine run that restores (app.calibrate);
-    # None: not fitted, restores scale as the kernels do
-    restore_scale: float | None = None
 
     CURVES = ("matmul_s_per_flop", "gpu_from_cpu_s", "cpu_from_gpu_s", "disk_read_cold_s", "disk_read_warm_s",
               "disk_write_s")
@@ -222,14 +219,10 @@ class Calibration:
         d.update({k: getattr(self, k).to_list() for k in self.CURVES})
         d.update({k: getattr(self, k) for k in self.NUMBERS})
         d["layers"] = [lc.to_dict() for lc in self.layers]
-        if self.restore_scale is not None:  # a profile without it reads (and hashes) as before
-            d["restore_scale"] = self.restore_scale
         return d
 
     @classmethod
     def from_dict(cls, d: Any, what: str = "calibration") -> "Calibration":
-        if isinstance(d, dict):
-            d = {"restore_scale": None, **d}
         _exact_keys(d, {f.name for f in fields(cls)}, what)
         if d["method"] not in ("curves", "fit"):
             raise BadProfileError(f"{what}.method must be 'curves' or 'fit', got {d['method']!r}")
@@ -241,9 +234,7 @@ class Calibration:
         nums = {k: float(_finite(d[k], f"{what}.{k}", zero_ok=k not in ("compute_scale", "prefill_scale"))) for k in cls.NUMBERS}
         return cls(method=d["method"], page_cache_bytes=d["page_cache_bytes"],
                    **{k: Curve.from_list(d[k], f"{what}.{k}") for k in cls.CURVES}, **nums,
-                   layers=tuple(LayerCurve.from_dict(x, f"{what}.layers[{i}]") for i, x in enumerate(d["layers"])),
-                   restore_scale=None if d["restore_scale"] is None
-                   else float(_finite(d["restore_scale"], f"{what}.restore_scale", zero_ok=False)))
+                   layers=tuple(LayerCurve.from_dict(x, f"{what}.layers[{i}]") for i, x in enumerate(d["layers"])))
 
 
 def _exact_keys(d: Any, names: set[str], what: str) -> None:

@@ -371,8 +371,7 @@ def weight_dequant_s(f: LayerFigures, hw: HardwareProfile, flags: Flags) -> floa
     w_deq = 0.0 if lc is None else lc.dequant8_s_per_byte if flags.packed_bits == 8 else 0.0
     w_deq = w_deq or (lc.dequant_s_per_byte if lc is not None and lc.dequant_s_per_byte
                       else 1.0 / hw.gpu_dequant_bytes_per_s)
-    scale = _kernel_scale(f, cal) if cal.restore_scale is None else cal.restore_scale
-    return scale * f.weight_full_bytes * w_deq
+    return _kernel_scale(f, cal) * f.weight_full_bytes * w_deq
 
 
 def _packed_rows_s(f: LayerFigures, cal: Calibration, rows: int, bits: int) -> float | None:

@@ -284,12 +284,11 @@ def test_paired_curves_time_each_layer_beside_a_twin_process_and_round_trip_in_t
     assert paired_curves(spec, cores=1) == {}
     hw = calibrated(spec)
     layers = tuple(dataclasses.replace(lc, paired_rows=curves.get(lc.kind)) for lc in hw.calibration.layers)
-    hw = dataclasses.replace(hw, calibration=dataclasses.replace(hw.calibration, layers=layers, restore_scale=1.3))
+    hw = dataclasses.replace(hw, calibration=dataclasses.replace(hw.calibration, layers=layers))
     save_profile(hw, tmp_path / "p.json")
     assert load_profile(str(tmp_path / "p.json")) == hw
     plain = calibrated(spec).to_dict()  # a profile without them writes no such key (plans hash as before)
     assert all("paired_rows" not in lc for lc in plain["calibration"]["layers"])
-    assert "restore_scale" not in plain["calibration"]
 
 
 def test_paired_curves_fail_naming_the_other_process_when_it_dies(monkeypatch):
@@ -371,21 +370,17 @@ def test_fit_takes_scales_and_per_op_cost_from_still_runs_then_the_rest_from_the
     """Runs that move nothing fix the compute scales (decode's, prefill's) and the cost per op; the hand-off,
     the shares and the threaded stretch come from what the moving runs leave; a scale beyond SCALE_RANGE
     (disturbed runs) is held at its end."""
-    truth = [1.1, 1.3, 2e-4, 0.6, 3e-4, 0.7, 0.4, 0.9, 0.15]
-    # columns: FEATURES (kernels, prefill kernels, ops, restores, handoff, copies, disk, cold disk)
-    rows = [[0.10, 0, 62, 0, 0, 0, 0, 0], [0, 0.30, 62, 0, 0, 0, 0, 0], [1.20, 0, 62, 0, 0, 0, 0, 0],
-            [0, 0.20, 124, 0, 0, 0, 0, 0], [0.05, 0, 124, 0, 0, 0, 0, 0], [0, 0.9, 62, 0, 0, 0, 0, 0],
-            [0.10, 0, 62, 0.5, 0, 0, 0, 0], [0, 0.30, 62, 0.5, 0, 0, 0, 0],  # a run restoring its weights
-            [0.25, 0, 62, 0, 62, 0.01, 0, 0], [0, 0.25, 62, 0, 62, 0.05, 0, 0], [0.25, 0, 62, 0, 62, 0.0, 0.08, 0],
-            [0.4, 0, 62, 0, 62, 0.02, 0.02, 0], [0, 0.3, 62, 0, 62, 0, 0, 0.3], [0, 2.0, 62, 0, 62, 0.01, 0, 0]]
-    assert calibrate.FEATURES[calibrate.RESTORES] == "restores" and len(rows[0]) == len(calibrate.FEATURES)
+    truth = [1.1, 1.3, 2e-4, 3e-4, 0.7, 0.4, 0.9, 0.15]
+    rows = [[0.10, 0, 62, 0, 0, 0, 0], [0, 0.30, 62, 0, 0, 0, 0], [1.20, 0, 62, 0, 0, 0, 0],
+            [0, 0.20, 124, 0, 0, 0, 0], [0.05, 0, 124, 0, 0, 0, 0], [0, 0.9, 62, 0, 0, 0, 0],
+            [0.25, 0, 62, 62, 0.01, 0, 0], [0, 0.25, 62, 62, 0.05, 0, 0], [0.25, 0, 62, 62, 0.0, 0.08, 0],
+            [0.4, 0, 62, 62, 0.02, 0.02, 0], [0, 0.3, 62, 62, 0, 0, 0.3], [0, 2.0, 62, 62, 0.01, 0, 0]]
     ys = [calibrate.fitted(r, truth) for r in rows]
     assert ys[-1] > 1.1 * sum(a * x for a, x in zip(rows[-1], truth))  # the stretch is part of the truth
     assert calibrate.fit_constants(rows, ys) == pytest.approx(truth, rel=1e-6)
     slow = [y * 3 if not any(r[calibrate.STILL:]) and r[1] else y for r, y in zip(rows, ys)]
     got = calibrate.fit_constants(rows, slow)
     assert got[1] == calibrate.SCALE_RANGE[1] and got[0] < calibrate.SCALE_RANGE[1]
-    assert got[calibrate.RESTORES] > 0  # refitted beside the held scales
 
 
 def test_features_split_the_compute_stream_linearly():
@@ -403,30 +398,6 @@ def test_features_split_the_compute_stream_linearly():
         assert sum(consts[k] * v for k, v in got[ph].items()) == pytest.approx(want[ph]["compute"], rel=1e-9)
         assert got[ph]["copies"] > 0 and got[ph]["handoff"] > 0 and got[ph]["disk"] == got[ph]["cold disk"] == 0
         assert got[ph]["threaded"] > 0  # weights on the CPU tier: the streams run on worker threads
-
-
-@pytest.mark.parametrize("restore_scale", [None, 2.5])
-def test_weight_restores_are_their_own_feature_scaled_by_the_fitted_restore_scale(restore_scale):
-    """A plan that restores 4-bit weights each step: features split its restores out, and the calibration's
-    restore_scale (fitted to an engine run that restores) multiplies exactly them; unfitted (None), they
-    scale as the kernels do."""
-    from flexgen_graph.app.api import compile_plan
-    from planner.memory import policy_compression
-
-    spec = tiny_spec("llama", layers=2)
-    layers = tuple(dataclasses.replace(lc, dequant_s_per_byte=1e-9) for lc in toy_calibration(spec).layers)
-    hw = calibrated(spec, compute_scale=1.5, layers=layers, restore_scale=restore_scale)
-    plan = compile_plan(spec, hw, Workload(8, 4), gpu_batch_size=2, num_gpu_batches=1, compress="weights",
-                        fixed={"weights": GPU, "cache": GPU, "hidden": GPU})
-    assert plan.policy.compress_weights and not plan.policy.packed_weights
-    got = calibrate.features(plan)
-    want = stream_sums(lower(spec, Workload(8, 4), Block(2, 1)), hw, plan.policy,
-                       comp=policy_compression(spec, plan.policy))
-    decode = got[Phase.DECODE]
-    assert decode["restores"] == pytest.approx(1e-9 * (spec.layer_bytes(1) * 2 + spec.layer_bytes(3)), rel=1e-9)
-    consts = calibrate.multipliers(hw.calibration)
-    assert consts["restores"] == (1.5 if restore_scale is None else restore_scale)
-    assert sum(consts[k] * v for k, v in decode.items()) == pytest.approx(want[Phase.DECODE]["compute"], rel=1e-9)
 
 
 # ---------------------------------------------------------------- inspect, the benchmark

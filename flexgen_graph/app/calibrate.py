@@ -9,8 +9,8 @@ Two methods, compared by bench/fidelity.py (BENCHMARKS.md, "Plan fidelity"):
 - "curves": every figure measured in isolation (the kernels at the model's shapes, copies and reads by
   size, a thread hand-off, the compute lost beside a copy or a read);
 - "fit": the same curves, then the constants that say how the pieces combine in the engine (a compute
-  scale, the fixed cost per op, a scale for weight restores, the hand-off per op, the compute lost per
-  second of copy, of warm and of cold disk read) fitted by non-negative least squares (fit_constants) to short runs of the engine over a few small policies
+  scale, the fixed cost per op, the hand-off per op, the compute lost per second of copy, of warm and
+  of cold disk read) fitted by non-negative least squares (fit_constants) to short runs of the engine over a few small policies
   (FIT_RUNS, SmolLM2-135M with seeded weights: the constants are the machine's, not the model's), each
   run's prefill and median decode step against the cost model's compute stream (planner.cost.stream_sums)
   split into the parts the constants multiply.
@@ -52,16 +52,11 @@ FIT_RUNS = (
     ("cache on the CPU tier", 8, 1, {"weights": GPU, "cache": CPU, "hidden": GPU}),
     ("weights on disk", 8, 1, {"weights": DISK, "cache": GPU, "hidden": GPU}),
     ("weights on disk, cold", 8, 1, {"weights": DISK, "cache": GPU, "hidden": GPU, "cold": True}),
-    # the only run that restores compressed weights: their measured rate is scaled by it (restore_scale)
-    ("4-bit weights restored each step, batch 8", 8, 1, {"weights": GPU, "cache": GPU, "hidden": GPU,
-                                                          "compress": "weights"}),
 )
-# the fitted unknowns: compute_scale, compute_scale times prefill_scale, compute_scale times op_s, restore_scale,
-# compute_scale times handoff_s, then the three shares; threaded_share last, on what the first four give a
-# threaded run
-FEATURES = ("kernels", "prefill kernels", "ops", "restores", "handoff", "copies", "disk", "cold disk")
-STILL = 4  # FEATURES[:STILL] are fitted to the runs that move nothing
-RESTORES = FEATURES.index("restores")
+# the fitted unknowns: compute_scale, compute_scale times prefill_scale, compute_scale times op_s and
+# handoff_s, then the three shares; threaded_share last, on what the first three give a threaded run
+FEATURES = ("kernels", "prefill kernels", "ops", "handoff", "copies", "disk", "cold disk")
+STILL = 3  # FEATURES[:STILL] are fitted to the runs that move nothing
 HANDOFF = FEATURES.index("handoff")  # > 0 exactly where the plan runs its streams on worker threads
 
 
@@ -71,15 +66,15 @@ class ProfileMachineError(UserError):
 
 def _zeroed(cal: Calibration, **one: float) -> Calibration:
     base = dict(op_s=0.0, handoff_s=0.0, copy_share=0.0, disk_share=0.0, cold_disk_share=0.0, compute_scale=1.0,
-                prefill_scale=1.0, threaded_share=0.0, restore_scale=0.0)
+                prefill_scale=1.0, threaded_share=0.0)
     base.update(one)
     return dataclasses.replace(cal, **base)
 
 
 def features(plan, disk: str | None = None) -> dict[Phase, dict[str, float]]:
     """The compute stream of a plan's prefill and decode step split into what each fitted constant
-    multiplies (FEATURES): the kernels' measured times (decode's, prefill's), compute ops, weight restores'
-    measured times, ops paying the hand-off, seconds of host copies and of disk reads (the stream is linear in them); and "threaded",
+    multiplies (FEATURES): the kernels' measured times (decode's, prefill's), compute ops, ops paying the
+    hand-off, seconds of host copies and of disk reads (the stream is linear in them); and "threaded",
     the scaled kernels and ops that threaded_share stretches."""
     from planner.cost import stream_sums
     from planner.memory import policy_compression
@@ -93,11 +88,9 @@ def features(plan, disk: str | None = None) -> dict[Phase, dict[str, float]]:
         prof = dataclasses.replace(plan.profile, calibration=_zeroed(cal, **one))
         return {ph: v["compute"] for ph, v in stream_sums(g, prof, plan.policy, comp=comp, disk=disk).items()}
     base = compute()
-    own = dict(compute_scale=cal.compute_scale, prefill_scale=cal.prefill_scale, op_s=cal.op_s,
-               restore_scale=cal.restore_scale)
+    own = dict(compute_scale=cal.compute_scale, prefill_scale=cal.prefill_scale, op_s=cal.op_s)
     threaded, still = compute(**own, threaded_share=1.0), compute(**own)
-    parts = {"ops": compute(op_s=1.0), "restores": compute(restore_scale=1.0), "handoff": compute(handoff_s=1.0),
-             "copies": compute(copy_share=1.0),
+    parts = {"ops": compute(op_s=1.0), "handoff": compute(handoff_s=1.0), "copies": compute(copy_share=1.0),
              "disk": compute(disk_share=1.0), "cold disk": compute(cold_disk_share=1.0)}
     kernels = {ph: {"kernels": 0.0 if ph is Phase.PREFILL else base[ph],
                     "prefill kernels": base[ph] if ph is Phase.PREFILL else 0.0} for ph in base}
@@ -106,11 +99,9 @@ def features(plan, disk: str | None = None) -> dict[Phase, dict[str, float]]:
 
 
 def multipliers(cal: Calibration) -> dict[str, float]:
-    """What the calibration multiplies each of FEATURES by: features(plan) times these is the compute stream
-    (restores: exactly where restore_scale is fitted; else a decode step's, at the kernels' scale)."""
+    """What the calibration multiplies each of FEATURES by: features(plan) times these is the compute stream."""
     k = cal.compute_scale
-    return {"kernels": k, "prefill kernels": k * cal.prefill_scale, "ops": k * cal.op_s,
-            "restores": k if cal.restore_scale is None else cal.restore_scale, "handoff": k * cal.handoff_s,
+    return {"kernels": k, "prefill kernels": k * cal.prefill_scale, "ops": k * cal.op_s, "handoff": k * cal.handoff_s,
             "copies": cal.copy_share, "disk": cal.disk_share, "cold disk": cal.cold_disk_share,
             "threaded": cal.threaded_share}
 
@@ -140,27 +131,26 @@ def nnls(rows: list[list[float]], ys: list[float], weights: list[float]) -> list
 
 
 SCALE_RANGE = (0.5, 2.0)  # how far the fit may rescale the measured kernels: beyond, the runs were disturbed
-RESTORE_RANGE = (0.25, 4.0)  # the restore scale kept, against the compute scale (what restores scaled by before)
 
 
 def fit_constants(rows: list[list[float]], ys: list[float]) -> list[float]:
     """FEATURES' constants, then threaded_share, in two stages, so that collinear parts do not trade off
-    against each other: the compute scales (decode's, prefill's), the cost per op and the restore scale from
-    the runs that move nothing (their hand-off, copy and disk parts are 0), then the hand-off, the shares and
-    the threaded stretch (of what the first stage predicts for the run's compute) from the others' residuals.
-    Relative errors: a batch-1 decode step weighs as much as a prefill. The compute scales are held within
+    against each other: the compute scales (decode's, prefill's) and the cost per op from the runs that
+    move nothing (their hand-off, copy and disk parts are 0), then the hand-off, the shares and the
+    threaded stretch (of what the first stage predicts for the run's compute) from the others' residuals.
+    Relative errors: a batch-1 decode step weighs as much as a prefill. The scales are held within
     SCALE_RANGE."""
     still = [i for i, r in enumerate(rows) if not any(r[STILL:])]
     moving = [i for i in range(len(rows)) if i not in still]
     w = [1 / ys[i] for i in still]
-    head = [1.0, 1.0] + [0.0] * (STILL - 2)
+    scales, per_op = [1.0, 1.0], 0.0
     if still:
-        head = nnls([rows[i][:STILL] for i in still], [ys[i] for i in still], w)
-    if not all(SCALE_RANGE[0] <= k <= SCALE_RANGE[1] for k in head[:2]):
-        scales = [min(max(k, SCALE_RANGE[0]), SCALE_RANGE[1]) for k in head[:2]]
-        rest = nnls([rows[i][2:STILL] for i in still],
-                    [ys[i] - sum(k * x for k, x in zip(scales, rows[i])) for i in still], w) if still else [0.0] * (STILL - 2)
-        head = [*scales, *rest]
+        *scales, per_op = nnls([rows[i][:STILL] for i in still], [ys[i] for i in still], w)
+    if not all(SCALE_RANGE[0] <= k <= SCALE_RANGE[1] for k in scales):
+        scales = [min(max(k, SCALE_RANGE[0]), SCALE_RANGE[1]) for k in scales]
+        [per_op] = nnls([[rows[i][STILL - 1]] for i in still],
+                        [ys[i] - sum(k * x for k, x in zip(scales, rows[i])) for i in still], w) if still else [0.0]
+    head = [*scales, per_op]
     rest = [0.0] * (len(rows[0]) - STILL + 1)
     if moving:
         first = [_still_time(rows[i], head) for i in moving]
@@ -209,9 +199,8 @@ def fit(profile: HardwareProfile, notes: list[str], cache_dir: Path | None = Non
     for label, b, nb, fixed in FIT_RUNS:
         fixed = dict(fixed)
         cold = fixed.pop("cold", False)  # weight reads evicted from the page cache: cold ones
-        compress = fixed.pop("compress", "off")
         plan = compile_plan(spec, profile, FIT_WORKLOAD, gpu_batch_size=b, num_gpu_batches=nb, fixed=fixed,
-                            weights_source="dummy:0", compress=compress)
+                            weights_source="dummy:0")
         prompts = [[rng.randrange(3, spec.vocab) for _ in range(FIT_WORKLOAD.prompt_len)] for _ in range(b * nb)]
         measured, feats = _time(plan, store, prompts, cold=cold), features(plan, "cold" if cold else None)
         for ph in (Phase.PREFILL, Phase.DECODE):
@@ -220,17 +209,12 @@ def fit(profile: HardwareProfile, notes: list[str], cache_dir: Path | None = Non
             labels.append(f"{label}, {ph.value}")
     x = fit_constants(rows, ys)
     scale = x[0]
-    # a restore scale far from the kernels' says the restoring run was disturbed: restores then scale as kernels
-    restore = x[RESTORES] if RESTORE_RANGE[0] <= x[RESTORES] / scale <= RESTORE_RANGE[1] else None
     cal = dataclasses.replace(profile.calibration, method="fit", compute_scale=scale, prefill_scale=x[1] / scale,
-                              op_s=x[2] / scale, restore_scale=restore, handoff_s=x[4] / scale, copy_share=x[5],
-                              disk_share=x[6], cold_disk_share=x[7], threaded_share=x[8])
-    if restore is None:
-        notes.append(f"the fitted restore scale ({x[RESTORES]:.2f}) is far from the compute scale: not kept, "
-                     "weight restores scale as the kernels do")
+                              op_s=x[2] / scale, handoff_s=x[3] / scale, copy_share=x[4], disk_share=x[5],
+                              cold_disk_share=x[6], threaded_share=x[7])
     worst = max(zip(labels, ys, (fitted(r, x) for r in rows)), key=lambda t: abs(t[2] / t[1] - 1))
     notes.append(f"fitted to {len(FIT_RUNS)} engine runs: compute x{scale:.3f} (prefill x{x[1]:.3f}), "
-                 f"{cal.op_s * 1e6:.0f} us per op, weight restores x{x[RESTORES]:.3f}, "
+                 f"{cal.op_s * 1e6:.0f} us per op, "
                  f"hand-off {cal.handoff_s * 1e6:.0f} us per op, threaded compute x{1 + cal.threaded_share:.2f}, "
                  f"compute loses {cal.copy_share:.2f} s per s of copy"
                  f", {cal.disk_share:.2f} per s of warm and {cal.cold_disk_share:.2f} per s of cold disk read; worst fitted point {worst[0]}: predicted / measured "
