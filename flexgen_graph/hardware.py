@@ -324,6 +324,11 @@ class HardwareProfile:
         return replace(self, **caps)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a cgroup or taskset can allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def machine_id(gpu_name: str = "") -> str:
     """What identifies the machine a profile was measured on: CPU model, cores, RAM, GPU (the caller
     names it: finding the GPU needs torch, which the core does not import)."""

@@ -368,9 +368,10 @@ def weight_dequant_s(f: LayerFigures, hw: HardwareProfile, flags: Flags) -> floa
     if flags.packed_weights and _packed_rows_s(f, cal, op_rows(f), flags.packed_bits) is not None:
         return 0.0
     lc = cal.layer(f.kind.value, int(f.weight_full_bytes))
-    w_deq = 0.0 if lc is None else lc.dequant8_s_per_byte if flags.packed_bits == 8 else 0.0
-    w_deq = w_deq or (lc.dequant_s_per_byte if lc is not None and lc.dequant_s_per_byte
-                      else 1.0 / hw.gpu_dequant_bytes_per_s)
+    w_deq = 0.0  # the layer's measured rate at these bits, else its 4-bit one, else the profile's scalar rate
+    if lc is not None:
+        w_deq = (flags.packed_bits == 8 and lc.dequant8_s_per_byte) or lc.dequant_s_per_byte
+    w_deq = w_deq or 1.0 / hw.gpu_dequant_bytes_per_s
     return _kernel_scale(f, cal) * f.weight_full_bytes * w_deq
 
 

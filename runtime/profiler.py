@@ -45,6 +45,7 @@ from flexgen_graph.hardware import (
     LayerCurve,
     machine_id,
     packed_suffix,
+    usable_cores,
 )
 from flexgen_graph.ir import LayerKind
 from flexgen_graph.spec import ModelSpec
@@ -311,10 +312,14 @@ def _layer(spec: ModelSpec, layer: int, device: torch.device) -> dict[str, torch
     return views
 
 
+def _rotation(nbytes: int) -> int:
+    """How many copies of nbytes to cycle through: ROTATE_BYTES of them (no cache-resident replay), 1 to 16."""
+    return max(1, min(16, -(-ROTATE_BYTES // nbytes)))
+
+
 def _copies(spec: ModelSpec, layer: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """Random copies of a layer, enough to rotate through ROTATE_BYTES of them (no cache-resident replay)."""
-    n = max(1, min(16, -(-ROTATE_BYTES // spec.layer_bytes(layer))))
-    return [_layer(spec, layer, device) for _ in range(n)]
+    """Random copies of a layer, _rotation of them."""
+    return [_layer(spec, layer, device) for _ in range(_rotation(spec.layer_bytes(layer)))]
 
 
 def _engine_ops(spec: ModelSpec, embs: list, decs: list, heads: list, device: torch.device):
@@ -428,7 +433,7 @@ def layer_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
             t.copy_(views[name])
         packed = torch.empty(spec.compressed_layer_bytes(layer, cfg), dtype=torch.uint8, device=device)
         compress_layer(spec, layer, src, cfg, packed)
-        n = max(1, min(16, -(-ROTATE_BYTES // spec.layer_bytes(layer))))
+        n = _rotation(spec.layer_bytes(layer))
         sources, dense, turn = [packed] + [packed.clone() for _ in range(n - 1)], torch.empty_like(src), [0]
 
         def restore() -> None:
@@ -484,7 +489,7 @@ def packed_layer_curves(spec: ModelSpec, device: torch.device, bits: int = 4) ->
             t.copy_(src[name])
         first = torch.empty(spec.compressed_layer_bytes(layer, cfg), dtype=torch.uint8)
         compress_layer(spec, layer, dense, cfg, first, packed=True)
-        n = max(1, min(16, -(-ROTATE_BYTES // first.numel())))
+        n = _rotation(first.numel())
         return [packed_layer_views(spec, layer, b, cfg) for b in [first] + [first.clone() for _ in range(n - 1)]]
     ops = _engine_ops(spec, copies(0), copies(1), copies(n_layers - 1), device)
     return [LayerCurve(f"{kind}{packed_suffix(bits)}", spec.layer_bytes(j), spec.name, _grow(fn))
@@ -523,8 +528,7 @@ def paired_curves(spec: ModelSpec, cores: int | None = None) -> dict[str, Curve]
     import tempfile
 
     n = LayerCurve.PAIRED
-    if cores is None:  # the cores this process may run on (a cgroup or taskset can allow fewer)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores() if cores is None else cores  # as a pipeline's processes count them
     if cores < n:
         return {}
     threads, cpu, last = cores // n, torch.device("cpu"), spec.num_graph_layers - 1

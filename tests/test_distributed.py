@@ -20,9 +20,9 @@ from flexgen_graph.app.distributed import (
     shard_folder,
     shard_of,
     shard_path,
-    usable_cores,
 )
 from flexgen_graph.app.jobs import Request, answer_key, errors_path, id_key, line_key, parse_line
+from flexgen_graph.hardware import usable_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]

@@ -41,6 +41,7 @@ from typing import Any, Iterator, Mapping
 
 from flexgen_graph.app.jobs import JobSummary, OutputFile, OutputLock, answer_key, done_keys, errors_path
 from flexgen_graph.errors import UserError
+from flexgen_graph.hardware import usable_cores
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # The final barrier waits for the slowest shard, which on a long job can finish hours after the
@@ -244,11 +245,6 @@ def pick_device(rank: Rank, plan, requested: str) -> str:
         return "cuda"
     torch.set_num_threads(max(1, usable_cores() // rank.local_world_size))
     return "cpu"
-
-
-def usable_cores() -> int:
-    # the cores this process may run on (a cgroup or taskset can allow fewer than the machine has)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def combine(summaries: list[JobSummary]) -> JobSummary:
