@@ -117,21 +117,45 @@ def dequantize(q: QTensor, out: torch.Tensor | None = None, dtype: torch.dtype =
     d, rows, n, groups = quant_geometry(q.shape, q.dim, q.cfg)
     if out is not None and tuple(out.shape) != q.shape:
         raise QuantError(f"dequantize: out has shape {tuple(out.shape)}, the quantized tensor is {q.shape}")
-    codes = _unpack(q.data, q.cfg, d + 1)  # codes: [*pre, G, g, *post] uint8
+    if out is not None and out.dtype == torch.float32 and out.device.type == "cpu":
+        _dequantize_cpu(q, d, n, out)
+        return out
     mn, scale = q.mn.float().unsqueeze(d + 1), q.scale.float().unsqueeze(d + 1)
+    codes = _unpack(q.data, q.cfg, d + 1)  # codes: [*pre, G, g, *post] uint8
     if out is not None and out.dtype == torch.float32 and out.is_contiguous() and groups * q.cfg.group_size == n:
-        o = out.view(codes.shape)
-        if o.device.type == "cpu":
-            # the CPU's addcmul on uint8 codes takes a slow mixed-dtype path: widen, then scale and shift in place;
-            # code * scale is exact in float32 (8-bit code, 11-bit mantissa), so this rounds as addcmul does
-            o.copy_(codes).mul_(scale).add_(mn)
-        else:
-            torch.addcmul(mn, codes, scale, out=o)  # one pass, in place
+        torch.addcmul(mn, codes, scale, out=out.view(codes.shape))  # one pass, in place
         return out
     x = torch.addcmul(mn, codes, scale).flatten(d, d + 1).narrow(d, 0, n)  # mn + code * scale: q.shape
     if out is None:
         return x.to(dtype).contiguous()
     return out.copy_(x)
+
+
+def _dequantize_cpu(q: QTensor, d: int, n: int, out: torch.Tensor) -> None:
+    """dequantize into a float32 `out` on the CPU, in place: the codes are widened straight into out, then scaled
+    and shifted there (the CPU's addcmul on uint8 codes takes a slow mixed-dtype path; code * scale is exact in
+    float32, 8-bit code by 11-bit mantissa, so this rounds as addcmul does). A padded last group is written
+    apart, so a group size that does not divide the dim costs what one that does costs."""
+    g, full = q.cfg.group_size, n // q.cfg.group_size
+    mn, scale = q.mn.float().unsqueeze(d + 1), q.scale.float().unsqueeze(d + 1)
+
+    def fill(o: torch.Tensor, first: int, count: int, width: int) -> None:
+        """Groups [first, first + count) of q, their first `width` values, into o: [*pre, count, width, *post]."""
+        data = q.data.narrow(d, first, count)
+        if q.cfg.codes_per_byte == 1:
+            o.copy_(data.narrow(d + 1, 0, width))
+        else:  # byte i of a group: value i in its low nibble, value i + g / 2 in its high one (see Layout)
+            half = g // 2
+            lo = min(width, half)
+            o.narrow(d + 1, 0, lo).copy_(data.narrow(d + 1, 0, lo) & q.cfg.levels)
+            if width > half:
+                o.narrow(d + 1, half, width - half).copy_(data.narrow(d + 1, 0, width - half) >> q.cfg.bits)
+        o.mul_(scale.narrow(d, first, count)).add_(mn.narrow(d, first, count))
+
+    if full:
+        fill(out.narrow(d, 0, full * g).unflatten(d, (full, g)), 0, full, g)
+    if n > full * g:
+        fill(out.narrow(d, full * g, n - full * g).unsqueeze(d), full, 1, n - full * g)
 
 
 def fake_quantize(x: torch.Tensor, dim: int, cfg: QuantConfig) -> torch.Tensor:

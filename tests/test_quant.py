@@ -288,6 +288,25 @@ def test_property_bound_layout_and_packing(shape, dim_pick, bits, half_group, se
     assert torch.equal(dequantize(quantize(x, dim, cfg)), dequantize(q))
 
 
+@settings(max_examples=60, deadline=None)
+@given(shape=st.lists(st.integers(1, 40), min_size=1, max_size=3), dim_pick=st.integers(0, 2),
+       bits=st.sampled_from([4, 8]), half_group=st.integers(1, 40), strided=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_dequantize_in_place_equals_the_allocating_path(shape, dim_pick, bits, half_group, strided, seed):
+    """The CPU's in-place restore (any group size, a padded last group apart, any out strides) gives
+    exactly what the allocating path (mn + code * scale in one addcmul) gives."""
+    shape = tuple(shape)
+    dim = dim_pick % len(shape)
+    cfg = QuantConfig(bits, 2 * half_group)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 3 + 1
+    q = quantize(x, dim, cfg)
+    ref = dequantize(q)
+    # a strided out: every other row of a taller buffer, so out is not contiguous
+    out = torch.full((2 * shape[0], *shape[1:]), math.nan)[::2] if strided else torch.full(shape, math.nan)
+    assert dequantize(q, out=out) is out
+    assert torch.equal(out, ref)
+
+
 @pytest.mark.gpu
 def test_cuda_matches_cpu_bit_for_bit():
     x = torch.randn(8, 2, 4, 3, 64, generator=torch.Generator().manual_seed(9))
