@@ -9,7 +9,7 @@ the table holds medians.
 
     python bench/compression.py --prompts 64 --gen-len 32 --repeats 2
     python bench/compression.py --disk --prompts 8 --prompt-len 128 --gen-len 8 --repeats 2
-    python bench/compression.py --prompts 1 --group-size 32 --modes off,weights,weights-packed
+    python bench/compression.py --prompts 1 --group-size 32 --modes off,weights,weights-packed,auto
 """
 
 from __future__ import annotations
@@ -60,6 +60,13 @@ def cold_prediction(plan) -> float:
     return cold_predictions(plan).tokens_per_s
 
 
+def _chosen(policy) -> str:
+    """What --compress auto chose, in the modes' words: off, weights, cache or both, + "-packed"."""
+    mode = {(False, False): "off", (True, False): "weights", (False, True): "cache", (True, True): "both"}[
+        (policy.compress_weights, policy.compress_cache)]
+    return mode + ("-packed" if policy.packed_weights else "")
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--disk", action="store_true", help="OPT-1.3B, weights on disk, read cold")
@@ -69,7 +76,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--bits", type=int, choices=[4, 8], default=4)
     ap.add_argument("--modes", default="off,weights,cache,both",
-                    help="comma-separated --compress modes; weights-packed, both-packed compute on packed weights")
+                    help="comma-separated --compress modes; weights-packed, both-packed compute on packed weights; "
+                         "auto: the planner's choice on the profile (its row names it)")
     ap.add_argument("--profile", default="cpu-small")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args(argv)
@@ -124,8 +132,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         ref = tokens.get("off")
         same = f"{sum(a == b for a, b in zip(tokens[m], ref))}/{len(ref)}" if ref else "-"
         agree = f"{prefix_agreement(tokens[m], ref):.1%}" if ref else "-"
-        print(f"| {m} | {wbytes / 2**30:.2f} GiB | {med:.1f} | {med / base:.2f}x | {pred:.1f} | {med / pred:.2f} | "
-              f"{same} | {agree} |" if base else f"| {m} | {med:.1f} | - | {pred:.1f} | {med / pred:.2f} | - | - |")
+        label = f"{m} (chose {_chosen(plans[m].policy)})" if m == "auto" else m
+        print(f"| {label} | {wbytes / 2**30:.2f} GiB | {med:.1f} | {med / base:.2f}x | {pred:.1f} | {med / pred:.2f} | "
+              f"{same} | {agree} |" if base else f"| {label} | {med:.1f} | - | {pred:.1f} | {med / pred:.2f} | - | - |")
     return 0
 
 
