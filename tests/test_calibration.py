@@ -383,6 +383,59 @@ def test_fit_takes_scales_and_per_op_cost_from_still_runs_then_the_rest_from_the
     assert got[1] == calibrate.SCALE_RANGE[1] and got[0] < calibrate.SCALE_RANGE[1]
 
 
+def test_a_measured_cost_per_op_is_kept_and_the_scales_fitted_around_it():
+    """Given the cost per op (measured, not fitted), the still runs fix only the two compute scales: runs whose
+    ops cost what was measured give the scales back, and noise in one batch-1 run moves a scale, not the cost
+    per op (fitted, that run's noise went into the cost per op)."""
+    truth = [1.1, 1.3, 2e-4, 3e-4, 0.7, 0.4, 0.9, 0.15]
+    rows = [[0.10, 0, 62, 0, 0, 0, 0], [0, 0.30, 62, 0, 0, 0, 0], [1.20, 0, 62, 0, 0, 0, 0],
+            [0, 0.20, 124, 0, 0, 0, 0], [0.05, 0, 124, 0, 0, 0, 0], [0, 0.9, 62, 0, 0, 0, 0],
+            [0.25, 0, 62, 62, 0.01, 0, 0], [0, 0.25, 62, 62, 0.05, 0, 0], [0.25, 0, 62, 62, 0.0, 0.08, 0],
+            [0.4, 0, 62, 62, 0.02, 0.02, 0], [0, 0.3, 62, 62, 0, 0, 0.3], [0, 2.0, 62, 62, 0.01, 0, 0]]
+    ys = [calibrate.fitted(r, truth) for r in rows]
+    assert calibrate.fit_constants(rows, ys, per_op=2e-4) == pytest.approx(truth, rel=1e-6)
+    noisy = list(ys)
+    noisy[4] *= 1.15  # the op-heaviest still run, 15% slow
+    fitted_op = calibrate.fit_constants(rows, noisy)[2]
+    kept = calibrate.fit_constants(rows, noisy, per_op=2e-4)
+    assert kept[2] == 2e-4 and abs(fitted_op / 2e-4 - 1) > 0.2  # fitted, the noise lands on the cost per op
+    assert kept[0] == pytest.approx(truth[0], rel=0.1) and kept[1] == pytest.approx(truth[1], rel=1e-6)
+
+
+def test_the_fit_times_the_interpreter_outside_the_op_handlers(tmp_path, monkeypatch):
+    """calibrate._time's second figure is a program run's time outside its op handlers: time added inside
+    a handler is not in it, time added around the handlers is."""
+    import time
+
+    from flexgen_graph.app.api import compile_plan
+    from flexgen_graph.program import OpKind
+    from runtime.engine import Engine
+    from runtime.weight_store import make_dummy
+
+    spec = tiny_spec("llama", layers=2)
+    store = make_dummy(spec, tmp_path / "store", seed=1)
+    plan = compile_plan(spec, load_profile("cpu-small"), Workload(8, 3), gpu_batch_size=1, num_gpu_batches=1,
+                        fixed=ON_GPU)
+    prompts = [[3, 4, 5, 6, 7, 8, 9, 10]]
+    head = Engine.HANDLERS[OpKind.HEAD]
+
+    def slow_head(eng, op):
+        time.sleep(0.02)
+        head(eng, op)
+    monkeypatch.setitem(Engine.HANDLERS, OpKind.HEAD, slow_head)
+    (steps, outside) = calibrate._time(plan, store, prompts, repeats=1)
+    for ph in (Phase.PREFILL, Phase.DECODE):
+        assert steps[ph] > 0.02 and 0 <= outside[ph] < 0.01  # the handler's sleep is inside the ops
+    drain = Engine.run_program
+
+    def slow_program(eng, name, start, t):
+        time.sleep(0.02)
+        drain(eng, name, start, t)
+    monkeypatch.setattr(Engine, "run_program", slow_program)
+    (_, outside) = calibrate._time(plan, store, prompts, repeats=1)
+    assert all(outside[ph] >= 0.02 for ph in (Phase.PREFILL, Phase.DECODE))
+
+
 def test_features_split_the_compute_stream_linearly():
     """features(plan) times the calibration's constants gives the cost model's compute stream back."""
     from flexgen_graph.app.api import compile_plan

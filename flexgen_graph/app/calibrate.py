@@ -9,11 +9,12 @@ Two methods, compared by bench/fidelity.py (BENCHMARKS.md, "Plan fidelity"):
 - "curves": every figure measured in isolation (the kernels at the model's shapes, copies and reads by
   size, a thread hand-off, the compute lost beside a copy or a read);
 - "fit": the same curves, then the constants that say how the pieces combine in the engine (a compute
-  scale, the fixed cost per op, the hand-off per op, the compute lost per second of copy, of warm and
+  scale, the hand-off per op, the compute lost per second of copy, of warm and
   of cold disk read) fitted by non-negative least squares (fit_constants) to short runs of the engine over a few small policies
   (FIT_RUNS, SmolLM2-135M with seeded weights: the constants are the machine's, not the model's), each
   run's prefill and median decode step against the cost model's compute stream (planner.cost.stream_sums)
-  split into the parts the constants multiply.
+  split into the parts the constants multiply. The fixed cost per op is measured in the same runs, not fitted:
+  the time the engine spends outside its op handlers when every op runs inline.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import random
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec
@@ -133,23 +135,28 @@ def nnls(rows: list[list[float]], ys: list[float], weights: list[float]) -> list
 SCALE_RANGE = (0.5, 2.0)  # how far the fit may rescale the measured kernels: beyond, the runs were disturbed
 
 
-def fit_constants(rows: list[list[float]], ys: list[float]) -> list[float]:
+def fit_constants(rows: list[list[float]], ys: list[float], per_op: float | None = None) -> list[float]:
     """FEATURES' constants, then threaded_share, in two stages, so that collinear parts do not trade off
     against each other: the compute scales (decode's, prefill's) and the cost per op from the runs that
     move nothing (their hand-off, copy and disk parts are 0), then the hand-off, the shares and the
     threaded stretch (of what the first stage predicts for the run's compute) from the others' residuals.
-    Relative errors: a batch-1 decode step weighs as much as a prefill. The scales are held within
-    SCALE_RANGE."""
+    per_op: the cost per op as measured (seconds), not fitted. Relative errors: a batch-1 decode step weighs
+    as much as a prefill. The scales are held within SCALE_RANGE."""
     still = [i for i, r in enumerate(rows) if not any(r[STILL:])]
     moving = [i for i in range(len(rows)) if i not in still]
     w = [1 / ys[i] for i in still]
-    scales, per_op = [1.0, 1.0], 0.0
-    if still:
+    scales, measured = [1.0, 1.0], per_op is not None
+    if measured and still:
+        scales = nnls([rows[i][:STILL - 1] for i in still], [ys[i] - per_op * rows[i][STILL - 1] for i in still], w)
+    elif still:
         *scales, per_op = nnls([rows[i][:STILL] for i in still], [ys[i] for i in still], w)
-    if not all(SCALE_RANGE[0] <= k <= SCALE_RANGE[1] for k in scales):
-        scales = [min(max(k, SCALE_RANGE[0]), SCALE_RANGE[1]) for k in scales]
-        [per_op] = nnls([[rows[i][STILL - 1]] for i in still],
-                        [ys[i] - sum(k * x for k, x in zip(scales, rows[i])) for i in still], w) if still else [0.0]
+    per_op = per_op or 0.0
+    clamped = [min(max(k, SCALE_RANGE[0]), SCALE_RANGE[1]) for k in scales]
+    if clamped != scales:
+        scales = clamped
+        if not measured:
+            [per_op] = nnls([[rows[i][STILL - 1]] for i in still],
+                            [ys[i] - sum(k * x for k, x in zip(scales, rows[i])) for i in still], w) if still else [0.0]
     head = [*scales, per_op]
     rest = [0.0] * (len(rows[0]) - STILL + 1)
     if moving:
@@ -170,20 +177,45 @@ def fitted(row: list[float], x: list[float]) -> float:
     return _still_time(row, x) * (1 + stretch) + sum(c * v for c, v in zip(x[STILL:-1], row[STILL:]))
 
 
-def _time(plan, store, prompts: list[list[int]], repeats: int = 2, cold: bool = False) -> dict[Phase, float]:
+def _time(plan, store, prompts: list[list[int]], repeats: int = 2,
+          cold: bool = False) -> tuple[dict[Phase, float], dict[Phase, float]]:
     """Prefill seconds and decode-step seconds, each the median over `repeats` runs of the engine (after a
-    warm-up run; decode over every step of them): typical figures, as the profile's curves are."""
+    warm-up run; decode over every step of them): typical figures, as the profile's curves are. Beside them,
+    by phase, the median seconds of a program run spent outside the ops' handlers (the interpreter's own
+    cost: dispatch, events; meaningful where every op runs inline on the compute stream)."""
     from runtime.engine import Engine
 
     prefill, decode = [], []
+    outside: dict[str, list[float]] = {"prefill": [], "decode": []}
+    in_ops = [0.0]
+
+    def timed(handler):
+        def run(eng, op):
+            t = time.perf_counter()
+            try:
+                handler(eng, op)
+            finally:
+                in_ops[0] += time.perf_counter() - t
+        return run
+
     with tempfile.TemporaryDirectory(prefix="flexgen-fit-") as off, Engine(plan, store, off, cold_weights=cold) as eng:
+        eng.HANDLERS = {k: timed(h) for k, h in Engine.HANDLERS.items()}  # this engine's ops, timed
+        program = eng.run_program
+
+        def run_program(name: str, start: int, t: int) -> None:
+            before, t0 = in_ops[0], time.perf_counter()
+            program(name, start, t)
+            outside[name].append(time.perf_counter() - t0 - (in_ops[0] - before))
+        eng.run_program = run_program
         eng.generate(prompts, ignore_eos=True)
+        outside = {"prefill": [], "decode": []}
         for _ in range(repeats):
             eng.step_times.clear()
             eng.generate(prompts, ignore_eos=True)
             prefill += [s for n, s in eng.step_times if n == "prefill"]
             decode += [s for n, s in eng.step_times if n == "decode"]
-    return {Phase.PREFILL: statistics.median(prefill), Phase.DECODE: statistics.median(decode)}
+    return ({Phase.PREFILL: statistics.median(prefill), Phase.DECODE: statistics.median(decode)},
+            {Phase.PREFILL: statistics.median(outside["prefill"]), Phase.DECODE: statistics.median(outside["decode"])})
 
 
 def fit(profile: HardwareProfile, notes: list[str], cache_dir: Path | None = None) -> HardwareProfile:
@@ -194,7 +226,7 @@ def fit(profile: HardwareProfile, notes: list[str], cache_dir: Path | None = Non
     spec = catalog_spec(DEFAULT_MODEL)
     profile = for_models(profile, [spec], notes)
     store = open_store("dummy:0", spec, cache_dir or default_cache_dir())
-    rows, ys, labels = [], [], []
+    rows, ys, labels, per_op = [], [], [], []
     rng = random.Random(0)
     for label, b, nb, fixed in FIT_RUNS:
         fixed = dict(fixed)
@@ -202,19 +234,23 @@ def fit(profile: HardwareProfile, notes: list[str], cache_dir: Path | None = Non
         plan = compile_plan(spec, profile, FIT_WORKLOAD, gpu_batch_size=b, num_gpu_batches=nb, fixed=fixed,
                             weights_source="dummy:0")
         prompts = [[rng.randrange(3, spec.vocab) for _ in range(FIT_WORKLOAD.prompt_len)] for _ in range(b * nb)]
-        measured, feats = _time(plan, store, prompts, cold=cold), features(plan, "cold" if cold else None)
+        (measured, outside), feats = _time(plan, store, prompts, cold=cold), features(plan, "cold" if cold else None)
         for ph in (Phase.PREFILL, Phase.DECODE):
             rows.append([feats[ph][f] for f in FEATURES])
             ys.append(measured[ph])
             labels.append(f"{label}, {ph.value}")
-    x = fit_constants(rows, ys)
+            if not any(rows[-1][STILL:]) and feats[ph]["ops"]:  # every op inline: the rest is the interpreter's
+                per_op.append(outside[ph] / feats[ph]["ops"])
+    # the cost per op measured, not fitted: fitted, it took up whatever the batch-1 runs' noise left (0 to 300 us
+    # across profiles of one machine) where the interpreter's own cost is tens of us
+    x = fit_constants(rows, ys, statistics.median(per_op) if per_op else None)
     scale = x[0]
     cal = dataclasses.replace(profile.calibration, method="fit", compute_scale=scale, prefill_scale=x[1] / scale,
                               op_s=x[2] / scale, handoff_s=x[3] / scale, copy_share=x[4], disk_share=x[5],
                               cold_disk_share=x[6], threaded_share=x[7])
     worst = max(zip(labels, ys, (fitted(r, x) for r in rows)), key=lambda t: abs(t[2] / t[1] - 1))
     notes.append(f"fitted to {len(FIT_RUNS)} engine runs: compute x{scale:.3f} (prefill x{x[1]:.3f}), "
-                 f"{cal.op_s * 1e6:.0f} us per op, "
+                 f"{x[2] * 1e6:.0f} us per op (measured outside the op handlers), "
                  f"hand-off {cal.handoff_s * 1e6:.0f} us per op, threaded compute x{1 + cal.threaded_share:.2f}, "
                  f"compute loses {cal.copy_share:.2f} s per s of copy"
                  f", {cal.disk_share:.2f} per s of warm and {cal.cold_disk_share:.2f} per s of cold disk read; worst fitted point {worst[0]}: predicted / measured "
