@@ -8,6 +8,7 @@ op the runs measured outside their op handlers ("measured", what `profile` does)
 other rounds: the median and worst |predicted / measured - 1| over their prefill and decode-step times.
 
     python bench/fit_stability.py --profile p.json --rounds 4      # about 3 minutes on 2 cores; quiet machine
+    python bench/fit_stability.py --profile p.json --save rounds.json   # the rounds too, to try other fits on
 
 The profile supplies the layer curves (SmolLM2's are timed first where it lacks them).
 """
@@ -15,6 +16,7 @@ The profile supplies the layer curves (SmolLM2's are timed first where it lacks 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
@@ -78,10 +80,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="auto", help="a measured profile (its layer curves price the runs)")
     ap.add_argument("--rounds", type=int, default=4, help="times the still runs are timed over (>= 2)")
+    ap.add_argument("--save", metavar="FILE", help="also write the rounds (feature rows, times, cost per op) as JSON")
     args = ap.parse_args(argv)
     if args.rounds < 2:
         ap.error(f"--rounds must be at least 2 (each fit is judged on the other rounds), got {args.rounds}")
     data = still_rounds(_profile(args.profile, here=True), args.rounds)
+    if args.save:
+        Path(args.save).write_text(json.dumps([{"rows": r, "times": y, "per_op": p} for r, y, p in data]))
     print("| fitted on round | cost per op | scale | prefill scale | median error, other rounds | worst error |")
     print("|---|---|---|---|---|---|")
     for k, (rows, ys, per_op) in enumerate(data):
