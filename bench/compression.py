@@ -34,6 +34,7 @@ from flexgen_graph.app.models import default_cache_dir, open_store  # noqa: E402
 from flexgen_graph.catalog import DEFAULT_MODEL, catalog_spec  # noqa: E402
 from flexgen_graph.ir import Workload  # noqa: E402
 from flexgen_graph.policy import Placement  # noqa: E402
+from planner.compile import COMPRESS_MODES  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
 
 
@@ -62,8 +63,8 @@ def cold_prediction(plan) -> float:
 
 def _chosen(policy) -> str:
     """What --compress auto chose, in the modes' words: off, weights, cache or both, + "-packed"."""
-    mode = {(False, False): "off", (True, False): "weights", (False, True): "cache", (True, True): "both"}[
-        (policy.compress_weights, policy.compress_cache)]
+    mode = next(m for m, flags in COMPRESS_MODES.items()
+                if flags is not None and all(getattr(policy, k) == v for k, v in flags.items()))
     return mode + ("-packed" if policy.packed_weights else "")
 
 

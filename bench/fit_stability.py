@@ -72,7 +72,7 @@ def still_rounds(profile, rounds: int) -> list[tuple[list[list[float]], list[flo
 
 def errors(x: list[float], rows: list[list[float]], ys: list[float]) -> tuple[float, float]:
     """Median and worst |predicted / measured - 1| of the still constants x[:STILL] on these runs."""
-    e = [abs(sum(a * b for a, b in zip(x[:calibrate.STILL], r)) / y - 1) for r, y in zip(rows, ys)]
+    e = [abs(calibrate._still_time(r, x) / y - 1) for r, y in zip(rows, ys)]
     return statistics.median(e), max(e)
 
 

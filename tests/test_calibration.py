@@ -366,15 +366,19 @@ def test_nnls_recovers_known_constants_and_keeps_them_non_negative():
     assert min(calibrate.nnls(rows, noisy, [1.0] * len(ys))) >= 0
 
 
+# known constants (FEATURES' multipliers, then threaded_share) and the feature rows of twelve runs: six still, six moving
+FIT_TRUTH = [1.1, 1.3, 2e-4, 3e-4, 0.7, 0.4, 0.9, 0.15]
+FIT_ROWS = [[0.10, 0, 62, 0, 0, 0, 0], [0, 0.30, 62, 0, 0, 0, 0], [1.20, 0, 62, 0, 0, 0, 0],
+            [0, 0.20, 124, 0, 0, 0, 0], [0.05, 0, 124, 0, 0, 0, 0], [0, 0.9, 62, 0, 0, 0, 0],
+            [0.25, 0, 62, 62, 0.01, 0, 0], [0, 0.25, 62, 62, 0.05, 0, 0], [0.25, 0, 62, 62, 0.0, 0.08, 0],
+            [0.4, 0, 62, 62, 0.02, 0.02, 0], [0, 0.3, 62, 62, 0, 0, 0.3], [0, 2.0, 62, 62, 0.01, 0, 0]]
+
+
 def test_fit_takes_scales_and_per_op_cost_from_still_runs_then_the_rest_from_the_others():
     """Runs that move nothing fix the compute scales (decode's, prefill's) and the cost per op; the hand-off,
     the shares and the threaded stretch come from what the moving runs leave; a scale beyond SCALE_RANGE
     (disturbed runs) is held at its end."""
-    truth = [1.1, 1.3, 2e-4, 3e-4, 0.7, 0.4, 0.9, 0.15]
-    rows = [[0.10, 0, 62, 0, 0, 0, 0], [0, 0.30, 62, 0, 0, 0, 0], [1.20, 0, 62, 0, 0, 0, 0],
-            [0, 0.20, 124, 0, 0, 0, 0], [0.05, 0, 124, 0, 0, 0, 0], [0, 0.9, 62, 0, 0, 0, 0],
-            [0.25, 0, 62, 62, 0.01, 0, 0], [0, 0.25, 62, 62, 0.05, 0, 0], [0.25, 0, 62, 62, 0.0, 0.08, 0],
-            [0.4, 0, 62, 62, 0.02, 0.02, 0], [0, 0.3, 62, 62, 0, 0, 0.3], [0, 2.0, 62, 62, 0.01, 0, 0]]
+    truth, rows = FIT_TRUTH, FIT_ROWS
     ys = [calibrate.fitted(r, truth) for r in rows]
     assert ys[-1] > 1.1 * sum(a * x for a, x in zip(rows[-1], truth))  # the stretch is part of the truth
     assert calibrate.fit_constants(rows, ys) == pytest.approx(truth, rel=1e-6)
@@ -387,11 +391,7 @@ def test_a_measured_cost_per_op_is_kept_and_the_scales_fitted_around_it():
     """Given the cost per op (measured, not fitted), the still runs fix only the two compute scales: runs whose
     ops cost what was measured give the scales back, and noise in one batch-1 run moves a scale, not the cost
     per op (fitted, that run's noise went into the cost per op)."""
-    truth = [1.1, 1.3, 2e-4, 3e-4, 0.7, 0.4, 0.9, 0.15]
-    rows = [[0.10, 0, 62, 0, 0, 0, 0], [0, 0.30, 62, 0, 0, 0, 0], [1.20, 0, 62, 0, 0, 0, 0],
-            [0, 0.20, 124, 0, 0, 0, 0], [0.05, 0, 124, 0, 0, 0, 0], [0, 0.9, 62, 0, 0, 0, 0],
-            [0.25, 0, 62, 62, 0.01, 0, 0], [0, 0.25, 62, 62, 0.05, 0, 0], [0.25, 0, 62, 62, 0.0, 0.08, 0],
-            [0.4, 0, 62, 62, 0.02, 0.02, 0], [0, 0.3, 62, 62, 0, 0, 0.3], [0, 2.0, 62, 62, 0.01, 0, 0]]
+    truth, rows = FIT_TRUTH, FIT_ROWS
     ys = [calibrate.fitted(r, truth) for r in rows]
     assert calibrate.fit_constants(rows, ys, per_op=2e-4) == pytest.approx(truth, rel=1e-6)
     noisy = list(ys)
