@@ -29,10 +29,9 @@ STAT_BYTES = 2  # a compressed group's scale and its minimum are float16 each
 SUPPORTED_BITS = (4, 8)
 DEFAULT_BITS = 4  # FlexGen's
 DEFAULT_GROUP_SIZE = 64
-# a packed matrix restored for a prefill GEMM (runtime.packed) is unpacked this many float32 bytes at a time;
-# the restore holds about PACKED_RESTORE_BLOCKS of them beside the bfloat16 matrix
-PACKED_RESTORE_BYTES = 4 << 20
-PACKED_RESTORE_BLOCKS = 3
+# a linear map the int4 kernel cannot take is dequantized a block of output columns at a time into a scratch of
+# at most this many bytes (runtime.packed.TiledWeight)
+PACKED_TILE_BYTES = 1 << 19
 
 
 def ceil_div(n: int, m: int) -> int:

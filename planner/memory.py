@@ -29,8 +29,7 @@ from flexgen_graph.ir import TIERS, LayerKind, NodeKind, Phase, Tier
 from flexgen_graph.layout import (
     DEFAULT_BITS,
     DEFAULT_GROUP_SIZE,
-    PACKED_RESTORE_BLOCKS,
-    PACKED_RESTORE_BYTES,
+    PACKED_TILE_BYTES,
     QuantConfig,
     compressed_nbytes,
 )
@@ -133,17 +132,17 @@ class Transient:
     cpu: int  # CPU attention's scores
 
 
-def compute_transient(work_bytes: int, full_weight_bytes: int, policy: Policy, attends_on_cpu: bool) -> Transient:
+def compute_transient(work_bytes: int, policy: Policy, attends_on_cpu: bool) -> Transient:
     """The one rule for a compute op's transients (the memory model at the longest context, the
     verifier at every context). work_bytes: the graph's transient activations at the context.
 
     A CPU-attended op is charged its whole work bytes on both tiers: the graph does not split the
     attention's share from the MLP's, and an over-count keeps the prediction an upper bound."""
     # what it dequantizes goes into the plan's scratch buffers (counted with the buffer table). Packed weights
-    # (runtime.packed) hold no dense layer, but a prefill matmul of many rows restores its one matrix to
-    # bfloat16 a few float32 blocks at a time: charged as the dense layer plus those blocks, an upper bound
-    restore = full_weight_bytes + PACKED_RESTORE_BLOCKS * PACKED_RESTORE_BYTES
-    gpu = work_bytes + (restore if policy.packed_weights else 0)
+    # (runtime.packed) hold no dense layer: the int4 kernel's bfloat16 copies of the op's activations (at most its
+    # work bytes again) and a TiledWeight's scratch, an upper bound
+    packed = work_bytes + PACKED_TILE_BYTES
+    gpu = work_bytes + (packed if policy.packed_weights else 0)
     return Transient(gpu, work_bytes if attends_on_cpu else 0)
 
 
@@ -161,11 +160,11 @@ def layer_transients(figs: BlockFigures, policy: Policy, ctx: int, cpu_attended_
             if decode and ls.kind is LayerKind.DECODER:
                 modes = tuple(m for m, on in ((True, j in cpu_attended_layers), (False, j in gpu_attended_layers))
                               if on)
-            cases.add((comp.work_bytes_at(ctx if decode else 0), figs.shape.weight_bytes[j], modes))
+            cases.add((comp.work_bytes_at(ctx if decode else 0), modes))
     gpu = cpu = 0
-    for work, full_w, modes in cases:
+    for work, modes in cases:
         for on_cpu in modes:
-            t = compute_transient(work, full_w, policy, on_cpu)
+            t = compute_transient(work, policy, on_cpu)
             gpu, cpu = max(gpu, t.gpu), max(cpu, t.cpu)
     return Transient(gpu, cpu)
 

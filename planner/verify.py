@@ -71,20 +71,16 @@ class _OpCost:
 
     work_bytes: int
     work_bytes_per_ctx: int
-    full_weight_bytes: int
     on_cpu: bool
 
     def at(self, ctx: int, policy: Policy) -> Transient:
-        return compute_transient(self.work_bytes + self.work_bytes_per_ctx * ctx, self.full_weight_bytes, policy,
-                                 self.on_cpu)
+        return compute_transient(self.work_bytes + self.work_bytes_per_ctx * ctx, policy, self.on_cpu)
 
 
 def _op_costs(program: tuple[Op, ...], programs: Programs, g: nx.DiGraph, phase: Phase) -> list[_OpCost | None]:
     first = g.graph.get("first_layer", 0)  # ops name the model's layers; a stage graph counts from its first
     nodes = {key._replace(layer=first + key.layer).label(): data["node"] for key, data in g.nodes(data=True)
              if key.phase is phase}
-    weights = {first + key.layer: data["node"].bytes for key, data in g.nodes(data=True)
-               if key.phase is Phase.PREFILL and key.kind is NodeKind.LOAD_WEIGHT}
     out: list[_OpCost | None] = []
     for op in program:
         if op.kind not in COMPUTE_KINDS:
@@ -94,7 +90,7 @@ def _op_costs(program: tuple[Op, ...], programs: Programs, g: nx.DiGraph, phase:
         assert n is not None and n.key.kind is NodeKind.COMPUTE, f"op {op.node} realizes no compute node of the graph"
         decode = phase is Phase.DECODE
         on_cpu = decode and 0 <= op.cache < len(programs.buffers) and programs.buffers[op.cache].tier is Tier.CPU
-        out.append(_OpCost(n.work_bytes, n.work_bytes_per_ctx if decode else 0, weights[op.layer], on_cpu))
+        out.append(_OpCost(n.work_bytes, n.work_bytes_per_ctx if decode else 0, on_cpu))
     return out
 
 

@@ -37,7 +37,7 @@ from flexgen_graph.spec import ModelSpec
 from runtime.backend import read_file_into
 from runtime.integrity import atomic_file, checksum, need_space
 from runtime.kernels import TORCH_DTYPES, layer_views
-from runtime.packed import pack_for_kernel
+from runtime.packed import kernel_tag, pack_for_kernel
 from runtime.quant import (
     STAT_DTYPE,
     QTensor,
@@ -147,9 +147,12 @@ def compressed_layers(store, cfg: QuantConfig, packed: bool = False) -> Compress
     by a marker file written last, so an interrupted build is redone, never half used). packed: the
     copy whose linear maps are in the CPU int4 kernel's layout (compress_layer), a folder of its own."""
     spec = store.spec
-    path = Path(store.path) / f"compressed-{cfg.bits}bit-g{cfg.group_size}{'-int4cpu' if packed else ''}"
+    # the int4 kernel's layout is torch's own and differs per CPU capability: a copy per capability (a cache
+    # shared by two machines keeps both), its torch version in the manifest (another one rebuilds it)
+    tag = kernel_tag() if packed else {}
+    path = Path(store.path) / f"compressed-{cfg.bits}bit-g{cfg.group_size}{'-int4cpu-' + tag['capability'] if packed else ''}"
     meta = {"format": COMPRESSED_FORMAT, "version": COMPRESSED_VERSION, "fingerprint": spec.fingerprint(),
-            "bits": cfg.bits, "group_size": cfg.group_size, **({"packed": "int4-cpu"} if packed else {})}
+            "bits": cfg.bits, "group_size": cfg.group_size, **({"packed": "int4-cpu", **tag} if packed else {})}
     done = path / DONE
     if done.is_file():
         try:

@@ -34,7 +34,7 @@ from runtime.compressed import (
     dense_cache_view,
 )
 from runtime.driver import BlockState, Generation
-from runtime.packed import packed_layer_views
+from runtime.packed import check_kernel, packed_layer_views
 from runtime.qattention import attend_quantized
 from runtime.quant import QuantConfig
 from runtime.sampling import Sampling, pick
@@ -81,6 +81,8 @@ class Engine:
         # scratch reads the dense copy DEQUANT_WEIGHT restored there; the *_QCACHE computes keep compressed
         # cache rows (runtime.compressed.CacheCodec)
         self.qcfg = QuantConfig(pol.compress_bits, pol.group_size)
+        if pol.packed_weights:
+            check_kernel(self.qcfg)  # before any work: nothing silently wrong on a CPU nobody here has seen
         self.weights = compressed_layers(store, self.qcfg, pol.packed_weights) if pol.compress_weights else store
         self._compressed_bufs = frozenset(b.id for b in plan.programs.buffers if pol.compress_weights and b.role in (
             BufferRole.WEIGHT_HOME, BufferRole.WEIGHT_SLOT))

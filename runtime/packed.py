@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from flexgen_graph.layout import (
-    PACKED_RESTORE_BYTES,
+    PACKED_TILE_BYTES,
     QuantConfig,
     packed_geometry,
     packed_kernel_fits,
@@ -46,16 +46,29 @@ from flexgen_graph.layout import (
 )
 from flexgen_graph.spec import ModelSpec
 from runtime.kernels import TORCH_DTYPES
-from runtime.quant import QTensor, dequantize, unpack_from
+from flexgen_graph.errors import UserError
+from runtime.quant import QTensor, dequantize, quantize, unpack_from
 
 STATS_DTYPE = torch.bfloat16  # the kernel's fast path: activations and stats in bfloat16
-TILE_BYTES = 1 << 19
-# rows above which restoring the matrix to bfloat16 and a dense GEMM beat the int4 kernel, per bits: the
-# kernel's time grows with rows x weights, the restore's with weights alone (bench/packed_kernels.py)
-DENSE_ROWS = {4: 192, 8: 128}
-KERNEL_BLOCK_N = 64  # output channels per block of the CPU kernel's nibble layout
 HI = 16  # 8 bits: code = HI * hi + lo
 _HI_LO = torch.tensor([[HI], [1]], dtype=STATS_DTYPE)  # a group's input for its high, then low nibbles
+CHECK_OUT = 80  # the self-check's output channels: a whole block of 64 (AVX-512), of 32 (AVX2, scalar) and a tail
+
+
+def kernel_capability() -> str:
+    """The CPU capability torch dispatches its kernels for (ATEN_CPU_CAPABILITY may lower it): the int4 kernel's
+    packed layout depends on it, so a packed copy is made for one capability and read under that one only."""
+    return torch.backends.cpu.get_cpu_capability().lower().replace(" ", "_")
+
+
+def kernel_tag() -> dict[str, str]:
+    """What a packed copy was packed for, in its manifest: the layout is private to torch's kernel."""
+    return {"torch": torch.__version__.split("+")[0], "capability": kernel_capability()}
+
+
+def _convert(nibbles_t: torch.Tensor) -> torch.Tensor:
+    """The kernel's own repacking of int32 [out, in'] nibbles (the one place its layout is made)."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles_t, 1)
 
 
 def _codes(q: QTensor) -> torch.Tensor:
@@ -98,7 +111,7 @@ def pack_for_kernel(q: QTensor, buf: torch.Tensor) -> None:
     assert buf.numel() == sz_bytes + code_bytes, f"pack_for_kernel: buffer {buf.numel()} != {sz_bytes + code_bytes}"
     sz = _scales_zeros(q)
     buf[:sz_bytes].view(STATS_DTYPE).view(sz.shape).copy_(sz)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_nibbles(q).t().contiguous(), 1)
+    packed = _convert(_nibbles(q).t().contiguous())
     buf[sz_bytes:].copy_(packed.view(torch.uint8).reshape(-1))
 
 
@@ -141,63 +154,74 @@ class PackedWeight:
     def __rmatmul__(self, x: torch.Tensor) -> torch.Tensor:
         return packed_matmul(x, self)
 
-    def nibble_rows(self, r0: int, r1: int) -> torch.Tensor:
-        """The codes of the kernel's input rows [r0, r1), uint8 [r1 - r0, out], read off its layout: blocks of
-        KERNEL_BLOCK_N output channels, each [in', 32] bytes holding channel j low and 32 + j high; a last block
-        of fewer channels [in', r / 2] bytes holding channels 2i low and 2i + 1 high (tests check it against
-        the kernel)."""
-        flat, n = self.codes.reshape(-1), self.shape[1]
+    def kernel_codes(self, r0: int, r1: int) -> torch.Tensor:
+        """The codes of the kernel's input rows [r0, r1), float32 [r1 - r0, out], read through the kernel itself
+        (its layout is torch's private one, different per CPU capability): those rows of the identity times a
+        table of S = 1, Z = 8, so each weight is its code, exact in bfloat16. Costs the kernel's work on
+        r1 - r0 rows: for tests and references, not for the hot path."""
         width = self.codes.shape[1] * 2  # the kernel's input rows
-        full = n // KERNEL_BLOCK_N * KERNEL_BLOCK_N
-        parts = []
-        if full:
-            b = flat[:full * width // 2].view(full // KERNEL_BLOCK_N, width, KERNEL_BLOCK_N // 2)[:, r0:r1]
-            parts.append(torch.cat((b & 15, b >> 4), -1).permute(1, 0, 2).reshape(r1 - r0, full))
-        if n > full:
-            b = flat[full * width // 2:].view(width, (n - full) // 2)[r0:r1]
-            parts.append(torch.stack((b & 15, b >> 4), -1).reshape(r1 - r0, n - full))
-        return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+        eye = torch.zeros(r1 - r0, width, dtype=STATS_DTYPE)
+        eye[torch.arange(r1 - r0), torch.arange(r0, r1)] = 1
+        unit = torch.empty_like(self.scales_zeros)
+        unit[..., 0], unit[..., 1] = 1, 8
+        return self.kernel(eye, unit).float()
 
-    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The [in, out] matrix the kernel multiplies by, in dtype: the codes unpacked and scaled a block of
-        groups (PACKED_RESTORE_BYTES of float32) at a time, never through the kernel (applied to the identity the
-        kernel costs in x in x out: 1.8 s for an 8192 x 2048 matrix, against about 30 ms here)."""
+    def dequantize(self) -> torch.Tensor:
+        """The float32 [in, out] matrix the kernel multiplies by, (code - 8) S + Z per its own table (tests and
+        references): a group's codes at a time, each group through kernel_codes."""
         k, n = self.shape
         g, kg = self.group_size, self.kernel_group
-        out = torch.empty(k, n, dtype=dtype)
-        step = max(1, PACKED_RESTORE_BYTES // (4 * kg * n))  # groups per block
+        out = torch.empty(k, n)
+        step = max(1, (1 << 22) // (4 * kg * n))  # groups per block: a few MiB of codes
         for g0 in range(0, k // g, step):
             g1 = min(k // g, g0 + step)
-            codes = self.nibble_rows(g0 * kg, g1 * kg).view(g1 - g0, kg, n)
+            codes = self.kernel_codes(g0 * kg, g1 * kg).view(g1 - g0, kg, n)
             sz = self.scales_zeros[g0:g1, None].float()  # [groups, 1, out, 2]
-            w = torch.addcmul(sz[..., 1] - 8 * sz[..., 0], codes.float(), sz[..., 0])  # the kernel's (code - 8) S + Z
+            w = torch.addcmul(sz[..., 1] - 8 * sz[..., 0], codes, sz[..., 0])  # the kernel's (code - 8) S + Z
             if self.bits == 8:
                 w = w[:, :g].mul_(HI).add_(w[:, g:])  # a group's high nibbles, then its low ones
             out[g0 * g:g1 * g] = w.reshape(-1, n)
         return out
 
-    def dequantize(self) -> torch.Tensor:
-        """The float32 [in, out] matrix the kernel multiplies by (tests and references)."""
-        return self.dense(torch.float32)
-
 
 def packed_matmul(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-    """x: [..., in] -> x @ w: [..., out] in x's dtype (computed in bfloat16). Beyond DENSE_ROWS[bits] rows
-    (prefill) the kernel is compute bound at 2-3x a bfloat16 GEMM's time, so the matrix (only this one) is
-    restored to bfloat16 and multiplied densely: measured in bench/packed_kernels.py."""
+    """x: [..., in] -> x @ w: [..., out] in x's dtype (computed in bfloat16), through the kernel at any number
+    of rows: a dense restore would have to read the kernel's private layout (bench/packed_kernels.py prices it)."""
     lead, k = x.shape[:-1], w.shape[0]
-    x2 = x.reshape(-1, k)
-    if x2.shape[0] > DENSE_ROWS[w.bits]:
-        y = x2.to(STATS_DTYPE) @ w.dense(STATS_DTYPE)
-    else:
-        y = w.kernel(w.kernel_input(x2))
+    y = w.kernel(w.kernel_input(x.reshape(-1, k)))
     return y.to(x.dtype).view(*lead, w.shape[1])
+
+
+def check_kernel(cfg: QuantConfig) -> None:
+    """Refuse, in one line, a CPU on which the kernel and its repacking do not compute what our codes say: a
+    random probe of CHECK_OUT output channels, quantized, packed and multiplied, against the same rows times its
+    FlexGen-dequantized weights (float32), within bfloat16 rounding (the bound tests/test_packed.py holds)."""
+    key = (kernel_capability(), cfg)
+    if key in _CHECKED:
+        return
+    gen = torch.Generator().manual_seed(0)
+    k = 2 * packed_kernel_group(cfg) * 4 // cfg.bits  # two kernel groups
+    w = torch.randn(k, CHECK_OUT, generator=gen) * 0.05
+    x = torch.randn(3, k, generator=gen)
+    q = quantize(w, 0, cfg)
+    wq = dequantize(q)
+    got = packed_matmul(x, packed_weight(q))
+    err = float((got - x @ wq).abs().max())
+    bound = 2 ** -6 * float((x.abs() @ wq.abs()).max())
+    if not err <= bound:  # not <=: a NaN fails too
+        raise UserError(f"packed weights: torch {torch.__version__}'s int4 kernel on this CPU (capability "
+                        f"{kernel_capability()}) computes {err:.3g} off a {cfg.bits}-bit probe (bfloat16 rounding allows "
+                        f"{bound:.3g}); run without --packed (ATEN_CPU_CAPABILITY=default may dispatch a kernel that works)")
+    _CHECKED.add(key)
+
+
+_CHECKED: set[tuple[str, QuantConfig]] = set()
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class TiledWeight:
     """A QTensor [in, out] grouped along in, multiplied a block of output columns at a time: each block is
-    dequantized into a scratch of at most TILE_BYTES and multiplied, so no dense copy of the matrix exists."""
+    dequantized into a scratch of at most PACKED_TILE_BYTES and multiplied, so no dense copy of the matrix exists."""
 
     q: QTensor
     cols: int  # output columns per tile
@@ -205,7 +229,7 @@ class TiledWeight:
     @classmethod
     def from_qtensor(cls, q: QTensor) -> TiledWeight:
         k, n = q.shape
-        return cls(q, max(16, min(n, TILE_BYTES // (4 * k) // 16 * 16)))
+        return cls(q, max(16, min(n, PACKED_TILE_BYTES // (4 * k) // 16 * 16)))
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         k, n = self.q.shape

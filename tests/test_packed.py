@@ -50,20 +50,21 @@ def test_packed_kernel_fits_says_no_where_the_kernel_cannot():
     assert packed_kernel_fits((64, 64), QuantConfig(8, 32)) and packed_kernel_fits((64, 64), QuantConfig(8, 16))
 
 
-@pytest.mark.parametrize("shape", [(256, 96), (64, 208), (128, 16)])  # out: a whole block of 64 and a part, parts only
+# out: blocks of 64 (the AVX-512 kernel's) and 32 (AVX2's, scalar's) with tails of 16, 32 and 48
+@pytest.mark.parametrize("shape", [(256, 96), (64, 208), (128, 16), (64, 48), (64, 80)])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_restored_matrix_is_the_kernel_applied_to_the_identity(shape, bits):
-    """PackedWeight.dense reads the kernel's nibble layout itself: it must equal what the kernel computes."""
+def test_the_kernels_weights_read_through_it_are_what_it_multiplies_by(shape, bits):
+    """PackedWeight.dequantize reads the codes through the kernel with a unit table and applies the real one
+    itself: it must equal the kernel applied to the identity with the real table (one bfloat16 rounding)."""
     torch.manual_seed(0)
     pk = packed_weight(quantize(torch.randn(*shape) * 0.05, 0, QuantConfig(bits, 32)))
     kernel = pk.kernel(pk.kernel_input(torch.eye(shape[0], dtype=torch.bfloat16))).float()
-    restored = pk.dense(torch.bfloat16).float()
-    # one rounding to bfloat16 apart at most (the kernel sums 8 bits' two nibbles in its own order)
-    assert ((restored - kernel).abs() <= 2 ** -8 * kernel.abs()).all()
-    assert torch.allclose(pk.dequantize(), restored, rtol=2 ** -8, atol=0)
+    assert torch.allclose(pk.dequantize(), kernel, rtol=2 ** -8, atol=0)
+    codes = pk.kernel_codes(0, 2 * pk.kernel_group)
+    assert torch.equal(codes, codes.round()) and codes.min() >= 0 and codes.max() <= 15, "codes are nibbles"
 
 
-@pytest.mark.parametrize("rows", [1, 5, 64, 1000])  # 1000 > DENSE_ROWS: the restored matrix's bfloat16 GEMM
+@pytest.mark.parametrize("rows", [1, 5, 64, 1000])  # the kernel at every number of rows (blocks of 4 rows)
 @pytest.mark.parametrize("bits,group", [(4, 32), (8, 32), (8, 64), (8, 128)])
 def test_packed_matmul_is_a_matmul_by_the_weights_it_stands_for(rows, bits, group):
     torch.manual_seed(0)
@@ -296,3 +297,46 @@ def test_a_packed_plan_runs_on_the_cpu_only(family_store, tmp_path):
                         group_size=32, packed=True)
     with pytest.raises(UserError, match="--device cpu"):
         Engine(plan, store, tmp_path / "offload", device="cuda")
+
+
+def test_a_packed_copy_is_made_for_the_kernel_that_reads_it(tmp_path, monkeypatch):
+    """The kernel's layout is torch's own, per CPU capability: the copy's folder names the capability and its
+    manifest the torch version; a copy for another capability is never read (its own folder), one from another
+    torch is rebuilt."""
+    import json
+
+    import runtime.compressed as rc
+    from runtime.packed import kernel_tag
+    store, cfg = tiny_store(tmp_path, "llama"), QuantConfig(4, 32)
+    here = compressed_layers(store, cfg, packed=True)
+    tag = kernel_tag()
+    assert here.path.name.endswith("-int4cpu-" + tag["capability"])
+    meta = json.loads((here.path / "compressed.json").read_text())
+    assert {k: meta[k] for k in tag} == tag
+    before = {f.name: f.read_bytes() for f in here.path.iterdir()}
+    monkeypatch.setattr(rc, "kernel_tag", lambda: {**tag, "capability": "elsewhere"})
+    other = compressed_layers(store, cfg, packed=True)
+    assert other.path != here.path and {f.name: f.read_bytes() for f in here.path.iterdir()} == before
+    monkeypatch.setattr(rc, "kernel_tag", lambda: {**tag, "torch": "0.0.1"})
+    (here.path / "1.bin").write_bytes(b"\0" * (here.path / "1.bin").stat().st_size)  # what another torch left
+    again = compressed_layers(store, cfg, packed=True)
+    assert json.loads((again.path / "compressed.json").read_text())["torch"] == "0.0.1"
+    assert (again.path / "1.bin").read_bytes() == before["1.bin"], "rebuilt from the store, not kept"
+
+
+def test_a_kernel_that_computes_wrong_is_refused_before_any_work(tmp_path, monkeypatch):
+    """The start-up self-check: a repacking whose layout the kernel does not read as written (the fault an AVX-512
+    layout read by an AVX2 kernel was) stops the engine in one line naming the capability, before the compressed
+    copy is built."""
+    import runtime.packed as rp
+    store = tiny_store(tmp_path, "llama")
+    plan = compile_plan(store.spec, load_profile("cpu-small"), Workload(PROMPT_LEN, GEN_LEN), compress="weights",
+                        group_size=32, packed=True)
+    right = rp._convert
+    monkeypatch.setattr(rp, "_convert", lambda t: right(t.flip(0)))  # output channels in another order
+    monkeypatch.setattr(rp, "_CHECKED", set())
+    with pytest.raises(UserError, match=f"capability {rp.kernel_capability()}"):
+        Engine(plan, store, tmp_path / "offload")
+    assert not any(p.name.startswith("compressed-") for p in store.path.iterdir()), "work was done first"
+    monkeypatch.setattr(rp, "_convert", right)
+    Engine(plan, store, tmp_path / "offload").close()  # the real kernel passes
