@@ -1,8 +1,7 @@
 """Which matmul computes fastest on group-wise compressed weights (runtime.quant's scheme) on this CPU.
 
     nice -n 19 python bench/packed_kernels.py [--rows 1 16 64 512] [--group-size 32] [--bits 4 8]
-    python bench/packed_kernels.py --crossover      # where packed_matmul leaves the kernel (DENSE_ROWS)
-    python bench/packed_kernels.py --layer --rows 256 --group-size 64   # a Llama-2-7B layer, both ways
+    ATEN_CPU_CAPABILITY=avx2 python bench/packed_kernels.py   # the kernels torch dispatches on an AVX2 CPU
 
 For SmolLM2-135M's linear shapes, ms per call of y = x @ w (x: [rows, in] float32, w: [in, out]):
 - dense: float32 x @ w, the uncompressed baseline;
@@ -17,11 +16,9 @@ For SmolLM2-135M's linear shapes, ms per call of y = x @ w (x: [rows, in] float3
   (16 s, mn + 128 s) and (s, 8 s), results added: twice the table bytes of the one-call layout;
 - int8pack/group (8 bits, up to 16 rows): torch's per-channel `_weight_int8pack_mm`, called once per group (its
   scales are per output channel, so group-wise 8-bit needs one call per group plus the minimums' term).
---crossover: for SmolLM2's and OPT-1.3B's shapes, ms of the int4 kernel against restoring the matrix to
-bfloat16 (PackedWeight.dense) plus a dense bfloat16 GEMM, against rows: runtime.packed.DENSE_ROWS sits where
-they cross.
---layer: a Llama-2-7B decoder's seven matrices one after another through packed_matmul at --rows, with the
-switch forced to the kernel and to restore + GEMM, three times each (ms of the layer).
+packed_matmul runs the kernel at every number of rows: a dense restore for long prefills would have to read the
+kernel's packed layout, which is torch's private one and differs per CPU capability (AVX-512: blocks of 64
+output channels, AVX2 and scalar: 32, in other nibble orders), so none is made.
 Weights stay cache-resident between calls: a layer streamed from memory in a model run is slower for dense
 float32 (4 bytes a weight against about 1.1 at 8 bits), so these ratios understate packed's gain at 1 row.
 """
@@ -122,73 +119,16 @@ def candidates(q: QTensor, wq: torch.Tensor, x: torch.Tensor, group: int) -> dic
     return out
 
 
-CROSSOVER_SHAPES = {"SmolLM2 gate/up 576x1536": (576, 1536), "SmolLM2 head 576x49152": (576, 49152),
-                    "OPT q_proj 2048x2048": (2048, 2048), "OPT fc1 2048x8192": (2048, 8192),
-                    "OPT fc2 8192x2048": (8192, 2048)}
-
-
-def crossover(bits_list: list[int], group: int) -> None:
-    """The kernel against restore + bfloat16 GEMM at growing rows (module docstring, --crossover)."""
-    rows_list = (16, 64, 128, 192, 256, 512, 1024)
-    heads = " | ".join(f"{r} rows: kernel / restore+GEMM" for r in rows_list)
-    print(f"| bits | weight [in, out] | restore ms | {heads} |")
-    print("|---" * (len(rows_list) + 3) + "|")
-    for bits in bits_list:
-        for name, (k, n) in CROSSOVER_SHAPES.items():
-            pk = packed.packed_weight(quantize(torch.randn(k, n) * 0.05, 0, QuantConfig(bits, group)))
-            wb = pk.dense(packed.STATS_DTYPE)
-            restore = best_ms({"r": lambda: pk.dense(packed.STATS_DTYPE)}, rounds=3)["r"]
-            cells = []
-            for rows in rows_list:
-                x = torch.randn(rows, k)
-                xk, xb = pk.kernel_input(x), x.to(packed.STATS_DTYPE)
-                t = best_ms({"kernel": lambda: pk.kernel(xk), "gemm": lambda: xb @ wb}, rounds=3)
-                cells.append(f"{t['kernel']:.1f} / {restore + t['gemm']:.1f}")
-            print(f"| {bits} | {name} | {restore:.1f} | {' | '.join(cells)} |", flush=True)
-
-
-LLAMA_7B_LAYER = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]  # q, k, v, o, gate, up, down
-
-
-def layer_both_ways(rows_list: list[int], bits_list: list[int], group: int) -> None:
-    """--layer: the layer's matmuls in sequence, on the kernel and restored (module docstring)."""
-    for bits in bits_list:
-        pks = [packed.packed_weight(quantize(torch.randn(k, n) * 0.02, 0, QuantConfig(bits, group)))
-               for k, n in LLAMA_7B_LAYER]
-        for rows in rows_list:
-            xs = {k: torch.randn(rows, k) for k in (4096, 11008)}
-            saved, times = packed.DENSE_ROWS[bits], {}
-            try:
-                for way, threshold in (("kernel", 1 << 30), ("restore + GEMM", 0)):
-                    packed.DENSE_ROWS[bits] = threshold
-                    runs = []
-                    for _ in range(4):  # the first warms up
-                        t = time.perf_counter()
-                        for pk in pks:
-                            packed.packed_matmul(xs[pk.shape[0]], pk)
-                        runs.append((time.perf_counter() - t) * 1e3)
-                    times[way] = runs[1:]
-            finally:
-                packed.DENSE_ROWS[bits] = saved
-            print(f"{bits} bits, {rows} rows, Llama-2-7B layer ms: "
-                  + "; ".join(f"{w} {', '.join(f'{x:.0f}' for x in v)}" for w, v in times.items()), flush=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 512])
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 8])
-    ap.add_argument("--crossover", action="store_true", help="the kernel against restore + bfloat16 GEMM by rows")
-    ap.add_argument("--layer", action="store_true", help="a Llama-2-7B layer's matmuls, on the kernel and restored")
     args = ap.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}, "
+    print(f"torch {torch.__version__}, capability {packed.kernel_capability()}, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.2f}, "
           f"group size {args.group_size}")
-    if args.crossover:
-        return crossover(args.bits, args.group_size)
-    if args.layer:
-        return layer_both_ways(args.rows, args.bits, args.group_size)
     print(f"| bits | weight [in, out] | rows | {' | '.join(c + ' ms' for c in COLUMNS)} | dense / packed |")
     print("|---" * (len(COLUMNS) + 4) + "|")
     for bits in args.bits:

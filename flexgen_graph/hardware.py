@@ -202,6 +202,9 @@ class Calibration:
     prefill_scale: float = 1.0
     threaded_share: float = 0.0
     layers: tuple[LayerCurve, ...] = ()
+    # why the profile cannot vouch for its predictions ("" when it can): its fit missed its own engine runs by more
+    # than ESTIMATE_BAND twice over; its predictions are then labelled estimates, never promises
+    estimate: str = ""
 
     CURVES = ("matmul_s_per_flop", "gpu_from_cpu_s", "cpu_from_gpu_s", "disk_read_cold_s", "disk_read_warm_s",
               "disk_write_s")
@@ -219,11 +222,15 @@ class Calibration:
         d.update({k: getattr(self, k).to_list() for k in self.CURVES})
         d.update({k: getattr(self, k) for k in self.NUMBERS})
         d["layers"] = [lc.to_dict() for lc in self.layers]
+        if self.estimate:  # absent when it vouches: a vouching profile's file (and fingerprint) as before
+            d["estimate"] = self.estimate
         return d
 
     @classmethod
     def from_dict(cls, d: Any, what: str = "calibration") -> "Calibration":
-        _exact_keys(d, {f.name for f in fields(cls)}, what)
+        _exact_keys(d, {f.name for f in fields(cls)} - ({"estimate"} if "estimate" not in d else set()), what)
+        if not isinstance(d.get("estimate", ""), str):
+            raise BadProfileError(f"{what}.estimate must be a string, got {d['estimate']!r}")
         if d["method"] not in ("curves", "fit"):
             raise BadProfileError(f"{what}.method must be 'curves' or 'fit', got {d['method']!r}")
         if not isinstance(d["page_cache_bytes"], int) or isinstance(d["page_cache_bytes"], bool) \
@@ -234,7 +241,8 @@ class Calibration:
         nums = {k: float(_finite(d[k], f"{what}.{k}", zero_ok=k not in ("compute_scale", "prefill_scale"))) for k in cls.NUMBERS}
         return cls(method=d["method"], page_cache_bytes=d["page_cache_bytes"],
                    **{k: Curve.from_list(d[k], f"{what}.{k}") for k in cls.CURVES}, **nums,
-                   layers=tuple(LayerCurve.from_dict(x, f"{what}.layers[{i}]") for i, x in enumerate(d["layers"])))
+                   layers=tuple(LayerCurve.from_dict(x, f"{what}.layers[{i}]") for i, x in enumerate(d["layers"])),
+                   estimate=d.get("estimate", ""))
 
 
 def _exact_keys(d: Any, names: set[str], what: str) -> None:
@@ -329,9 +337,10 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def machine_id(gpu_name: str = "") -> str:
-    """What identifies the machine a profile was measured on: CPU model, cores, RAM, GPU (the caller
-    names it: finding the GPU needs torch, which the core does not import)."""
+def machine_id(gpu_name: str = "", kernels: str = "") -> str:
+    """What identifies the machine a profile was measured on: CPU model, cores, RAM, GPU, and the CPU capability
+    torch dispatches its kernels for (ATEN_CPU_CAPABILITY can lower it: other kernels, other speeds). The caller
+    names the last two: finding them needs torch, which the core does not import."""
     cpu = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -342,7 +351,7 @@ def machine_id(gpu_name: str = "") -> str:
         pass
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     return (f"cpu={cpu or platform.processor() or platform.machine()}; cores={os.cpu_count()}; "
-            f"ram_gib={round(ram / GB)}; gpu={gpu_name or 'none'}")
+            f"ram_gib={round(ram / GB)}; gpu={gpu_name or 'none'}; kernels={kernels or 'unknown'}")
 
 
 def machine_mismatch(profile: HardwareProfile, here: str) -> str | None:

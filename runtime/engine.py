@@ -13,6 +13,7 @@ rows of its buffers' views; transfers move the plan's bytes (a cache record hold
 from __future__ import annotations
 
 import functools
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -109,6 +110,10 @@ class Engine:
             preflight.check(plan, Path(offload_dir), device)
             self.backend: Backend = open_backend(device, budget, Path(offload_dir), overlap)
             self.device = self.backend.device
+            if self.device.type == "cpu" and (slow := kernels.cpu_matmul_slowdown(self.dtype)) > 1.5:
+                print(f"note: {self.spec.dtype} matmuls run {slow:.0f}x slower than float32 on this CPU (capability "
+                      f"{torch.backends.cpu.get_cpu_capability()}, measured just now): --dtype float32 computes faster "
+                      "here", file=sys.stderr)
             self.bufs: dict[int, Buf | None] = {}
             self._view_memo: dict[tuple, dict[str, torch.Tensor]] = {}  # (buffer, layer) -> typed weight views
             self._allocate()

@@ -30,6 +30,31 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 ACTIVATIONS = {"relu": F.relu, "silu": F.silu}
 
 
+def cpu_matmul_slowdown(dtype: torch.dtype) -> float:
+    """How many times longer a decode-sized matmul (16 x 576 @ 576 x 576) takes in dtype than in float32 on this
+    CPU, measured now (the least of 7 calls each, after 3 to warm up; once per process): bfloat16 is fast only
+    with AVX512-BF16 or AMX, and float16 is slow on most CPUs, which a user choosing --dtype cannot see."""
+    import time
+
+    if dtype not in _SLOWDOWN:
+        def least_s(dt: torch.dtype) -> float:
+            x, w = torch.randn(16, 576, dtype=dt), torch.randn(576, 576, dtype=dt)
+            for _ in range(3):
+                x @ w
+            ts = []
+            for _ in range(7):
+                t = time.perf_counter()
+                x @ w
+                ts.append(time.perf_counter() - t)
+            return min(ts)
+        least_s(torch.float32)  # the first float32 calls of a process pay the BLAS's start-up
+        _SLOWDOWN[dtype] = least_s(dtype) / max(least_s(torch.float32), 1e-9)
+    return _SLOWDOWN[dtype]
+
+
+_SLOWDOWN: dict[torch.dtype, float] = {torch.float32: 1.0}
+
+
 def layer_views(spec: ModelSpec, layer: int, buf: torch.Tensor) -> dict[str, torch.Tensor]:
     """Typed views, one per local tensor name, into a flat uint8 layer buffer (no copies)."""
     need = spec.layer_bytes(layer)

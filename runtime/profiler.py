@@ -30,6 +30,7 @@ import mmap
 import os
 import shutil
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -84,9 +85,9 @@ def _typical_time(fn, repeats: int = 5, sync=lambda: None) -> float:
 
 
 def machine(device: torch.device | None = None) -> str:
-    """This machine's identity (flexgen_graph.hardware.machine_id) with its GPU's name."""
+    """This machine's identity (flexgen_graph.hardware.machine_id) with its GPU's name and kernels' capability."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    return machine_id(gpu)
+    return machine_id(gpu, torch.backends.cpu.get_cpu_capability().lower())
 
 
 # ---------------------------------------------------------------- scalar rates (FlexGen's constants)
@@ -261,6 +262,17 @@ def disk_curves(folder: Path) -> tuple[Curve, Curve, Curve, float, float]:
 
 
 # ---------------------------------------------------------------- curves: compute
+
+
+_STARTED = [time.perf_counter()]  # when the running measurement began (progress lines count from it)
+
+
+def progress(what: str, start: bool = False) -> None:
+    """One line on stderr as each stage of a measurement begins, with the time since it started: a profile
+    takes minutes, and a user must see that it moves and where."""
+    if start:
+        _STARTED[0] = time.perf_counter()
+    print(f"  [{time.perf_counter() - _STARTED[0]:4.0f} s] measuring {what} ...", file=sys.stderr, flush=True)
 
 
 def monotone(c: Curve) -> Curve:
@@ -708,12 +720,16 @@ def available_ram() -> int:
 
 def model_curves(spec: ModelSpec, device: torch.device) -> list[LayerCurve]:
     """A model's layer curves: dense, and on packed 4- and 8-bit weights where a plan may compute on them."""
+    progress(f"{spec.name}'s layers ({spec.dtype})")
     curves = layer_curves(spec, device)
     if device.type == "cpu":  # a pipeline's stages share this machine's cores
+        progress(f"{spec.name}'s layers with two processes sharing the cores")
         paired = paired_curves(spec)
         curves = [dataclasses.replace(c, paired_rows=paired.get(c.kind)) for c in curves]
     if device.type == "cpu" and spec.dtype == "float32":
-        curves += [c for bits in PACKED_BITS for c in packed_layer_curves(spec, device, bits)]
+        for bits in PACKED_BITS:
+            progress(f"{spec.name}'s layers on packed {bits}-bit weights (the int4 kernel, {torch.backends.cpu.get_cpu_capability()})")
+            curves += packed_layer_curves(spec, device, bits)
     return curves
 
 
@@ -723,10 +739,15 @@ def calibrate(device: torch.device, dtype: torch.dtype, folder: Path, models: li
     result when the caller has it)."""
     notes = notes if notes is not None else []
     t = time.perf_counter()
+    progress("copy curves")
     to_dev, to_host = copy_curves(device)
+    if disk is None:
+        progress("disk curves")
     cold, warm, write, _, _ = disk if disk is not None else disk_curves(folder)
+    progress("how copies and disk reads slow compute beside them")
     copy_share, disk_share, cold_share = interference(device, folder)
     layers = [c for spec in models for c in model_curves(spec, device)]
+    progress(f"the generic matmul curve ({dtype}) and the streams' hand-off")
     cal = Calibration(
         method="curves", matmul_s_per_flop=matmul_curve(device, dtype), gpu_from_cpu_s=to_dev, cpu_from_gpu_s=to_host,
         disk_read_cold_s=cold, disk_read_warm_s=warm, disk_write_s=write, op_s=0.0, handoff_s=handoff(device),
@@ -744,6 +765,7 @@ def measure(offload_dir: Path, name: str = "measured", models: list[ModelSpec] =
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     disk_free = shutil.disk_usage(offload_dir if offload_dir.exists() else offload_dir.parent).free
     cpu = torch.device("cpu")
+    progress("the CPU's matmul, memory and disk rates", start=True)
     cpu_rows, cpu_peak = min_rows(cpu, torch.float32)
     cpu_bw = memory_bandwidth(cpu)
     disk = disk_curves(offload_dir)

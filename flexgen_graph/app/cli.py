@@ -572,6 +572,9 @@ def _report(summary, args, plans, under_torchrun: bool) -> int:
     if summary.plans and plans[0].profile.calibration is None:  # a promise needs this machine's measurements
         print(f"  (profile {plans[0].profile.name} was not measured on this machine: its predictions are estimates from "
               "assumed rates, not promises; --profile auto measures it once)")
+    elif summary.plans and plans[0].profile.calibration.estimate:
+        print(f"  (profile {plans[0].profile.name} cannot vouch for itself, {plans[0].profile.calibration.estimate}: its "
+              "predictions are estimates, not promises; measure it again on a quiet machine)")
     if summary.peak_bytes:
         caps = {t: max(p.predictions["peak_bytes"][t] for p in plans) for t in ("gpu", "cpu", "disk")}
         print("peak bytes " + ", ".join(f"{t}: {summary.peak_bytes[t] / 2**20:.0f} MiB (plan {caps[t] / 2**20:.0f})"
