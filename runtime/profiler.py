@@ -55,6 +55,9 @@ DISK_TEST_BYTES = 256 << 20
 LAYER_ORDER = ("embed", "decoder", "head")  # _engine_ops' order
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 POINT_BUDGET_S = 0.25  # a curve stops growing once one call takes this long (beyond: proportional)
+# the curves that only refine a choice (packed weights, a pipeline's paired stages) stop sooner: on an AVX2 CPU the
+# int4 kernel at a prefill's rows took seconds a call, and a profile must stay within a few minutes
+SIDE_POINT_BUDGET_S = 0.08
 GROW_PASSES = 3  # a curve is measured this many times over (_grow)
 DEQUANT_CALLS = 15  # a dequantization rate is the median of this many restores
 COPY_SIZES = (1 << 12, 1 << 16, 1 << 20, 1 << 23, 1 << 26, 1 << 28)
@@ -285,8 +288,9 @@ def monotone(c: Curve) -> Curve:
     return Curve(c.xs, tuple(reversed(ys)))
 
 
-def _grow(fn, rows: tuple[int, ...] = ROWS, limit: int = ROWS[-1], sync=lambda: None) -> Curve:
-    """fn(rows) timed at growing rows until one call takes POINT_BUDGET_S or rows pass limit, GROW_PASSES times
+def _grow(fn, rows: tuple[int, ...] = ROWS, limit: int = ROWS[-1], sync=lambda: None,
+          budget_s: float = POINT_BUDGET_S) -> Curve:
+    """fn(rows) timed at growing rows until one call takes budget_s or rows pass limit, GROW_PASSES times
     over; each point the median of its passes (then made monotone): a few seconds of another job's work on the
     cores slow one pass's points, not the curve."""
     passes = []
@@ -296,7 +300,7 @@ def _grow(fn, rows: tuple[int, ...] = ROWS, limit: int = ROWS[-1], sync=lambda: 
             if r > limit:
                 break
             ys.append(_typical_time(lambda: fn(r), sync=sync))
-            if ys[-1] > POINT_BUDGET_S:
+            if ys[-1] > budget_s:
                 break
         passes.append(ys)
     n = min(len(ys) for ys in passes)  # the points every pass reached
@@ -504,7 +508,8 @@ def packed_layer_curves(spec: ModelSpec, device: torch.device, bits: int = 4) ->
         n = _rotation(first.numel())
         return [packed_layer_views(spec, layer, b, cfg) for b in [first] + [first.clone() for _ in range(n - 1)]]
     ops = _engine_ops(spec, copies(0), copies(1), copies(n_layers - 1), device)
-    return [LayerCurve(f"{kind}{packed_suffix(bits)}", spec.layer_bytes(j), spec.name, _grow(fn))
+    return [LayerCurve(f"{kind}{packed_suffix(bits)}", spec.layer_bytes(j), spec.name,
+                       _grow(fn, budget_s=SIDE_POINT_BUDGET_S))
             for (kind, j), fn in zip((("embed", 0), ("decoder", 1), ("head", n_layers - 1)), ops)]
 
 
@@ -576,7 +581,7 @@ def paired_curves(spec: ModelSpec, cores: int | None = None) -> dict[str, Curve]
                         now[0] = r
                     fn(r)
                 return at
-            return {kind: _grow(beside_twins(fn)) for kind, fn in zip(LAYER_ORDER, ops)}
+            return {kind: _grow(beside_twins(fn), budget_s=SIDE_POINT_BUDGET_S) for kind, fn in zip(LAYER_ORDER, ops)}
         finally:
             flags[0] = -1
             for t in twins:

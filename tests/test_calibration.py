@@ -495,11 +495,15 @@ def test_a_fit_that_misses_its_own_runs_is_timed_again_then_saved_as_an_estimate
     ys = [calibrate.fitted(r, FIT_TRUTH) for r in FIT_ROWS]
     if noise is not None:
         ys[0] *= noise
-    labels = [f"run {i}" for i in range(len(ys))]
     rounds = []
+
+    def runs(spec, prof, store, which, again=False):  # the fake runs: FIT_ROWS two at a time, as the engine's
+        rounds.append(which)
+        return {i: ([(FIT_ROWS[j], ys[j], f"run {j}") for j in (2 * i, 2 * i + 1)], []) for i in which}
+    monkeypatch.setattr(calibrate, "FIT_RUNS", [None] * (len(FIT_ROWS) // 2))
     monkeypatch.setattr(calibrate, "for_models", lambda prof, specs, notes=None: prof)
     monkeypatch.setattr(models, "open_store", lambda *a, **k: None)
-    monkeypatch.setattr(calibrate, "_fit_runs", lambda *a: rounds.append(1) or (FIT_ROWS, ys, labels, []))
+    monkeypatch.setattr(calibrate, "_fit_runs", runs)
     notes: list[str] = []
     prof = calibrate.fit(calibrated(), notes)
     est = prof.calibration.estimate
@@ -507,6 +511,7 @@ def test_a_fit_that_misses_its_own_runs_is_timed_again_then_saved_as_an_estimate
         assert len(rounds) == 1 and est == "" and "estimate" not in prof.calibration.to_dict()
     else:
         assert len(rounds) == 2 and "run 0" in est and any("estimate, not a promise" in n for n in notes)
+        assert 0 in rounds[1] and len(rounds[1]) < len(rounds[0]), "the second round times the runs that missed"
     save_profile(prof, tmp_path / "p.json")
     assert load_profile(str(tmp_path / "p.json")).calibration.estimate == est
 

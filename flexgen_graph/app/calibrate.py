@@ -221,55 +221,63 @@ def _time(plan, store, prompts: list[list[int]], repeats: int = 2,
 ESTIMATE_BAND = 0.15  # a fit whose worst run is further than this from its fitted time cannot vouch for itself
 
 
-def _fit_runs(spec: ModelSpec, profile: HardwareProfile, store, round_: str = ""):
-    """FIT_RUNS timed on the engine: their feature rows, measured seconds, labels, and the interpreter's seconds
-    per op outside the handlers in the runs that move nothing."""
+def _fit_runs(spec: ModelSpec, profile: HardwareProfile, store, which: list[int], again: bool = False) -> dict:
+    """FIT_RUNS[i] for i in which, timed on the engine: per run, its two phases' (feature row, measured seconds,
+    label) and the interpreter's seconds per op outside the handlers where it moves nothing."""
     from flexgen_graph.app.api import compile_plan
     from runtime.profiler import progress
 
-    rows, ys, labels, per_op = [], [], [], []
-    rng = random.Random(0)
-    for i, (label, b, nb, fixed) in enumerate(FIT_RUNS):
-        progress(f"engine run {i + 1} of {len(FIT_RUNS)} for the fit{round_} ({label})")
+    out = {}
+    for n, i in enumerate(which):
+        label, b, nb, fixed = FIT_RUNS[i]
+        progress(f"engine run {n + 1} of {len(which)} for the fit{', again' if again else ''} ({label})")
         fixed = dict(fixed)
         cold = fixed.pop("cold", False)  # weight reads evicted from the page cache: cold ones
         plan = compile_plan(spec, profile, FIT_WORKLOAD, gpu_batch_size=b, num_gpu_batches=nb, fixed=fixed,
                             weights_source="dummy:0")
+        rng = random.Random(i)
         prompts = [[rng.randrange(3, spec.vocab) for _ in range(FIT_WORKLOAD.prompt_len)] for _ in range(b * nb)]
-        (measured, outside), feats = _time(plan, store, prompts, cold=cold), features(plan, "cold" if cold else None)
+        measured, outside = _time(plan, store, prompts, cold=cold)
+        feats = features(plan, "cold" if cold else None)
+        points, per_op = [], []
         for ph in (Phase.PREFILL, Phase.DECODE):
-            rows.append([feats[ph][f] for f in FEATURES])
-            ys.append(measured[ph])
-            labels.append(f"{label}, {ph.value}")
-            if not any(rows[-1][STILL:]) and feats[ph]["ops"]:  # every op inline: the rest is the interpreter's
+            row = [feats[ph][f] for f in FEATURES]
+            points.append((row, measured[ph], f"{label}, {ph.value}"))
+            if not any(row[STILL:]) and feats[ph]["ops"]:  # every op inline: the rest is the interpreter's
                 per_op.append(outside[ph] / feats[ph]["ops"])
-    return rows, ys, labels, per_op
+        out[i] = (points, per_op)
+    return out
 
 
 def fit(profile: HardwareProfile, notes: list[str], cache_dir: Path | None = None) -> HardwareProfile:
     """The profile with its calibration's interaction constants fitted to FIT_RUNS (method "fit"). A fit that
-    misses one of its own runs by more than ESTIMATE_BAND (or holds a scale at its bound) times the runs again;
-    missing again, the profile is saved marked as an estimate (Calibration.estimate), never as a promise."""
+    misses one of its own runs by more than ESTIMATE_BAND (or holds a scale at its bound) times those runs again
+    (all of them for a scale) and fits once more; still missing, the profile is saved marked as an estimate
+    (Calibration.estimate), never as a promise."""
     from flexgen_graph.app.models import default_cache_dir, open_store
 
     spec = catalog_spec(DEFAULT_MODEL)
     profile = for_models(profile, [spec], notes)
     store = open_store("dummy:0", spec, cache_dir or default_cache_dir())
+    runs = _fit_runs(spec, profile, store, list(range(len(FIT_RUNS))))
     for attempt in (1, 2):
-        rows, ys, labels, per_op = _fit_runs(spec, profile, store, "" if attempt == 1 else ", again")
+        points = [p for i in sorted(runs) for p in runs[i][0]]
+        rows, ys, labels = (list(t) for t in zip(*points))
         # the cost per op stays fitted: measured instead (the interpreter's time outside its handlers), the
         # constants were steadier but predicted other runs no better (bench/fit_stability.py); the note shows both
         x = fit_constants(rows, ys)
-        worst = max(zip(labels, ys, (fitted(r, x) for r in rows)), key=lambda t: abs(t[2] / t[1] - 1))
-        ratio = worst[2] / worst[1]
-        poor = [w for w, bad in ((f"compute scale x{x[0]:.2f} at its bound", x[0] in SCALE_RANGE),
-                                 (f"prefill scale x{x[1]:.2f} at its bound", x[1] in SCALE_RANGE),
-                                 (f"{worst[0]} predicted / measured {ratio:.2f}", abs(ratio - 1) > ESTIMATE_BAND))
-                if bad]
-        if not poor:
+        ratios = [fitted(r, x) / y for r, y in zip(rows, ys)]
+        w = max(range(len(ys)), key=lambda j: abs(ratios[j] - 1))
+        bounded = [f"{what} scale x{v:.2f} at its bound" for what, v in (("compute", x[0]), ("prefill", x[1]))
+                   if v in SCALE_RANGE]
+        missed = [j // 2 for j in range(len(ys)) if abs(ratios[j] - 1) > ESTIMATE_BAND]  # 2 points a run
+        poor = bounded + ([f"{labels[w]} predicted / measured {ratios[w]:.2f}"] if missed else [])
+        if not poor or attempt == 2:
             break
-        notes.append(f"the fit misses its own runs ({'; '.join(poor)})"
-                     + (": timing them again" if attempt == 1 else ""))
+        notes.append(f"the fit misses its own runs ({'; '.join(poor)}): timing "
+                     + ("them all" if bounded else "those") + " again")
+        runs.update(_fit_runs(spec, profile, store, sorted(set(range(len(FIT_RUNS)) if bounded else missed)), True))
+    per_op = [v for i in sorted(runs) for v in runs[i][1]]
     outside_s = statistics.median(per_op) if per_op else 0.0
     scale = x[0]
     cal = dataclasses.replace(profile.calibration, method="fit", compute_scale=scale, prefill_scale=x[1] / scale,
@@ -280,8 +288,8 @@ def fit(profile: HardwareProfile, notes: list[str], cache_dir: Path | None = Non
                  f"{x[2] * 1e6:.0f} us per op ({outside_s * 1e6:.0f} of them outside the op handlers), "
                  f"hand-off {cal.handoff_s * 1e6:.0f} us per op, threaded compute x{1 + cal.threaded_share:.2f}, "
                  f"compute loses {cal.copy_share:.2f} s per s of copy"
-                 f", {cal.disk_share:.2f} per s of warm and {cal.cold_disk_share:.2f} per s of cold disk read; worst fitted point {worst[0]}: predicted / measured "
-                 f"{ratio:.2f}")
+                 f", {cal.disk_share:.2f} per s of warm and {cal.cold_disk_share:.2f} per s of cold disk read; worst fitted point {labels[w]}: predicted / measured "
+                 f"{ratios[w]:.2f}")
     if poor:
         notes.append(f"this profile is an estimate, not a promise: {cal.estimate}; other jobs were probably running, "
                      "measure again on a quiet machine")
