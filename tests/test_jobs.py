@@ -193,3 +193,62 @@ def test_sigkill_mid_run_then_resume_gives_each_id_once(smollm2_store, tmp_path)
     want = {r["id"]: r["text"] for r in map(json.loads, ref.read_text().splitlines())}
     assert sorted(r["id"] for r in got) == sorted(want)  # each id exactly once
     assert {r["id"]: r["text"] for r in got} == want
+
+
+# strings of any code points, lone surrogates (which st.text never draws) as often as the rest
+ANY_TEXT = st.lists(st.one_of(st.sampled_from(["\ud800", "\udbff", "\udc00", "\udfff"]),
+                              st.characters(blacklist_categories=())), max_size=3).map("".join)
+
+
+@settings(max_examples=12, deadline=None)
+@given(ids=st.lists(ANY_TEXT, min_size=1, max_size=4), extra=ANY_TEXT)
+def test_any_code_point_in_a_line_gets_one_answer_or_one_error_on_every_run(tiny_store, tmp_path_factory, ids, extra):
+    """Ids and strings of any code points (a lone surrogate is valid JSON, not Unicode): each line gets exactly
+    one answer or one error record, on the first run and on a re-run; nothing crashes writing a record."""
+    d = tmp_path_factory.mktemp("unicode")
+    inp, out = d / "in.jsonl", d / "out.jsonl"
+    write_lines(inp, [{"id": rid, "prompt_ids": [3 + i, 4], "stop": [extra] if extra else []}
+                      for i, rid in enumerate(ids)])
+    for _ in range(2):
+        s = run_tiny(tiny_store, inp, out, tiny_plans(tiny_store))
+        answers = [json.loads(x) for x in out.read_bytes().splitlines()]
+        errs = errors_of(out)
+        assert len({json.dumps(a["id"]) for a in answers}) + len(errs) == len(ids)
+        assert s.errors == len(errs)
+
+
+def test_a_lone_surrogate_is_refused_naming_where_and_the_rest_answered(tiny_store, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"id": "ok", "prompt_ids": [3, 4]}\n{"id": "s", "prompt_ids": [5], "stop": ["a\\ud800"]}\n'
+                   '{"id": "bad \\udfff id", "prompt_ids": [6]}\n')
+    for _ in range(2):  # the same on a re-run: never a crash that every re-run repeats
+        s = run_tiny(tiny_store, inp, out, tiny_plans(tiny_store))
+        assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["ok"]
+        e = {x.get("id", x["line"]): x["error"] for x in errors_of(out)}
+        assert e == {"s": "line 2: stop[0] holds a lone surrogate (a\\ud800), which is not Unicode",
+                     3: "line 3: id holds a lone surrogate (bad \\udfff id), which is not Unicode"}, e
+        assert s.errors == 2
+
+
+@pytest.mark.parametrize("last,kept", [("last line no newline", True), ('{"id": 1, "text": nu', False)])
+def test_only_a_torn_record_of_ours_is_cut_from_the_output(tiny_store, tmp_path, capsys, last, kept):
+    """An unterminated last line is cut only when it is the start of a record this program writes and no whole
+    JSON value; anything else is kept (a newline added after it) and named as not an answer."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(inp, [{"id": i, "prompt_ids": [3 + i, 4]} for i in range(2)])
+    out.write_text(last)
+    run_tiny(tiny_store, inp, out, tiny_plans(tiny_store))
+    lines = out.read_text().splitlines()
+    assert (lines[0] == last) == kept and len(lines) == 2 + kept
+    assert sorted(json.loads(x)["id"] for x in lines[kept:]) == [0, 1]
+    assert ("added one" if kept else "cut off a torn last line") in capsys.readouterr().err
+
+
+def test_a_whole_answer_without_a_final_newline_counts_as_done(tiny_store, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(inp, [{"id": i, "prompt_ids": [3 + i, 4]} for i in range(3)])
+    run_tiny(tiny_store, inp, out, tiny_plans(tiny_store))
+    whole = out.read_text()
+    out.write_text(whole.rstrip("\n"))
+    again = run_tiny(tiny_store, inp, out, tiny_plans(tiny_store))
+    assert again.skipped == 3 and again.prompts == 0 and out.read_text() == whole

@@ -97,6 +97,8 @@ def test_given_plans_are_routed_and_a_prompt_no_plan_takes_is_refused(tiny, tmp_
     ("text", "prompt 1: these weights come without a tokenizer"),
     ([{"role": "user"}], "prompt 1: chat messages must be"),
     (3.5, "prompt 1: expected a string, a list of chat messages or a list of token ids"),
+    ([4, 5.0], r"prompt 1: token ids must be integers, got 5.0 \(float\)"),
+    ([4, True], r"prompt 1: token ids must be integers, got True \(bool\)"),
     ([5] * 60, "prompt 1 has 60 tokens and max_tokens 8: longer than"),
 ])
 def test_bad_prompts_are_named_before_anything_runs(tiny, prompt, msg):
@@ -107,7 +109,49 @@ def test_bad_prompts_are_named_before_anything_runs(tiny, prompt, msg):
         assert llm._engines.opened == []
 
 
+def test_calls_that_cannot_mean_anything_are_refused_in_one_line(tiny):
+    _, folder, cache = tiny
+    llm = LLM(str(folder), profile="cpu-small", cache_dir=cache)
+    with pytest.raises(UserError, match="generate: prompts must be .* got int"):
+        llm.generate(5, progress=False)
+    with pytest.raises(UserError, match=r"sampling: give one SamplingParams or one per prompt \(1\), got dict"):
+        llm.generate([[4, 5]], {"max_tokens": 2}, progress=False)
+    assert len(llm.generate([[4, 5]], SamplingParams(max_tokens=2), progress=False)) == 1
+    llm.close()
+    for call in (lambda: llm.generate([[4, 5]], progress=False), lambda: llm.score([[4]], [[5]], progress=False)):
+        with pytest.raises(UserError, match="this LLM was closed"):
+            call()
+
+
+def test_two_threads_on_one_llm_each_get_their_own_answers(tiny):
+    """One engine computes one call at a time: concurrent calls wait their turn, and each thread gets exactly
+    what it would alone (they once interleaved blocks on the engine: a crash in one, a wrong answer in the other)."""
+    import threading
+    model, folder, cache = tiny
+    ps = prompts(model.config.vocab_size)
+    with LLM(str(folder), profile="cpu-small", cache_dir=cache, max_block_size=2) as llm:
+        alone = [llm.generate(ps[i::2], SamplingParams(max_tokens=5), progress=False) for i in (0, 1)]
+        got, errors = [None, None], []
+
+        def call(i: int) -> None:
+            try:
+                got[i] = llm.generate(ps[i::2], SamplingParams(max_tokens=5), progress=False)
+            except BaseException as e:  # noqa: BLE001 (the test reports it)
+                errors.append(e)
+        threads = [threading.Thread(target=call, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+    assert [[o.token_ids for o in g] for g in got] == [[o.token_ids for o in a] for a in alone]
+
+
 def test_sampling_params_are_checked():
+    for seed in (-1, 2 ** 64):
+        with pytest.raises(UserError, match=r"seed must be in \[0, 2\*\*64\)"):
+            SamplingParams(seed=seed)
+    assert SamplingParams(seed=2 ** 64 - 1).seed == 2 ** 64 - 1
     with pytest.raises(UserError, match="top_p"):
         SamplingParams(top_p=0)
     with pytest.raises(UserError, match="max_tokens"):

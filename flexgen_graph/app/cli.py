@@ -67,6 +67,17 @@ def _positive(s: str) -> int:
     return n
 
 
+def _seed(s: str) -> int:
+    """A run seed as input lines take theirs: a whole number in [0, 2**64)."""
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
+    if not 0 <= n < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64), got {n}")
+    return n
+
+
 def _version() -> str:
     from flexgen_graph import __version__
 
@@ -168,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--show", action="store_true", help="print each answer as its block finishes")
     r.add_argument("--temperature", type=float, default=0.0, help="default for lines without one (0: greedy)")
     r.add_argument("--top-p", type=float, default=1.0, help="default nucleus mass for lines without one")
-    r.add_argument("--seed", type=int, default=0, help="run seed; a line's own seed wins")
+    r.add_argument("--seed", type=_seed, default=0, help="run seed; a line's own seed wins")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA when the plan's profile has a GPU and one is visible, else the CPU backend")
     r.add_argument("--offload-dir", help="folder for disk-tier scratch files (default: a temporary folder)")

@@ -183,6 +183,16 @@ def done_keys(data: bytes) -> set[str]:
     return done
 
 
+def _torn_record(tail: bytes) -> bool:
+    """Whether an output's unterminated last line is a record this program began and did not finish: its start
+    (every record, native or OpenAI's, opens with an "id" key) and no whole JSON value. Only such bytes are cut."""
+    try:
+        json.loads(tail)
+        return False
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return tail.startswith(b'{"id": ')
+
+
 def _not_an_answer(raw: bytes) -> str:
     """Why an output line is not an answer record (for the warning that names it)."""
     try:
@@ -302,11 +312,46 @@ def vocab_error(ids, vocab: int | None) -> str | None:
     return None
 
 
+def _surrogate(x: Any, where: str = "") -> tuple[str, str] | None:
+    """(where, the string) of the first string in a parsed JSON value holding a lone surrogate (a \\ud800 escape
+    JSON allows but Unicode does not: no tokenizer or UTF-8 writer takes it), or None."""
+    if isinstance(x, str):
+        try:
+            x.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "the line", x
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            if bad := _surrogate(k, f"a key of {where or 'the line'}") or _surrogate(v, f"{where}.{k}" if where else k):
+                return bad
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            if bad := _surrogate(v, f"{where}[{i}]"):
+                return bad
+    return None
+
+
+def surrogate_error(text: str, lineno: int) -> LineError | None:
+    """A line whose JSON holds a lone surrogate, refused naming where (with its id when the id is clean)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return None  # the format's parser names it
+    if (bad := _surrogate(obj)) is None:
+        return None
+    where, s = bad
+    msg = f"line {lineno}: {where} holds a lone surrogate ({ascii(s)[1:-1][:60]}), which is not Unicode"
+    rid = openai_batch.line_id(obj) if isinstance(obj, dict) else None
+    return LineError(lineno, msg, rid, True) if _usable_id(rid) and _surrogate(rid) is None else LineError(lineno, msg)
+
+
 def _parse(text: str | LineError, lineno: int, tokenizer, defaults: Sampling, vocab: int | None,
            fmt) -> Request | LineError:
     """A decoded input line as the format reads it (a line that is not UTF-8 stays its LineError)."""
     if isinstance(text, LineError):
         return text
+    if (bad := surrogate_error(text, lineno)) is not None:
+        return bad
     return (fmt.parse if fmt is not None else parse_line)(text, lineno, tokenizer, defaults, vocab)
 
 
@@ -448,11 +493,16 @@ class OutputFile:
         if path.exists():
             data = path.read_bytes()
             cut = data.rfind(b"\n") + 1
-            if cut < len(data):
+            if cut < len(data) and _torn_record(data[cut:]):
                 with open(path, "r+b") as f:
                     f.truncate(cut)
                 print(f"note: {path}: cut off a torn last line ({len(data) - cut} bytes) that an interrupted run "
                       "left", file=sys.stderr)
+            elif cut < len(data):  # a whole line, or someone else's bytes: kept, ended so the next record starts anew
+                with open(path, "ab") as f:
+                    f.write(b"\n")
+                data, cut = data + b"\n", len(data) + 1
+                print(f"note: {path}: its last line had no final newline; kept it and added one", file=sys.stderr)
             for n, raw in enumerate(data[:cut].split(b"\n")[:-1], 1):
                 try:
                     key = answer_key(json.loads(raw))

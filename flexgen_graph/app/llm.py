@@ -25,6 +25,7 @@ stays open until `close()`.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -70,6 +71,9 @@ class SamplingParams:
             raise UserError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if self.seed is not None and type(self.seed) is not int:
             raise UserError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None:
+            from flexgen_graph.app.jobs import check_seed
+            check_seed(self.seed, "seed")  # [0, 2**64), as the CLI and input lines take it
         self.runtime(0)  # temperature and top_p are checked where they are used
 
     def runtime(self, index: int):
@@ -78,6 +82,15 @@ class SamplingParams:
         from runtime.sampling import Sampling
 
         return Sampling(self.temperature, self.top_p, self.seed if self.seed is not None else default_seed(0, index))
+
+
+def _unicode(text: str, what: str) -> None:
+    """Refuse text no tokenizer can take: a lone surrogate (a \\ud800 escape) is not Unicode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{what}: a lone surrogate at character {e.start} ({ascii(text[e.start])}), which is not "
+                        "Unicode") from None
 
 
 class LLM:
@@ -129,11 +142,21 @@ class LLM:
         self.store = open_store(source, self.spec, self.cache_dir)
         self.tokenizer = load_tokenizer(self.store.path)
         self._engines = Engines(self._open_engine)
+        self._lock, self._closed = threading.RLock(), False
 
     # -- context manager -------------------------------------------------------------------------------
     def close(self) -> None:
-        """Close the open engine (its buffers and scratch files go)."""
-        self._engines.close()
+        """Close the open engine (its buffers and scratch files go); later calls are refused."""
+        with self._lock:
+            self._closed = True
+            self._engines.close()
+
+    def _open(self, what: str):
+        """The call lock, held for the whole call: one engine computes one call at a time (two threads
+        interleaving blocks on it answered wrongly), so a second thread's call waits its turn."""
+        if self._closed:
+            raise UserError(f"{what}: this LLM was closed; make a new one")
+        return self._lock
 
     def __enter__(self) -> "LLM":
         return self
@@ -146,8 +169,15 @@ class LLM:
                  *, progress: Any = True) -> list[Output]:
         """One Output per prompt, in order. sampling: one SamplingParams for all prompts or one per prompt
         (default: greedy, 16 tokens). progress: show a bar, or anything with update(n) to report to."""
+        with self._open("generate"):
+            return self._generate(prompts, sampling, progress)
+
+    def _generate(self, prompts, sampling, progress) -> list[Output]:
         if isinstance(prompts, str):
             prompts = [prompts]
+        if not isinstance(prompts, Sequence):
+            raise UserError(f"generate: prompts must be a string, a chat or token-id list, or a list of them, "
+                            f"got {type(prompts).__name__}")
         prompts = list(prompts)
         params = self._params(sampling, len(prompts))
         reqs = [Request(i, self.prompt_ids(p, i), s.max_tokens, s.runtime(i), stop=self._stops(s, i))
@@ -176,6 +206,10 @@ class LLM:
     def score_tokens(self, contexts: Sequence[str | Sequence[int]], continuations: Sequence[str | Sequence[int]], *,
                      progress: Any = True) -> list[Any]:
         """Per continuation token, its log-probability and greedy flag (runtime.driver.Scored), in order."""
+        with self._open("score"):
+            return self._score_tokens(contexts, continuations, progress)
+
+    def _score_tokens(self, contexts, continuations, progress) -> list[Any]:
         contexts, continuations = list(contexts), list(continuations)
         if len(contexts) != len(continuations):
             raise UserError(f"score: {len(contexts)} contexts but {len(continuations)} continuations")
@@ -211,13 +245,19 @@ class LLM:
         """A prompt's token ids: a string tokenized, a chat message list through the chat template, token
         ids checked against the vocabulary."""
         if isinstance(prompt, str):
+            _unicode(prompt, f"prompt {index}")
             ids = encode(self._tokenizer(index), prompt)
         elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
             if not all(isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt):
                 raise UserError(f"prompt {index}: chat messages must be {{\"role\": str, \"content\": str}} objects")
+            for j, m in enumerate(prompt):
+                _unicode(m["content"], f"prompt {index}, message {j}")
             ids = encode(self._tokenizer(index), list(prompt))
         elif isinstance(prompt, Sequence) and all(type(t) is int for t in prompt):
             ids = self._in_vocab(prompt, f"prompt {index}: token id")
+        elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
+            bad = next(t for t in prompt if type(t) is not int)
+            raise UserError(f"prompt {index}: token ids must be integers, got {bad!r} ({type(bad).__name__})")
         else:
             raise UserError(f"prompt {index}: expected a string, a list of chat messages or a list of token ids, "
                             f"got {type(prompt).__name__}")
@@ -247,6 +287,8 @@ class LLM:
             return [SamplingParams()] * n
         if isinstance(sampling, SamplingParams):
             return [sampling] * n
+        if not isinstance(sampling, Sequence):
+            raise UserError(f"sampling: give one SamplingParams or one per prompt ({n}), got {type(sampling).__name__}")
         params = list(sampling)
         if len(params) != n or not all(isinstance(s, SamplingParams) for s in params):
             raise UserError(f"sampling: give one SamplingParams or one per prompt ({n}), got {len(params)} items")
