@@ -57,6 +57,29 @@ def need_space(folder: Path, nbytes: int, what: str) -> None:
         raise DiskFullError(folder, nbytes - free, f"{what} needs {nbytes} bytes, {free} are free")
 
 
+def remove_stale_tmp(folder: Path) -> list[Path]:
+    """Remove the temporary files (atomic_file's PATH.tmp-PID) that a killed process left in folder: those whose
+    process is gone (a live one may still be writing its own). Returns what was removed."""
+    gone = []
+    for tmp in folder.glob("*.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        gone.append(tmp)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextmanager
 def atomic_file(path: Path, nbytes: int | None = None) -> Iterator[BinaryIO]:
     """A file written under a temporary name and renamed over path once whole; on any failure the

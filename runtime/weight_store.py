@@ -35,7 +35,7 @@ from tqdm import tqdm
 from flexgen_graph.errors import UserError
 from flexgen_graph.spec import ModelSpec, TensorSlot, spec_from_config
 from runtime.backend import read_file_into
-from runtime.integrity import atomic_file, checksum, digest, file_checksum, hasher, need_space
+from runtime.integrity import atomic_file, checksum, digest, file_checksum, hasher, need_space, remove_stale_tmp
 from runtime.kernels import TORCH_DTYPES, layer_views
 
 FORMAT = "flexgen-graph-weights"
@@ -281,6 +281,7 @@ def write_store(spec: ModelSpec, dest: str | os.PathLike, source: str,
     dest = Path(dest)
     (dest / MANIFEST).unlink(missing_ok=True)  # the store is incomplete until the new manifest lands
     (dest / "tensors").mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(dest / "tensors")  # what an import killed mid-file left (kill -9: no clean-up ran)
     layout = [(layer, slot) for layer in range(spec.num_graph_layers) for slot in spec.layer_layout(layer)]
     there = sum(f.stat().st_size for f in (dest / "tensors").glob("*.bin"))  # replaced as we go
     need_space(dest, sum(slot.nbytes for _, slot in layout) - there, f"importing {spec.name} into {dest}")

@@ -253,3 +253,21 @@ def test_the_step_plot_keeps_its_legend_off_the_lanes_gives_each_op_kind_a_colou
 def test_console_entry_with_no_arguments_exits_0_with_usage():
     out = subprocess.run([sys.executable, "-m", "flexgen_graph"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "usage: flexgen-graph" in out.stdout and not out.stderr
+
+
+def test_an_input_that_is_not_a_file_is_named_for_what_it_is(tmp_path, capsys):
+    import os
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for given, why in (("-", "standard input is not read"), (str(tmp_path), "is a folder"),
+                       (str(fifo), "is not a regular file (a pipe or a device"), (str(tmp_path / "no"), "no such file")):
+        assert main(["run", "--input", given, "--output", str(tmp_path / "o.jsonl")]) == 2
+        assert why in one_line_error(capsys), given
+
+
+def test_an_unknown_profile_lists_every_name_run_takes(tmp_path, capsys):
+    inp = tmp_path / "in.jsonl"
+    write_lines(inp, [{"id": 0, "prompt_ids": [3]}])
+    assert main(["run", "--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--profile", "nope"]) == 2
+    err = one_line_error(capsys)
+    assert "unknown profile 'nope'" in err and "local, auto" in err and "cpu-small" in err

@@ -252,3 +252,27 @@ def test_a_whole_answer_without_a_final_newline_counts_as_done(tiny_store, tmp_p
     out.write_text(whole.rstrip("\n"))
     again = run_tiny(tiny_store, inp, out, tiny_plans(tiny_store))
     assert again.skipped == 3 and again.prompts == 0 and out.read_text() == whole
+
+
+@pytest.mark.parametrize("msgs,why", [
+    ([{"role": "wizard", "content": "hi"}], "messages[0].role 'wizard' not supported (known: system, developer"),
+    ([{"role": "user", "content": "hi"}, {"role": "user", "content": "x", "name": "n"}],
+     "messages[1]: field(s) ['name'] not supported"),
+    ([{"role": "user", "content": 5}], "messages[0].content must be a string, got int"),
+    ([], "messages must be a non-empty list"),
+])
+def test_a_chat_a_template_cannot_take_is_refused_naming_the_message(msgs, why):
+    from flexgen_graph.app.jobs import parse_line
+    got = parse_line(json.dumps({"id": "c", "messages": msgs}), 1, tokenizer=object())
+    assert why in got.message, got.message
+
+
+def test_stale_temporary_files_of_a_killed_import_are_removed_and_a_live_ones_kept(tmp_path):
+    from runtime.integrity import remove_stale_tmp
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, live = tmp_path / f"a.bin.tmp-{dead.pid}", tmp_path / f"b.bin.tmp-{os.getpid()}"
+    for f in (stale, live, tmp_path / "c.bin"):
+        f.write_bytes(b"x")
+    assert remove_stale_tmp(tmp_path) == [stale]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["b.bin.tmp-" + str(os.getpid()), "c.bin"]

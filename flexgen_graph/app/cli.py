@@ -355,6 +355,14 @@ def _check_files(args) -> None:
     from flexgen_graph.app.jobs import refuse_input_as_output
 
     in_path = Path(args.input)
+    if args.input == "-":
+        raise UserError("--input -: standard input is not read (a resumed run must read the same lines again); "
+                        "give a file")
+    if in_path.is_dir():
+        raise UserError(f"--input {in_path} is a folder; give a JSONL file")
+    if in_path.exists() and not in_path.is_file():
+        raise UserError(f"--input {in_path} is not a regular file (a pipe or a device: a resumed run could not read "
+                        "it again); give a JSONL file")
     if not in_path.is_file():
         raise UserError(f"--input {in_path}: no such file")
     if args.output:

@@ -287,15 +287,31 @@ def parse_line(line: str, lineno: int, tokenizer, defaults: Sampling = Sampling(
         ids = encode(tokenizer, obj["prompt"])
     else:
         msgs = obj["messages"]
-        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                        and isinstance(m.get("content"), str) for m in msgs)):
-            return err("messages must be a non-empty list of {\"role\": str, \"content\": str} objects")
-        ids = encode(tokenizer, msgs)
+        if (bad := messages_error(msgs)) is not None:
+            return err(bad)
+        ids = encode(tokenizer, [{"role": openai_batch.ROLES[m["role"]], "content": m["content"]} for m in msgs])
     if not ids:
         return err("empty prompt")
     if (bad := vocab_error(ids, vocab)) is not None:
         return err(bad)
     return Request(rid, tuple(ids), max_tokens, sampling, lineno, stop=tuple(stop))
+
+
+def messages_error(msgs: Any) -> str | None:
+    """Why a native line's "messages" cannot be a chat (None when it can), naming the message: each is exactly
+    {"role", "content"}, its role one the chat templates know, its content a string."""
+    if not (isinstance(msgs, list) and msgs):
+        return "messages must be a non-empty list of {\"role\": str, \"content\": str} objects"
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            return f"messages[{i}] must be an object {{\"role\": str, \"content\": str}}, got {type(m).__name__}"
+        if extra := sorted(set(m) - {"role", "content"}):
+            return f"messages[{i}]: field(s) {extra} not supported (only role and content)"
+        if m.get("role") not in openai_batch.ROLES:
+            return f"messages[{i}].role {m.get('role')!r} not supported (known: {', '.join(openai_batch.ROLES)})"
+        if not isinstance(m.get("content"), str):
+            return f"messages[{i}].content must be a string, got {type(m.get('content')).__name__}"
+    return None
 
 
 def check_seed(seed: int, name: str) -> int:

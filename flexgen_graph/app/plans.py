@@ -46,6 +46,11 @@ def profile_for(name: str | None, offload_dir: Path | None = None, models=(), he
         # measure once, then reuse: a profile is a property of the machine, not of the job
         return auto_profile(default_cache_dir() / "profile.json", offload_dir or Path.cwd(), list(models))
     if name != "local":
+        from flexgen_graph.hardware import BUILTIN_PROFILES, BadProfileError
+
+        if name not in BUILTIN_PROFILES and not Path(name).is_file():
+            raise BadProfileError(f"unknown profile {name!r}: not local, auto, a builtin "
+                                  f"({', '.join(BUILTIN_PROFILES)}) nor a file")
         prof = load_profile(name)
         if here:
             from flexgen_graph.app.calibrate import check_machine
