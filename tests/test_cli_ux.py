@@ -271,3 +271,14 @@ def test_an_unknown_profile_lists_every_name_run_takes(tmp_path, capsys):
     assert main(["run", "--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--profile", "nope"]) == 2
     err = one_line_error(capsys)
     assert "unknown profile 'nope'" in err and "local, auto" in err and "cpu-small" in err
+
+
+def test_a_cache_dir_that_cannot_take_files_is_refused_before_any_work(tmp_path, capsys):
+    inp, afile = tmp_path / "in.jsonl", tmp_path / "a-file"
+    write_lines(inp, [{"id": 0, "prompt_ids": [3]}])
+    afile.write_text("x")
+    assert main(["run", "--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--cache-dir", str(afile)]) == 2
+    assert f"--cache-dir {afile} is a file, not a folder" in one_line_error(capsys)
+    under = afile / "sub"  # a folder that cannot be made (its parent is a file)
+    assert main(["run", "--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--cache-dir", str(under)]) == 2
+    assert f"--cache-dir {under} cannot take files" in one_line_error(capsys)

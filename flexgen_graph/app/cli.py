@@ -437,6 +437,21 @@ def _run(args, plans=None, shard=None, shard_lock=None, pipeline=None) -> int:
     return _report(summary, args, setup.plans, bool(shard or pipeline))
 
 
+def _check_cache_dir(cache_dir: Path) -> None:
+    """The cache folder can take files, found before any import or conversion (a read-only one failed after
+    the GGUF conversion with raw errno text)."""
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise UserError(f"--cache-dir {cache_dir} is a file, not a folder")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        probe = cache_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--cache-dir {cache_dir} cannot take files ({e.strerror}): give a writable folder "
+                        "(weights are imported and plans cached there)") from None
+
+
 def _prepare(args, plans, rank, pipeline, talk: bool) -> _Setup:
     """The model, its weights and tokenizer, the input format, and the plans (compiled for the job when none
     was given). Every data-parallel rank compiles the same plan (the scan reads the whole input), a pipeline's
@@ -447,6 +462,7 @@ def _prepare(args, plans, rank, pipeline, talk: bool) -> _Setup:
     from flexgen_graph.ir import Workload
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    _check_cache_dir(cache_dir)
     if args.plan and args.model:
         raise UserError("give --plan or --model, not both (the plan names its model)")
     with distributed.leaders_first(rank):
@@ -527,8 +543,13 @@ def _generate(setup: _Setup, args, talk: bool, shard, pipeline):
     from runtime.engine import Engine
 
     stop: list[int] = []  # the signal that asked us to stop; the current block still finishes
-    previous = {sig: signal.signal(sig, lambda signum, _frame: stop.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def asked(signum, _frame) -> None:
+        if not stop:  # said at once: the block in flight may take minutes
+            print(f"\n{signal.Signals(signum).name}: stopping once the block in flight is answered (nothing is lost; "
+                  "kill -9 stops at once, and a re-run redoes that block)", file=sys.stderr, flush=True)
+        stop.append(signum)
+    previous = {sig: signal.signal(sig, asked) for sig in (signal.SIGINT, signal.SIGTERM)}
     store, device, offload_dir = setup.store, setup.device, setup.offload_dir
     try:
         should_stop = (lambda: pipeline.agree(stop)) if pipeline else (lambda: bool(stop))

@@ -242,7 +242,9 @@ def parse_line(line: str, lineno: int, tokenizer, defaults: Sampling = Sampling(
     if not isinstance(obj, dict):
         return LineError(lineno, f"line {lineno}: expected a JSON object")
     if openai_batch.is_openai(obj):  # known by its custom_id, as line_key keys it
-        rid, msg = obj.get("custom_id"), "an OpenAI batch request in a native file: run with --format openai or auto"
+        rid = obj.get("custom_id")
+        msg = ("an OpenAI batch request in a file read as native lines (by its first JSON line, or --format "
+               "native): one file holds one format")
         return LineError(lineno, msg, rid, True) if _usable_id(rid) else LineError(lineno, f"line {lineno}: {msg}")
     if "id" not in obj:
         return LineError(lineno, f"line {lineno}: missing \"id\"")
