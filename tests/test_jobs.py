@@ -276,3 +276,19 @@ def test_stale_temporary_files_of_a_killed_import_are_removed_and_a_live_ones_ke
         f.write_bytes(b"x")
     assert remove_stale_tmp(tmp_path) == [stale]
     assert sorted(f.name for f in tmp_path.iterdir()) == ["b.bin.tmp-" + str(os.getpid()), "c.bin"]
+
+
+@pytest.mark.parametrize("lines,want", [
+    ([{"id": i, "prompt_ids": [3, 4], "max_tokens": 1} for i in range(5)], (5, 2, 1)),  # every line says its own
+    # one line does not: the default 64 new tokens, within the model's 64 positions after the prompt's 8
+    ([{"id": 0, "prompt_ids": [3] * 5, "max_tokens": 3}, {"id": 1, "prompt_ids": [3]}], (2, 8, 56)),
+    ([{"id": 0, "prompt_ids": [3] * 17, "max_tokens": 2}], (1, 32, 2)),
+])
+def test_run_sizes_its_plan_from_the_jobs_own_lengths_and_max_tokens(tmp_path, lines, want):
+    """A 3,000-line job of 1-token answers ran a plan of 16 prompt and 64 new tokens (8x the time): the plan's
+    prompt length rounds the longest prompt up (a power of two below 16), its new tokens are the largest
+    max_tokens when every line gives one, else the default."""
+    from flexgen_graph.app.jobs import job_workload
+    inp = tmp_path / "in.jsonl"
+    write_lines(inp, lines)
+    assert job_workload(inp, None, Sampling(), tiny_spec()) == want

@@ -572,19 +572,27 @@ class OutputFile:
 
 # ---------------------------------------------------------------- pass 1: validate, route, size
 
+DEFAULT_GEN_LEN = 64  # new tokens of a line that gives no max_tokens, when run compiles for its job
+
+
 def job_workload(in_path: Path, tokenizer, defaults: Sampling, spec, prompt_len: int | None = None,
                  gen_len: int | None = None, fmt=None) -> tuple[int, int, int]:
     """(valid prompts, prompt_len, gen_len) of the plan `run` compiles for a job: large enough for every
     line the model can take (prompt + max_tokens within its positions); a line beyond that gets an error
     record when the job routes it, instead of refusing the whole job."""
     limit = min(spec.max_positions, spec.sliding_window or spec.max_positions)
-    count, longest, most = 0, 1, 0
+    count, longest, most, unbounded = 0, 1, 0, False
     for offset, lineno, raw in _lines(in_path):
         r = _parse(decode_line(raw, lineno, offset), lineno, tokenizer, defaults, spec.vocab, fmt)
         if isinstance(r, Request) and len(r.prompt_ids) + (r.max_tokens or 1) <= limit:
             count, longest, most = count + 1, max(longest, len(r.prompt_ids)), max(most, r.max_tokens or 0)
-    p = prompt_len or min(-(-longest // 16) * 16, limit - 1)
-    return count, p, gen_len or max(1, min(max(most, 64), limit - p))
+            unbounded |= r.max_tokens is None
+    # short prompts to a power of two, longer ones to a multiple of 16: few plans to cache, little padding
+    rounded = 1 << (longest - 1).bit_length() if longest < 16 else -(-longest // 16) * 16
+    p = prompt_len or min(rounded, limit - 1)
+    # a line without max_tokens runs to the default DEFAULT_GEN_LEN; when every line says its own, the longest
+    want = max(most, DEFAULT_GEN_LEN) if unbounded or not count else most
+    return count, p, gen_len or max(1, min(want, limit - p))
 
 
 def route(plans, req: Request) -> int | None:
@@ -629,8 +637,15 @@ def plan_requests(in_path: Path, plans, tokenizer, out: OutputFile, defaults: Sa
                 summary.prompts += 1
                 continue
             big = max(plans, key=lambda p: p.workload.gen_len).workload.gen_len
-            r = LineError(lineno, f"prompt has {len(r.prompt_ids)} tokens and max_tokens {r.max_tokens}; "
-                                  f"the plans take at most {longest} prompt tokens and {big} new tokens", r.id, True)
+            spec = plans[0].spec
+            limit = min(spec.max_positions, spec.sliding_window or spec.max_positions)
+            if len(r.prompt_ids) + (r.max_tokens or 1) > limit:  # no plan could: the model's limit, not the plans'
+                why = f"more than {spec.name}'s {limit} positions"
+            else:
+                why = (f"the plans take at most {longest} prompt tokens and {big} new tokens (given by --plan, "
+                       "--prompt-len or --gen-len)")
+            r = LineError(lineno, f"prompt has {len(r.prompt_ids)} tokens and max_tokens {r.max_tokens}; {why}",
+                          r.id, True)
         _error(out, summary, r, show, fmt)
     return routed
 
