@@ -26,6 +26,7 @@ stays open until `close()`.
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -151,12 +152,14 @@ class LLM:
             self._closed = True
             self._engines.close()
 
+    @contextmanager
     def _open(self, what: str):
         """The call lock, held for the whole call: one engine computes one call at a time (two threads
         interleaving blocks on it answered wrongly), so a second thread's call waits its turn."""
-        if self._closed:
-            raise UserError(f"{what}: this LLM was closed; make a new one")
-        return self._lock
+        with self._lock:
+            if self._closed:  # checked under the lock: a close() while this call waited counts
+                raise UserError(f"{what}: this LLM was closed; make a new one")
+            yield
 
     def __enter__(self) -> "LLM":
         return self
