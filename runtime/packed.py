@@ -24,8 +24,10 @@ Numerics: the weights the kernel uses are `PackedWeight.dequantize()`: S and Z r
 their size; Z set against the rounded S, _scales_zeros), at most 2**-8 of the matrix's largest weight off the
 FlexGen values at either bits (at 8 bits about half a quantization step at worst, unbiased), times bfloat16
 activations, with a bfloat16 result: relative error about 1e-2 of a matmul's output (tests/test_packed.py).
-A matmul of many rows (prefill) instead restores its matrix to bfloat16 (its codes unpacked from the kernel's
-layout, PackedWeight.dense) and runs a dense GEMM (packed_matmul).
+Every matmul, prefill's too, runs the kernel: its layout is torch's private one and differs per dispatched CPU
+capability (AVX-512, AVX2, scalar), so nothing here reads it. References read the kernel's codes through the
+kernel itself (PackedWeight.kernel_codes), a packed copy is made for one capability (runtime.compressed), and
+check_kernel refuses a CPU whose kernel does not compute what the codes say.
 Matrices the kernel cannot take (out not a multiple of 16, in not a multiple of the group size, a group size
 it lacks): `TiledWeight`, which dequantizes a block of output columns at a time into a small scratch and
 multiplies it, never the whole matrix.
