@@ -292,3 +292,14 @@ def test_run_sizes_its_plan_from_the_jobs_own_lengths_and_max_tokens(tmp_path, l
     inp = tmp_path / "in.jsonl"
     write_lines(inp, lines)
     assert job_workload(inp, None, Sampling(), tiny_spec()) == want
+
+
+def test_a_repeated_id_that_is_not_unicode_gets_its_error_record_too(tiny_store, tmp_path):
+    """Found by the property test above: the second line of a repeated id holding a lone surrogate crashed the
+    job writing its duplicate-id record (the id cannot be written); it is refused as not Unicode instead."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"id": "\\ud800", "prompt_ids": [3]}\n{"id": "\\ud800", "prompt_ids": [4]}\n')
+    for _ in range(2):
+        s = run_tiny(tiny_store, inp, out, tiny_plans(tiny_store))
+        assert s.errors == 2 and out.read_text() == ""
+        assert [e["line"] for e in errors_of(out)] == [1, 2] and all("surrogate" in e["error"] for e in errors_of(out))

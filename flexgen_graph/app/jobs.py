@@ -622,8 +622,9 @@ def plan_requests(in_path: Path, plans, tokenizer, out: OutputFile, defaults: Sa
             continue
         if key in first:
             rid = openai_batch.line_id(json.loads(text))
-            _error(out, summary, LineError(lineno, f"line {lineno}: duplicate id (first on line {first[key]})",
-                                           rid, True), show, fmt)
+            # a line that is not Unicode says so first: its id could not be written into the error record
+            _error(out, summary, surrogate_error(text, lineno) or LineError(
+                lineno, f"line {lineno}: duplicate id (first on line {first[key]})", rid, True), show, fmt)
             continue
         first[key] = lineno
         if key in out.done or key in done_elsewhere:
