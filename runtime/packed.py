@@ -46,9 +46,9 @@ from flexgen_graph.layout import (
     packed_kernel_fits,
     packed_kernel_group,
 )
+from flexgen_graph.errors import UserError
 from flexgen_graph.spec import ModelSpec
 from runtime.kernels import TORCH_DTYPES
-from flexgen_graph.errors import UserError
 from runtime.quant import QTensor, dequantize, quantize, unpack_from
 
 STATS_DTYPE = torch.bfloat16  # the kernel's fast path: activations and stats in bfloat16
@@ -188,7 +188,8 @@ class PackedWeight:
 
 def packed_matmul(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """x: [..., in] -> x @ w: [..., out] in x's dtype (computed in bfloat16), through the kernel at any number
-    of rows: a dense restore would have to read the kernel's private layout (bench/packed_kernels.py prices it)."""
+    of rows: a dense restore would have to read the kernel's private layout (bench/packed_kernels.py times it
+    against dense float32)."""
     lead, k = x.shape[:-1], w.shape[0]
     y = w.kernel(w.kernel_input(x.reshape(-1, k)))
     return y.to(x.dtype).view(*lead, w.shape[1])

@@ -90,7 +90,9 @@ def _typical_time(fn, repeats: int = 5, sync=lambda: None) -> float:
 def machine(device: torch.device | None = None) -> str:
     """This machine's identity (flexgen_graph.hardware.machine_id) with its GPU's name and kernels' capability."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    return machine_id(gpu, torch.backends.cpu.get_cpu_capability().lower())
+    from runtime.packed import kernel_capability
+
+    return machine_id(gpu, kernel_capability())
 
 
 # ---------------------------------------------------------------- scalar rates (FlexGen's constants)

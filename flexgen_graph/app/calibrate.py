@@ -261,8 +261,8 @@ def fit(profile: HardwareProfile, notes: list[str], cache_dir: Path | None = Non
     store = open_store("dummy:0", spec, cache_dir or default_cache_dir())
     runs = _fit_runs(spec, profile, store, list(range(len(FIT_RUNS))))
     for attempt in (1, 2):
-        points = [p for i in sorted(runs) for p in runs[i][0]]
-        rows, ys, labels = (list(t) for t in zip(*points))
+        points = [(i, *p) for i in sorted(runs) for p in runs[i][0]]
+        which, rows, ys, labels = (list(t) for t in zip(*points))
         # the cost per op stays fitted: measured instead (the interpreter's time outside its handlers), the
         # constants were steadier but predicted other runs no better (bench/fit_stability.py); the note shows both
         x = fit_constants(rows, ys)
@@ -270,13 +270,13 @@ def fit(profile: HardwareProfile, notes: list[str], cache_dir: Path | None = Non
         w = max(range(len(ys)), key=lambda j: abs(ratios[j] - 1))
         bounded = [f"{what} scale x{v:.2f} at its bound" for what, v in (("compute", x[0]), ("prefill", x[1]))
                    if v in SCALE_RANGE]
-        missed = [j // 2 for j in range(len(ys)) if abs(ratios[j] - 1) > ESTIMATE_BAND]  # 2 points a run
+        missed = sorted({which[j] for j in range(len(ys)) if abs(ratios[j] - 1) > ESTIMATE_BAND})
         poor = bounded + ([f"{labels[w]} predicted / measured {ratios[w]:.2f}"] if missed else [])
         if not poor or attempt == 2:
             break
         notes.append(f"the fit misses its own runs ({'; '.join(poor)}): timing "
                      + ("them all" if bounded else "those") + " again")
-        runs.update(_fit_runs(spec, profile, store, sorted(set(range(len(FIT_RUNS)) if bounded else missed)), True))
+        runs.update(_fit_runs(spec, profile, store, list(range(len(FIT_RUNS))) if bounded else missed, True))
     per_op = [v for i in sorted(runs) for v in runs[i][1]]
     outside_s = statistics.median(per_op) if per_op else 0.0
     scale = x[0]

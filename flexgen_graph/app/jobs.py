@@ -288,32 +288,16 @@ def parse_line(line: str, lineno: int, tokenizer, defaults: Sampling = Sampling(
             return err("prompt must be a string")
         ids = encode(tokenizer, obj["prompt"])
     else:
-        msgs = obj["messages"]
-        if (bad := messages_error(msgs)) is not None:
-            return err(bad)
-        ids = encode(tokenizer, [{"role": openai_batch.ROLES[m["role"]], "content": m["content"]} for m in msgs])
+        try:
+            msgs = openai_batch.chat_messages(obj["messages"], "messages", parts=False)
+        except UserError as e:
+            return err(str(e))
+        ids = encode(tokenizer, msgs)
     if not ids:
         return err("empty prompt")
     if (bad := vocab_error(ids, vocab)) is not None:
         return err(bad)
     return Request(rid, tuple(ids), max_tokens, sampling, lineno, stop=tuple(stop))
-
-
-def messages_error(msgs: Any) -> str | None:
-    """Why a native line's "messages" cannot be a chat (None when it can), naming the message: each is exactly
-    {"role", "content"}, its role one the chat templates know, its content a string."""
-    if not (isinstance(msgs, list) and msgs):
-        return "messages must be a non-empty list of {\"role\": str, \"content\": str} objects"
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            return f"messages[{i}] must be an object {{\"role\": str, \"content\": str}}, got {type(m).__name__}"
-        if extra := sorted(set(m) - {"role", "content"}):
-            return f"messages[{i}]: field(s) {extra} not supported (only role and content)"
-        if m.get("role") not in openai_batch.ROLES:
-            return f"messages[{i}].role {m.get('role')!r} not supported (known: {', '.join(openai_batch.ROLES)})"
-        if not isinstance(m.get("content"), str):
-            return f"messages[{i}].content must be a string, got {type(m.get('content')).__name__}"
-    return None
 
 
 def check_seed(seed: int, name: str) -> int:
@@ -575,12 +559,17 @@ class OutputFile:
 DEFAULT_GEN_LEN = 64  # new tokens of a line that gives no max_tokens, when run compiles for its job
 
 
+def _positions(spec) -> int:
+    """How many positions a line's prompt and new tokens may span in the model (its window, if it slides)."""
+    return min(spec.max_positions, spec.sliding_window or spec.max_positions)
+
+
 def job_workload(in_path: Path, tokenizer, defaults: Sampling, spec, prompt_len: int | None = None,
                  gen_len: int | None = None, fmt=None) -> tuple[int, int, int]:
     """(valid prompts, prompt_len, gen_len) of the plan `run` compiles for a job: large enough for every
     line the model can take (prompt + max_tokens within its positions); a line beyond that gets an error
     record when the job routes it, instead of refusing the whole job."""
-    limit = min(spec.max_positions, spec.sliding_window or spec.max_positions)
+    limit = _positions(spec)
     count, longest, most, unbounded = 0, 1, 0, False
     for offset, lineno, raw in _lines(in_path):
         r = _parse(decode_line(raw, lineno, offset), lineno, tokenizer, defaults, spec.vocab, fmt)
@@ -639,9 +628,8 @@ def plan_requests(in_path: Path, plans, tokenizer, out: OutputFile, defaults: Sa
                 continue
             big = max(plans, key=lambda p: p.workload.gen_len).workload.gen_len
             spec = plans[0].spec
-            limit = min(spec.max_positions, spec.sliding_window or spec.max_positions)
-            if len(r.prompt_ids) + (r.max_tokens or 1) > limit:  # no plan could: the model's limit, not the plans'
-                why = f"more than {spec.name}'s {limit} positions"
+            if len(r.prompt_ids) + (r.max_tokens or 1) > _positions(spec):  # the model's limit, not the plans'
+                why = f"more than {spec.name}'s {_positions(spec)} positions"
             else:
                 why = (f"the plans take at most {longest} prompt tokens and {big} new tokens (given by --plan, "
                        "--prompt-len or --gen-len)")

@@ -168,28 +168,32 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _messages(v: Any) -> list[dict]:
-    """Chat messages as the tokenizer's chat template takes them; text content parts are joined by newlines."""
+def chat_messages(v: Any, where: str = "body.messages", parts: bool = True) -> list[dict]:
+    """Chat messages as the tokenizer's chat template takes them (roles mapped by ROLES), or an InputFormatError
+    naming `where` and the message: each exactly {"role", "content"}. parts: content may also be a list of text
+    parts (OpenAI's; joined by newlines), else a string only (native lines)."""
     if not (isinstance(v, list) and v):
-        raise InputFormatError("body.messages must be a non-empty list")
+        raise InputFormatError(f"{where} must be a non-empty list"
+                               + ("" if parts else " of {\"role\": str, \"content\": str} objects"))
     out = []
     for i, m in enumerate(v):
         if not isinstance(m, dict):
-            raise InputFormatError(f"body.messages[{i}] must be an object")
+            raise InputFormatError(f"{where}[{i}] must be an object")
         extra = sorted(set(m) - {"role", "content"})
         if extra:
-            raise InputFormatError(f"body.messages[{i}]: field(s) {extra} not supported (only role and content)")
+            raise InputFormatError(f"{where}[{i}]: field(s) {extra} not supported (only role and content)")
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            raise InputFormatError(f"body.messages[{i}].role {role!r} not supported (known: {', '.join(ROLES)})")
-        if isinstance(content, list):
+            raise InputFormatError(f"{where}[{i}].role {role!r} not supported (known: {', '.join(ROLES)})")
+        if parts and isinstance(content, list):
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        for p in content):
-                raise InputFormatError(f"body.messages[{i}].content: only text parts ({{\"type\": \"text\", "
+                raise InputFormatError(f"{where}[{i}].content: only text parts ({{\"type\": \"text\", "
                                        "\"text\": ...}) are supported")
             content = "\n".join(p["text"] for p in content)
         if not isinstance(content, str):
-            raise InputFormatError(f"body.messages[{i}].content must be a string or a list of text parts")
+            raise InputFormatError(f"{where}[{i}].content must be a string"
+                                   + (" or a list of text parts" if parts else f", got {type(content).__name__}"))
         out.append({"role": ROLES[role], "content": content})
     return out
 
@@ -282,7 +286,7 @@ class OpenAIBatch:
             raise InputFormatError("these weights come without a tokenizer, which OpenAI batch lines need "
                                    "(their answers are text): run with --tokenizer")
         if kind == "chat":
-            ids = encode(tokenizer, _messages(body.get("messages")))
+            ids = encode(tokenizer, chat_messages(body.get("messages")))
         elif "prompt" not in body:
             raise InputFormatError("body.prompt is required for /v1/completions")
         else:
